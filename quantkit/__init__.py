@@ -1,0 +1,50 @@
+"""quantkit: post-training weight quantization for MLX language models.
+
+Subclass :class:`Quantizer`, :class:`HessianCollector`, :class:`Packer` or
+:class:`InverseStrategy` to try a new method; mix strategies per layer with a :class:`Recipe`;
+run everything with :func:`quantize_model` / :func:`quantize_directory` or the ``quantkit`` CLI.
+"""
+
+from .api import DirectoryResult, quantize_directory, quantize_model
+from .calibration import builtin_text, calibration_tokens
+from .errors import (
+    CalibrationError,
+    FactorizationError,
+    ModelLoadError,
+    OutputError,
+    QuantkitError,
+    RecipeError,
+    SpecError,
+)
+from .evaluate import perplexity
+from .hessian import DenseHessianCollector, HessianCollector, HessianStats
+from .inverse import DampedCholesky, EscalatingCholesky, InverseFactor, InverseStrategy
+from .io import load_model, save_model
+from .packers import AffinePacker, FloatFormatPacker, Packer, packer_for
+from .quantizers import (
+    STRATEGIES,
+    GPTQQuantizer,
+    Quantizer,
+    QuantResult,
+    RTNQuantizer,
+    register_strategy,
+    round_to_nearest,
+)
+from .recipe import Recipe, Rule
+from .registry import DEFAULT_REGISTRY, LayerHandler, LayerRegistry
+from .report import LayerRecord, RunReport
+from .specs import QuantSpec
+from .walker import ModelWalker, WalkResult
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "DEFAULT_REGISTRY", "STRATEGIES", "AffinePacker", "CalibrationError", "DampedCholesky",
+    "DenseHessianCollector", "DirectoryResult", "EscalatingCholesky", "FactorizationError",
+    "FloatFormatPacker", "GPTQQuantizer", "HessianCollector", "HessianStats", "InverseFactor",
+    "InverseStrategy", "LayerHandler", "LayerRecord", "LayerRegistry", "ModelLoadError",
+    "ModelWalker", "OutputError", "Packer", "QuantResult", "QuantSpec", "Quantizer",
+    "QuantkitError", "RTNQuantizer", "Recipe", "RecipeError", "Rule", "RunReport", "SpecError",
+    "WalkResult", "builtin_text", "calibration_tokens", "load_model", "packer_for", "perplexity",
+    "quantize_directory", "quantize_model", "register_strategy", "round_to_nearest", "save_model",
+]

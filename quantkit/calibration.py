@@ -1,0 +1,84 @@
+"""Calibration data: text → ``(num_samples, seq_len)`` token batches, offline by default.
+
+The default source needs no download: the Python documentation that ships inside every CPython
+installation (``pydoc_data.topics``: the language reference and library topics used by
+``help()``), ~460 KB of English prose with code. Pass any plain-text file instead for better
+domain match.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+
+from .errors import CalibrationError
+
+DEFAULT_SOURCE = "builtin"
+
+
+def builtin_text() -> str:
+    """The offline default calibration text (Python's bundled documentation topics)."""
+    try:
+        from pydoc_data.topics import topics
+    except ImportError as exc:  # pragma: no cover - stripped-down Python builds
+        raise CalibrationError(
+            "this Python has no pydoc_data module for the built-in calibration text; "
+            "pass --calibration FILE"
+        ) from exc
+    return "\n\n".join(topics[k] for k in sorted(topics))
+
+
+def read_text(source: str | Path | None) -> str:
+    """Text of ``source``: a file path, or ``None``/``"builtin"`` for the offline default."""
+    if source is None or str(source) == DEFAULT_SOURCE:
+        return builtin_text()
+    path = Path(source)
+    if not path.is_file():
+        raise CalibrationError(f"calibration file {path} does not exist; check the path")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise CalibrationError(f"calibration file {path} is not UTF-8 text; pass a plain-text file") from None
+    if not text.strip():
+        raise CalibrationError(f"calibration file {path} is empty; pass a file with text")
+    return text
+
+
+def tokenize(tokenizer, text: str, max_tokens: int | None = None) -> np.ndarray:
+    """Token ids of ``text``; long texts are cut (by characters, generously) before encoding."""
+    if max_tokens is not None:
+        text = text[: max(max_tokens * 12, 4096)]
+    ids = tokenizer.encode(text)
+    return np.asarray(ids, dtype=np.int32)
+
+
+def make_batches(
+    ids: np.ndarray, num_samples: int, seq_len: int, seed: int = 0
+) -> mx.array:
+    """``num_samples`` non-overlapping windows of ``seq_len`` tokens, chosen with ``seed``.
+
+    Raises when the text is shorter than one window; uses every window when there are fewer
+    than requested (the caller can compare ``len(result)`` with ``num_samples``)."""
+    if seq_len < 2:
+        raise CalibrationError(f"sequence length {seq_len} is too short; use at least 2")
+    n_windows = len(ids) // seq_len
+    if n_windows == 0:
+        raise CalibrationError(
+            f"calibration text has {len(ids)} tokens, fewer than one sequence of {seq_len}; "
+            "pass more text or a smaller --seq-len"
+        )
+    rng = np.random.default_rng(seed)
+    chosen = np.sort(rng.permutation(n_windows)[: min(num_samples, n_windows)])
+    windows = ids[: n_windows * seq_len].reshape(n_windows, seq_len)[chosen]
+    return mx.array(windows)
+
+
+def calibration_tokens(
+    tokenizer, source: str | Path | None = None, num_samples: int = 128, seq_len: int = 512,
+    seed: int = 0,
+) -> mx.array:
+    """Everything above in one call: read, tokenize, cut into windows."""
+    ids = tokenize(tokenizer, read_text(source), max_tokens=None)
+    return make_batches(ids, num_samples, seq_len, seed)

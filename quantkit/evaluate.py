@@ -1,0 +1,28 @@
+"""Perplexity of a language model on token windows."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import mlx.core as mx
+import mlx.nn as nn
+
+
+def perplexity(
+    model: nn.Module, tokens: mx.array, batch_size: int = 8,
+    progress: Callable[[int, int], None] | None = None,
+) -> float:
+    """``exp`` of the mean next-token negative log-likelihood over ``tokens (n, seq_len)``."""
+    total, count = 0.0, 0
+    n = tokens.shape[0]
+    for i in range(0, n, batch_size):
+        batch = tokens[i : i + batch_size]
+        logits = model(batch[:, :-1]).astype(mx.float32)
+        nll = nn.losses.cross_entropy(logits, batch[:, 1:], reduction="sum")
+        mx.eval(nll)
+        total += nll.item()
+        count += batch[:, 1:].size
+        if progress is not None:
+            progress(min(i + batch_size, n), n)
+    return math.exp(total / count)

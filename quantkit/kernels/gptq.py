@@ -1,0 +1,99 @@
+"""The GPTQ column loop with lazy block updates (Frantar et al., 2022, arXiv:2210.17323).
+
+Columns are quantized left to right; each column's rounding error, divided by the diagonal of
+the inverse-Hessian factor, is spread over the columns still to come. Inside a block the update
+is applied column by column; the columns after the block receive the block's errors in one
+matmul. The lazy graph of a block is evaluated once (one ``mx.eval`` per block).
+
+Group scales are chosen when the loop reaches a group's first column, from the weights as
+updated so far (as in the reference implementation), unless fixed ``scales``/``biases`` are given.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import attrs
+import mlx.core as mx
+
+from .rtn import affine_params
+
+ParamsFn = Callable[[mx.array, int, int], tuple[mx.array, mx.array]]
+
+
+@attrs.frozen
+class GPTQOutput:
+    codes: mx.array  # (out, in) uint8
+    scales: mx.array  # (out, in // group_size) float32, rounded to the storage dtype
+    biases: mx.array
+    dequantized: mx.array  # (out, in) float32: scales * codes + biases
+
+
+def gptq_quantize(
+    w: mx.array,
+    u: mx.array,
+    *,
+    bits: int,
+    group_size: int,
+    block_size: int = 128,
+    params_fn: ParamsFn = affine_params,
+    scales: mx.array | None = None,
+    biases: mx.array | None = None,
+    storage_dtype: mx.Dtype = mx.float32,
+) -> GPTQOutput:
+    """Quantize ``w (out, in)`` given ``u``, the upper Cholesky factor of the damped ``H⁻¹``.
+
+    ``params_fn(w_group, bits, group_size)`` picks a group's scale and bias (MLX's min/max rule
+    by default; a clipping search can be passed instead). ``scales``/``biases`` of shape
+    ``(out, in // group_size)`` fix them in advance (static groups). Scales and biases are rounded
+    to ``storage_dtype`` before use, so the error feedback sees the values actually stored.
+    """
+    n_out, n_in = w.shape
+    if n_in % group_size:
+        raise ValueError(f"input width {n_in} is not a multiple of group size {group_size}")
+    block = max(group_size, (block_size // group_size) * group_size)
+    n_levels = (1 << bits) - 1
+    u = u.astype(mx.float32)
+    rest = w.astype(mx.float32)
+
+    def stored(a: mx.array) -> mx.array:
+        return a.astype(storage_dtype).astype(mx.float32)
+
+    codes, deq, all_scales, all_biases = [], [], [], []
+    for b0 in range(0, n_in, block):
+        b1 = min(b0 + block, n_in)
+        width = b1 - b0
+        w1 = rest[:, :width]
+        u1 = u[b0:b1, b0:b1]
+        q_cols, errs = [], []
+        for j in range(width):
+            if j % group_size == 0:
+                g = (b0 + j) // group_size
+                if scales is None:
+                    s, z = params_fn(w1[:, j : j + group_size], bits, group_size)
+                    s, z = stored(s[:, 0]), stored(z[:, 0])
+                else:
+                    s, z = stored(scales[:, g]), stored(biases[:, g])
+                all_scales.append(s)
+                all_biases.append(z)
+            col = w1[:, j]
+            q = mx.clip(mx.round((col - z) / s), 0, n_levels)
+            err = (col - (q * s + z)) / u1[j, j]
+            # Row j of u1 is zero left of the diagonal, so earlier columns stay as they are and
+            # column j itself becomes its dequantized value.
+            w1 = w1 - err[:, None] * u1[j][None, :]
+            q_cols.append(q)
+            errs.append(err)
+        block_err = mx.stack(errs, axis=1)
+        rest = rest[:, width:]
+        if b1 < n_in:
+            rest = rest - block_err @ u[b0:b1, b1:]
+        codes.append(mx.stack(q_cols, axis=1).astype(mx.uint8))
+        deq.append(w1)
+        mx.eval(codes[-1], deq[-1], rest, all_scales[-1], all_biases[-1])
+    return GPTQOutput(
+        codes=mx.concatenate(codes, axis=1),
+        scales=mx.stack(all_scales, axis=1),
+        biases=mx.stack(all_biases, axis=1),
+        dequantized=mx.concatenate(deq, axis=1),
+    )

@@ -1,0 +1,72 @@
+"""Damped Cholesky factors of inverse Hessians.
+
+GPTQ needs ``U``, the upper Cholesky factor of ``H⁻¹`` (``UᵀU = H⁻¹``): row ``j`` of ``U``
+spreads column ``j``'s rounding error over the columns after it. Two backends compute it:
+NumPy/LAPACK in float64 (fast and robust on every CPU) and MLX's CPU stream.
+"""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import numpy as np
+
+from ..errors import FactorizationError
+
+
+def prepare_hessian(h: np.ndarray, damping: float) -> tuple[np.ndarray, float, int]:
+    """Float64 copy of ``h`` with dead inputs neutralised and ``damping · mean(diag)`` added to
+    the diagonal. Returns ``(H, damp_value, n_dead)``.
+
+    A dead input (zero diagonal: the column never saw a non-zero activation) gets a unit-scale
+    diagonal entry, so it neither breaks the factorization nor receives error from other columns.
+    """
+    h = np.array(h, dtype=np.float64, copy=True)
+    if not np.all(np.isfinite(h)):
+        raise FactorizationError("Hessian has NaN/Inf entries (non-finite calibration activations)")
+    diag = np.diagonal(h).copy()
+    dead = diag <= 0
+    live_mean = float(diag[~dead].mean()) if np.any(~dead) else 1.0
+    idx = np.flatnonzero(dead)
+    h[idx, :] = 0.0
+    h[:, idx] = 0.0
+    h[idx, idx] = live_mean
+    damp = damping * live_mean
+    h[np.diag_indices_from(h)] += damp
+    return h, damp, int(dead.sum())
+
+
+def _factor_numpy(h: np.ndarray) -> np.ndarray:
+    try:
+        lower = np.linalg.cholesky(h)
+        lower_inv = np.linalg.inv(lower)
+        h_inv = lower_inv.T @ lower_inv
+        u = np.linalg.cholesky(h_inv).T
+    except np.linalg.LinAlgError as exc:
+        raise FactorizationError(f"Cholesky factorization failed: {exc}") from exc
+    return u
+
+
+def _factor_mlx(h: np.ndarray) -> np.ndarray:
+    with mx.stream(mx.cpu):
+        a = mx.array(h.astype(np.float32))
+        lower = mx.linalg.cholesky(a)
+        h_inv = mx.linalg.cholesky_inv(lower)
+        u = mx.linalg.cholesky(h_inv, upper=True)
+        u_np = np.array(u, dtype=np.float64)
+        low_diag = np.diagonal(np.array(lower))
+    if not (np.all(np.isfinite(u_np)) and np.all(low_diag > 0) and np.all(np.diagonal(u_np) > 0)):
+        raise FactorizationError("Cholesky factorization failed: matrix is not positive definite")
+    return u_np
+
+
+BACKENDS = {"numpy": _factor_numpy, "mlx": _factor_mlx}
+
+
+def inverse_hessian_factor(h_damped: np.ndarray, backend: str = "numpy") -> np.ndarray:
+    """Upper Cholesky factor of ``h_damped⁻¹`` (float64 NumPy array).
+
+    Raises :class:`FactorizationError` when ``h_damped`` is not positive definite."""
+    u = BACKENDS[backend](h_damped)
+    if not np.all(np.isfinite(u)):
+        raise FactorizationError("inverse Hessian factor has NaN/Inf entries")
+    return u

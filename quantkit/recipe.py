@@ -1,0 +1,192 @@
+"""Recipes: ordered rules mapping module paths to a strategy and its settings.
+
+The first rule whose pattern matches a module path wins; paths no rule matches take the
+``default``. A rule inherits ``bits``, ``group_size`` and ``mode`` from the default when it does
+not set them, and the default's strategy options when it names the same strategy. Patterns are
+globs on the dotted path (``model.layers.*.mlp.down_proj``) or regexes written ``re:<regex>``
+(matched against the whole path).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import attrs
+
+from .errors import RecipeError, SpecError
+from .quantizers import STRATEGIES, Quantizer, strategy_options
+from .specs import QuantSpec
+
+SKIP = "skip"
+SPEC_KEYS = ("bits", "group_size", "mode")
+RULE_KEYS = ("match", "strategy", *SPEC_KEYS)
+
+
+def _compile(pattern: str) -> re.Pattern[str]:
+    if pattern.startswith("re:"):
+        return re.compile(pattern[3:])
+    return re.compile(fnmatch.translate(pattern))
+
+
+@attrs.frozen
+class Rule:
+    """One recipe line: ``match`` → ``strategy`` with ``spec`` and strategy ``options``."""
+
+    match: str
+    strategy: str = "gptq"
+    spec: QuantSpec = QuantSpec()
+    options: tuple[tuple[str, Any], ...] = ()
+    _regex: re.Pattern[str] = attrs.field(init=False, repr=False, eq=False)
+
+    def __attrs_post_init__(self) -> None:
+        object.__setattr__(self, "_regex", _compile(self.match))
+
+    def matches(self, path: str) -> bool:
+        return self._regex.fullmatch(path) is not None
+
+    @property
+    def skip(self) -> bool:
+        return self.strategy == SKIP
+
+    def make_quantizer(self) -> Quantizer:
+        return STRATEGIES[self.strategy](**dict(self.options))
+
+    def to_dict(self) -> dict[str, Any]:
+        d: dict[str, Any] = {"match": self.match, "strategy": self.strategy}
+        if not self.skip:
+            d.update(attrs.asdict(self.spec))
+            d.update(dict(self.options))
+        return d
+
+
+@attrs.frozen
+class Recipe:
+    """Ordered rules plus a default; compile it with :meth:`resolve` per module path."""
+
+    default: Rule = Rule("*")
+    rules: tuple[Rule, ...] = ()
+
+    def resolve(self, path: str) -> tuple[int | None, Rule]:
+        """``(index of the first matching rule or None for the default, rule)``."""
+        for i, rule in enumerate(self.rules):
+            if rule.matches(path):
+                return i, rule
+        return None, self.default
+
+    def with_default(self, **settings: Any) -> Recipe:
+        """A copy whose default takes ``settings`` (``strategy``, ``bits``, ``group_size``,
+        ``mode`` or strategy options); rules that inherited a value inherit the new one."""
+        raw = self.to_dict()
+        raw["default"].update({k: v for k, v in settings.items() if v is not None})
+        return Recipe.from_dict(raw, _inherited=self._inherited)
+
+    # Which keys each rule set itself (the rest were inherited): kept so that
+    # ``with_default`` can re-derive inherited values.
+    _inherited: tuple[tuple[str, ...], ...] = attrs.field(default=(), repr=False, eq=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        default = self.default.to_dict()
+        default.pop("match")
+        rules = []
+        for i, rule in enumerate(self.rules):
+            d = rule.to_dict()
+            own = self._inherited[i] if i < len(self._inherited) else tuple(d)
+            rules.append({k: v for k, v in d.items() if k in own})
+        return {"default": default, "rules": rules}
+
+    @classmethod
+    def uniform(cls, strategy: str = "gptq", bits: int = 4, group_size: int = 64,
+                mode: str = "affine", **options: Any) -> Recipe:
+        return cls.from_dict(
+            {"default": {"strategy": strategy, "bits": bits, "group_size": group_size,
+                         "mode": mode, **options}}
+        )
+
+    @classmethod
+    def from_toml(cls, path: str | Path) -> Recipe:
+        try:
+            import tomllib
+        except ModuleNotFoundError:  # Python < 3.11
+            import tomli as tomllib  # type: ignore[no-redef]
+        path = Path(path)
+        try:
+            raw = tomllib.loads(path.read_text())
+        except FileNotFoundError:
+            raise RecipeError(f"recipe file {path} does not exist; check the path") from None
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+            raise RecipeError(f"recipe {path} is not valid TOML ({exc}); fix the syntax") from None
+        return cls.from_dict(raw, source=str(path))
+
+    @classmethod
+    def from_dict(cls, raw: Mapping[str, Any], source: str = "recipe",
+                  _inherited: tuple[tuple[str, ...], ...] | None = None) -> Recipe:
+        unknown = set(raw) - {"default", "rules"}
+        if unknown:
+            raise RecipeError(
+                f"{source}: unknown top-level key {sorted(unknown)[0]!r}; use [default] and [[rules]]"
+            )
+        default_raw = dict(raw.get("default", {}))
+        if "match" in default_raw:
+            raise RecipeError(f"{source} [default]: key 'match' is not allowed in [default]")
+        default = _build_rule({"match": "*", **default_raw}, None, f"{source} [default]")
+        rules_raw = raw.get("rules", [])
+        if not isinstance(rules_raw, list):
+            raise RecipeError(f"{source}: 'rules' must be an array of tables ([[rules]])")
+        rules, owned = [], []
+        for i, r in enumerate(rules_raw):
+            where = f"{source} rule {i + 1}"
+            if not isinstance(r, Mapping):
+                raise RecipeError(f"{where}: must be a table with 'match' and settings")
+            if "match" not in r:
+                raise RecipeError(f"{where}: missing key 'match' (a glob or 're:<regex>')")
+            own = _inherited[i] if _inherited is not None and i < len(_inherited) else tuple(r)
+            merged = {k: v for k, v in r.items() if k in own}
+            rules.append(_build_rule(merged, default, f"{where} ({r['match']!r})"))
+            owned.append(tuple(merged))
+        return cls(default=default, rules=tuple(rules), inherited=tuple(owned))
+
+
+def _build_rule(raw: Mapping[str, Any], default: Rule | None, where: str) -> Rule:
+    strategy = raw.get("strategy", default.strategy if default else "gptq")
+    if strategy != SKIP and strategy not in STRATEGIES:
+        known = sorted([*STRATEGIES, SKIP])
+        raise RecipeError(f"{where}: unknown strategy {strategy!r} (key 'strategy'); use one of {known}")
+    pattern = raw["match"]
+    if not isinstance(pattern, str) or not pattern:
+        raise RecipeError(f"{where}: key 'match' must be a non-empty string")
+    try:
+        _compile(pattern)
+    except re.error as exc:
+        raise RecipeError(f"{where}: key 'match' has an invalid regex ({exc})") from None
+    if strategy == SKIP:
+        extra = set(raw) - {"match", "strategy"}
+        if extra:
+            raise RecipeError(f"{where}: key {sorted(extra)[0]!r} has no meaning for strategy 'skip'")
+        return Rule(match=pattern, strategy=SKIP)
+    options = strategy_options(strategy)
+    unknown = set(raw) - set(RULE_KEYS) - set(options)
+    if unknown:
+        allowed = sorted({*RULE_KEYS, *options})
+        raise RecipeError(f"{where}: unknown key {sorted(unknown)[0]!r}; allowed keys: {allowed}")
+    base = default.spec if default is not None and not default.skip else QuantSpec()
+    spec_kw = {k: raw.get(k, getattr(base, k)) for k in SPEC_KEYS}
+    for key in ("bits", "group_size"):
+        if not isinstance(spec_kw[key], int) or isinstance(spec_kw[key], bool):
+            raise RecipeError(f"{where}: key {key!r} must be an integer, got {spec_kw[key]!r}")
+    try:
+        spec = QuantSpec(**spec_kw)
+    except SpecError as exc:
+        key = "mode" if str(exc).startswith("mode") else str(exc).split("=")[0]
+        raise RecipeError(f"{where}: key {key!r}: {exc}") from None
+    inherited_opts = dict(default.options) if default is not None and default.strategy == strategy else {}
+    opts = {**inherited_opts, **{k: raw[k] for k in options if k in raw}}
+    rule = Rule(match=pattern, strategy=strategy, spec=spec, options=tuple(sorted(opts.items())))
+    try:
+        rule.make_quantizer()
+    except (TypeError, ValueError) as exc:
+        raise RecipeError(f"{where}: bad option value for strategy {strategy!r} ({exc})") from None
+    return rule

@@ -1,0 +1,131 @@
+"""One registry: exact layer class → the handler that knows how to calibrate and rebuild it."""
+
+from __future__ import annotations
+
+import abc
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx_lm.models.switch_layers import SwitchLinear
+
+from .hessian import DenseHessianCollector, HessianCollector
+from .specs import QuantSpec
+
+
+class Wrapper(nn.Module):
+    """A module standing in for ``module``: attributes it lacks are read from ``module``, so model
+    code that inspects its layers (``layer.use_sliding``, ``proj.weight``) keeps working."""
+
+    def __init__(self, module: nn.Module) -> None:
+        super().__init__()
+        self.module = module
+
+    def __getattr__(self, key: str):
+        try:
+            return super().__getattr__(key)
+        except AttributeError:
+            if "module" not in self:
+                raise
+            return getattr(self["module"], key)
+
+
+class LinearCatcher(Wrapper):
+    """Wraps a layer during calibration: feeds each input to the collector, then runs the layer."""
+
+    def __init__(self, module: nn.Module, collector: HessianCollector) -> None:
+        super().__init__(module)
+        self.collector = collector
+
+    def __call__(self, x: mx.array, *args, **kwargs) -> mx.array:
+        self.collector.update(x)
+        return self.module(x, *args, **kwargs)
+
+
+class EmbeddingCatcher(Wrapper):
+    """Wraps an embedding: lookups pass through; ``as_linear`` (a tied output head) is collected."""
+
+    def __init__(self, module: nn.Embedding, collector: HessianCollector) -> None:
+        super().__init__(module)
+        self.collector = collector
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return self.module(x)
+
+    def as_linear(self, x: mx.array) -> mx.array:
+        self.collector.update(x)
+        return self.module.as_linear(x)
+
+
+class LayerHandler(abc.ABC):
+    """How the walker treats one layer class: its weight, its calibration wrapper, its rebuild."""
+
+    def weight(self, module: nn.Module) -> mx.array:
+        """The weight with the input dimension last."""
+        return module.weight
+
+    def collector(self, module: nn.Module) -> HessianCollector:
+        return DenseHessianCollector(self.weight(module).shape[-1])
+
+    @abc.abstractmethod
+    def catcher(self, module: nn.Module, collector: HessianCollector) -> nn.Module:
+        """A module that stands in for ``module`` during calibration and feeds ``collector``."""
+
+    def build(self, module: nn.Module, packed: dict[str, mx.array], spec: QuantSpec) -> nn.Module:
+        """The quantized layer holding ``packed`` arrays, made by the layer's ``to_quantized``."""
+        q = module.to_quantized(**spec.to_config())
+        for key, value in packed.items():
+            setattr(q, key, value)
+        if spec.mode != "affine" and "biases" in q and "biases" not in packed:
+            del q["biases"]
+        return q
+
+
+class LinearHandler(LayerHandler):
+    def catcher(self, module, collector):
+        return LinearCatcher(module, collector)
+
+
+class EmbeddingHandler(LayerHandler):
+    """Embeddings: lookups carry no activations; only a tied output head gives a Hessian."""
+
+    def catcher(self, module, collector):
+        return EmbeddingCatcher(module, collector)
+
+
+class SwitchLinearHandler(LayerHandler):
+    """Mixture-of-experts linear (``(experts, out, in)``). Until per-expert Hessians exist, the
+    walker stores it with the fallback strategy and says so in the report."""
+
+    supports_hessian = False
+
+    def catcher(self, module, collector):
+        return LinearCatcher(module, collector)
+
+
+class LayerRegistry:
+    """Maps an exact layer class to its handler. No ``isinstance`` chains: a subclass of a
+    registered class is its own class and must be registered to take part."""
+
+    def __init__(self, handlers: dict[type, LayerHandler] | None = None) -> None:
+        self._handlers: dict[type, LayerHandler] = dict(handlers or {})
+
+    def register(self, cls: type, handler: LayerHandler) -> None:
+        self._handlers[cls] = handler
+
+    def get(self, module: nn.Module) -> LayerHandler | None:
+        return self._handlers.get(type(module))
+
+    def __contains__(self, cls: type) -> bool:
+        return cls in self._handlers
+
+    def copy(self) -> LayerRegistry:
+        return LayerRegistry(self._handlers)
+
+
+DEFAULT_REGISTRY = LayerRegistry(
+    {
+        nn.Linear: LinearHandler(),
+        nn.Embedding: EmbeddingHandler(),
+        SwitchLinear: SwitchLinearHandler(),
+    }
+)

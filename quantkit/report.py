@@ -1,0 +1,71 @@
+"""The run report: data only. Rendering (tables, plots) lives in the CLI."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import attrs
+
+REPORT_NAME = "quantization_report.json"
+
+
+@attrs.define
+class LayerRecord:
+    """What happened to one layer (or one expert of an expert layer, when ``expert`` is set)."""
+
+    path: str
+    layer_class: str
+    status: str  # "quantized" | "fallback" | "skipped"
+    strategy: str | None = None  # the strategy that produced the stored values
+    requested: str | None = None  # the strategy the recipe asked for
+    rule: int | None = None  # index of the recipe rule (None: the default)
+    bits: int | None = None
+    group_size: int | None = None
+    mode: str | None = None
+    reason: str | None = None
+    n_params: int = 0
+    n_tokens: int | None = None
+    hessian_error: float | None = None
+    relative_error: float | None = None
+    rtn_hessian_error: float | None = None
+    damping: float | None = None
+    block: int | None = None
+    expert: int | None = None
+    rank: int = 0
+    time_s: float = 0.0
+
+
+@attrs.define
+class RunReport:
+    layers: list[LayerRecord] = attrs.field(factory=list)
+    settings: dict[str, Any] = attrs.field(factory=dict)
+    bits_per_weight: float | None = None
+    time_s: float = 0.0
+    world_size: int = 1
+    peak_memory_gb: float | None = None
+
+    def add(self, record: LayerRecord) -> None:
+        self.layers.append(record)
+
+    def by_status(self, status: str) -> list[LayerRecord]:
+        return [r for r in self.layers if r.status == status]
+
+    def strategy_counts(self) -> dict[str, int]:
+        return dict(Counter(r.strategy or "skip" for r in self.layers))
+
+    def to_dict(self) -> dict[str, Any]:
+        return attrs.asdict(self)
+
+    def write(self, directory: str | Path) -> Path:
+        path = Path(directory) / REPORT_NAME
+        path.write_text(json.dumps(self.to_dict(), indent=2))
+        return path
+
+    @classmethod
+    def read(cls, directory: str | Path) -> RunReport:
+        raw = json.loads((Path(directory) / REPORT_NAME).read_text())
+        layers = [LayerRecord(**r) for r in raw.pop("layers")]
+        return cls(layers=layers, **raw)
