@@ -1,0 +1,40 @@
+"""Shared fixtures: paths into ../shared (skipping with a clear reason when absent), tiny models."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = Path(__import__("os").environ.get("QUANTKIT_SHARED", REPO.parent / "shared"))
+
+
+def shared_path(*parts: str) -> Path:
+    """A path under ../shared, or a skip naming what is missing."""
+    path = SHARED.joinpath(*parts)
+    if not path.exists():
+        pytest.skip(f"{path} is absent: these tests need the ../shared models and texts")
+    return path
+
+
+@pytest.fixture(scope="session")
+def stories_dir() -> Path:
+    return shared_path("models", "stories260K")
+
+
+@pytest.fixture(scope="session")
+def tinystories_text() -> Path:
+    return shared_path("text", "tinystories_sample.txt")
+
+
+@pytest.fixture(scope="session")
+def stories_tokens(stories_dir, tinystories_text):
+    """(calibration, evaluation) token windows from the two halves of the TinyStories sample."""
+    from quantkit.calibration import make_batches, read_text, tokenize
+    from quantkit.io import load_model
+
+    _, tokenizer, _ = load_model(stories_dir)
+    ids = tokenize(tokenizer, read_text(tinystories_text))
+    half = len(ids) // 2
+    return make_batches(ids[:half], 64, 256, seed=0), make_batches(ids[half:], 64, 256, seed=1)
