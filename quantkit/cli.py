@@ -1,6 +1,7 @@
 """The ``quantkit`` command line: the only place that prints.
 
-Exit codes: 0 success; 1 a clear error about the input (one line on stderr); 2 usage error.
+Exit codes: 0 success; 1 a clear error about the input (one line on stderr); 2 usage error;
+3 ``recipe check --strict`` found a rule that matches no layer; 130 interrupted.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from pathlib import Path
 from typing import Annotated, Any, Optional
 
 import typer
+from rich import box
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
@@ -191,6 +193,283 @@ def inspect(
         else:
             table.add_row(r["path"], "-", "-", "[yellow]full precision[/]")
     out.print(table)
+
+
+# -- eval ---------------------------------------------------------------------------------------
+
+
+@app.command("eval")
+def eval_(
+    model_dir: Annotated[Path, typer.Argument(help="mlx-lm model directory (quantized or not)")],
+    text: Annotated[Optional[Path], typer.Option(help="plain-text file to measure on (default: offline built-in text)")] = None,
+    seq_len: Annotated[int, typer.Option(help="tokens per sequence")] = 512,
+    num_samples: Annotated[int, typer.Option(help="sequences to measure")] = 64,
+    seed: Annotated[int, typer.Option(help="seed for choosing the windows of the text")] = 0,
+    batch_size: Annotated[int, typer.Option(help="sequences per forward pass")] = 8,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="print only the perplexity")] = False,
+    json_out: Annotated[bool, typer.Option("--json", help="print the result as JSON")] = False,
+    debug: Annotated[bool, typer.Option(help="show full tracebacks")] = False,
+) -> None:
+    """Perplexity of MODEL_DIR on a text: exp of the mean next-token loss (lower is better)."""
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from .calibration import make_batches, read_text, tokenize
+    from .evaluate import perplexity
+    from .io import load_model
+
+    if num_samples < 1 or seq_len < 2 or batch_size < 1:
+        fail("--num-samples and --batch-size must be ≥ 1 and --seq-len ≥ 2", 2)
+    if text is not None and not text.is_file():
+        fail(f"text file {text} does not exist; check the path")
+    start = time.perf_counter()
+    try:
+        model, tokenizer, config = load_model(model_dir, allow_quantized=True)
+        ids = tokenize(tokenizer, read_text(text), max_tokens=num_samples * seq_len)
+        tokens = make_batches(ids, num_samples, seq_len, seed)
+        bar = Progress(TextColumn("perplexity"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                       TimeElapsedColumn(), console=err, transient=True, disable=quiet or json_out)
+        with bar:
+            task = bar.add_task("perplexity", total=int(tokens.shape[0]))
+            ppl = perplexity(model, tokens, batch_size,
+                             progress=lambda done, total: bar.update(task, completed=done))
+    except QuantkitError as exc:
+        if debug:
+            raise
+        fail(str(exc))
+        return
+    except KeyboardInterrupt:
+        fail("interrupted", 130)
+        return
+    from mlx_lm.utils import compute_bits_per_weight
+
+    result = {
+        "model": str(model_dir), "perplexity": ppl, "text": str(text or "builtin"),
+        "num_samples": int(tokens.shape[0]), "seq_len": seq_len,
+        "tokens": int(tokens.shape[0] * (seq_len - 1)),
+        "quantized": bool(config.get("quantization")),
+        "bits_per_weight": float(compute_bits_per_weight(model)),
+        "time_s": time.perf_counter() - start,
+    }
+    if json_out:
+        out.print_json(json.dumps(result))
+    elif quiet:
+        out.print(f"{ppl:.4f}", highlight=False)
+    else:
+        source = text.name if text else "the built-in text"
+        out.print(f"{escape(str(model_dir))}: perplexity [bold]{ppl:.4f}[/] on "
+                  f"{result['num_samples']}×{seq_len} tokens of {escape(source)} "
+                  f"({result['bits_per_weight']:.2f} bits per weight, {result['time_s']:.1f} s)",
+                  highlight=False, soft_wrap=True)
+
+
+# -- report -------------------------------------------------------------------------------------
+
+
+class SortBy(str, Enum):
+    depth = "depth"
+    error = "error"
+
+
+def _read_report(path: Path):
+    from .report import REPORT_NAME, RunReport
+
+    directory = path.parent if path.is_file() else path
+    if not (directory / REPORT_NAME).is_file():
+        fail(f"{path} has no {REPORT_NAME}; pass a directory written by `quantkit quantize`")
+    try:
+        return RunReport.read(directory)
+    except (json.JSONDecodeError, TypeError, KeyError, AttributeError) as exc:
+        fail(f"{directory / REPORT_NAME} is not a quantkit run report ({type(exc).__name__}: {exc})")
+
+
+def _wide() -> Console:
+    """stdout, wide enough for long layer paths even when piped (rich assumes 80 columns)."""
+    return out if out.is_terminal else Console(width=max(out.width, 150))
+
+
+def _fmt(value: Any, spec: str = ".3g") -> str:
+    return "-" if value is None else format(value, spec)
+
+
+@app.command()
+def report(
+    out_dir: Annotated[Path, typer.Argument(help="directory written by `quantkit quantize`")],
+    png: Annotated[Optional[Path], typer.Option(help="write a plot of error by layer and depth to this PNG file")] = None,
+    top: Annotated[int, typer.Option(help="how many of the worst layers to highlight")] = 5,
+    sort: Annotated[SortBy, typer.Option(help="row order")] = SortBy.depth,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="print nothing (with --png: only write the plot)")] = False,
+    json_out: Annotated[bool, typer.Option("--json", help="print the layers and a summary as JSON")] = False,
+) -> None:
+    """Per-layer error table of a quantize run (and a PNG plot), worst layers highlighted."""
+    import attrs
+
+    from .plotting import layer_depth, plot_report, worst_layers
+
+    run = _read_report(out_dir)
+    worst = worst_layers(run, top)
+    if png is not None:
+        try:
+            plot_report(run, png, top=top, title=str(out_dir))
+        except QuantkitError as exc:
+            fail(str(exc))
+    if quiet:
+        return
+    summary = {
+        "layers": len(run.layers), "strategies": run.strategy_counts(),
+        "bits_per_weight": run.bits_per_weight, "time_s": run.time_s,
+        "worst": [r.path for r in worst],
+        "fallbacks": {r.path: r.reason for r in run.by_status("fallback")},
+        "skipped": {r.path: r.reason for r in run.by_status("skipped")},
+        "png": str(png) if png else None,
+    }
+    if json_out:
+        out.print_json(json.dumps({"summary": summary, "layers": [
+            {**attrs.asdict(r), "depth": layer_depth(r)} for r in run.layers]}))
+        return
+    rows = list(run.layers)
+    if sort is SortBy.error:
+        rows.sort(key=lambda r: -1.0 if r.relative_error is None else r.relative_error, reverse=True)
+    else:
+        rows.sort(key=lambda r: (layer_depth(r) is None, layer_depth(r) or 0))
+    worst_paths = {r.path for r in worst}
+    table = Table(title=f"{out_dir}  ({_fmt(run.bits_per_weight, '.3f')} bits per weight, "
+                        f"{run.time_s:.1f} s)", box=box.SIMPLE_HEAD, pad_edge=False)
+    table.add_column("layer", no_wrap=True)
+    table.add_column("strategy", no_wrap=True)
+    for col in ("bits", "group", "mode", "tokens", "damping", "H-error", "rel.err", "vs RTN", "time s"):
+        table.add_column(col, justify="right", no_wrap=True)
+    for r in rows:
+        if r.status == "skipped":
+            strategy = "[yellow]full prec.[/]"
+        elif r.status == "fallback":
+            strategy = f"[yellow]{r.strategy} (fallback)[/]"
+        else:
+            strategy = str(r.strategy)
+        ratio = (r.hessian_error / r.rtn_hessian_error
+                 if r.hessian_error is not None and r.rtn_hessian_error else None)
+        style = "bold red" if r.path in worst_paths else None
+        table.add_row(escape(r.path), strategy, _fmt(r.bits, "d"), _fmt(r.group_size, "d"),
+                      r.mode or "-", _fmt(r.n_tokens, "d"), _fmt(r.damping, "g"), _fmt(r.hessian_error),
+                      _fmt(r.relative_error, ".2e"), _fmt(ratio, ".2f"), f"{r.time_s:.3f}",
+                      style=style)
+    _wide().print(table)
+    if worst:
+        out.print("worst layers by relative output error: " + ", ".join(
+            f"{escape(r.path)} ({r.relative_error:.4f})" for r in worst), highlight=False, soft_wrap=True)
+    for r in run.by_status("fallback"):
+        out.print(f"[yellow]fell back to {r.strategy}[/] {escape(r.path)}: {escape(str(r.reason))}",
+                  highlight=False, soft_wrap=True)
+    for r in run.by_status("skipped"):
+        out.print(f"[yellow]kept in full precision[/] {escape(r.path)}: {escape(str(r.reason))}",
+                  highlight=False, soft_wrap=True)
+    if png is not None:
+        err.print(f"[bold green]wrote[/] {escape(str(png))}", highlight=False)
+
+
+# -- recipe check -------------------------------------------------------------------------------
+
+recipe_app = typer.Typer(no_args_is_help=True, help="Validate a recipe and see which layers its rules match.")
+app.add_typer(recipe_app, name="recipe")
+
+
+def _rule_label(index: int | None, rule: Any) -> str:
+    return "default" if index is None else f"rule {index + 1} ({rule.match!r})"
+
+
+@recipe_app.command("check")
+def recipe_check(
+    file: Annotated[Path, typer.Argument(help="recipe TOML file")],
+    model: Annotated[Optional[Path], typer.Option(help="model directory: show which layers each rule matches")] = None,
+    strict: Annotated[bool, typer.Option(help="exit with code 3 when a rule matches no layer")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="print only warnings and errors")] = False,
+    json_out: Annotated[bool, typer.Option("--json", help="print rules, layers and warnings as JSON")] = False,
+) -> None:
+    """Validate FILE; with --model, list the layers each rule matches and warn about rules that
+    match nothing (or only layers an earlier rule already took)."""
+    import mlx.nn as nn
+    from mlx.utils import tree_flatten
+
+    from .io import load_model
+    from .recipe import Recipe
+    from .report import RunReport
+    from .walker import ModelWalker
+
+    try:
+        recipe = Recipe.from_toml(file)
+    except QuantkitError as exc:
+        fail(str(exc))
+        return
+    rules = [{"index": i + 1, **rule.to_dict()} for i, rule in enumerate(recipe.rules)]
+    layers: list[dict[str, Any]] = []
+    warnings: list[str] = []
+    if model is not None:
+        try:
+            loaded, _, _ = load_model(model, lazy=True)
+            skipped = RunReport()
+            plans = ModelWalker(recipe=recipe).plan(loaded, skipped)
+        except QuantkitError as exc:
+            fail(str(exc))
+            return
+        for p in plans.values():
+            layers.append({"path": p.path, "rule": None if p.rule_index is None else p.rule_index + 1,
+                           "strategy": p.rule.strategy, "bits": p.spec.bits,
+                           "group_size": p.spec.group_size, "mode": p.spec.mode, "note": p.note})
+        for r in skipped.layers:
+            layers.append({"path": r.path, "rule": None if r.rule is None else r.rule + 1,
+                           "strategy": "skip", "bits": None, "group_size": None, "mode": None,
+                           "note": r.reason})
+        order = {p: n for n, (p, _) in enumerate(
+            tree_flatten(loaded.leaf_modules(), is_leaf=nn.Module.is_module))}
+        layers.sort(key=lambda d: order.get(d["path"], len(order)))
+        paths = [d["path"] for d in layers]
+        for i, rule in enumerate(recipe.rules):
+            matched = [p for p in paths if rule.matches(p)]
+            won = [d for d in layers if d["rule"] == i + 1]
+            rules[i]["layers"] = len(won)
+            if not matched:
+                warnings.append(f"{_rule_label(i, rule)} matches no layer of {model}")
+            elif not won:
+                warnings.append(f"{_rule_label(i, rule)} matches {len(matched)} layer(s), all "
+                                "taken by earlier rules (first match wins)")
+    if json_out:
+        out.print_json(json.dumps({"recipe": str(file), "default": recipe.to_dict()["default"],
+                                   "rules": rules, "layers": layers, "warnings": warnings}))
+    elif not quiet:
+        table = Table(title=f"{file}: rules in order (the first match wins)", box=box.SIMPLE_HEAD)
+        for col in ("#", "match", "strategy", "bits", "group", "mode", "options"):
+            table.add_column(col, no_wrap=col != "options")
+        if model is not None:
+            table.add_column("layers", justify="right")
+        n_default = sum(1 for d in layers if d["rule"] is None)
+        everything = [("default", recipe.default, n_default)] + [
+            (str(i + 1), r, rules[i].get("layers", 0)) for i, r in enumerate(recipe.rules)]
+        for label, rule, count in everything:
+            d = rule.to_dict()
+            opts = ", ".join(f"{k}={v}" for k, v in rule.options)
+            cells = [label, escape("*" if label == "default" else rule.match), rule.strategy,
+                     _fmt(d.get("bits"), "d"), _fmt(d.get("group_size"), "d"),
+                     str(d.get("mode", "-")), escape(opts)]
+            if model is not None:
+                cells.append(str(count) if count else "[yellow]0[/]")
+            table.add_row(*cells)
+        _wide().print(table)
+        if layers:
+            lt = Table(title=f"layers of {model}", box=box.SIMPLE_HEAD)
+            for col in ("layer", "rule", "strategy", "bits", "group", "mode", "note"):
+                lt.add_column(col, no_wrap=col != "note")
+            for d in layers:
+                lt.add_row(escape(d["path"]), "default" if d["rule"] is None else str(d["rule"]),
+                           d["strategy"] if d["bits"] is not None else "[yellow]full precision[/]",
+                           _fmt(d["bits"], "d"), _fmt(d["group_size"], "d"), str(d["mode"] or "-"),
+                           escape(d["note"] or ""))
+            _wide().print(lt)
+        err.print(f"[bold green]ok[/] {escape(str(file))}: {len(recipe.rules)} rule(s)"
+                  + (f", {len(layers)} layers planned" if model is not None else
+                     "; pass --model DIR to see which layers each rule matches"), highlight=False, soft_wrap=True)
+    for w in warnings:
+        err.print(f"[yellow]warning:[/] {escape(w)}", highlight=False, soft_wrap=True)
+    if strict and warnings:
+        raise typer.Exit(3)
 
 
 def main() -> None:

@@ -17,8 +17,13 @@ COPY_PATTERNS = ("*.json", "tokenizer.model", "*.tiktoken", "*.txt", "*.jinja", 
 NOT_COPIED = {"config.json", "model.safetensors.index.json", "quantization_report.json"}
 
 
-def load_model(path: str | Path) -> tuple[nn.Module, Any, dict[str, Any]]:
-    """``(model, tokenizer, config)`` from a local mlx-lm model directory (never downloads)."""
+def load_model(
+    path: str | Path, *, allow_quantized: bool = False, lazy: bool = False
+) -> tuple[nn.Module, Any, dict[str, Any]]:
+    """``(model, tokenizer, config)`` from a local mlx-lm model directory (never downloads).
+
+    ``allow_quantized``: accept an already quantized directory (for evaluation);
+    ``lazy``: do not read the weights until they are used (for planning)."""
     from mlx_lm.utils import load_model as _load_model
     from mlx_lm.utils import load_tokenizer
 
@@ -36,10 +41,10 @@ def load_model(path: str | Path) -> tuple[nn.Module, Any, dict[str, Any]]:
         raise ModelLoadError(f"{config_path} has no 'model_type'; it is not an mlx-lm/HF model config")
     if not list(path.glob("*.safetensors")):
         raise ModelLoadError(f"{path} has no *.safetensors weights; convert the model first")
-    if config.get("quantization"):
+    if config.get("quantization") and not allow_quantized:
         raise ModelLoadError(f"{path} is already quantized; start from the full-precision model")
     try:
-        model, config = _load_model(path, lazy=False)
+        model, config = _load_model(path, lazy=lazy)
     except ValueError as exc:
         msg = str(exc).splitlines()[0]
         if "not supported" in msg or "model_type" in msg:

@@ -1,0 +1,171 @@
+"""A picture of a run report: error by layer and by depth, the worst layers named.
+
+Draws with matplotlib's object API on an Agg canvas (no pyplot, no global state) and writes a
+PNG. matplotlib is optional: ``pip install 'quantkit[plot]'``.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from .errors import QuantkitError
+from .report import LayerRecord, RunReport
+
+_BLOCK = re.compile(r"\.layers\.(\d+)\.")
+#: Colours by the last component of a layer path; anything else is grey.
+_KINDS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
+          "embed_tokens", "lm_head")
+
+
+def layer_depth(record: LayerRecord) -> int | None:
+    """The decoder block a layer belongs to (from the report, else from its path)."""
+    if record.block is not None:
+        return record.block
+    m = _BLOCK.search(record.path)
+    return int(m.group(1)) if m else None
+
+
+def layer_kind(record: LayerRecord) -> str:
+    leaf = record.path.rsplit(".", 1)[-1]
+    return leaf if leaf in _KINDS else "other"
+
+
+def worst_layers(report: RunReport, top: int = 5) -> list[LayerRecord]:
+    """The ``top`` layers with the largest relative output error, worst first."""
+    measured = [r for r in report.layers if r.relative_error is not None]
+    return sorted(measured, key=lambda r: r.relative_error or 0.0, reverse=True)[: max(top, 0)]
+
+
+def _ordered(report: RunReport) -> list[LayerRecord]:
+    """Layers in model order: by block, layers outside the blocks (embedding, head) last."""
+    def key(r: LayerRecord) -> tuple[int, int]:
+        d = layer_depth(r)
+        return (1, 0) if d is None else (0, d)
+
+    return sorted(report.layers, key=key)  # stable: keeps the walker's order within a block
+
+
+def _short(path: str) -> str:
+    m = _BLOCK.search(path)
+    leaf = path.rsplit(".", 1)[-1]
+    return f"{m.group(1)}.{leaf}" if m else leaf
+
+
+def plot_report(report: RunReport, path: str | Path, *, top: int = 5, title: str | None = None,
+                dpi: int = 110) -> Path:
+    """Write a PNG with three panels: relative output error of every layer in model order (log
+    scale; full-precision layers marked, fallbacks outlined red, the ``top`` worst labelled);
+    the same error against block depth, one line per layer kind; and GPTQ's Hessian-weighted
+    error as a fraction of round-to-nearest's (below 1: error feedback helped)."""
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+        from matplotlib.lines import Line2D
+        from matplotlib.patches import Patch
+    except ImportError:
+        raise QuantkitError(
+            "drawing the plot needs matplotlib; install it with pip install 'quantkit[plot]'"
+        ) from None
+    path = Path(path)
+    layers = _ordered(report)
+    if not layers:
+        raise QuantkitError("the run report lists no layers; nothing to plot")
+    kinds = sorted({layer_kind(r) for r in layers}, key=lambda k: (_KINDS + ("other",)).index(k))
+    palette = {k: f"C{i}" for i, k in enumerate(kinds)}
+    worst = {r.path for r in worst_layers(report, top)}
+
+    fig = Figure(figsize=(max(10.0, min(0.16 * len(layers) + 3, 30.0)), 9.0))
+    FigureCanvasAgg(fig)
+    grid = fig.add_gridspec(2, 2, height_ratios=(1.15, 1.0), hspace=0.55, wspace=0.25)
+    ax = fig.add_subplot(grid[0, :])
+    errors = [r.relative_error for r in layers]
+    measured = [e for e in errors if e is not None and e > 0]
+    floor = min(measured) / 3 if measured else 1e-6
+    xs = list(range(len(layers)))
+    for x, r in zip(xs, layers):
+        if r.relative_error is not None and r.relative_error > 0:
+            ax.bar(x, r.relative_error, color=palette[layer_kind(r)], width=0.8,
+                   edgecolor="red" if r.status == "fallback" else "none", linewidth=1.5)
+        elif r.status == "skipped":
+            ax.plot(x, floor, marker="x", color="0.4", markersize=7)
+        if r.path in worst and r.relative_error:
+            ax.annotate(f"{_short(r.path)}\n{r.relative_error:.2g}", (x, r.relative_error),
+                        xytext=(0, 4), textcoords="offset points", ha="center", fontsize=7,
+                        color="darkred")
+    ax.set_yscale("log")
+    ax.set_xlim(-0.7, len(layers) - 0.3)
+    if measured:
+        ax.set_ylim(floor / 1.5, max(measured) * 12)
+    if len(layers) <= 80:
+        ax.set_xticks(xs, [_short(r.path) for r in layers], rotation=90, fontsize=7)
+    else:
+        starts = {}
+        for x, r in zip(xs, layers):
+            starts.setdefault(layer_depth(r), x)
+        ax.set_xticks(list(starts.values()), [str(d) if d is not None else "head"
+                                              for d in starts], fontsize=7)
+        ax.set_xlabel("block")
+    # block boundaries
+    prev = None
+    for x, r in zip(xs, layers):
+        d = layer_depth(r)
+        if prev is not None and d != prev:
+            ax.axvline(x - 0.5, color="0.85", linewidth=0.8, zorder=0)
+        prev = d
+    ax.set_ylabel("relative output error")
+    ax.set_title("error by layer (model order; red outline: fell back to RTN; "
+                 "× kept in full precision)", fontsize=10)
+    drawn = [k for k in kinds if any(layer_kind(r) == k and r.relative_error for r in layers)]
+    handles = [Patch(color=palette[k], label=k) for k in drawn]
+    if any(r.status == "skipped" for r in layers):
+        handles.append(Line2D([], [], marker="x", color="0.4", linestyle="none",
+                              label="full precision"))
+    ax.legend(handles=handles, fontsize=7, ncol=len(handles), loc="upper left")
+    ax.grid(axis="y", which="major", alpha=0.3)
+
+    by_depth = fig.add_subplot(grid[1, 0])
+    depths = [d for d in (layer_depth(r) for r in layers) if d is not None]
+    head_x = (max(depths) + 1) if depths else 0
+    for k in kinds:
+        pts = sorted(
+            (head_x if layer_depth(r) is None else layer_depth(r), r.relative_error)
+            for r in layers if layer_kind(r) == k and r.relative_error
+        )
+        if pts:
+            by_depth.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", markersize=4,
+                          color=palette[k], label=k)
+    by_depth.set_yscale("log")
+    by_depth.set_xlabel("block (depth); out: layers outside the blocks")
+    by_depth.set_ylabel("relative output error")
+    by_depth.set_title("error by depth", fontsize=10)
+    by_depth.grid(alpha=0.3)
+
+    gain = fig.add_subplot(grid[1, 1])
+    for k in kinds:
+        pts = [(head_x if layer_depth(r) is None else layer_depth(r),
+                r.hessian_error / r.rtn_hessian_error)
+               for r in layers if layer_kind(r) == k and r.hessian_error is not None
+               and r.rtn_hessian_error]
+        if pts:
+            gain.scatter([p[0] for p in pts], [p[1] for p in pts], s=18, color=palette[k],
+                         label=k)
+    for axis in (by_depth, gain):
+        ticks = sorted(set(depths)) + ([head_x] if head_x not in depths and any(
+            layer_depth(r) is None for r in layers) else [])
+        if len(ticks) <= 40:
+            axis.set_xticks(ticks, [str(t) if t < head_x else "out" for t in ticks])
+    gain.axhline(1.0, color="0.3", linestyle="--", linewidth=1)
+    gain.set_xlabel("block (depth); out: layers outside the blocks")
+    gain.set_ylabel("Hessian-weighted error / RTN's")
+    gain.set_title("error relative to round-to-nearest (<1: better than RTN)", fontsize=10)
+    gain.grid(alpha=0.3)
+
+    bpw = f", {report.bits_per_weight:.2f} bits per weight" if report.bits_per_weight else ""
+    fig.suptitle(f"{title or 'quantization report'}{bpw}", fontsize=12)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(path, dpi=dpi, bbox_inches="tight")
+    except OSError as exc:
+        raise QuantkitError(f"cannot write {path} ({exc.strerror or exc}); choose a writable path") from None
+    return path
