@@ -83,7 +83,7 @@ def plot_report(report: RunReport, path: str | Path, *, top: int = 5, title: str
     measured = [e for e in errors if e is not None and e > 0]
     floor = min(measured) / 3 if measured else 1e-6
     xs = list(range(len(layers)))
-    for x, r in zip(xs, layers):
+    for x, r in enumerate(layers):
         if r.relative_error is not None and r.relative_error > 0:
             ax.bar(x, r.relative_error, color=palette[layer_kind(r)], width=0.8,
                    edgecolor="red" if r.status == "fallback" else "none", linewidth=1.5)
@@ -101,14 +101,14 @@ def plot_report(report: RunReport, path: str | Path, *, top: int = 5, title: str
         ax.set_xticks(xs, [_short(r.path) for r in layers], rotation=90, fontsize=7)
     else:
         starts = {}
-        for x, r in zip(xs, layers):
+        for x, r in enumerate(layers):
             starts.setdefault(layer_depth(r), x)
         ax.set_xticks(list(starts.values()), [str(d) if d is not None else "head"
                                               for d in starts], fontsize=7)
         ax.set_xlabel("block")
     # block boundaries
     prev = None
-    for x, r in zip(xs, layers):
+    for x, r in enumerate(layers):
         d = layer_depth(r)
         if prev is not None and d != prev:
             ax.axvline(x - 0.5, color="0.85", linewidth=0.8, zorder=0)
