@@ -168,12 +168,12 @@ def inspect(
         fail(f"{model_dir} is not quantized (config.json has no 'quantization')")
     shapes: dict[str, Any] = {}
     for f in sorted(model_dir.glob("*.safetensors")):
-        for k, v in tree_flatten(mx.load(str(f))):
+        for k, v in tree_flatten(mx.load(str(f))):  # type: ignore[str-unpack]
             shapes[k] = v
     layers = sorted({k.rsplit(".", 1)[0] for k in shapes if k.endswith(".scales")} |
                     {k for k, v in q.items() if isinstance(v, (dict, bool))})
     default = {k: q[k] for k in ("group_size", "bits", "mode") if k in q}
-    rows = []
+    rows: list[dict[str, Any]] = []
     for path in layers:
         setting = q.get(path, default)
         if setting is False:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import cast
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -21,7 +22,7 @@ def perplexity(
         logits = model(batch[:, :-1]).astype(mx.float32)
         nll = nn.losses.cross_entropy(logits, batch[:, 1:], reduction="sum")
         mx.eval(nll)
-        total += nll.item()
+        total += cast(float, nll.item())
         count += batch[:, 1:].size
         if progress is not None:
             progress(min(i + batch_size, n), n)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
+from typing import Any
 
 from .errors import QuantkitError
 from .report import LayerRecord, RunReport
@@ -44,6 +45,12 @@ def _ordered(report: RunReport) -> list[LayerRecord]:
         return (1, 0) if d is None else (0, d)
 
     return sorted(report.layers, key=key)  # stable: keeps the walker's order within a block
+
+
+def _x(record: LayerRecord, outside: int) -> int:
+    """Where a layer sits on a depth axis: its block, or ``outside`` for the embedding/head."""
+    d = layer_depth(record)
+    return outside if d is None else d
 
 
 def _short(path: str) -> str:
@@ -100,7 +107,7 @@ def plot_report(report: RunReport, path: str | Path, *, top: int = 5, title: str
     if len(layers) <= 80:
         ax.set_xticks(xs, [_short(r.path) for r in layers], rotation=90, fontsize=7)
     else:
-        starts = {}
+        starts: dict[int | None, int] = {}
         for x, r in enumerate(layers):
             starts.setdefault(layer_depth(r), x)
         ax.set_xticks(list(starts.values()), [str(d) if d is not None else "head"
@@ -117,7 +124,7 @@ def plot_report(report: RunReport, path: str | Path, *, top: int = 5, title: str
     ax.set_title("error by layer (model order; red outline: fell back to RTN; "
                  "× kept in full precision)", fontsize=10)
     drawn = [k for k in kinds if any(layer_kind(r) == k and r.relative_error for r in layers)]
-    handles = [Patch(color=palette[k], label=k) for k in drawn]
+    handles: list[Any] = [Patch(color=palette[k], label=k) for k in drawn]
     if any(r.status == "skipped" for r in layers):
         handles.append(Line2D([], [], marker="x", color="0.4", linestyle="none",
                               label="full precision"))
@@ -128,10 +135,8 @@ def plot_report(report: RunReport, path: str | Path, *, top: int = 5, title: str
     depths = [d for d in (layer_depth(r) for r in layers) if d is not None]
     head_x = (max(depths) + 1) if depths else 0
     for k in kinds:
-        pts = sorted(
-            (head_x if layer_depth(r) is None else layer_depth(r), r.relative_error)
-            for r in layers if layer_kind(r) == k and r.relative_error
-        )
+        pts = sorted((_x(r, head_x), r.relative_error or 0.0)
+                     for r in layers if layer_kind(r) == k and r.relative_error)
         if pts:
             by_depth.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", markersize=4,
                           color=palette[k], label=k)
@@ -143,8 +148,7 @@ def plot_report(report: RunReport, path: str | Path, *, top: int = 5, title: str
 
     gain = fig.add_subplot(grid[1, 1])
     for k in kinds:
-        pts = [(head_x if layer_depth(r) is None else layer_depth(r),
-                r.hessian_error / r.rtn_hessian_error)
+        pts = [(_x(r, head_x), r.hessian_error / r.rtn_hessian_error)
                for r in layers if layer_kind(r) == k and r.hessian_error is not None
                and r.rtn_hessian_error]
         if pts:

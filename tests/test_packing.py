@@ -6,7 +6,13 @@ import mlx.core as mx
 import pytest
 
 from quantkit import AffinePacker, QuantResult, QuantSpec, RTNQuantizer
-from quantkit.kernels import affine_dequantize, affine_params, affine_quantize, pack_bits, unpack_bits
+from quantkit.kernels import (
+    affine_dequantize,
+    affine_params,
+    affine_quantize,
+    pack_bits,
+    unpack_bits,
+)
 
 WIDTHS = [1, 2, 3, 4, 5, 6, 8]
 GROUPS = [32, 64, 128]
