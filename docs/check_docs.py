@@ -22,7 +22,7 @@ FILES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 LINK = re.compile(r"\[[^\]]*\]\(([^)\s]+)\)")
 PATH = re.compile(r"(?<![\w/.-])((?:examples|quantkit|docs|tests)/[\w./-]+\.(?:py|toml|md))")
 FENCE = re.compile(r"```(\w*)\n(.*?)```", re.S)
-IMPORT = re.compile(r"^\s*from (quantkit[\w.]*) import \(?([\w, \n]+)\)?", re.M)
+IMPORT = re.compile(r"^\s*from (quantkit[\w.]*) import (?:\(([^)]*)\)|([^\n]+))", re.M)
 
 
 def commands() -> dict[str, set[str]]:
@@ -51,8 +51,8 @@ def check_command(line: str, known: dict[str, set[str]]) -> str | None:
     if "quantkit" not in words:
         return None
     words = words[words.index("quantkit") + 1:]
-    if not words or words[0].startswith("-"):
-        return None
+    if not words or not re.fullmatch(r"[a-z][a-z-]*", words[0]):
+        return None  # `quantkit …`, `quantkit --help`: nothing to check
     name = words[0]
     if len(words) > 1 and f"{name} {words[1]}" in known:
         name = f"{name} {words[1]}"
@@ -92,9 +92,9 @@ def check(path: Path, known: dict[str, set[str]]) -> list[str]:
         problem = check_command(code, known)
         if problem:
             problems.append(f"{rel}: {problem}")
-    for module, names in IMPORT.findall(text):
+    for module, wrapped, inline in IMPORT.findall(text):
         mod = importlib.import_module(module)
-        for name in (n.strip() for n in names.replace("\n", ",").split(",")):
+        for name in (n.strip() for n in (wrapped or inline).replace("\n", ",").split(",")):
             if name and not hasattr(mod, name):
                 problems.append(f"{rel}: {module} has no {name}")
     return problems
