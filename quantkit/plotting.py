@@ -80,7 +80,7 @@ def plot_report(report: RunReport, path: str | Path, *, top: int = 5, title: str
         raise QuantkitError("the run report lists no layers; nothing to plot")
     kinds = sorted({layer_kind(r) for r in layers}, key=lambda k: (_KINDS + ("other",)).index(k))
     palette = {k: f"C{i}" for i, k in enumerate(kinds)}
-    worst = {r.path for r in worst_layers(report, top)}
+    worst = {r.path: rank for rank, r in enumerate(worst_layers(report, top))}
 
     fig = Figure(figsize=(max(10.0, min(0.16 * len(layers) + 3, 30.0)), 9.0))
     FigureCanvasAgg(fig)
@@ -98,8 +98,9 @@ def plot_report(report: RunReport, path: str | Path, *, top: int = 5, title: str
             ax.plot(x, floor, marker="x", color="0.4", markersize=7)
         if r.path in worst and r.relative_error:
             ax.annotate(f"{_short(r.path)}\n{r.relative_error:.2g}", (x, r.relative_error),
-                        xytext=(0, 4), textcoords="offset points", ha="center", fontsize=7,
-                        color="darkred")
+                        xytext=(0, 4 + 18 * (worst[r.path] % 3)), textcoords="offset points",
+                        ha="center", fontsize=7, color="darkred",
+                        arrowprops={"arrowstyle": "-", "color": "darkred", "linewidth": 0.6})
     ax.set_yscale("log")
     ax.set_xlim(-0.7, len(layers) - 0.3)
     if measured:
@@ -128,7 +129,8 @@ def plot_report(report: RunReport, path: str | Path, *, top: int = 5, title: str
     if any(r.status == "skipped" for r in layers):
         handles.append(Line2D([], [], marker="x", color="0.4", linestyle="none",
                               label="full precision"))
-    ax.legend(handles=handles, fontsize=7, ncol=len(handles), loc="upper left")
+    ax.legend(handles=handles, fontsize=7, ncol=len(handles) if len(handles) <= 6 else (len(handles) + 1) // 2,
+              loc="upper left")
     ax.grid(axis="y", which="major", alpha=0.3)
 
     by_depth = fig.add_subplot(grid[1, 0])

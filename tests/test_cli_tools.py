@@ -173,3 +173,12 @@ def test_inspect_lists_mixed_settings(quantized):
 def test_quantize_bad_model_path_is_one_line(tmp_path):
     line = one_line_error(runner.invoke(app, ["quantize", str(tmp_path / "missing"), "-o", str(tmp_path / "o")]))
     assert "does not exist" in line
+
+
+def test_report_png_without_matplotlib_is_one_line(quantized, tmp_path, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "matplotlib.backends.backend_agg", None)
+    line = one_line_error(runner.invoke(app, ["report", str(quantized), "--png", str(tmp_path / "p.png")]))
+    assert "matplotlib" in line and "quantkit[plot]" in line
+    assert not (tmp_path / "p.png").exists()
