@@ -26,13 +26,13 @@ def main() -> None:
         for strategy in ("rtn", "gptq"):
             dirs[strategy] = quantize_directory(
                 args.model_dir, Path(tmp) / strategy, Recipe.uniform(strategy, bits=4, group_size=32),
-                calibration=args.text, num_samples=32, seq_len=128, seed=0,
+                calibration=args.text, num_samples=16, seq_len=128, seed=0,
             ).out_dir
 
         _, tokenizer = load(str(args.model_dir))
         ids = tokenize(tokenizer, read_text(args.text))
         # Evaluate on the second half of the text: windows calibration is unlikely to have seen.
-        held_out = make_batches(ids[len(ids) // 2:], num_samples=16, seq_len=256, seed=1)
+        held_out = make_batches(ids[len(ids) // 2:], num_samples=16, seq_len=128, seed=1)
         for name, path in dirs.items():
             model, _ = load(str(path))
             print(f"{name:6s} perplexity {perplexity(model, held_out):8.3f}")
