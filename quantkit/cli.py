@@ -24,6 +24,8 @@ app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
     help="Post-training weight quantization (GPTQ, RTN, recipes) for MLX language models.",
+    epilog="Exit codes: 0 success, 1 bad input (one line on stderr), 2 usage error, "
+           "3 recipe check --strict found warnings, 130 interrupted. Docs: docs/cli.md",
 )
 out = Console()
 err = Console(stderr=True)
@@ -145,6 +147,8 @@ def _print_summary(report, out_dir: Path, seconds: float) -> None:
     if errs:
         err.print(f"mean relative output error {sum(errs) / len(errs):.4f}, "
                   f"worst {max(errs):.4f}", highlight=False)
+    err.print(f"per-layer details: quantkit report {escape(str(out_dir))} --png FILE", highlight=False,
+              soft_wrap=True)
 
 
 @app.command()
@@ -384,8 +388,9 @@ def recipe_check(
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="print only warnings and errors")] = False,
     json_out: Annotated[bool, typer.Option("--json", help="print rules, layers and warnings as JSON")] = False,
 ) -> None:
-    """Validate FILE; with --model, list the layers each rule matches and warn about rules that
-    match nothing (or only layers an earlier rule already took)."""
+    """Validate a recipe FILE; with --model, show which layers each rule matches.
+
+    Rules that match no layer, or only layers an earlier rule already took, are warned about."""
     import mlx.nn as nn
     from mlx.utils import tree_flatten
 
