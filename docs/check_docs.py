@@ -5,7 +5,8 @@
 - every ``quantkit <command> [<sub>] --option`` line uses a real command and real options;
 - ``python`` code blocks compile, and ``from quantkit... import names`` import.
 
-    python docs/check_docs.py        # exit 1 with one line per problem
+    python docs/check_docs.py           # exit 1 with one line per problem
+    python docs/check_docs.py --strict  # also: every command and option appears in docs/cli.md
 """
 
 from __future__ import annotations
@@ -100,10 +101,29 @@ def check(path: Path, known: dict[str, set[str]]) -> list[str]:
     return problems
 
 
+def undocumented(known: dict[str, set[str]], page: Path = ROOT / "docs" / "cli.md") -> list[str]:
+    """Commands and options that ``page`` never mentions."""
+    text = page.read_text()
+    missing = []
+    for name, opts in sorted(known.items()):
+        if not name:
+            continue
+        if f"quantkit {name}" not in text:
+            missing.append(f"docs/cli.md: command `quantkit {name}` is not documented")
+        for opt in sorted(opts - {"--help"}):
+            if opt.startswith("--no-") and "--" + opt[5:] in opts:
+                continue  # the off switch of a documented flag
+            if opt.startswith("--") and not re.search(re.escape(opt) + r"(?![\w-])", text):
+                missing.append(f"docs/cli.md: option {opt} of `quantkit {name}` is not documented")
+    return missing
+
+
 def main() -> int:
     sys.path.insert(0, str(ROOT))
     known = commands()
     problems = [p for f in FILES for p in check(f, known)]
+    if "--strict" in sys.argv[1:]:
+        problems += undocumented(known)
     for p in problems:
         print(p)
     print(f"checked {len(FILES)} files: {len(problems)} problem(s)", file=sys.stderr)

@@ -27,3 +27,13 @@ def test_checker_catches_mistakes(tmp_path):
     page.write_text("[gone](nowhere.md) and `examples/missing.py`\n")
     problems = check_docs.check(page, known)
     assert len(problems) == 2 and "nowhere.md" in problems[0] and "examples/missing.py" in problems[1]
+
+
+def test_strict_mode_finds_undocumented_options(tmp_path):
+    known = {"quantize": {"--bits", "--overwrite", "--no-overwrite", "--help"}, "eval": {"--text"}}
+    page = tmp_path / "cli.md"
+    page.write_text("`quantkit quantize --bits 4 --overwrite`\n")
+    missing = check_docs.undocumented(known, page)
+    assert missing == ["docs/cli.md: command `quantkit eval` is not documented",
+                       "docs/cli.md: option --text of `quantkit eval` is not documented"]
+    assert check_docs.undocumented(check_docs.commands()) == []
