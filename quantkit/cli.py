@@ -1,6 +1,8 @@
 """The ``quantkit`` command line: the only place that prints.
 
-Exit codes: 0 success; 1 a clear error about the input (one line on stderr); 2 usage error.
+Exit codes: 0 success; 1 a clear error about the input, the output path or a checkpoint (one
+line on stderr); 2 usage error; 3 an unexpected internal error (one line; ``--debug`` shows the
+traceback); 130 interrupted (Ctrl-C; the finished blocks are checkpointed, ``--resume`` goes on).
 """
 
 from __future__ import annotations
@@ -63,6 +65,12 @@ class _ProgressView:
         self.bar.__exit__(*exc)
 
     def __call__(self, event: str, info: dict[str, Any]) -> None:
+        if event == "resume":
+            self.bar.console.print(f"resuming after block {info['index'] + 1}/{info['total']} "
+                                   "from the checkpoint", highlight=False)
+            name = "quantizing blocks"
+            self.tasks[name] = self.bar.add_task(name, total=info["total"], completed=info["index"] + 1)
+            return
         if event in ("capture", "block"):
             name = {"capture": "capturing inputs", "block": "quantizing blocks"}[event]
             if name not in self.tasks:
@@ -84,16 +92,21 @@ def quantize(
     seed: Annotated[int, typer.Option(help="seed for choosing calibration windows")] = 0,
     dtype: Annotated[DType, typer.Option(help="dtype calibration runs in")] = DType.float32,
     batch_size: Annotated[int, typer.Option(help="sequences per forward pass")] = 8,
-    overwrite: Annotated[bool, typer.Option(help="replace an existing output directory")] = False,
+    overwrite: Annotated[bool, typer.Option(help="replace an existing output directory (and discard a checkpoint)")] = False,
+    resume: Annotated[bool, typer.Option(help="continue an interrupted run from its checkpoint (starts afresh when there is none)")] = False,
+    checkpoint: Annotated[bool, typer.Option(help="checkpoint after every decoder block, so that --resume can continue")] = True,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress or summary")] = False,
     json_out: Annotated[bool, typer.Option("--json", help="print the run report as JSON")] = False,
     debug: Annotated[bool, typer.Option(help="show full tracebacks")] = False,
 ) -> None:
     """Quantize MODEL_DIR into OUTPUT (a directory mlx_lm.load reads unchanged)."""
     from .api import quantize_directory
+    from .checkpoint import checkpoint_dir, read_progress
     from .recipe import Recipe
 
     start = time.perf_counter()
+    if num_samples < 1 or seq_len < 2 or batch_size < 1:
+        fail("--num-samples and --batch-size must be ≥ 1 and --seq-len ≥ 2", 2)
     try:
         base = Recipe.from_toml(recipe) if recipe else Recipe()
         if not recipe and strategy is None and bits is None and group_size is None:
@@ -101,13 +114,11 @@ def quantize(
         rec = base.with_default(
             strategy=strategy.value if strategy else None, bits=bits, group_size=group_size
         )
-        if num_samples < 1 or seq_len < 2 or batch_size < 1:
-            fail("--num-samples and --batch-size must be ≥ 1 and --seq-len ≥ 2", 2)
         with _ProgressView(enabled=not (quiet or json_out)) as view:
             result = quantize_directory(
                 model_dir, output, rec, calibration=calibration, num_samples=num_samples,
                 seq_len=seq_len, seed=seed, dtype=dtype.value, batch_size=batch_size,
-                overwrite=overwrite, progress=view,
+                overwrite=overwrite, resume=resume, checkpoint=checkpoint, progress=view,
             )
     except QuantkitError as exc:
         if debug:
@@ -115,7 +126,20 @@ def quantize(
         fail(str(exc))
         return
     except KeyboardInterrupt:
-        fail("interrupted; nothing was written", 130)
+        if debug:
+            raise
+        done = read_progress(checkpoint_dir(output)) if checkpoint else None
+        if done:
+            fail(f"interrupted; {done} finished blocks are checkpointed in {checkpoint_dir(output)}: "
+                 "rerun the same command with --resume to continue", 130)
+        fail(f"interrupted; nothing was written to {output}", 130)
+        return
+    except Exception as exc:  # a bug: one line, the traceback with --debug
+        if debug:
+            raise
+        text = str(exc).strip().splitlines()
+        fail(f"internal error ({type(exc).__name__}: {text[0] if text else ''}); "
+             "rerun with --debug for the traceback and report it", 3)
         return
     report = result.report
     if json_out:
