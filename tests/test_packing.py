@@ -1,0 +1,68 @@
+"""Packer round trip against mx.quantize / mx.dequantize at every width and group size."""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import pytest
+
+from quantkit import AffinePacker, QuantResult, QuantSpec, RTNQuantizer
+from quantkit.kernels import affine_dequantize, affine_params, affine_quantize, pack_bits, unpack_bits
+
+WIDTHS = [1, 2, 3, 4, 5, 6, 8]
+GROUPS = [32, 64, 128]
+
+
+@pytest.mark.parametrize("bits", WIDTHS)
+@pytest.mark.parametrize("group_size", GROUPS)
+@pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16])
+def test_packer_is_bit_exact_with_mx_quantize(bits, group_size, dtype):
+    w = (mx.random.normal((24, 384), key=mx.random.key(bits * group_size)) * 0.02).astype(dtype)
+    spec = QuantSpec(bits=bits, group_size=group_size)
+    w32 = w.astype(mx.float32)
+    # mx.quantize picks codes with float32 scales, then stores them in the weight dtype
+    s, b = affine_params(w32, bits, group_size)
+    codes = affine_quantize(w32, s, b, bits)
+    result = QuantResult(spec, affine_dequantize(codes, s, b), codes=codes, scales=s, biases=b)
+    packed = AffinePacker().pack(result, dtype)
+    ref_w, ref_s, ref_b = mx.quantize(w, group_size=group_size, bits=bits)
+    assert packed["weight"].dtype == mx.uint32 and packed["weight"].shape == ref_w.shape
+    assert mx.array_equal(packed["scales"], ref_s)
+    assert mx.array_equal(packed["biases"], ref_b)
+    assert mx.array_equal(packed["weight"], ref_w)
+    deq = mx.dequantize(packed["weight"], packed["scales"], packed["biases"],
+                        group_size=group_size, bits=bits)
+    if dtype == mx.float32:
+        assert mx.array_equal(deq, result.dequantized)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_rtn_codes_fit_the_stored_half_precision_scales(bits):
+    """quantkit's RTN picks codes against the scales as stored (bfloat16), so it is never
+    worse than mx.quantize, which picks them against float32 scales it then rounds."""
+    w = (mx.random.normal((64, 256), key=mx.random.key(bits)) * 0.02).astype(mx.bfloat16)
+    spec = QuantSpec(bits=bits, group_size=32)
+    ours = AffinePacker().pack(RTNQuantizer().quantize(w.astype(mx.float32), spec, None, mx.bfloat16), mx.bfloat16)
+    ref = mx.quantize(w, group_size=32, bits=bits)
+    assert mx.array_equal(ours["scales"], ref[1]) and mx.array_equal(ours["biases"], ref[2])
+
+    def err(packed):
+        deq = mx.dequantize(*packed, group_size=32, bits=bits).astype(mx.float32)
+        return mx.sum((deq - w.astype(mx.float32)) ** 2).item()
+
+    assert err((ours["weight"], ours["scales"], ours["biases"])) <= err(ref)
+
+
+@pytest.mark.parametrize("bits", WIDTHS)
+def test_pack_unpack_round_trip(bits):
+    codes = mx.random.randint(0, 2**bits, (5, 256), key=mx.random.key(bits)).astype(mx.uint8)
+    words = pack_bits(codes, bits)
+    assert words.shape == (5, 256 * bits // 32)
+    assert mx.array_equal(unpack_bits(words, bits), codes)
+
+
+def test_expert_weights_pack_like_mlx():
+    w = mx.random.normal((4, 16, 128), key=mx.random.key(9))
+    spec = QuantSpec(bits=3, group_size=64)
+    packed = AffinePacker().pack(RTNQuantizer().quantize(w, spec, None), mx.float32)
+    ref_w, ref_s, ref_b = mx.quantize(w, group_size=64, bits=3)
+    assert mx.array_equal(packed["weight"], ref_w) and mx.array_equal(packed["scales"], ref_s)
