@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -66,11 +65,13 @@ def quantize_directory(
     out_dir = check_output(out_dir, overwrite, model_dir)
     ckpt_path = checkpoint_dir(out_dir)
     if ckpt_path.exists() and not resume:
-        if not overwrite:
+        done = read_progress(ckpt_path)
+        if done and not overwrite:
             raise OutputError(
-                f"an interrupted run left a checkpoint in {ckpt_path} ({read_progress(ckpt_path) or 0} "
-                "blocks done); pass --resume to continue it or --overwrite to start over")
-        shutil.rmtree(ckpt_path, ignore_errors=True)
+                f"an interrupted run left a checkpoint in {ckpt_path} ({done} blocks done); "
+                "pass --resume to continue it or --overwrite to start over")
+        with DirectoryCheckpoint(ckpt_path, {}) as stale:  # fails if a live run holds it
+            stale.discard()
     recipe = recipe or Recipe()
     model, tokenizer, config = load_model(model_dir)
     tokens = calibration_tokens(tokenizer, calibration, num_samples, seq_len, seed)
@@ -79,7 +80,7 @@ def quantize_directory(
     if checkpoint or resume:
         ckpt = DirectoryCheckpoint(ckpt_path, fingerprint(
             model_dir, tokens, recipe=recipe.to_dict(), dtype=dtype, batch_size=batch_size))
-    with ckpt or contextlib.nullcontext():
+    with ckpt or contextlib.nullcontext(), _keep_only_progress(ckpt):
         result = quantize_model(model, tokens, recipe, batch_size=batch_size, dtype=dtype,
                                 progress=progress, checkpoint=ckpt)
         report = result.report
@@ -90,8 +91,25 @@ def quantize_directory(
         })
         config = dict(config)
         config["quantization"] = result.quantization
-        save_model(out_dir, model, config, model_dir, overwrite=overwrite,
-                   extra_files={REPORT_NAME: json.dumps(report.to_dict(), indent=2)})
+        try:
+            save_model(out_dir, model, config, model_dir, overwrite=overwrite,
+                       extra_files={REPORT_NAME: json.dumps(report.to_dict(), indent=2)})
+        except OutputError as exc:
+            if ckpt is None:
+                raise
+            raise OutputError(f"{exc}; the quantized blocks are kept in {ckpt_path}: "
+                              "rerun with --resume once fixed") from None
         if ckpt is not None:
             ckpt.discard()
     return DirectoryResult(out_dir=out_dir, report=report, quantization=result.quantization)
+
+
+@contextlib.contextmanager
+def _keep_only_progress(ckpt: DirectoryCheckpoint | None):
+    """On failure, keep the checkpoint only if it holds a finished block."""
+    try:
+        yield
+    except BaseException:
+        if ckpt is not None and read_progress(ckpt.path) is None:
+            ckpt.discard()
+        raise

@@ -170,6 +170,7 @@ class DirectoryCheckpoint(Checkpoint):
                 f"writes {FORMAT_VERSION}; start over with --overwrite")
         differs = _first_difference(meta.get("fingerprint", {}), self.fingerprint)
         if differs is not None:
+            differs = _SETTING_NAMES.get(differs.split(".")[0], differs)
             raise CheckpointError(
                 f"checkpoint {self.path} was made by a run with a different {differs}; rerun with "
                 "the same model, calibration, seed and recipe, or pass --overwrite to start over")
@@ -241,6 +242,15 @@ class DirectoryCheckpoint(Checkpoint):
         finally:
             os.close(fd)
         os.replace(tmp, self.path / name)
+
+
+_SETTING_NAMES = {
+    "model": "model (config.json or weight files)",
+    "tokens": "calibration data (text, --seed, --num-samples or --seq-len)",
+    "recipe": "recipe (--recipe, --bits, --group-size or --strategy)",
+    "dtype": "--dtype",
+    "batch_size": "--batch-size",
+}
 
 
 def _jsonable(value: Any) -> Any:

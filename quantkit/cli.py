@@ -66,8 +66,9 @@ class _ProgressView:
 
     def __call__(self, event: str, info: dict[str, Any]) -> None:
         if event == "resume":
-            self.bar.console.print(f"resuming after block {info['index'] + 1}/{info['total']} "
-                                   "from the checkpoint", highlight=False)
+            if self.enabled:
+                self.bar.console.print(f"resuming: {info['index'] + 1}/{info['total']} blocks "
+                                       "done in the checkpoint", highlight=False)
             name = "quantizing blocks"
             self.tasks[name] = self.bar.add_task(name, total=info["total"], completed=info["index"] + 1)
             return

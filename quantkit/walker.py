@@ -19,7 +19,7 @@ import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
 
 from .checkpoint import Checkpoint, ResumeState
-from .errors import CheckpointError, FactorizationError, ModelLoadError
+from .errors import CheckpointError, FactorizationError, ModelLoadError, RecipeError
 from .hessian import HessianCollector, HessianStats
 from .packers import packer_for
 from .quantizers import Quantizer, QuantResult, RTNQuantizer
@@ -174,6 +174,9 @@ class ModelWalker:
         start = time.perf_counter()
         report = RunReport()
         plans = self.plan(model, report)
+        if not plans:
+            why = report.layers[0].reason if report.layers else "it has no layer with a registered handler"
+            raise RecipeError(f"no layer of this model can be quantized ({why}); change the recipe or group size")
         orig_dtypes = {k: v.dtype for k, v in tree_flatten(model.parameters())}
         if self.dtype is not None:
             model.set_dtype(_DTYPES[self.dtype])
