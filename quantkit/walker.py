@@ -280,7 +280,7 @@ class ModelWalker:
         finally:
             model.update_modules(tree_unflatten(list(zip(block_paths, blocks))))
 
-    def _quantize_all(self, model, plans, stats, report, block_index) -> None:
+    def _quantize_all(self, model, plans, stats, report, block_index) -> list[tuple[str, nn.Module]]:
         new_modules = []
         for p in plans:
             module, record = self.quantize_layer(p, stats.pop(p.path, None))
