@@ -35,6 +35,7 @@ import attrs
 import mlx.core as mx
 
 from .errors import CheckpointError
+from .io import write_failure
 from .report import LayerRecord
 
 FORMAT_VERSION = 1
@@ -207,10 +208,11 @@ class DirectoryCheckpoint(Checkpoint):
                              json.dumps({"next_block": block + 1, "inputs": inputs_name}))
             if previous and previous != inputs_name:
                 (self.path / previous).unlink(missing_ok=True)
-        except OSError as exc:
+        except (OSError, RuntimeError) as exc:  # MLX's writer raises RuntimeError on a full disk
             raise CheckpointError(
                 f"writing the checkpoint {self.path} failed after block {block} "
-                f"({exc.strerror or exc}); free disk space, then rerun with --resume") from None
+                f"({write_failure(exc, self.path)}); free disk space, then rerun with --resume "
+                "or pass --no-checkpoint") from None
 
     # -- files --------------------------------------------------------------------------------
 

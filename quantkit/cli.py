@@ -2,12 +2,14 @@
 
 Exit codes: 0 success; 1 a clear error about the input, the output path or a checkpoint (one
 line on stderr); 2 usage error; 3 an unexpected internal error (one line; ``--debug`` shows the
-traceback); 130 interrupted (Ctrl-C; the finished blocks are checkpointed, ``--resume`` goes on).
+traceback); 130 interrupted (Ctrl-C or SIGTERM; the finished blocks are checkpointed, ``--resume`` goes on).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import signal
 import time
 from enum import Enum
 from pathlib import Path
@@ -115,7 +117,7 @@ def quantize(
         rec = base.with_default(
             strategy=strategy.value if strategy else None, bits=bits, group_size=group_size
         )
-        with _ProgressView(enabled=not (quiet or json_out)) as view:
+        with _ProgressView(enabled=not (quiet or json_out)) as view, _sigterm_as_interrupt():
             result = quantize_directory(
                 model_dir, output, rec, calibration=calibration, num_samples=num_samples,
                 seq_len=seq_len, seed=seed, dtype=dtype.value, batch_size=batch_size,
@@ -149,6 +151,23 @@ def quantize(
     if quiet:
         return
     _print_summary(report, result.out_dir, time.perf_counter() - start)
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt():
+    """Treat SIGTERM (``kill``, job schedulers, ``timeout``) like Ctrl-C: a clean, resumable stop."""
+    def handler(signum, frame):
+        raise KeyboardInterrupt
+
+    try:
+        previous = signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread: leave signals alone
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _print_summary(report, out_dir: Path, seconds: float) -> None:

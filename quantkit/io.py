@@ -138,10 +138,9 @@ def save_model(
         _replace_dir(tmp, out_dir)
     except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
-        if isinstance(exc, OSError):
-            raise OutputError(f"writing {out_dir} failed ({_why(exc)}); nothing was written — free disk space or choose another path") from None
         if isinstance(exc, Exception) and not isinstance(exc, OutputError):
-            raise OutputError(f"writing {out_dir} failed ({type(exc).__name__}: {_first_line(exc)}); nothing was written") from None
+            raise OutputError(f"writing {out_dir} failed ({write_failure(exc, parent)}); nothing "
+                              "was written — free disk space or choose another path") from None
         raise
     return out_dir
 
@@ -241,6 +240,19 @@ def _why(exc: OSError) -> str:
     if exc.errno == errno.EDQUOT:
         return "disk quota exceeded"
     return (exc.strerror or _first_line(exc) or type(exc).__name__).lower()
+
+
+def write_failure(exc: BaseException, directory: Path) -> str:
+    """Why writing under ``directory`` failed. MLX's own writer reports a full disk as a
+    ``RuntimeError`` ("Unable to write ... bytes"), so the free space is added to such reasons."""
+    if isinstance(exc, OSError):
+        return _why(exc)
+    reason = f"{type(exc).__name__}: {_first_line(exc)}"
+    try:
+        free = shutil.disk_usage(directory).free
+    except OSError:
+        return reason
+    return f"{reason}; {free / 2**20:.0f} MiB free there — is the disk full?"
 
 
 def _first_line(exc: BaseException) -> str:

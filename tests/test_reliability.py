@@ -271,6 +271,33 @@ def test_disk_full_during_save(quantize, stories_dir, tmp_path, monkeypatch):
     assert not list(tmp_path.glob(".o.*"))
 
 
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full (Linux)")
+def test_disk_full_in_mlx_writer(quantize, stories_dir, tmp_path, monkeypatch):
+    """The real writers on a full disk: model.safetensors (and later a checkpoint file) is a
+    link to /dev/full, where every write fails with ENOSPC; MLX reports it as RuntimeError."""
+    import mlx_lm.utils
+
+    real_save = mlx_lm.utils.save_model
+
+    def save_into_full_disk(path, model, **kw):
+        (Path(path) / "model.safetensors").symlink_to("/dev/full")
+        return real_save(path, model, **kw)
+
+    out = tmp_path / "o"
+    with monkeypatch.context() as m:
+        m.setattr(mlx_lm.utils, "save_model", save_into_full_disk)
+        line = one_line_error(quantize(stories_dir, out, "--strategy", "rtn", "--no-checkpoint"))
+    assert "Unable to write" in line and "is the disk full?" in line
+    assert no_leftovers(tmp_path, "o")
+
+    ckpt = checkpoint_dir(out)
+    ckpt.mkdir()
+    (ckpt / ".tmp-block-0000.safetensors").symlink_to("/dev/full")
+    line = one_line_error(quantize(stories_dir, out, "--strategy", "rtn", "--resume"))
+    assert "writing the checkpoint" in line and "after block 0" in line and "is the disk full?" in line
+    assert not out.exists()
+
+
 def test_stale_partials_of_dead_runs_are_removed(quantize, stories_dir, tmp_path):
     stale = tmp_path / ".o.partial-999999999-abcd"  # no such process
     stale.mkdir()
@@ -317,6 +344,23 @@ def test_ctrl_c_is_clean_and_resumable(quantize, stories_dir, tmp_path, monkeypa
     assert [r["path"] for r in report["layers"]] == \
         [r["path"] for r in json.loads((ref / "quantization_report.json").read_text())["layers"]]
     assert not checkpoint_dir(out).exists()
+
+
+def test_sigterm_is_a_clean_stop(quantize, stories_dir, tmp_path, monkeypatch):
+    import signal
+
+    original = ModelWalker._quantize_all
+
+    def terminated(self, model, plans, stats, report, block_index):
+        if block_index == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return original(self, model, plans, stats, report, block_index)
+
+    monkeypatch.setattr(ModelWalker, "_quantize_all", terminated)
+    before = signal.getsignal(signal.SIGTERM)
+    line = one_line_error(quantize(stories_dir, tmp_path / "o"), code=130)
+    assert "2 finished blocks are checkpointed" in line
+    assert signal.getsignal(signal.SIGTERM) is before
 
 
 def test_ctrl_c_before_any_block(quantize, stories_dir, tmp_path, monkeypatch):
