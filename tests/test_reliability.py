@@ -498,8 +498,10 @@ def test_dead_columns_of_a_real_model(tmp_path, tinystories_text):
     from quantkit import quantize_directory
 
     model_dir = shared_path("models", "stories260K-pad192")
-    result = quantize_directory(model_dir, tmp_path / "o", Recipe.uniform(group_size=32),
-                                calibration=tinystories_text, num_samples=8, seq_len=64)
+    recipe = Recipe.from_dict({"default": {"strategy": "rtn", "group_size": 32},
+                               "rules": [{"match": "*.down_proj", "strategy": "gptq"}]})
+    result = quantize_directory(model_dir, tmp_path / "o", recipe, calibration=tinystories_text,
+                                num_samples=8, seq_len=64, checkpoint=False)
     downs = [r for r in result.report.layers if r.path.endswith("down_proj")]
     assert downs and all(r.status == "quantized" and r.strategy == "gptq" for r in downs)
     assert all(r.hessian_error <= r.rtn_hessian_error * (1 + 1e-6) for r in downs)
