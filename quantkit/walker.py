@@ -106,7 +106,8 @@ class ModelWalker:
 
     ``dtype``: the dtype calibration runs in (float32 by default: half types are slow on CPU
     and MoE ``gather_mm`` needs float32 there); stored scales keep each layer's own dtype.
-    ``progress(event, info)`` is called with ``"capture"``, ``"block"`` and ``"layer"`` events.
+    ``progress(event, info)`` is called with ``"capture"``, ``"block"`` and ``"layer"`` events,
+    and ``"resume"`` (``index`` of the last block found in a checkpoint) when resuming.
     """
 
     recipe: Recipe = attrs.field(factory=Recipe)
