@@ -96,7 +96,7 @@ def test_first_matching_rule_wins(patterns, path):
 @given(recipes, st.sampled_from(WIDTHS))
 def test_rules_inherit_the_default_unless_they_set_it(raw, bits):
     recipe = Recipe.from_dict(raw).with_default(bits=bits)
-    for rule, own in zip(recipe.rules, raw["rules"]):
+    for rule, own in zip(recipe.rules, raw["rules"], strict=True):
         if rule.strategy != "skip":
             assert rule.spec.bits == own.get("bits", bits)
 

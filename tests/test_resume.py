@@ -63,7 +63,6 @@ def test_sigkill_then_resume_is_byte_identical(stories_dir, tinystories_text, tm
     assert proc.returncode == -signal.SIGKILL
     assert not out.exists(), "the run finished before it was killed; nothing was tested"
     assert 1 <= done <= (read_progress(checkpoint_dir(out)) or 0)
-    print(f"killed after {read_progress(checkpoint_dir(out))} checkpointed blocks")
 
     resumed = subprocess.run([*cmd, "-o", str(out), "--resume"], env=env, cwd=tmp_path,
                              capture_output=True, text=True, timeout=120)
@@ -77,5 +76,9 @@ def test_sigkill_then_resume_is_byte_identical(stories_dir, tinystories_text, tm
     assert result.exit_code == 0, result.output
     assert (out / "model.safetensors").read_bytes() == (ref / "model.safetensors").read_bytes()
     assert (out / "config.json").read_bytes() == (ref / "config.json").read_bytes()
+    import mlx_lm
+
+    model, _ = mlx_lm.load(str(out))  # the resumed output is a normal mlx-lm model dir
+    assert model.model.layers[0].self_attn.q_proj.bits == 4
     report = json.loads((out / "quantization_report.json").read_text())
     assert len(report["layers"]) == len(json.loads((ref / "quantization_report.json").read_text())["layers"])
