@@ -89,7 +89,7 @@ def check(path: Path, known: dict[str, set[str]]) -> list[str]:
                 compile(body, f"{rel} code block", "exec")
             except SyntaxError as exc:
                 problems.append(f"{rel}: python block does not compile ({exc})")
-    for code in re.findall(r"`([^`\n]*quantkit [^`\n]*)`", text):
+    for code in re.findall(r"`(quantkit [^`\n]*)`", text):  # inline commands
         problem = check_command(code, known)
         if problem:
             problems.append(f"{rel}: {problem}")

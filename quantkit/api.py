@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 from typing import Any
@@ -11,7 +12,9 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from .calibration import calibration_tokens
-from .io import load_model, save_model
+from .checkpoint import Checkpoint, DirectoryCheckpoint, checkpoint_dir, fingerprint, read_progress
+from .errors import OutputError
+from .io import check_output, load_model, save_model
 from .quantizers import Quantizer, RTNQuantizer
 from .recipe import Recipe
 from .registry import DEFAULT_REGISTRY, LayerRegistry
@@ -23,14 +26,15 @@ def quantize_model(
     model: nn.Module, tokens: mx.array, recipe: Recipe | None = None, *,
     registry: LayerRegistry = DEFAULT_REGISTRY, fallback: Quantizer | None = None,
     batch_size: int = 8, dtype: str | None = "float32", progress: Progress | None = None,
+    checkpoint: Checkpoint | None = None,
 ) -> WalkResult:
     """Quantize ``model`` in place with ``recipe`` (default: GPTQ 4-bit, group 64) using
-    calibration ``tokens (num_samples, seq_len)``."""
+    calibration ``tokens (num_samples, seq_len)``; ``checkpoint`` makes the walk resumable."""
     walker = ModelWalker(
         recipe=recipe or Recipe(), registry=registry, fallback=fallback or RTNQuantizer(),
         batch_size=batch_size, dtype=dtype, progress=progress,
     )
-    return walker.run(model, tokens)
+    return walker.run(model, tokens, checkpoint=checkpoint)
 
 
 @attrs.frozen
@@ -44,32 +48,68 @@ def quantize_directory(
     model_dir: str | Path, out_dir: str | Path, recipe: Recipe | None = None, *,
     calibration: str | Path | None = None, num_samples: int = 128, seq_len: int = 512,
     seed: int = 0, dtype: str | None = "float32", batch_size: int = 8,
-    overwrite: bool = False, progress: Progress | None = None,
+    overwrite: bool = False, resume: bool = False, checkpoint: bool = True,
+    progress: Progress | None = None,
 ) -> DirectoryResult:
     """Load ``model_dir``, quantize it, write ``out_dir`` (config.json, safetensors, tokenizer
     files, ``quantization_report.json``). ``calibration``: a text file, or ``None`` for the
-    offline default."""
+    offline default.
+
+    The output appears atomically (see :func:`quantkit.io.save_model`). With ``checkpoint``,
+    the state after every decoder block is kept in ``.NAME.checkpoint`` beside ``out_dir``
+    (removed once the output is written); ``resume`` continues from it, with a byte-identical
+    result. Without ``resume`` an existing checkpoint is an error unless ``overwrite``, which
+    discards it."""
     from mlx_lm.utils import compute_bits_per_weight
 
-    out_dir = Path(out_dir)
-    if out_dir.exists() and not overwrite:
-        from .errors import OutputError
-
-        raise OutputError(f"output directory {out_dir} already exists; pass --overwrite or another path")
+    out_dir = check_output(out_dir, overwrite, model_dir)
+    ckpt_path = checkpoint_dir(out_dir)
+    if ckpt_path.exists() and not resume:
+        done = read_progress(ckpt_path)
+        if done and not overwrite:
+            raise OutputError(
+                f"an interrupted run left a checkpoint in {ckpt_path} ({done} blocks done); "
+                "pass --resume to continue it or --overwrite to start over")
+        with DirectoryCheckpoint(ckpt_path, {}) as stale:  # fails if a live run holds it
+            stale.discard()
     recipe = recipe or Recipe()
     model, tokenizer, config = load_model(model_dir)
     tokens = calibration_tokens(tokenizer, calibration, num_samples, seq_len, seed)
     mx.random.seed(seed)
-    result = quantize_model(model, tokens, recipe, batch_size=batch_size, dtype=dtype,
-                            progress=progress)
-    report = result.report
-    report.bits_per_weight = float(compute_bits_per_weight(model))
-    report.settings.update({
-        "source": str(model_dir), "calibration": str(calibration or "builtin"), "seed": seed,
-        "requested_samples": num_samples,
-    })
-    config = dict(config)
-    config["quantization"] = result.quantization
-    save_model(out_dir, model, config, model_dir, overwrite=overwrite,
-               extra_files={REPORT_NAME: json.dumps(report.to_dict(), indent=2)})
+    ckpt = None
+    if checkpoint or resume:
+        ckpt = DirectoryCheckpoint(ckpt_path, fingerprint(
+            model_dir, tokens, recipe=recipe.to_dict(), dtype=dtype, batch_size=batch_size))
+    with ckpt or contextlib.nullcontext(), _keep_only_progress(ckpt):
+        result = quantize_model(model, tokens, recipe, batch_size=batch_size, dtype=dtype,
+                                progress=progress, checkpoint=ckpt)
+        report = result.report
+        report.bits_per_weight = float(compute_bits_per_weight(model))
+        report.settings.update({
+            "source": str(model_dir), "calibration": str(calibration or "builtin"), "seed": seed,
+            "requested_samples": num_samples,
+        })
+        config = dict(config)
+        config["quantization"] = result.quantization
+        try:
+            save_model(out_dir, model, config, model_dir, overwrite=overwrite,
+                       extra_files={REPORT_NAME: json.dumps(report.to_dict(), indent=2)})
+        except OutputError as exc:
+            if ckpt is None:
+                raise
+            raise OutputError(f"{exc}; the quantized blocks are kept in {ckpt_path}: "
+                              "rerun with --resume once fixed") from None
+        if ckpt is not None:
+            ckpt.discard()
     return DirectoryResult(out_dir=out_dir, report=report, quantization=result.quantization)
+
+
+@contextlib.contextmanager
+def _keep_only_progress(ckpt: DirectoryCheckpoint | None):
+    """On failure, keep the checkpoint only if it holds a finished block."""
+    try:
+        yield
+    except BaseException:
+        if ckpt is not None and read_progress(ckpt.path) is None:
+            ckpt.discard()
+        raise

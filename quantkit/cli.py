@@ -1,12 +1,16 @@
 """The ``quantkit`` command line: the only place that prints.
 
-Exit codes: 0 success; 1 a clear error about the input (one line on stderr); 2 usage error;
-3 ``recipe check --strict`` found a rule that matches no layer; 130 interrupted.
+Exit codes: 0 success; 1 a clear error about the input, the output path or a checkpoint (one
+line on stderr); 2 usage error; 3 an unexpected internal error (one line; ``--debug`` shows the
+traceback); 4 ``recipe check --strict`` found a rule that matches no layer (or
+only layers an earlier rule took); 130 interrupted (Ctrl-C or SIGTERM; the finished blocks are checkpointed, ``--resume`` goes on).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import signal
 import time
 from enum import Enum
 from pathlib import Path
@@ -25,7 +29,8 @@ app = typer.Typer(
     no_args_is_help=True,
     help="Post-training weight quantization (GPTQ, RTN, recipes) for MLX language models.",
     epilog="Exit codes: 0 success, 1 bad input (one line on stderr), 2 usage error, "
-           "3 recipe check --strict found warnings, 130 interrupted. Docs: docs/cli.md",
+           "3 internal error (--debug shows it), 4 recipe check --strict found warnings, "
+           "130 interrupted. Docs: docs/cli.md",
 )
 out = Console()
 err = Console(stderr=True)
@@ -67,6 +72,13 @@ class _ProgressView:
         self.bar.__exit__(*exc)
 
     def __call__(self, event: str, info: dict[str, Any]) -> None:
+        if event == "resume":
+            if self.enabled:
+                self.bar.console.print(f"resuming: {info['index'] + 1}/{info['total']} blocks "
+                                       "done in the checkpoint", highlight=False)
+            name = "quantizing blocks"
+            self.tasks[name] = self.bar.add_task(name, total=info["total"], completed=info["index"] + 1)
+            return
         if event in ("capture", "block"):
             name = {"capture": "capturing inputs", "block": "quantizing blocks"}[event]
             if name not in self.tasks:
@@ -88,16 +100,21 @@ def quantize(
     seed: Annotated[int, typer.Option(help="seed for choosing calibration windows")] = 0,
     dtype: Annotated[DType, typer.Option(help="dtype calibration runs in")] = DType.float32,
     batch_size: Annotated[int, typer.Option(help="sequences per forward pass")] = 8,
-    overwrite: Annotated[bool, typer.Option(help="replace an existing output directory")] = False,
+    overwrite: Annotated[bool, typer.Option(help="replace an existing output directory (and discard a checkpoint)")] = False,
+    resume: Annotated[bool, typer.Option(help="continue an interrupted run from its checkpoint (starts afresh when there is none)")] = False,
+    checkpoint: Annotated[bool, typer.Option(help="checkpoint after every decoder block, so that --resume can continue")] = True,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress or summary")] = False,
     json_out: Annotated[bool, typer.Option("--json", help="print the run report as JSON")] = False,
     debug: Annotated[bool, typer.Option(help="show full tracebacks")] = False,
 ) -> None:
     """Quantize MODEL_DIR into OUTPUT (a directory mlx_lm.load reads unchanged)."""
     from .api import quantize_directory
+    from .checkpoint import checkpoint_dir, read_progress
     from .recipe import Recipe
 
     start = time.perf_counter()
+    if num_samples < 1 or seq_len < 2 or batch_size < 1:
+        fail("--num-samples and --batch-size must be ≥ 1 and --seq-len ≥ 2", 2)
     try:
         base = Recipe.from_toml(recipe) if recipe else Recipe()
         if not recipe and strategy is None and bits is None and group_size is None:
@@ -105,13 +122,11 @@ def quantize(
         rec = base.with_default(
             strategy=strategy.value if strategy else None, bits=bits, group_size=group_size
         )
-        if num_samples < 1 or seq_len < 2 or batch_size < 1:
-            fail("--num-samples and --batch-size must be ≥ 1 and --seq-len ≥ 2", 2)
-        with _ProgressView(enabled=not (quiet or json_out)) as view:
+        with _ProgressView(enabled=not (quiet or json_out)) as view, _sigterm_as_interrupt():
             result = quantize_directory(
                 model_dir, output, rec, calibration=calibration, num_samples=num_samples,
                 seq_len=seq_len, seed=seed, dtype=dtype.value, batch_size=batch_size,
-                overwrite=overwrite, progress=view,
+                overwrite=overwrite, resume=resume, checkpoint=checkpoint, progress=view,
             )
     except QuantkitError as exc:
         if debug:
@@ -119,7 +134,20 @@ def quantize(
         fail(str(exc))
         return
     except KeyboardInterrupt:
-        fail("interrupted; nothing was written", 130)
+        if debug:
+            raise
+        done = read_progress(checkpoint_dir(output)) if checkpoint else None
+        if done:
+            fail(f"interrupted; {done} finished blocks are checkpointed in {checkpoint_dir(output)}: "
+                 "rerun the same command with --resume to continue", 130)
+        fail(f"interrupted; nothing was written to {output}", 130)
+        return
+    except Exception as exc:  # a bug: one line, the traceback with --debug
+        if debug:
+            raise
+        text = str(exc).strip().splitlines()
+        fail(f"internal error ({type(exc).__name__}: {text[0] if text else ''}); "
+             "rerun with --debug for the traceback and report it", 3)
         return
     report = result.report
     if json_out:
@@ -128,6 +156,23 @@ def quantize(
     if quiet:
         return
     _print_summary(report, result.out_dir, time.perf_counter() - start)
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt():
+    """Treat SIGTERM (``kill``, job schedulers, ``timeout``) like Ctrl-C: a clean, resumable stop."""
+    def handler(signum, frame):
+        raise KeyboardInterrupt
+
+    try:
+        previous = signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread: leave signals alone
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _print_summary(report, out_dir: Path, seconds: float) -> None:
@@ -243,6 +288,13 @@ def eval_(
         return
     except KeyboardInterrupt:
         fail("interrupted", 130)
+        return
+    except Exception as exc:  # a bug: one line, the traceback with --debug
+        if debug:
+            raise
+        lines = str(exc).strip().splitlines()
+        fail(f"internal error ({type(exc).__name__}: {lines[0] if lines else ''}); "
+             "rerun with --debug for the traceback and report it", 3)
         return
     from mlx_lm.utils import compute_bits_per_weight
 
@@ -384,7 +436,7 @@ def _rule_label(index: int | None, rule: Any) -> str:
 def recipe_check(
     file: Annotated[Path, typer.Argument(help="recipe TOML file")],
     model: Annotated[Optional[Path], typer.Option(help="model directory: show which layers each rule matches")] = None,
-    strict: Annotated[bool, typer.Option(help="exit with code 3 when a rule matches no layer")] = False,
+    strict: Annotated[bool, typer.Option(help="exit with code 4 when a rule matches no layer")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="print only warnings and errors")] = False,
     json_out: Annotated[bool, typer.Option("--json", help="print rules, layers and warnings as JSON")] = False,
 ) -> None:
@@ -474,7 +526,7 @@ def recipe_check(
     for w in warnings:
         err.print(f"[yellow]warning:[/] {escape(w)}", highlight=False, soft_wrap=True)
     if strict and warnings:
-        raise typer.Exit(3)
+        raise typer.Exit(4)
 
 
 def main() -> None:

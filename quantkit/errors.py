@@ -29,3 +29,7 @@ class FactorizationError(QuantkitError, ArithmeticError):
     """A Hessian could not be factorized (not positive definite even after damping).
 
     The walker catches it, quantizes the layer with the fallback strategy and records why."""
+
+
+class CheckpointError(QuantkitError):
+    """A checkpoint that cannot be resumed (another run's, damaged) or cannot be written."""

@@ -148,7 +148,7 @@ def test_recipe_check_without_and_with_model(recipe_file, stories_dir):
     assert "rule 4" in warnings and "matches no layer" in warnings
 
     strict = runner.invoke(app, ["recipe", "check", str(recipe_file), "--model", str(stories_dir), "--strict", "-q"])
-    assert strict.exit_code == 3 and strict.stdout == ""
+    assert strict.exit_code == 4 and strict.stdout == ""
     assert strict.stderr.count("warning:") == 2
 
 
