@@ -33,7 +33,8 @@ def run(model_dir: Path, out: Path, text: Path | None) -> None:
         print(f"  kept in full precision: {r.path} ({r.reason})")
 
     model, tokenizer = load(str(result.out_dir))
-    print(generate(model, tokenizer, "Once upon a time", max_tokens=24, verbose=False))
+    prompt = "Once upon a time"
+    print(prompt + generate(model, tokenizer, prompt, max_tokens=24, verbose=False))
 
 
 if __name__ == "__main__":
