@@ -29,3 +29,8 @@ class FactorizationError(QuantkitError, ArithmeticError):
     """A Hessian could not be factorized (not positive definite even after damping).
 
     The walker catches it, quantizes the layer with the fallback strategy and records why."""
+
+
+class DistributedError(QuantkitError):
+    """A distributed run that cannot go on: a rank died, the network failed, or the process
+    group does not fit the run (more processes than calibration shards)."""
