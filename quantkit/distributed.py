@@ -135,6 +135,35 @@ def _cost(plan: LayerPlan) -> float:
     return float(mats * n_in * n_in + (w.size // (w.shape[-1] * w.shape[-2])) * n_in**3)
 
 
+def local_roots(layout: ShardLayout, collect: Callable[[list[int]], Stats]) -> dict[Node, Stats]:
+    """This rank's shards merged into the maximal subtrees it owns (``layout.roots``), one
+    shard at a time: at most ``log2(num_shards) + 1`` partial statistics are alive at once."""
+    stack: list[tuple[Node, Stats]] = []
+    for shard, positions in layout.local_shards():
+        node, stats = (0, shard), collect(positions)
+        while stack and node[1] % 2 == 1 and stack[-1][0] == (node[0], node[1] - 1):
+            stats = _merge_dicts(stack.pop()[1], stats)
+            node = (node[0] + 1, node[1] // 2)
+            mx.eval([s.h for s in stats.values() if s is not None])
+        stack.append((node, stats))
+    return dict(stack)
+
+
+def finish_tree(known: dict[Node, Stats], depth: int) -> Stats:
+    """The root of the shard tree from the subtree roots in ``known`` (every rank's)."""
+
+    def node(level: int, index: int) -> Stats | None:
+        if (level, index) in known:
+            return known[level, index]
+        if level == 0:
+            return None  # a padding leaf beyond the last shard
+        return _merge_dicts(node(level - 1, 2 * index), node(level - 1, 2 * index + 1))
+
+    root = node(depth, 0) or {}
+    mx.eval([s.h for s in root.values() if s is not None])
+    return root
+
+
 @attrs.frozen
 class Distributed:
     """The process group and the settings of a distributed run.
@@ -219,21 +248,12 @@ class Distributed:
         """Statistics of all calibration batches, the same bytes on every rank and for every
         world size. ``collect(positions)`` gathers one shard's statistics from this rank's
         batches at ``positions``; it is called once per local shard, in shard order."""
-        stack: list[tuple[Node, Stats]] = []
-        for shard, positions in layout.local_shards():
-            node, stats = (0, shard), collect(positions)
-            while stack and node[1] % 2 == 1 and stack[-1][0] == (node[0], node[1] - 1):
-                stats = _merge_dicts(stack.pop()[1], stats)
-                node = (node[0] + 1, node[1] // 2)
-                mx.eval([s.h for s in stats.values() if s is not None])
-            stack.append((node, stats))
-        if not stack or not stack[0][1]:
-            return {}
-        known = dict(stack)
-        assert [n for n, _ in stack] == layout.roots(self.rank)
+        known = local_roots(layout, collect)
+        if not next(iter(known.values())):
+            return {}  # nothing to collect in this block (the same on every rank)
         if self.size > 1:
             known = self._exchange_roots(layout, known)
-        return self._finish_tree(known, layout.depth)
+        return finish_tree(known, layout.depth)
 
     def _exchange_roots(self, layout: ShardLayout, mine: dict[Node, Stats]) -> dict[Node, Stats]:
         roots = [layout.roots(r) for r in range(self.size)]
@@ -256,19 +276,6 @@ class Distributed:
                         p: HessianStats(h=hs[r], n_tokens=int(ns[r])) for p, (hs, ns) in got.items()
                     }
         return known
-
-    @staticmethod
-    def _finish_tree(known: dict[Node, Stats], depth: int) -> Stats:
-        def node(level: int, index: int) -> Stats | None:
-            if (level, index) in known:
-                return known[level, index]
-            if level == 0:
-                return None  # a padding leaf beyond the last shard
-            return _merge_dicts(node(level - 1, 2 * index), node(level - 1, 2 * index + 1))
-
-        root = node(depth, 0) or {}
-        mx.eval([s.h for s in root.values() if s is not None])
-        return root
 
     # -- work-parallel quantization ---------------------------------------------------------
 
