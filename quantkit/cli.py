@@ -5,6 +5,7 @@ Exit codes: 0 success; 1 a clear error about the input (one line on stderr); 2 u
 
 from __future__ import annotations
 
+import faulthandler
 import json
 import os
 import sys
@@ -113,8 +114,12 @@ def quantize(
     try:
         group = Distributed(num_shards=shards)
         if distributed:
+            # Connecting holds the GIL, so the watchdog thread cannot run: faulthandler's C
+            # timer ends the process instead (exit status 1, the stack on stderr).
+            faulthandler.dump_traceback_later(timeout, exit=True)
             group = Distributed.init(strict=True, num_shards=shards, timeout_s=timeout,
                                      on_timeout=_give_up)
+            faulthandler.cancel_dump_traceback_later()
         base = Recipe.from_toml(recipe) if recipe else Recipe()
         if not recipe and strategy is None and bits is None and group_size is None:
             base = Recipe()  # GPTQ 4-bit, group 64

@@ -128,11 +128,18 @@ def _merge_dicts(a: Stats | None, b: Stats | None) -> Stats | None:
 
 
 def _cost(plan: LayerPlan) -> float:
-    """Rough cost of quantizing one layer: GPTQ is ``O(out·in² + in³)`` per matrix."""
+    """Rough cost of quantizing one layer: ``O(out·in² + in³)`` per matrix with a Hessian
+    (GPTQ), ``O(out·in)`` without (round to nearest)."""
     w = plan.handler.weight(plan.module)
-    n_in = w.shape[-1]
-    mats = w.size // n_in
-    return float(mats * n_in * n_in + (w.size // (w.shape[-1] * w.shape[-2])) * n_in**3)
+    if not plan.needs_stats:
+        return float(w.size)
+    n_in, n_out = w.shape[-1], w.shape[-2]
+    return float(w.size * n_in + (w.size // (n_in * n_out)) * n_in**3)
+
+
+def connect_to_other_ranks(backend: str = "any", strict: bool = False) -> Any:
+    """``mx.distributed.init``: blocks, holding the GIL, until every peer has connected."""
+    return mx.distributed.init(strict=strict, backend=backend)
 
 
 def local_roots(layout: ShardLayout, collect: Callable[[list[int]], Stats]) -> dict[Node, Stats]:
@@ -184,14 +191,12 @@ class Distributed:
     def init(cls, backend: str = "any", strict: bool = False, **settings: Any) -> Distributed:
         """Join the group a launcher set up (``mlx.launch``, or ``MLX_RANK``/``MLX_HOSTFILE``);
         with no launcher this is a group of size 1. Connecting waits for every peer, under
-        the same watchdog as the collectives."""
-        single = cls(None, **settings)
-        with single._watch("connecting to the other ranks"):
-            try:
-                group = mx.distributed.init(strict=strict, backend=backend)
-            except RuntimeError as exc:
-                raise DistributedError(f"cannot start the distributed group: {exc}") from None
-        return attrs.evolve(single, group=group)
+        no watchdog (it holds the GIL while it waits: the CLI arms ``faulthandler`` instead)."""
+        try:
+            group = connect_to_other_ranks(backend, strict)
+        except RuntimeError as exc:
+            raise DistributedError(f"cannot start the distributed group: {exc}") from None
+        return cls(group, **settings)
 
     @property
     def rank(self) -> int:
