@@ -110,8 +110,9 @@ def test_two_ranks_write_the_same_bytes_as_one_process(model, stories_dir, tinys
     if not src.is_dir():
         pytest.skip(f"{src} is absent: this test needs the ../shared models")
     args = [*QUANT_ARGS, "--calibration", str(tinystories_text)]
-    one = _run_cli(["quantize", str(src), "-o", str(tmp_path / "one"), *args])
-    assert one.returncode == 0, one.stderr
+    quantize_directory(src, tmp_path / "one", Recipe().with_default(bits=4, group_size=32),
+                       calibration=tinystories_text, num_samples=16, seq_len=128,
+                       distributed=Distributed(num_shards=4))
     two = _run_cli(["quantize", str(src), "-o", str(tmp_path / "two"), *args, "--processes", "2"])
     assert two.returncode == 0, two.stderr
     assert _digest(tmp_path / "one" / "model.safetensors") == \
