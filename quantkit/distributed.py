@@ -48,7 +48,6 @@ if TYPE_CHECKING:  # pragma: no cover
 Node = tuple[int, int]
 Stats = dict[str, HessianStats]
 
-_MiB = 1 << 20
 
 
 @attrs.frozen
@@ -176,14 +175,15 @@ class Distributed:
     """The process group and the settings of a distributed run.
 
     ``group``: an ``mx.distributed.Group`` (``None``: this process alone); ``num_shards``:
-    calibration shards (results depend on it, never on the world size); ``chunk_mib``: the most
-    one ``all_gather`` of quantized layers carries per rank; ``timeout_s``/``on_timeout``: a
-    watchdog around every collective, called with a description of what was being waited for.
+    calibration shards (results depend on it, never on the world size); ``chunk_bytes``: the
+    most one ``all_gather`` carries per rank (statistics and quantized layers travel in
+    slices); ``timeout_s``/``on_timeout``: a watchdog around every collective, called with a
+    description of what was being waited for.
     """
 
     group: Any = None
     num_shards: int = attrs.field(default=8, validator=attrs.validators.gt(0))
-    chunk_mib: int = attrs.field(default=256, validator=attrs.validators.gt(0))
+    chunk_bytes: int = attrs.field(default=256 << 20, validator=attrs.validators.gt(0))
     timeout_s: float | None = None
     on_timeout: Callable[[str], None] | None = None
 
@@ -257,30 +257,46 @@ class Distributed:
         if not next(iter(known.values())):
             return {}  # nothing to collect in this block (the same on every rank)
         if self.size > 1:
-            known = self._exchange_roots(layout, known)
+            return self._combine_across_ranks(layout, known)
         return finish_tree(known, layout.depth)
 
-    def _exchange_roots(self, layout: ShardLayout, mine: dict[Node, Stats]) -> dict[Node, Stats]:
+    def _combine_across_ranks(self, layout: ShardLayout, mine: dict[Node, Stats]) -> Stats:
+        """Finish the shard tree from every rank's subtree roots, one layer and one slice of
+        its statistics at a time: the merge is elementwise, so slicing changes no bytes, and
+        at most ``size`` slices of ``chunk_bytes`` plus the result are held on top of
+        this rank's own roots."""
         roots = [layout.roots(r) for r in range(self.size)]
         own = roots[self.rank]
-        template = mine[own[0]]
-        known: dict[Node, Stats] = {}
-        for k in range(max(len(r) for r in roots)):
-            local = mine[own[k]] if k < len(own) else None
-            got: Stats = {}
-            for path, ref in template.items():
-                s = local[path] if local is not None else None
-                h = s.h if s is not None else mx.zeros(ref.h.shape, ref.h.dtype)
-                n = s.n_tokens if s is not None else 0
-                hs = self._gather(h, f"combining statistics of {path}")
-                ns = self._gather(mx.array([n], dtype=mx.int64), f"combining statistics of {path}")
-                got[path] = (hs, ns.reshape(-1).tolist())
-            for r in range(self.size):
-                if k < len(roots[r]):
-                    known[roots[r][k]] = {
-                        p: HessianStats(h=hs[r], n_tokens=int(ns[r])) for p, (hs, ns) in got.items()
-                    }
-        return known
+        rounds = max(len(r) for r in roots)
+        out: Stats = {}
+        for path, ref in mine[own[0]].items():
+            what = f"combining statistics of {path}"
+            counts: dict[Node, int] = {}
+            for k in range(rounds):
+                n = mine[own[k]][path].n_tokens if k < len(own) else 0
+                got = self._gather(mx.array([n], dtype=mx.int64), what).reshape(-1).tolist()
+                counts.update({roots[r][k]: got[r] for r in range(self.size) if k < len(roots[r])})
+            flat_size = ref.h.size
+            step = max(self.chunk_bytes // ref.h.dtype.size, 1)
+            pieces = []
+            for a in range(0, flat_size, step):
+                b = min(a + step, flat_size)
+                known: dict[Node, Stats] = {}
+                for k in range(rounds):
+                    h = (mine[own[k]][path].h.reshape(-1)[a:b] if k < len(own)
+                         else mx.zeros((b - a,), ref.h.dtype))
+                    got = self._gather(h, what)
+                    for r in range(self.size):
+                        if k < len(roots[r]):
+                            node = roots[r][k]
+                            known[node] = {path: HessianStats(h=got[r], n_tokens=counts[node])}
+                pieces.append(finish_tree(known, layout.depth)[path])
+            out[path] = HessianStats(
+                h=mx.concatenate([p.h for p in pieces]).reshape(ref.h.shape),
+                n_tokens=pieces[0].n_tokens,
+            )
+            mx.eval(out[path].h)
+        return out
 
     # -- work-parallel quantization ---------------------------------------------------------
 
@@ -304,7 +320,7 @@ class Distributed:
         payload = _encode([(p.path, *done[p.path]) for p in plans if owners[p.path] == self.rank])
         lengths = self._gather(mx.array([payload.size], dtype=mx.int64), "exchanging quantized layers")
         lengths = lengths.reshape(-1).tolist()
-        chunk = self.chunk_mib * _MiB
+        chunk = self.chunk_bytes
         parts: list[list[mx.array]] = [[] for _ in range(self.size)]
         for start in range(0, max(lengths), chunk):
             width = min(chunk, max(lengths) - start)

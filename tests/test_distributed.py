@@ -104,8 +104,24 @@ QUANT_ARGS = ["--bits", "4", "--group-size", "32", "--num-samples", "16", "--seq
               "--shards", "4", "--timeout", "60", "--quiet"]
 
 
-@pytest.mark.parametrize("model", ["stories260K", "stories260K-moe4"])
+def test_two_ranks_in_small_slices_write_the_same_bytes(stories_dir, tinystories_text, tmp_path):
+    """The launcher running two library ranks that exchange everything in 4 KiB slices."""
+    kw = dict(calibration=tinystories_text, num_samples=16, seq_len=128)
+    quantize_directory(stories_dir, tmp_path / "one", Recipe.uniform("gptq", 4, 32),
+                       distributed=Distributed(num_shards=4), **kw)
+    result = launch_local(
+        lambda rank: [sys.executable, str(REPO / "tests" / "rank_job.py"), str(stories_dir),
+                      str(tmp_path / "two"), str(tinystories_text), "ok"],
+        2, timeout_s=JOB_TIMEOUT, env=_env(),
+    )
+    assert result.ok, result.describe()
+    assert _digest(tmp_path / "one" / "model.safetensors") == \
+        _digest(tmp_path / "two" / "model.safetensors")
+
+
+@pytest.mark.parametrize("model", ["stories260K-moe4"])
 def test_two_ranks_write_the_same_bytes_as_one_process(model, stories_dir, tinystories_text, tmp_path):
+    """``quantkit quantize --processes 2`` on the MoE fixture equals one process."""
     src = stories_dir.parent / model
     if not src.is_dir():
         pytest.skip(f"{src} is absent: this test needs the ../shared models")
@@ -167,10 +183,9 @@ def test_rank_dying_mid_run_ends_the_job(stories_dir, tinystories_text, tmp_path
     """Rank 1 kills itself (SIGKILL) when it reaches block 2; rank 0 is then waiting in a
     collective. The job ends quickly, names rank 1, and writes nothing."""
     out = tmp_path / "out"
-    script = REPO / "tests" / "dying_rank.py"
     start = time.monotonic()
     result = launch_local(
-        lambda rank: [sys.executable, str(script), str(stories_dir), str(out),
+        lambda rank: [sys.executable, str(REPO / "tests" / "rank_job.py"), str(stories_dir), str(out),
                       str(tinystories_text), "kill"],
         2, timeout_s=JOB_TIMEOUT, env=_env(),
     )
@@ -187,7 +202,7 @@ def test_stalled_rank_makes_its_peer_give_up(stories_dir, tinystories_text, tmp_
     the next collective, says so and exits 1; the launcher then stops rank 1."""
     out = tmp_path / "out"
     result = launch_local(
-        lambda rank: [sys.executable, str(REPO / "tests" / "dying_rank.py"), str(stories_dir),
+        lambda rank: [sys.executable, str(REPO / "tests" / "rank_job.py"), str(stories_dir),
                       str(out), str(tinystories_text), "hang"],
         2, timeout_s=JOB_TIMEOUT, env=_env(), grace_s=1,
     )

@@ -1,6 +1,7 @@
-"""A rank for tests/test_distributed.py: quantizes like the CLI, but when rank 1 reaches block 2
-it kills itself (``kill``: SIGKILL, no cleanup, no message) or stops making progress
-(``hang``). Run by the local launcher: ``dying_rank.py MODEL OUT TEXT kill|hang``."""
+"""A rank for tests/test_distributed.py, run by the local launcher:
+``rank_job.py MODEL OUT TEXT ok|kill|hang``. Quantizes like the CLI, with tiny all_gather
+slices (4 KiB) so statistics and layers travel in many pieces; with ``kill`` or ``hang``, rank 1
+kills itself (SIGKILL: no cleanup, no message) or stops making progress at block 2."""
 
 import os
 import signal
@@ -15,10 +16,12 @@ def main() -> int:
     from quantkit.cli import _give_up
 
     model_dir, out_dir, text, mode = sys.argv[1:5]
-    group = Distributed.init(strict=True, num_shards=4, timeout_s=3, on_timeout=_give_up)
+    group = Distributed.init(strict=True, num_shards=4, chunk_bytes=4096,
+                             timeout_s=3 if mode == "hang" else 60,
+                             on_timeout=_give_up)
 
     def progress(event, info):
-        if group.rank == 1 and event == "block" and info["index"] == 2:
+        if mode != "ok" and group.rank == 1 and event == "block" and info["index"] == 2:
             if mode == "kill":
                 os.kill(os.getpid(), signal.SIGKILL)
             time.sleep(120)
