@@ -48,7 +48,7 @@ def rank_main(opts: argparse.Namespace) -> None:
     from quantkit import Recipe, quantize_model
     from quantkit.distributed import Distributed
 
-    group = (Distributed.init(strict=True, num_shards=opts.shards) if opts.processes > 1
+    group = (Distributed.init(strict=True, num_shards=opts.shards) if opts.processes[0] > 1
              else Distributed(num_shards=opts.shards))
     model = build_model(opts.layers, seed=0)
     tokens = mx.random.randint(0, 2048, (opts.samples, opts.seq_len), key=mx.random.key(1))
