@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 import attrs
@@ -190,9 +191,9 @@ class ModelWalker:
         for i, (block, bpath) in enumerate(zip(blocks, block_paths)):
             inside = [p for k, p in plans.items() if k.startswith(bpath + ".")]
             self._emit("block", index=i, total=len(blocks), path=bpath)
-            stats = self._collect_sharded(model, inside, layout, lambda j: block(
-                inputs[j], *block_args[i][j][0], **block_args[i][j][1]
-            )) if needs_calibration else {}
+            stats = self._collect_sharded(
+                model, inside, layout, partial(_forward, block, inputs, block_args[i])
+            ) if needs_calibration else {}
             self._quantize_all(model, inside, stats, report, i)
             if needs_calibration:
                 inputs = [self._eval(block(x, *a, **kw)) for x, (a, kw) in zip(inputs, block_args[i])]
@@ -348,6 +349,11 @@ class ModelWalker:
                     or self.recipe.default.skip:
                 config[r.path] = {"group_size": r.group_size, "bits": r.bits, "mode": r.mode}
         return config
+
+
+def _forward(block: nn.Module, inputs: list[mx.array], args: list, j: int) -> mx.array:
+    """Block ``block`` on local batch ``j``: its captured input and extra arguments."""
+    return block(inputs[j], *args[j][0], **args[j][1])
 
 
 def _decoder_blocks(model: nn.Module) -> list[nn.Module]:
