@@ -7,8 +7,10 @@ run everything with :func:`quantize_model` / :func:`quantize_directory` or the `
 
 from .api import DirectoryResult, quantize_directory, quantize_model
 from .calibration import builtin_text, calibration_tokens
+from .checkpoint import Checkpoint, DirectoryCheckpoint
 from .errors import (
     CalibrationError,
+    CheckpointError,
     FactorizationError,
     ModelLoadError,
     OutputError,
@@ -39,7 +41,8 @@ from .walker import ModelWalker, WalkResult
 __version__ = "0.1.0"
 
 __all__ = [
-    "DEFAULT_REGISTRY", "STRATEGIES", "AffinePacker", "CalibrationError", "DampedCholesky",
+    "DEFAULT_REGISTRY", "STRATEGIES", "AffinePacker", "CalibrationError", "Checkpoint",
+    "CheckpointError", "DampedCholesky", "DirectoryCheckpoint",
     "DenseHessianCollector", "DirectoryResult", "EscalatingCholesky", "FactorizationError",
     "FloatFormatPacker", "GPTQQuantizer", "HessianCollector", "HessianStats", "InverseFactor",
     "InverseStrategy", "LayerHandler", "LayerRecord", "LayerRegistry", "ModelLoadError",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 from typing import Any
@@ -11,8 +12,10 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from .calibration import calibration_tokens
+from .checkpoint import Checkpoint, DirectoryCheckpoint, checkpoint_dir, fingerprint, read_progress
 from .distributed import Distributed
-from .io import load_model, save_model
+from .errors import DistributedError, OutputError
+from .io import check_output, load_model, save_model
 from .quantizers import Quantizer, RTNQuantizer
 from .recipe import Recipe
 from .registry import DEFAULT_REGISTRY, LayerRegistry
@@ -24,17 +27,18 @@ def quantize_model(
     model: nn.Module, tokens: mx.array, recipe: Recipe | None = None, *,
     registry: LayerRegistry = DEFAULT_REGISTRY, fallback: Quantizer | None = None,
     batch_size: int = 8, dtype: str | None = "float32", progress: Progress | None = None,
-    distributed: Distributed | None = None,
+    checkpoint: Checkpoint | None = None, distributed: Distributed | None = None,
 ) -> WalkResult:
     """Quantize ``model`` in place with ``recipe`` (default: GPTQ 4-bit, group 64) using
-    calibration ``tokens (num_samples, seq_len)``. With ``distributed``, every rank of the group
-    calls this with the same arguments; each rank ends with the whole quantized model."""
+    calibration ``tokens (num_samples, seq_len)``; ``checkpoint`` makes the walk resumable.
+    With ``distributed``, every rank of the group calls this with the same arguments; each rank
+    ends with the whole quantized model."""
     walker = ModelWalker(
         recipe=recipe or Recipe(), registry=registry, fallback=fallback or RTNQuantizer(),
         batch_size=batch_size, dtype=dtype, progress=progress,
         distributed=distributed or Distributed(),
     )
-    return walker.run(model, tokens)
+    return walker.run(model, tokens, checkpoint=checkpoint)
 
 
 @attrs.frozen
@@ -48,37 +52,81 @@ def quantize_directory(
     model_dir: str | Path, out_dir: str | Path, recipe: Recipe | None = None, *,
     calibration: str | Path | None = None, num_samples: int = 128, seq_len: int = 512,
     seed: int = 0, dtype: str | None = "float32", batch_size: int = 8,
-    overwrite: bool = False, progress: Progress | None = None,
-    distributed: Distributed | None = None,
+    overwrite: bool = False, resume: bool = False, checkpoint: bool = True,
+    progress: Progress | None = None, distributed: Distributed | None = None,
 ) -> DirectoryResult:
     """Load ``model_dir``, quantize it, write ``out_dir`` (config.json, safetensors, tokenizer
     files, ``quantization_report.json``). ``calibration``: a text file, or ``None`` for the
-    offline default. With ``distributed``, every rank calls this with the same arguments and
-    rank 0 alone writes, once every rank has finished."""
+    offline default.
+
+    The output appears atomically (see :func:`quantkit.io.save_model`). With ``checkpoint``,
+    the state after every decoder block is kept in ``.NAME.checkpoint`` beside ``out_dir``
+    (removed once the output is written); ``resume`` continues from it, with a byte-identical
+    result. Without ``resume`` an existing checkpoint is an error unless ``overwrite``, which
+    discards it.
+
+    With ``distributed`` (a group of several processes), every rank calls this with the same
+    arguments and rank 0 alone writes, once every rank has finished; checkpoints are not kept
+    (each rank holds only its own calibration samples) and ``resume`` is refused."""
     from mlx_lm.utils import compute_bits_per_weight
 
-    out_dir = Path(out_dir)
-    if out_dir.exists() and not overwrite:
-        from .errors import OutputError
-
-        raise OutputError(f"output directory {out_dir} already exists; pass --overwrite or another path")
+    distributed = distributed or Distributed()
+    writer = distributed.rank == 0  # the only rank that touches the output path
+    out_dir = check_output(out_dir, overwrite, model_dir) if writer else Path(out_dir).absolute()
+    ckpt_path = checkpoint_dir(out_dir)
+    if writer and ckpt_path.exists() and not resume:
+        done = read_progress(ckpt_path)
+        if done and not overwrite:
+            raise OutputError(
+                f"an interrupted run left a checkpoint in {ckpt_path} ({done} blocks done); "
+                "pass --resume to continue it or --overwrite to start over")
+        with DirectoryCheckpoint(ckpt_path, {}) as stale:  # fails if a live run holds it
+            stale.discard()
     recipe = recipe or Recipe()
     model, tokenizer, config = load_model(model_dir)
     tokens = calibration_tokens(tokenizer, calibration, num_samples, seq_len, seed)
     mx.random.seed(seed)
-    distributed = distributed or Distributed()
-    result = quantize_model(model, tokens, recipe, batch_size=batch_size, dtype=dtype,
-                            progress=progress, distributed=distributed)
-    report = result.report
-    report.bits_per_weight = float(compute_bits_per_weight(model))
-    report.settings.update({
-        "source": str(model_dir), "calibration": str(calibration or "builtin"), "seed": seed,
-        "requested_samples": num_samples,
-    })
-    config = dict(config)
-    config["quantization"] = result.quantization
-    distributed.barrier("waiting for every rank to finish")
-    if distributed.rank == 0:
-        save_model(out_dir, model, config, model_dir, overwrite=overwrite,
-                   extra_files={REPORT_NAME: json.dumps(report.to_dict(), indent=2)})
+    ckpt = None
+    if distributed.size > 1:
+        if resume:
+            raise DistributedError("--resume is not supported with several processes yet; "
+                                   "resume in one process or start over with --overwrite")
+    elif checkpoint or resume:
+        ckpt = DirectoryCheckpoint(ckpt_path, fingerprint(
+            model_dir, tokens, recipe=recipe.to_dict(), dtype=dtype, batch_size=batch_size,
+            shards=distributed.num_shards))
+    with ckpt or contextlib.nullcontext(), _keep_only_progress(ckpt):
+        result = quantize_model(model, tokens, recipe, batch_size=batch_size, dtype=dtype,
+                                progress=progress, checkpoint=ckpt, distributed=distributed)
+        report = result.report
+        report.bits_per_weight = float(compute_bits_per_weight(model))
+        report.settings.update({
+            "source": str(model_dir), "calibration": str(calibration or "builtin"), "seed": seed,
+            "requested_samples": num_samples, "shards": distributed.num_shards,
+        })
+        config = dict(config)
+        config["quantization"] = result.quantization
+        distributed.barrier("waiting for every rank to finish")
+        if writer:
+            try:
+                save_model(out_dir, model, config, model_dir, overwrite=overwrite,
+                           extra_files={REPORT_NAME: json.dumps(report.to_dict(), indent=2)})
+            except OutputError as exc:
+                if ckpt is None:
+                    raise
+                raise OutputError(f"{exc}; the quantized blocks are kept in {ckpt_path}: "
+                                  "rerun with --resume once fixed") from None
+        if ckpt is not None:
+            ckpt.discard()
     return DirectoryResult(out_dir=out_dir, report=report, quantization=result.quantization)
+
+
+@contextlib.contextmanager
+def _keep_only_progress(ckpt: DirectoryCheckpoint | None):
+    """On failure, keep the checkpoint only if it holds a finished block."""
+    try:
+        yield
+    except BaseException:
+        if ckpt is not None and read_progress(ckpt.path) is None:
+            ckpt.discard()
+        raise

@@ -1,13 +1,18 @@
 """The ``quantkit`` command line: the only place that prints.
 
-Exit codes: 0 success; 1 a clear error about the input (one line on stderr); 2 usage error.
+Exit codes: 0 success; 1 a clear error about the input, the output path or a checkpoint (one
+line on stderr); 2 usage error; 3 an unexpected internal error (one line; ``--debug`` shows the
+traceback); 130 interrupted (Ctrl-C or SIGTERM; the finished blocks are checkpointed, ``--resume`` goes on).
+With ``--processes N`` the launcher exits 1 when any rank fails, naming it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import faulthandler
 import json
 import os
+import signal
 import sys
 import time
 from enum import Enum
@@ -66,6 +71,13 @@ class _ProgressView:
         self.bar.__exit__(*exc)
 
     def __call__(self, event: str, info: dict[str, Any]) -> None:
+        if event == "resume":
+            if self.enabled:
+                self.bar.console.print(f"resuming: {info['index'] + 1}/{info['total']} blocks "
+                                       "done in the checkpoint", highlight=False)
+            name = "quantizing blocks"
+            self.tasks[name] = self.bar.add_task(name, total=info["total"], completed=info["index"] + 1)
+            return
         if event in ("capture", "block"):
             name = {"capture": "capturing inputs", "block": "quantizing blocks"}[event]
             if name not in self.tasks:
@@ -88,7 +100,9 @@ def quantize(
     seed: Annotated[int, typer.Option(help="seed for choosing calibration windows")] = 0,
     dtype: Annotated[DType, typer.Option(help="dtype calibration runs in")] = DType.float32,
     batch_size: Annotated[int, typer.Option(help="sequences per forward pass")] = 8,
-    overwrite: Annotated[bool, typer.Option(help="replace an existing output directory")] = False,
+    overwrite: Annotated[bool, typer.Option(help="replace an existing output directory (and discard a checkpoint)")] = False,
+    resume: Annotated[bool, typer.Option(help="continue an interrupted run from its checkpoint (starts afresh when there is none)")] = False,
+    checkpoint: Annotated[bool, typer.Option(help="checkpoint after every decoder block, so that --resume can continue")] = True,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress or summary")] = False,
     json_out: Annotated[bool, typer.Option("--json", help="print the run report as JSON")] = False,
     debug: Annotated[bool, typer.Option(help="show full tracebacks")] = False,
@@ -102,6 +116,7 @@ def quantize(
     Several processes (see docs/distributed.md): --processes N on one machine; on several
     machines, mlx.launch ... quantize ... --distributed. Either way rank 0 writes OUTPUT."""
     from .api import quantize_directory
+    from .checkpoint import checkpoint_dir, read_progress
     from .distributed import Distributed
     from .recipe import Recipe
 
@@ -111,6 +126,8 @@ def quantize(
         _launch(ctx, processes, quiet or json_out)
         return
     start = time.perf_counter()
+    if num_samples < 1 or seq_len < 2 or batch_size < 1:
+        fail("--num-samples and --batch-size must be ≥ 1 and --seq-len ≥ 2", 2)
     try:
         group = Distributed(num_shards=shards)
         if distributed:
@@ -126,13 +143,12 @@ def quantize(
         rec = base.with_default(
             strategy=strategy.value if strategy else None, bits=bits, group_size=group_size
         )
-        if num_samples < 1 or seq_len < 2 or batch_size < 1:
-            fail("--num-samples and --batch-size must be ≥ 1 and --seq-len ≥ 2", 2)
-        with _ProgressView(enabled=not (quiet or json_out)) as view:
+        with _ProgressView(enabled=not (quiet or json_out)) as view, _sigterm_as_interrupt():
             result = quantize_directory(
                 model_dir, output, rec, calibration=calibration, num_samples=num_samples,
                 seq_len=seq_len, seed=seed, dtype=dtype.value, batch_size=batch_size,
-                overwrite=overwrite, progress=view, distributed=group,
+                overwrite=overwrite, resume=resume, checkpoint=checkpoint, progress=view,
+                distributed=group,
             )
     except QuantkitError as exc:
         if debug:
@@ -140,7 +156,20 @@ def quantize(
         fail(str(exc))
         return
     except KeyboardInterrupt:
-        fail("interrupted; nothing was written", 130)
+        if debug:
+            raise
+        done = read_progress(checkpoint_dir(output)) if checkpoint else None
+        if done:
+            fail(f"interrupted; {done} finished blocks are checkpointed in {checkpoint_dir(output)}: "
+                 "rerun the same command with --resume to continue", 130)
+        fail(f"interrupted; nothing was written to {output}", 130)
+        return
+    except Exception as exc:  # a bug: one line, the traceback with --debug
+        if debug:
+            raise
+        text = str(exc).strip().splitlines()
+        fail(f"internal error ({type(exc).__name__}: {text[0] if text else ''}); "
+             "rerun with --debug for the traceback and report it", 3)
         return
     report = result.report
     if group.rank != 0:
@@ -151,6 +180,23 @@ def quantize(
     if quiet:
         return
     _print_summary(report, result.out_dir, time.perf_counter() - start)
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt():
+    """Treat SIGTERM (``kill``, job schedulers, ``timeout``) like Ctrl-C: a clean, resumable stop."""
+    def handler(signum, frame):
+        raise KeyboardInterrupt
+
+    try:
+        previous = signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread: leave signals alone
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _give_up(message: str) -> None:
@@ -187,7 +233,11 @@ def _launch(ctx: typer.Context, n: int, quiet: bool) -> None:
     from .launch import launch_local
 
     start = time.perf_counter()
-    result = launch_local(lambda rank: _rank_argv(ctx, rank, quiet), n)
+    try:
+        result = launch_local(lambda rank: _rank_argv(ctx, rank, quiet), n)
+    except KeyboardInterrupt:
+        fail(f"interrupted; stopped every rank; nothing was written to {ctx.params['output']}", 130)
+        return
     if not result.ok:
         fail(f"distributed run failed: {result.describe()}; "
              f"{ctx.params['output']} was not written by this run")

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import errno
+import glob
 import json
+import os
+import secrets
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +51,7 @@ def load_model(path: str | Path) -> tuple[nn.Module, Any, dict[str, Any]]:
     except Exception as exc:  # corrupt safetensors, shape mismatches, ...
         msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise ModelLoadError(f"cannot load weights from {path}: {msg}; the files may be truncated or corrupt") from None
+    _check_finite(model, path)
     try:
         tokenizer = load_tokenizer(path)
     except Exception as exc:
@@ -55,41 +59,202 @@ def load_model(path: str | Path) -> tuple[nn.Module, Any, dict[str, Any]]:
     return model, tokenizer, config
 
 
+def _check_finite(model: nn.Module, path: Path) -> None:
+    """Refuse weights holding NaN/Inf: calibration through them gives NaN Hessians everywhere."""
+    import mlx.core as mx
+    from mlx.utils import tree_flatten
+
+    for name, value in tree_flatten(model.parameters()):
+        if mx.issubdtype(value.dtype, mx.floating) and not mx.all(mx.isfinite(value)).item():
+            bad = int(mx.sum(~mx.isfinite(value)).item())
+            raise ModelLoadError(
+                f"weight {name} in {path} has {bad} NaN/Inf values; the checkpoint is corrupt "
+                "or was saved after a diverged training step"
+            )
+
+
+def check_output(
+    out_dir: str | Path, overwrite: bool = False, source_dir: str | Path | None = None
+) -> Path:
+    """Fail fast, before any work, when ``out_dir`` cannot be (over)written. Returns it absolute.
+
+    ``--overwrite`` only ever replaces a directory that looks like a model (it holds a
+    ``config.json``) or is empty, and never the source model or a directory containing it."""
+    out_dir = Path(out_dir).absolute()
+    if source_dir is not None:
+        src = Path(source_dir).resolve()
+        target = out_dir.resolve()
+        if target == src or target in src.parents:
+            raise OutputError(f"output directory {out_dir} would replace the model directory {source_dir}; choose another path")
+    if out_dir.exists() or out_dir.is_symlink():
+        if not overwrite:
+            raise OutputError(f"output directory {out_dir} already exists; pass --overwrite or another path")
+        if not out_dir.is_dir():
+            raise OutputError(f"output path {out_dir} exists and is not a directory; remove it or choose another path")
+        if not (out_dir / "config.json").is_file() and any(out_dir.iterdir()):
+            raise OutputError(f"{out_dir} is not a model directory (no config.json); --overwrite only replaces model directories")
+    parent = out_dir.parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        probe = _make_hidden_dir(parent, out_dir.name, "probe")
+        probe.rmdir()
+    except OSError as exc:
+        raise OutputError(f"cannot write to {parent} ({_why(exc)}); choose a writable output path") from None
+    return out_dir
+
+
 def save_model(
     out_dir: str | Path, model: nn.Module, config: dict[str, Any], source_dir: str | Path,
     extra_files: dict[str, str] | None = None, overwrite: bool = False,
 ) -> Path:
     """Write safetensors, config.json (with ``quantization`` and ``quantization_config``), the
-    tokenizer files of ``source_dir`` and ``extra_files`` into ``out_dir``, atomically: into a
-    temporary sibling first, renamed into place when complete."""
+    tokenizer files of ``source_dir`` and ``extra_files`` into ``out_dir``, atomically.
+
+    Everything is written into a hidden sibling ``.NAME.partial-PID-XXXX``, flushed to disk, and
+    renamed to ``out_dir`` only when complete, so ``out_dir`` is either absent, the previous
+    output, or the complete new one; on any failure the partial directory is removed and an
+    existing output is left untouched. Leftovers of killed runs (whose process is gone) are
+    removed first."""
     from mlx_lm.utils import save_config
     from mlx_lm.utils import save_model as _save_model
 
-    out_dir = Path(out_dir).absolute()
-    if out_dir.exists() and not overwrite:
-        raise OutputError(f"output directory {out_dir} already exists; pass --overwrite or another path")
+    out_dir = check_output(out_dir, overwrite, source_dir)
     parent = out_dir.parent
+    remove_stale(parent, out_dir.name)
     try:
-        parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=parent))
+        tmp = _make_hidden_dir(parent, out_dir.name, "partial")
     except OSError as exc:
-        raise OutputError(f"cannot write to {parent} ({exc.strerror}); choose a writable output path") from None
+        raise OutputError(f"cannot write to {parent} ({_why(exc)}); choose a writable output path") from None
     try:
         _save_model(tmp, model, donate_model=False)
         save_config(dict(config), config_path=tmp / "config.json")
         for pattern in COPY_PATTERNS:
-            for src in Path(source_dir).glob(pattern):
+            for src in sorted(Path(source_dir).glob(pattern)):
                 if src.is_file() and src.name not in NOT_COPIED:
-                    shutil.copy(src, tmp / src.name)
+                    shutil.copyfile(src, tmp / src.name)
         for name, text in (extra_files or {}).items():
             (tmp / name).write_text(text)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        tmp.rename(out_dir)
-    except OSError as exc:
+        _fsync_tree(tmp)
+        _replace_dir(tmp, out_dir)
+    except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise OutputError(f"writing {out_dir} failed ({exc.strerror or exc}); free disk space or choose another path") from None
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(exc, Exception) and not isinstance(exc, OutputError):
+            raise OutputError(f"writing {out_dir} failed ({write_failure(exc, parent)}); nothing "
+                              "was written — free disk space or choose another path") from None
         raise
     return out_dir
+
+
+# -- helpers for atomic directories --------------------------------------------------------
+
+_HIDDEN_KINDS = ("partial", "old", "probe")
+
+
+def _make_hidden_dir(parent: Path, name: str, kind: str) -> Path:
+    """A new empty directory ``parent/.NAME.KIND-PID-RANDOM`` (mode from the umask)."""
+    while True:
+        path = parent / f".{name}.{kind}-{os.getpid()}-{secrets.token_hex(4)}"
+        try:
+            path.mkdir()
+            return path
+        except FileExistsError:
+            continue
+
+
+def remove_stale(parent: Path, name: str) -> list[Path]:
+    """Remove ``.NAME.partial-*`` / ``.NAME.old-*`` siblings left by runs that were killed (their
+    process no longer exists). Returns what was removed."""
+    removed = []
+    for kind in _HIDDEN_KINDS:
+        prefix = f".{name}.{kind}-"
+        for path in parent.glob(f".{glob.escape(name)}.{kind}-*"):
+            pid = path.name[len(prefix):].split("-", 1)[0]
+            if pid.isdigit() and not _alive(int(pid)):
+                shutil.rmtree(path, ignore_errors=True)
+                removed.append(path)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _replace_dir(tmp: Path, out_dir: Path) -> None:
+    """Rename ``tmp`` to ``out_dir``; an existing ``out_dir`` is moved aside first and deleted
+    only once the new one is in place (restored if the rename fails)."""
+    old = None
+    if out_dir.exists() or out_dir.is_symlink():
+        old = out_dir.parent / f".{out_dir.name}.old-{os.getpid()}-{secrets.token_hex(4)}"
+        os.rename(out_dir, old)
+    try:
+        os.rename(tmp, out_dir)
+    except BaseException:
+        if old is not None:
+            os.rename(old, out_dir)
+        raise
+    _fsync_dir(out_dir.parent)
+    if old is not None:
+        if old.is_symlink() or not old.is_dir():
+            old.unlink()
+        else:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def _fsync_tree(path: Path) -> None:
+    """Flush every file under ``path`` (and the directory) to disk before it is renamed."""
+    for f in path.iterdir():
+        if f.is_file():
+            fd = os.open(f, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+    _fsync_dir(path)
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # pragma: no cover - platforms without directory descriptors
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # pragma: no cover
+        pass
+    finally:
+        os.close(fd)
+
+
+def _why(exc: OSError) -> str:
+    """A short reason for an OS error: "no space left on device", "permission denied", ..."""
+    if exc.errno == errno.ENOSPC:
+        return "no space left on device"
+    if exc.errno == errno.EDQUOT:
+        return "disk quota exceeded"
+    return (exc.strerror or _first_line(exc) or type(exc).__name__).lower()
+
+
+def write_failure(exc: BaseException, directory: Path) -> str:
+    """Why writing under ``directory`` failed. MLX's own writer reports a full disk as a
+    ``RuntimeError`` ("Unable to write ... bytes"), so the free space is added to such reasons."""
+    if isinstance(exc, OSError):
+        return _why(exc)
+    reason = f"{type(exc).__name__}: {_first_line(exc)}"
+    try:
+        free = shutil.disk_usage(directory).free
+    except OSError:
+        return reason
+    return f"{reason}; {free / 2**20:.0f} MiB free there — is the disk full?"
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

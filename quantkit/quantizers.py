@@ -132,7 +132,7 @@ class GPTQQuantizer(Quantizer):
     block_size: int = attrs.field(default=128, validator=attrs.validators.gt(0))
     damping: float = attrs.field(default=0.01, validator=attrs.validators.ge(0.0))
     max_attempts: int = attrs.field(default=5, validator=attrs.validators.ge(1))
-    linalg: str = "numpy"
+    linalg: str = attrs.field(default="numpy", validator=attrs.validators.in_(("numpy", "mlx")))
 
     def inverse_strategy(self) -> InverseStrategy:
         if self.max_attempts == 1:

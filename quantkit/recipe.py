@@ -117,6 +117,8 @@ class Recipe:
             raw = tomllib.loads(path.read_text())
         except FileNotFoundError:
             raise RecipeError(f"recipe file {path} does not exist; check the path") from None
+        except OSError as exc:
+            raise RecipeError(f"cannot read recipe file {path} ({exc.strerror or exc}); pass a TOML file") from None
         except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
             raise RecipeError(f"recipe {path} is not valid TOML ({exc}); fix the syntax") from None
         return cls.from_dict(raw, source=str(path))
@@ -124,11 +126,15 @@ class Recipe:
     @classmethod
     def from_dict(cls, raw: Mapping[str, Any], source: str = "recipe",
                   _inherited: tuple[tuple[str, ...], ...] | None = None) -> Recipe:
+        if not isinstance(raw, Mapping):
+            raise RecipeError(f"{source}: a recipe must be a table with [default] and [[rules]], got {type(raw).__name__}")
         unknown = set(raw) - {"default", "rules"}
         if unknown:
             raise RecipeError(
                 f"{source}: unknown top-level key {sorted(unknown)[0]!r}; use [default] and [[rules]]"
             )
+        if not isinstance(raw.get("default", {}), Mapping):
+            raise RecipeError(f"{source}: 'default' must be a table ([default])")
         default_raw = dict(raw.get("default", {}))
         if "match" in default_raw:
             raise RecipeError(f"{source} [default]: key 'match' is not allowed in [default]")
@@ -152,6 +158,8 @@ class Recipe:
 
 def _build_rule(raw: Mapping[str, Any], default: Rule | None, where: str) -> Rule:
     strategy = raw.get("strategy", default.strategy if default else "gptq")
+    if not isinstance(strategy, str):
+        raise RecipeError(f"{where}: key 'strategy' must be a string, got {strategy!r}")
     if strategy != SKIP and strategy not in STRATEGIES:
         known = sorted([*STRATEGIES, SKIP])
         raise RecipeError(f"{where}: unknown strategy {strategy!r} (key 'strategy'); use one of {known}")
@@ -174,6 +182,8 @@ def _build_rule(raw: Mapping[str, Any], default: Rule | None, where: str) -> Rul
         raise RecipeError(f"{where}: unknown key {sorted(unknown)[0]!r}; allowed keys: {allowed}")
     base = default.spec if default is not None and not default.skip else QuantSpec()
     spec_kw = {k: raw.get(k, getattr(base, k)) for k in SPEC_KEYS}
+    if not isinstance(spec_kw["mode"], str):
+        raise RecipeError(f"{where}: key 'mode' must be a string, got {spec_kw['mode']!r}")
     for key in ("bits", "group_size"):
         if not isinstance(spec_kw[key], int) or isinstance(spec_kw[key], bool):
             raise RecipeError(f"{where}: key {key!r} must be an integer, got {spec_kw[key]!r}")

@@ -19,8 +19,9 @@ import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
 
+from .checkpoint import Checkpoint, ResumeState
 from .distributed import Distributed, ShardLayout
-from .errors import FactorizationError, ModelLoadError
+from .errors import CheckpointError, FactorizationError, ModelLoadError, RecipeError
 from .hessian import HessianCollector, HessianStats
 from .packers import packer_for
 from .quantizers import Quantizer, QuantResult, RTNQuantizer
@@ -107,7 +108,8 @@ class ModelWalker:
 
     ``dtype``: the dtype calibration runs in (float32 by default: half types are slow on CPU
     and MoE ``gather_mm`` needs float32 there); stored scales keep each layer's own dtype.
-    ``progress(event, info)`` is called with ``"capture"``, ``"block"`` and ``"layer"`` events.
+    ``progress(event, info)`` is called with ``"capture"``, ``"block"`` and ``"layer"`` events,
+    and ``"resume"`` (``index`` of the last block found in a checkpoint) when resuming.
     ``distributed``: the process group (default: this process alone); each rank calibrates on
     its own shards of the batches and quantizes its share of each block's layers.
     """
@@ -169,11 +171,18 @@ class ModelWalker:
 
     # -- the walk ---------------------------------------------------------------------------
 
-    def run(self, model: nn.Module, tokens: mx.array) -> WalkResult:
-        """Quantize ``model`` in place using calibration ``tokens (num_samples, seq_len)``."""
+    def run(self, model: nn.Module, tokens: mx.array,
+            checkpoint: Checkpoint | None = None) -> WalkResult:
+        """Quantize ``model`` in place using calibration ``tokens (num_samples, seq_len)``.
+
+        With a ``checkpoint``, the state after each decoder block is saved to it, and a run
+        finds there the blocks a previous (interrupted) run finished and continues after them."""
         start = time.perf_counter()
         report = RunReport()
         plans = self.plan(model, report)
+        if not plans:
+            why = report.layers[0].reason if report.layers else "it has no layer with a registered handler"
+            raise RecipeError(f"no layer of this model can be quantized ({why}); change the recipe or group size")
         orig_dtypes = {k: v.dtype for k, v in tree_flatten(model.parameters())}
         if self.dtype is not None:
             model.set_dtype(_DTYPES[self.dtype])
@@ -185,18 +194,27 @@ class ModelWalker:
         layout = self.distributed.layout(len(batches))
         batches = [batches[j] for j in layout.local_batches]
 
+        resumed = self._resume(model, plans, report, checkpoint, len(blocks))
         needs_calibration = any(p.needs_stats for p in plans.values())
         if needs_calibration:
             inputs, block_args = self._capture(model, blocks, block_paths, batches)
+            if resumed is not None and resumed.next_block > 0:
+                inputs = resumed.inputs
         for i, (block, bpath) in enumerate(zip(blocks, block_paths)):
+            if resumed is not None and i < resumed.next_block:
+                continue
             inside = [p for k, p in plans.items() if k.startswith(bpath + ".")]
             self._emit("block", index=i, total=len(blocks), path=bpath)
             stats = self._collect_sharded(
                 model, inside, layout, partial(_forward, block, inputs, block_args[i])
             ) if needs_calibration else {}
-            self._quantize_all(model, inside, stats, report, i)
+            done = self._quantize_all(model, inside, stats, report, i)
             if needs_calibration:
                 inputs = [self._eval(block(x, *a, **kw)) for x, (a, kw) in zip(inputs, block_args[i])]
+            if checkpoint is not None:
+                checkpoint.save(i, {k: dict(tree_flatten(m.parameters())) for k, m in done},
+                                [r for r in report.layers if r.block == i],
+                                inputs if needs_calibration else [])
 
         inside_blocks = tuple(bp + "." for bp in block_paths)
         outside = [p for k, p in plans.items() if not k.startswith(inside_blocks)]
@@ -279,7 +297,7 @@ class ModelWalker:
         finally:
             model.update_modules(tree_unflatten(list(zip(block_paths, blocks))))
 
-    def _quantize_all(self, model, plans, stats, report, block_index) -> None:
+    def _quantize_all(self, model, plans, stats, report, block_index) -> list[tuple[str, nn.Module]]:
         """Quantize this rank's share of ``plans``; every rank installs all of them."""
         owners = self.distributed.assign(plans)
         rank = self.distributed.rank
@@ -298,6 +316,28 @@ class ModelWalker:
             new_modules.append((p.path, module))
         if new_modules:
             model.update_modules(tree_unflatten(new_modules))
+        return new_modules
+
+    def _resume(self, model, plans: dict[str, LayerPlan], report: RunReport,
+                checkpoint: Checkpoint | None, n_blocks: int) -> ResumeState | None:
+        """Put back the layers and records of the blocks ``checkpoint`` holds."""
+        state = checkpoint.load() if checkpoint is not None else None
+        if state is None:
+            return None
+        if state.next_block > n_blocks:
+            raise CheckpointError(f"checkpoint holds {state.next_block} blocks, the model has {n_blocks}")
+        modules = []
+        for path, params in state.layers.items():
+            p = plans.get(path)
+            if p is None:
+                raise CheckpointError(f"checkpoint holds layer {path}, which this run does not quantize")
+            modules.append((path, p.handler.build(p.module, params, p.spec)))
+        if modules:
+            model.update_modules(tree_unflatten(modules))
+        for record in state.records:
+            report.add(record)
+        self._emit("resume", index=state.next_block - 1, total=n_blocks)
+        return state
 
     def quantize_layer(self, p: LayerPlan, stats: HessianStats | None) -> tuple[nn.Module, LayerRecord]:
         """Quantize one planned layer; fall back to ``self.fallback`` when its strategy cannot
