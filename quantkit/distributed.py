@@ -216,13 +216,11 @@ class Distributed:
             timer.start()
         try:
             yield
-        except RuntimeError as exc:
-            if "[ring]" in str(exc) or "peer" in str(exc) or "distributed" in str(exc).lower():
-                raise DistributedError(
-                    f"rank {self.rank} lost another rank while {what} ({exc}); "
-                    "a process died or the network failed"
-                ) from None
-            raise
+        except RuntimeError as exc:  # only collectives run here
+            raise DistributedError(
+                f"rank {self.rank} lost another rank while {what} ({exc}); "
+                "a process died or the network failed"
+            ) from None
         finally:
             if timer is not None:
                 timer.cancel()
