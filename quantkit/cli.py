@@ -143,7 +143,8 @@ def quantize(
         rec = base.with_default(
             strategy=strategy.value if strategy else None, bits=bits, group_size=group_size
         )
-        with _ProgressView(enabled=not (quiet or json_out)) as view, _sigterm_as_interrupt():
+        with _ProgressView(enabled=not (quiet or json_out) and group.rank == 0) as view, \
+                _sigterm_as_interrupt():
             result = quantize_directory(
                 model_dir, output, rec, calibration=calibration, num_samples=num_samples,
                 seq_len=seq_len, seed=seed, dtype=dtype.value, batch_size=batch_size,
