@@ -48,6 +48,8 @@ def rank_main(opts: argparse.Namespace) -> None:
     from quantkit import Recipe, quantize_model
     from quantkit.distributed import Distributed
 
+    if opts.device == "cpu":
+        mx.set_default_device(mx.cpu)
     group = (Distributed.init(strict=True, num_shards=opts.shards) if opts.processes[0] > 1
              else Distributed(num_shards=opts.shards))
     model = build_model(opts.layers, seed=0)
@@ -81,6 +83,8 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--shards", type=int, default=8)
     parser.add_argument("--timeout", type=float, default=600)
+    parser.add_argument("--device", choices=["default", "cpu"], default="default",
+                        help="run every rank on the CPU even where a GPU is present")
     parser.add_argument("--rank", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--result", help=argparse.SUPPRESS)
     opts = parser.parse_args()
@@ -98,7 +102,7 @@ def main() -> None:
             argv = [sys.executable, __file__, "--rank", "--result", str(result),
                     "--layers", str(opts.layers), "--samples", str(opts.samples),
                     "--seq-len", str(opts.seq_len), "--batch-size", str(opts.batch_size),
-                    "--shards", str(opts.shards), "--processes", str(n)]
+                    "--shards", str(opts.shards), "--processes", str(n), "--device", opts.device]
             t0 = time.perf_counter()
             launched = launch_local(lambda rank, argv=argv: argv, n, timeout_s=opts.timeout, env=env)
             wall = time.perf_counter() - t0
@@ -112,7 +116,7 @@ def main() -> None:
             })
     base = rows[0]["quantize_s"]
     print(f"random llama, hidden 512, {opts.layers} layers, {opts.samples}x{opts.seq_len} tokens, "
-          f"GPTQ 4-bit g64, {opts.shards} shards, {os.cpu_count()} CPUs")
+          f"GPTQ 4-bit g64, {opts.shards} shards, {os.cpu_count()} CPUs, device {opts.device}")
     print(f"{'processes':>9} {'quantize s':>10} {'speed-up':>8} {'job s':>7} {'peak GB/rank':>12}  digest")
     for row in rows:
         print(f"{row['processes']:>9} {row['quantize_s']:>10.2f} {base / row['quantize_s']:>8.2f} "
