@@ -95,6 +95,25 @@ def test_merge_is_exact_with_empty_parts():
     assert merge_stats(HessianStats(h=mx.zeros((16, 16)), n_tokens=0), s) is s
 
 
+def test_layer_payload_round_trip_keeps_bytes_and_record():
+    import mlx.nn as nn
+    from mlx.utils import tree_flatten
+
+    from quantkit.distributed import _decode, _encode
+    from quantkit.report import LayerRecord
+
+    layer = nn.Linear(64, 16, bias=True).to_quantized(group_size=32, bits=3)
+    layer.scales = layer.scales.astype(mx.bfloat16)
+    record = LayerRecord("a.b", "Linear", "quantized", strategy="gptq", rank=1, damping=0.01)
+    (path, params, got), = _decode(_encode([("a.b", layer, record)]))
+    assert path == "a.b" and got == record
+    want = dict(tree_flatten(layer.parameters()))
+    assert sorted(k for k, _ in params) == sorted(want)
+    for k, v in params:
+        assert v.dtype == want[k].dtype and v.shape == want[k].shape
+        assert np.asarray(v.view(mx.uint8)).tobytes() == np.asarray(want[k].view(mx.uint8)).tobytes()
+
+
 def test_single_process_group():
     d = Distributed.init()
     assert (d.rank, d.size) == (0, 1)
