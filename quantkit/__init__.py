@@ -8,9 +8,11 @@ run everything with :func:`quantize_model` / :func:`quantize_directory` or the `
 from .api import DirectoryResult, quantize_directory, quantize_model
 from .calibration import builtin_text, calibration_tokens
 from .checkpoint import Checkpoint, DirectoryCheckpoint
+from .distributed import Distributed
 from .errors import (
     CalibrationError,
     CheckpointError,
+    DistributedError,
     FactorizationError,
     ModelLoadError,
     OutputError,
@@ -43,7 +45,7 @@ __version__ = "0.1.0"
 __all__ = [
     "DEFAULT_REGISTRY", "STRATEGIES", "AffinePacker", "CalibrationError", "Checkpoint",
     "CheckpointError", "DampedCholesky", "DirectoryCheckpoint",
-    "DenseHessianCollector", "DirectoryResult", "EscalatingCholesky", "FactorizationError",
+    "DenseHessianCollector", "DirectoryResult", "Distributed", "DistributedError", "EscalatingCholesky", "FactorizationError",
     "FloatFormatPacker", "GPTQQuantizer", "HessianCollector", "HessianStats", "InverseFactor",
     "InverseStrategy", "LayerHandler", "LayerRecord", "LayerRegistry", "ModelLoadError",
     "ModelWalker", "OutputError", "Packer", "QuantResult", "QuantSpec", "Quantizer",

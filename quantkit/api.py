@@ -13,7 +13,8 @@ import mlx.nn as nn
 
 from .calibration import calibration_tokens
 from .checkpoint import Checkpoint, DirectoryCheckpoint, checkpoint_dir, fingerprint, read_progress
-from .errors import OutputError
+from .distributed import Distributed
+from .errors import DistributedError, OutputError
 from .io import check_output, load_model, save_model
 from .quantizers import Quantizer, RTNQuantizer
 from .recipe import Recipe
@@ -26,13 +27,16 @@ def quantize_model(
     model: nn.Module, tokens: mx.array, recipe: Recipe | None = None, *,
     registry: LayerRegistry = DEFAULT_REGISTRY, fallback: Quantizer | None = None,
     batch_size: int = 8, dtype: str | None = "float32", progress: Progress | None = None,
-    checkpoint: Checkpoint | None = None,
+    checkpoint: Checkpoint | None = None, distributed: Distributed | None = None,
 ) -> WalkResult:
     """Quantize ``model`` in place with ``recipe`` (default: GPTQ 4-bit, group 64) using
-    calibration ``tokens (num_samples, seq_len)``; ``checkpoint`` makes the walk resumable."""
+    calibration ``tokens (num_samples, seq_len)``; ``checkpoint`` makes the walk resumable.
+    With ``distributed``, every rank of the group calls this with the same arguments; each rank
+    ends with the whole quantized model."""
     walker = ModelWalker(
         recipe=recipe or Recipe(), registry=registry, fallback=fallback or RTNQuantizer(),
         batch_size=batch_size, dtype=dtype, progress=progress,
+        distributed=distributed or Distributed(),
     )
     return walker.run(model, tokens, checkpoint=checkpoint)
 
@@ -49,7 +53,7 @@ def quantize_directory(
     calibration: str | Path | None = None, num_samples: int = 128, seq_len: int = 512,
     seed: int = 0, dtype: str | None = "float32", batch_size: int = 8,
     overwrite: bool = False, resume: bool = False, checkpoint: bool = True,
-    progress: Progress | None = None,
+    progress: Progress | None = None, distributed: Distributed | None = None,
 ) -> DirectoryResult:
     """Load ``model_dir``, quantize it, write ``out_dir`` (config.json, safetensors, tokenizer
     files, ``quantization_report.json``). ``calibration``: a text file, or ``None`` for the
@@ -59,12 +63,18 @@ def quantize_directory(
     the state after every decoder block is kept in ``.NAME.checkpoint`` beside ``out_dir``
     (removed once the output is written); ``resume`` continues from it, with a byte-identical
     result. Without ``resume`` an existing checkpoint is an error unless ``overwrite``, which
-    discards it."""
+    discards it.
+
+    With ``distributed`` (a group of several processes), every rank calls this with the same
+    arguments and rank 0 alone writes, once every rank has finished; checkpoints are not kept
+    (each rank holds only its own calibration samples) and ``resume`` is refused."""
     from mlx_lm.utils import compute_bits_per_weight
 
-    out_dir = check_output(out_dir, overwrite, model_dir)
+    distributed = distributed or Distributed()
+    writer = distributed.rank == 0  # the only rank that touches the output path
+    out_dir = check_output(out_dir, overwrite, model_dir) if writer else Path(out_dir).absolute()
     ckpt_path = checkpoint_dir(out_dir)
-    if ckpt_path.exists() and not resume:
+    if writer and ckpt_path.exists() and not resume:
         done = read_progress(ckpt_path)
         if done and not overwrite:
             raise OutputError(
@@ -77,28 +87,35 @@ def quantize_directory(
     tokens = calibration_tokens(tokenizer, calibration, num_samples, seq_len, seed)
     mx.random.seed(seed)
     ckpt = None
-    if checkpoint or resume:
+    if distributed.size > 1:
+        if resume:
+            raise DistributedError("--resume is not supported with several processes yet; "
+                                   "resume in one process or start over with --overwrite")
+    elif checkpoint or resume:
         ckpt = DirectoryCheckpoint(ckpt_path, fingerprint(
-            model_dir, tokens, recipe=recipe.to_dict(), dtype=dtype, batch_size=batch_size))
+            model_dir, tokens, recipe=recipe.to_dict(), dtype=dtype, batch_size=batch_size,
+            shards=distributed.num_shards))
     with ckpt or contextlib.nullcontext(), _keep_only_progress(ckpt):
         result = quantize_model(model, tokens, recipe, batch_size=batch_size, dtype=dtype,
-                                progress=progress, checkpoint=ckpt)
+                                progress=progress, checkpoint=ckpt, distributed=distributed)
         report = result.report
         report.bits_per_weight = float(compute_bits_per_weight(model))
         report.settings.update({
             "source": str(model_dir), "calibration": str(calibration or "builtin"), "seed": seed,
-            "requested_samples": num_samples,
+            "requested_samples": num_samples, "shards": distributed.num_shards,
         })
         config = dict(config)
         config["quantization"] = result.quantization
-        try:
-            save_model(out_dir, model, config, model_dir, overwrite=overwrite,
-                       extra_files={REPORT_NAME: json.dumps(report.to_dict(), indent=2)})
-        except OutputError as exc:
-            if ckpt is None:
-                raise
-            raise OutputError(f"{exc}; the quantized blocks are kept in {ckpt_path}: "
-                              "rerun with --resume once fixed") from None
+        distributed.barrier("waiting for every rank to finish")
+        if writer:
+            try:
+                save_model(out_dir, model, config, model_dir, overwrite=overwrite,
+                           extra_files={REPORT_NAME: json.dumps(report.to_dict(), indent=2)})
+            except OutputError as exc:
+                if ckpt is None:
+                    raise
+                raise OutputError(f"{exc}; the quantized blocks are kept in {ckpt_path}: "
+                                  "rerun with --resume once fixed") from None
         if ckpt is not None:
             ckpt.discard()
     return DirectoryResult(out_dir=out_dir, report=report, quantization=result.quantization)

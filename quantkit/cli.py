@@ -4,13 +4,17 @@ Exit codes: 0 success; 1 a clear error about the input, the output path or a che
 line on stderr); 2 usage error; 3 an unexpected internal error (one line; ``--debug`` shows the
 traceback); 4 ``recipe check --strict`` found a rule that matches no layer (or
 only layers an earlier rule took); 130 interrupted (Ctrl-C or SIGTERM; the finished blocks are checkpointed, ``--resume`` goes on).
+With ``--processes N`` the launcher exits 1 when any rank fails, naming it.
 """
 
 from __future__ import annotations
 
 import contextlib
+import faulthandler
 import json
+import os
 import signal
+import sys
 import time
 from enum import Enum
 from pathlib import Path
@@ -88,6 +92,7 @@ class _ProgressView:
 
 @app.command()
 def quantize(
+    ctx: typer.Context,
     model_dir: Annotated[Path, typer.Argument(help="mlx-lm model directory (full precision)")],
     output: Annotated[Path, typer.Option("--output", "-o", help="output model directory")],
     bits: Annotated[Optional[int], typer.Option(help="bits for the default rule [4]")] = None,
@@ -106,27 +111,50 @@ def quantize(
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress or summary")] = False,
     json_out: Annotated[bool, typer.Option("--json", help="print the run report as JSON")] = False,
     debug: Annotated[bool, typer.Option(help="show full tracebacks")] = False,
+    processes: Annotated[int, typer.Option(help="start this many ranks on this machine (ring backend over 127.0.0.1)")] = 1,
+    distributed: Annotated[bool, typer.Option("--distributed", help="join the process group set up by a launcher (mlx.launch, or MLX_RANK/MLX_HOSTFILE)")] = False,
+    shards: Annotated[int, typer.Option(help="calibration shards; the output depends on this, never on the number of processes")] = 8,
+    timeout: Annotated[float, typer.Option(help="seconds a rank waits for the others (connecting, combining, exchanging) before giving up")] = 1800.0,
 ) -> None:
-    """Quantize MODEL_DIR into OUTPUT (a directory mlx_lm.load reads unchanged)."""
+    """Quantize MODEL_DIR into OUTPUT (a directory mlx_lm.load reads unchanged).
+
+    Several processes (see docs/distributed.md): --processes N on one machine; on several
+    machines, mlx.launch ... quantize ... --distributed. Either way rank 0 writes OUTPUT."""
     from .api import quantize_directory
     from .checkpoint import checkpoint_dir, read_progress
+    from .distributed import Distributed
     from .recipe import Recipe
 
+    if processes < 1 or shards < 1:
+        fail("--processes and --shards must be ≥ 1", 2)
+    if processes > 1 and not distributed:
+        _launch(ctx, processes, quiet or json_out)
+        return
     start = time.perf_counter()
     if num_samples < 1 or seq_len < 2 or batch_size < 1:
         fail("--num-samples and --batch-size must be ≥ 1 and --seq-len ≥ 2", 2)
     try:
+        group = Distributed(num_shards=shards)
+        if distributed:
+            # Connecting holds the GIL, so the watchdog thread cannot run: faulthandler's C
+            # timer ends the process instead (exit status 1, the stack on stderr).
+            faulthandler.dump_traceback_later(timeout, exit=True)
+            group = Distributed.init(strict=True, num_shards=shards, timeout_s=timeout,
+                                     on_timeout=_give_up)
+            faulthandler.cancel_dump_traceback_later()
         base = Recipe.from_toml(recipe) if recipe else Recipe()
         if not recipe and strategy is None and bits is None and group_size is None:
             base = Recipe()  # GPTQ 4-bit, group 64
         rec = base.with_default(
             strategy=strategy.value if strategy else None, bits=bits, group_size=group_size
         )
-        with _ProgressView(enabled=not (quiet or json_out)) as view, _sigterm_as_interrupt():
+        with _ProgressView(enabled=not (quiet or json_out) and group.rank == 0) as view, \
+                _sigterm_as_interrupt():
             result = quantize_directory(
                 model_dir, output, rec, calibration=calibration, num_samples=num_samples,
                 seq_len=seq_len, seed=seed, dtype=dtype.value, batch_size=batch_size,
                 overwrite=overwrite, resume=resume, checkpoint=checkpoint, progress=view,
+                distributed=group,
             )
     except QuantkitError as exc:
         if debug:
@@ -150,6 +178,8 @@ def quantize(
              "rerun with --debug for the traceback and report it", 3)
         return
     report = result.report
+    if group.rank != 0:
+        return
     if json_out:
         out.print_json(json.dumps(report.to_dict()))
         return
@@ -173,6 +203,52 @@ def _sigterm_as_interrupt():
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+def _give_up(message: str) -> None:
+    """Watchdog: a rank waited too long for the others. A collective blocked in MLX cannot
+    be interrupted, so end the process here."""
+    err.print(f"[bold red]error:[/] {escape(message)}; giving up (raise --timeout if ranks are "
+              "just slow)", highlight=False, soft_wrap=True)
+    os._exit(1)
+
+
+def _rank_argv(ctx: typer.Context, rank: int, quiet: bool) -> list[str]:
+    """The command line of one rank: this command with the same parameters, ``--distributed``
+    instead of ``--processes``; ranks other than 0 run quiet."""
+    args = [sys.executable, "-m", "quantkit.cli", ctx.info_name or "quantize"]
+    for param in ctx.command.params:
+        value = ctx.params.get(param.name)
+        if param.name in ("processes", "distributed", "quiet", "json_out"):
+            continue
+        if param.param_type_name == "argument":
+            args.append(str(value))
+        elif getattr(param, "is_flag", False):
+            if value or param.secondary_opts:
+                args.append(param.opts[0] if value else param.secondary_opts[0])
+        elif value is not None:
+            args += [param.opts[0], str(value.value if isinstance(value, Enum) else value)]
+    if rank > 0 or quiet:
+        args.append("--quiet")
+    if rank == 0 and ctx.params.get("json_out"):
+        args.append("--json")
+    return args + ["--distributed"]
+
+
+def _launch(ctx: typer.Context, n: int, quiet: bool) -> None:
+    from .launch import launch_local
+
+    start = time.perf_counter()
+    try:
+        result = launch_local(lambda rank: _rank_argv(ctx, rank, quiet), n)
+    except KeyboardInterrupt:
+        fail(f"interrupted; stopped every rank; nothing was written to {ctx.params['output']}", 130)
+        return
+    if not result.ok:
+        fail(f"distributed run failed: {result.describe()}; "
+             f"{ctx.params['output']} was not written by this run")
+    if not quiet:
+        err.print(f"{n} processes finished in {time.perf_counter() - start:.1f} s", highlight=False)
 
 
 def _print_summary(report, out_dir: Path, seconds: float) -> None:

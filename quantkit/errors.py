@@ -33,3 +33,8 @@ class FactorizationError(QuantkitError, ArithmeticError):
 
 class CheckpointError(QuantkitError):
     """A checkpoint that cannot be resumed (another run's, damaged) or cannot be written."""
+
+
+class DistributedError(QuantkitError):
+    """A distributed run that cannot go on: a rank died, the network failed, or the process
+    group does not fit the run (more processes than calibration shards)."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 import attrs
@@ -19,6 +20,7 @@ import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
 
 from .checkpoint import Checkpoint, ResumeState
+from .distributed import Distributed, ShardLayout
 from .errors import CheckpointError, FactorizationError, ModelLoadError, RecipeError
 from .hessian import HessianCollector, HessianStats
 from .packers import packer_for
@@ -108,6 +110,8 @@ class ModelWalker:
     and MoE ``gather_mm`` needs float32 there); stored scales keep each layer's own dtype.
     ``progress(event, info)`` is called with ``"capture"``, ``"block"`` and ``"layer"`` events,
     and ``"resume"`` (``index`` of the last block found in a checkpoint) when resuming.
+    ``distributed``: the process group (default: this process alone); each rank calibrates on
+    its own shards of the batches and quantizes its share of each block's layers.
     """
 
     recipe: Recipe = attrs.field(factory=Recipe)
@@ -116,6 +120,7 @@ class ModelWalker:
     batch_size: int = 8
     dtype: str | None = "float32"
     progress: Progress | None = None
+    distributed: Distributed = attrs.field(factory=Distributed)
 
     def _emit(self, event: str, **info: Any) -> None:
         if self.progress is not None:
@@ -186,6 +191,8 @@ class ModelWalker:
         paths = {id(m): p for p, m in model.named_modules()}
         block_paths = [paths[id(b)] for b in blocks]
         batches = [tokens[i : i + self.batch_size] for i in range(0, len(tokens), self.batch_size)]
+        layout = self.distributed.layout(len(batches))
+        batches = [batches[j] for j in layout.local_batches]
 
         resumed = self._resume(model, plans, report, checkpoint, len(blocks))
         needs_calibration = any(p.needs_stats for p in plans.values())
@@ -198,9 +205,9 @@ class ModelWalker:
                 continue
             inside = [p for k, p in plans.items() if k.startswith(bpath + ".")]
             self._emit("block", index=i, total=len(blocks), path=bpath)
-            stats = self._collect(model, inside, lambda: (
-                block(x, *a, **kw) for x, (a, kw) in zip(inputs, block_args[i])
-            )) if needs_calibration else {}
+            stats = self._collect_sharded(
+                model, inside, layout, partial(_forward, block, inputs, block_args[i])
+            ) if needs_calibration else {}
             done = self._quantize_all(model, inside, stats, report, i)
             if needs_calibration:
                 inputs = [self._eval(block(x, *a, **kw)) for x, (a, kw) in zip(inputs, block_args[i])]
@@ -213,12 +220,13 @@ class ModelWalker:
         outside = [p for k, p in plans.items() if not k.startswith(inside_blocks)]
         stats = {}
         if needs_calibration and any(p.needs_stats for p in outside):
-            stats = self._collect_outside(model, blocks, block_paths, outside, batches, inputs)
+            stats = self._collect_outside(model, blocks, block_paths, outside, batches, inputs, layout)
         self._quantize_all(model, outside, stats, report, None)
 
         _restore_dtypes(model, orig_dtypes)
         quantization = self._config(plans, report)
         report.time_s = time.perf_counter() - start
+        report.world_size = self.distributed.size
         report.settings = {"recipe": self.recipe.to_dict(), "num_samples": int(tokens.shape[0]),
                            "seq_len": int(tokens.shape[1]), "calibration_dtype": self.dtype}
         try:
@@ -273,19 +281,36 @@ class ModelWalker:
             model.update_modules(tree_unflatten([(p.path, p.module) for p in wanted]))
         return {k: c.stats() for k, c in collectors.items()}
 
-    def _collect_outside(self, model, blocks, block_paths, plans, batches, last_outputs):
+    def _collect_sharded(self, model, plans, layout: ShardLayout, run_batch) -> dict[str, HessianStats]:
+        """``_collect`` once per calibration shard of this rank (``run_batch(j)``: the forward
+        pass of local batch ``j``); shard statistics combined across ranks in shard order."""
+        if not any(p.needs_stats for p in plans):
+            return {}
+        return self.distributed.reduce_stats(layout, lambda positions: self._collect(
+            model, plans, lambda: (run_batch(j) for j in positions)))
+
+    def _collect_outside(self, model, blocks, block_paths, plans, batches, last_outputs, layout):
         replays = [_Replay(b, None) for b in blocks[:-1]] + [_Replay(blocks[-1], last_outputs)]
         model.update_modules(tree_unflatten(list(zip(block_paths, replays))))
         try:
-            return self._collect(model, plans, lambda: (model(b) for b in batches))
+            return self._collect_sharded(model, plans, layout, lambda j: model(batches[j]))
         finally:
             model.update_modules(tree_unflatten(list(zip(block_paths, blocks))))
 
     def _quantize_all(self, model, plans, stats, report, block_index) -> list[tuple[str, nn.Module]]:
+        """Quantize this rank's share of ``plans``; every rank installs all of them."""
+        owners = self.distributed.assign(plans)
+        rank = self.distributed.rank
+        done = {}
+        for p in plans:
+            layer_stats = stats.pop(p.path, None)
+            if owners[p.path] == rank:
+                done[p.path] = self.quantize_layer(p, layer_stats)
+                done[p.path][1].block, done[p.path][1].rank = block_index, rank
+        done = self.distributed.exchange_layers(plans, done, owners)
         new_modules = []
         for p in plans:
-            module, record = self.quantize_layer(p, stats.pop(p.path, None))
-            record.block = block_index
+            module, record = done[p.path]
             report.add(record)
             self._emit("layer", record=record)
             new_modules.append((p.path, module))
@@ -364,6 +389,11 @@ class ModelWalker:
                     or self.recipe.default.skip:
                 config[r.path] = {"group_size": r.group_size, "bits": r.bits, "mode": r.mode}
         return config
+
+
+def _forward(block: nn.Module, inputs: list[mx.array], args: list, j: int) -> mx.array:
+    """Block ``block`` on local batch ``j``: its captured input and extra arguments."""
+    return block(inputs[j], *args[j][0], **args[j][1])
 
 
 def _decoder_blocks(model: nn.Module) -> list[nn.Module]:

@@ -1,0 +1,376 @@
+"""Quantize across processes and hosts with MLX's own distributed engine (``mx.distributed``).
+
+A :class:`Distributed` object is the walker's only view of the process group. It answers three
+questions, each a hook the walker calls:
+
+* which calibration batches this rank runs (:meth:`Distributed.layout`): the batches are cut
+  into a fixed number of *shards* (``num_shards``, whatever the world size); rank ``r`` owns a
+  contiguous range of shards and computes block inputs for its own batches only;
+* how partial statistics are combined (:meth:`Distributed.reduce_stats`): each shard's
+  statistics are merged along a fixed binary tree over the shards. A rank merges the whole
+  subtrees it owns locally, the roots are exchanged with ``all_gather`` and every rank finishes
+  the same tree. The floating-point operations are the same for any world size, so 1, 2 or 4
+  processes produce byte-identical Hessians — and so byte-identical output;
+* who quantizes which layer (:meth:`Distributed.assign`) and how the results reach everyone
+  (:meth:`Distributed.exchange_layers`): layers are dealt out by estimated cost, each rank
+  quantizes its own, and the packed arrays plus the layer's report record travel to every rank
+  with ``all_gather`` (padded to equal sizes: the ring backend has no point-to-point transfer
+  except between neighbours). Every rank then installs the full quantized block.
+
+With no launcher ``mx.distributed.init()`` gives a group of size 1 and the same code runs with
+no communication. Collectives run at ``mx.eval``; every rank issues them in the same order.
+A collective that fails (a peer died) raises :class:`DistributedError`; one that does not
+finish within ``timeout_s`` calls ``on_timeout`` from a watchdog thread (the CLI ends the
+process there: a blocked collective cannot be interrupted from Python).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any
+
+import attrs
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten, tree_unflatten
+
+from .errors import DistributedError
+from .hessian import HessianStats
+from .report import LayerRecord
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .walker import LayerPlan
+
+#: ``(level, index)`` of a node in the binary tree over shards; leaves are level 0.
+Node = tuple[int, int]
+Stats = dict[str, HessianStats]
+
+
+
+@attrs.frozen
+class ShardLayout:
+    """Which batches make up each shard and which rank owns each shard.
+
+    ``shards[s]``: the global batch indices of shard ``s`` (contiguous, in order);
+    ``ranges[r]``: the shards ``[start, stop)`` of rank ``r``."""
+
+    shards: tuple[tuple[int, ...], ...]
+    ranges: tuple[tuple[int, int], ...]
+    rank: int
+
+    @classmethod
+    def build(cls, n_batches: int, num_shards: int, size: int, rank: int) -> ShardLayout:
+        if size > num_shards:
+            raise DistributedError(
+                f"{size} processes but only {num_shards} calibration shards; use at most "
+                f"{num_shards} processes or more shards (--shards)"
+            )
+        shards = tuple(
+            tuple(range(s * n_batches // num_shards, (s + 1) * n_batches // num_shards))
+            for s in range(num_shards)
+        )
+        ranges = tuple((r * num_shards // size, (r + 1) * num_shards // size) for r in range(size))
+        return cls(shards, ranges, rank)
+
+    @property
+    def local_batches(self) -> list[int]:
+        """Global indices of this rank's batches, in shard order."""
+        start, stop = self.ranges[self.rank]
+        return [b for s in range(start, stop) for b in self.shards[s]]
+
+    def local_shards(self) -> Iterator[tuple[int, list[int]]]:
+        """``(shard, positions in local_batches)`` for each shard of this rank."""
+        start, stop = self.ranges[self.rank]
+        pos = 0
+        for s in range(start, stop):
+            n = len(self.shards[s])
+            yield s, list(range(pos, pos + n))
+            pos += n
+
+    @property
+    def depth(self) -> int:
+        return max(len(self.shards) - 1, 0).bit_length()
+
+    def roots(self, rank: int) -> list[Node]:
+        """The maximal aligned subtrees covering rank ``rank``'s shards, left to right."""
+        start, stop = self.ranges[rank]
+        nodes: list[Node] = []
+        while start < stop:
+            level = 0
+            while start % (2 << level) == 0 and start + (2 << level) <= stop:
+                level += 1
+            nodes.append((level, start >> level))
+            start += 1 << level
+        return nodes
+
+
+def merge_stats(a: HessianStats | None, b: HessianStats | None) -> HessianStats | None:
+    """Statistics of the union of two disjoint token sets; ``None`` (or no tokens) is the
+    identity, exactly. Means are combined weighted by token counts."""
+    if a is None or a.n_tokens == 0:
+        return b if b is not None else a
+    if b is None or b.n_tokens == 0:
+        return a
+    total = a.n_tokens + b.n_tokens
+    return HessianStats(h=a.h * (a.n_tokens / total) + b.h * (b.n_tokens / total), n_tokens=total)
+
+
+def _merge_dicts(a: Stats | None, b: Stats | None) -> Stats | None:
+    if a is None:
+        return b
+    if b is None:
+        return a
+    return {k: merge_stats(a[k], b[k]) for k in a}
+
+
+def _cost(plan: LayerPlan) -> float:
+    """Rough cost of quantizing one layer: GPTQ's column loop, ``out·in²`` per matrix, when it
+    uses a Hessian (the ``in³`` factorization runs in LAPACK and weighs less); ``out·in``
+    without (round to nearest)."""
+    w = plan.handler.weight(plan.module)
+    return float(w.size * w.shape[-1] if plan.needs_stats else w.size)
+
+
+def connect_to_other_ranks(backend: str = "any", strict: bool = False) -> Any:
+    """``mx.distributed.init``: blocks, holding the GIL, until every peer has connected."""
+    return mx.distributed.init(strict=strict, backend=backend)
+
+
+def local_roots(layout: ShardLayout, collect: Callable[[list[int]], Stats]) -> dict[Node, Stats]:
+    """This rank's shards merged into the maximal subtrees it owns (``layout.roots``), one
+    shard at a time: at most ``log2(num_shards) + 1`` partial statistics are alive at once."""
+    stack: list[tuple[Node, Stats]] = []
+    for shard, positions in layout.local_shards():
+        node, stats = (0, shard), collect(positions)
+        while stack and node[1] % 2 == 1 and stack[-1][0] == (node[0], node[1] - 1):
+            stats = _merge_dicts(stack.pop()[1], stats)
+            node = (node[0] + 1, node[1] // 2)
+            mx.eval([s.h for s in stats.values() if s is not None])
+        stack.append((node, stats))
+    return dict(stack)
+
+
+def finish_tree(known: dict[Node, Stats], depth: int) -> Stats:
+    """The root of the shard tree from the subtree roots in ``known`` (every rank's)."""
+
+    def node(level: int, index: int) -> Stats | None:
+        if (level, index) in known:
+            return known[level, index]
+        if level == 0:
+            return None  # a padding leaf beyond the last shard
+        return _merge_dicts(node(level - 1, 2 * index), node(level - 1, 2 * index + 1))
+
+    root = node(depth, 0) or {}
+    mx.eval([s.h for s in root.values() if s is not None])
+    return root
+
+
+@attrs.frozen
+class Distributed:
+    """The process group and the settings of a distributed run.
+
+    ``group``: an ``mx.distributed.Group`` (``None``: this process alone); ``num_shards``:
+    calibration shards (results depend on it, never on the world size); ``chunk_bytes``: the
+    most one ``all_gather`` carries per rank (statistics and quantized layers travel in
+    slices); ``timeout_s``/``on_timeout``: a watchdog around every collective, called with a
+    description of what was being waited for.
+    """
+
+    group: Any = None
+    num_shards: int = attrs.field(default=8, validator=attrs.validators.gt(0))
+    chunk_bytes: int = attrs.field(default=256 << 20, validator=attrs.validators.gt(0))
+    timeout_s: float | None = None
+    on_timeout: Callable[[str], None] | None = None
+
+    @classmethod
+    def init(cls, backend: str = "any", strict: bool = False, **settings: Any) -> Distributed:
+        """Join the group a launcher set up (``mlx.launch``, or ``MLX_RANK``/``MLX_HOSTFILE``);
+        with no launcher this is a group of size 1. Connecting waits for every peer, under
+        no watchdog (it holds the GIL while it waits: the CLI arms ``faulthandler`` instead)."""
+        try:
+            group = connect_to_other_ranks(backend, strict)
+        except RuntimeError as exc:
+            raise DistributedError(f"cannot start the distributed group: {exc}") from None
+        return cls(group, **settings)
+
+    @property
+    def rank(self) -> int:
+        return 0 if self.group is None else self.group.rank()
+
+    @property
+    def size(self) -> int:
+        return 1 if self.group is None else self.group.size()
+
+    # -- plumbing ---------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _watch(self, what: str) -> Iterator[None]:
+        timer = None
+        if self.timeout_s is not None and self.on_timeout is not None:
+            message = f"rank {self.rank}: no progress for {self.timeout_s:g} s while {what}"
+            timer = threading.Timer(self.timeout_s, self.on_timeout, args=(message,))
+            timer.daemon = True
+            timer.start()
+        try:
+            yield
+        except RuntimeError as exc:  # only collectives run here
+            raise DistributedError(
+                f"rank {self.rank} lost another rank while {what} ({exc}); "
+                "a process died or the network failed"
+            ) from None
+        finally:
+            if timer is not None:
+                timer.cancel()
+
+    def _gather(self, x: mx.array, what: str) -> mx.array:
+        """``(size, *x.shape)``: every rank's ``x``, evaluated."""
+        if self.size == 1:
+            return x[None]
+        with self._watch(what):
+            y = mx.distributed.all_gather(x[None], group=self.group)
+            mx.eval(y)
+        return y
+
+    def barrier(self, what: str) -> None:
+        """Wait until every rank gets here (a failed rank raises :class:`DistributedError`)."""
+        if self.size > 1:
+            with self._watch(what):
+                mx.eval(mx.distributed.all_sum(mx.array(1.0), group=self.group))
+
+    # -- data parallel calibration ----------------------------------------------------------
+
+    def layout(self, n_batches: int) -> ShardLayout:
+        return ShardLayout.build(n_batches, self.num_shards, self.size, self.rank)
+
+    def reduce_stats(self, layout: ShardLayout, collect: Callable[[list[int]], Stats]) -> Stats:
+        """Statistics of all calibration batches, the same bytes on every rank and for every
+        world size. ``collect(positions)`` gathers one shard's statistics from this rank's
+        batches at ``positions``; it is called once per local shard, in shard order."""
+        known = local_roots(layout, collect)
+        if not next(iter(known.values())):
+            return {}  # nothing to collect in this block (the same on every rank)
+        if self.size > 1:
+            return self._combine_across_ranks(layout, known)
+        return finish_tree(known, layout.depth)
+
+    def _combine_across_ranks(self, layout: ShardLayout, mine: dict[Node, Stats]) -> Stats:
+        """Finish the shard tree from every rank's subtree roots, one layer and one slice of
+        its statistics at a time: the merge is elementwise, so slicing changes no bytes, and
+        at most ``size`` slices of ``chunk_bytes`` plus the result are held on top of
+        this rank's own roots."""
+        roots = [layout.roots(r) for r in range(self.size)]
+        own = roots[self.rank]
+        rounds = max(len(r) for r in roots)
+        out: Stats = {}
+        for path, ref in mine[own[0]].items():
+            what = f"combining statistics of {path}"
+            counts: dict[Node, int] = {}
+            for k in range(rounds):
+                n = mine[own[k]][path].n_tokens if k < len(own) else 0
+                got = self._gather(mx.array([n], dtype=mx.int64), what).reshape(-1).tolist()
+                counts.update({roots[r][k]: got[r] for r in range(self.size) if k < len(roots[r])})
+            flat_size = ref.h.size
+            step = max(self.chunk_bytes // ref.h.dtype.size, 1)
+            pieces = []
+            for a in range(0, flat_size, step):
+                b = min(a + step, flat_size)
+                known: dict[Node, Stats] = {}
+                for k in range(rounds):
+                    h = (mine[own[k]][path].h.reshape(-1)[a:b] if k < len(own)
+                         else mx.zeros((b - a,), ref.h.dtype))
+                    got = self._gather(h, what)
+                    for r in range(self.size):
+                        if k < len(roots[r]):
+                            node = roots[r][k]
+                            known[node] = {path: HessianStats(h=got[r], n_tokens=counts[node])}
+                pieces.append(finish_tree(known, layout.depth)[path])
+            out[path] = HessianStats(
+                h=mx.concatenate([p.h for p in pieces]).reshape(ref.h.shape),
+                n_tokens=pieces[0].n_tokens,
+            )
+            mx.eval(out[path].h)
+        return out
+
+    # -- work-parallel quantization ---------------------------------------------------------
+
+    def assign(self, plans: Sequence[LayerPlan]) -> dict[str, int]:
+        """Layer path → the rank that quantizes it: largest first to the least loaded rank."""
+        load = [0.0] * self.size
+        owner: dict[str, int] = {}
+        for p in sorted(plans, key=lambda p: -_cost(p)):  # stable: ties keep plan order
+            r = min(range(self.size), key=lambda r: load[r])
+            owner[p.path] = r
+            load[r] += _cost(p)
+        return owner
+
+    def exchange_layers(
+        self, plans: Sequence[LayerPlan], done: dict[str, tuple[nn.Module, LayerRecord]],
+        owners: dict[str, int],
+    ) -> dict[str, tuple[nn.Module, LayerRecord]]:
+        """Every rank's quantized layers on every rank: ``done`` holds this rank's own."""
+        if self.size == 1:
+            return done
+        payload = _encode([(p.path, *done[p.path]) for p in plans if owners[p.path] == self.rank])
+        lengths = self._gather(mx.array([payload.size], dtype=mx.int64), "exchanging quantized layers")
+        lengths = lengths.reshape(-1).tolist()
+        chunk = self.chunk_bytes
+        parts: list[list[mx.array]] = [[] for _ in range(self.size)]
+        for start in range(0, max(lengths), chunk):
+            width = min(chunk, max(lengths) - start)
+            piece = payload[start : start + width]
+            if piece.size < width:
+                piece = mx.concatenate([piece, mx.zeros((width - piece.size,), mx.uint8)])
+            got = self._gather(piece, "exchanging quantized layers")
+            for r in range(self.size):
+                if start < lengths[r]:
+                    parts[r].append(got[r, : lengths[r] - start])
+        by_path = {p.path: p for p in plans}
+        out = dict(done)
+        for r in range(self.size):
+            if r == self.rank or not parts[r]:
+                continue
+            for path, params, record in _decode(mx.concatenate(parts[r])):
+                p = by_path[path]
+                flat = {k: v for k, v in params if "." not in k}
+                module = p.handler.build(p.module, flat, p.spec)
+                nested = [(k, v) for k, v in params if "." in k]
+                if nested:
+                    module.update(tree_unflatten(nested))
+                mx.eval(module.parameters())
+                out[path] = (module, record)
+        return out
+
+
+def _encode(items: list[tuple[str, nn.Module, LayerRecord]]) -> mx.array:
+    """One uint8 array: a JSON header (paths, records, array names/dtypes/shapes), then the
+    raw bytes of every array."""
+    header: list[dict[str, Any]] = []
+    blobs: list[mx.array] = []
+    for path, module, record in items:
+        arrays = []
+        for name, value in tree_flatten(module.parameters()):
+            arrays.append([name, str(value.dtype).rsplit(".", 1)[-1], list(value.shape)])
+            blobs.append(mx.contiguous(value).reshape(-1).view(mx.uint8))
+        header.append({"path": path, "record": attrs.asdict(record), "arrays": arrays})
+    head = json.dumps(header).encode()
+    prefix = mx.array(list(len(head).to_bytes(8, "little")) + list(head), dtype=mx.uint8)
+    return mx.concatenate([prefix, *blobs]) if blobs else prefix
+
+
+def _decode(buf: mx.array) -> Iterator[tuple[str, list[tuple[str, mx.array]], LayerRecord]]:
+    n = int.from_bytes(bytes(buf[:8].tolist()), "little")
+    header = json.loads(bytes(buf[8 : 8 + n].tolist()).decode())
+    pos = 8 + n
+    for item in header:
+        params = []
+        for name, dtype, shape in item["arrays"]:
+            dt = getattr(mx, dtype)
+            nbytes = dt.size
+            for d in shape:
+                nbytes *= d
+            params.append((name, buf[pos : pos + nbytes].view(dt).reshape(shape)))
+            pos += nbytes
+        yield item["path"], params, LayerRecord(**item["record"])

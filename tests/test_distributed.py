@@ -1,0 +1,263 @@
+"""Distributed quantization over MLX's ring backend, on loopback only, bounded by timeouts.
+
+The multi-process tests start real ranks (``quantkit quantize --processes 2``, or the launcher
+with a helper script) and compare the output bytes with a single-process run."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from quantkit import Recipe, quantize_directory
+from quantkit.distributed import (
+    Distributed,
+    ShardLayout,
+    finish_tree,
+    local_roots,
+    merge_stats,
+)
+from quantkit.errors import DistributedError
+from quantkit.hessian import HessianStats
+from quantkit.launch import launch_local
+
+REPO = Path(__file__).resolve().parents[1]
+JOB_TIMEOUT = 90  # seconds: no multi-process test may hang longer than this
+
+pytestmark = pytest.mark.skipif(
+    not mx.distributed.is_available(), reason="this MLX build has no distributed backend"
+)
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
+    return env
+
+
+def _digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _run_cli(args: list[str], timeout: float = JOB_TIMEOUT) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "quantkit.cli", *args], env=_env(), cwd=REPO,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+# -- the shard tree, without processes ---------------------------------------------------------
+
+def _leaf(shard: int) -> dict[str, HessianStats]:
+    rng = np.random.default_rng(shard)
+    x = rng.standard_normal((7 + shard, 16)).astype(np.float32)
+    return {"a": HessianStats(h=mx.array(x.T @ x / len(x)), n_tokens=len(x)),
+            "b": HessianStats(h=mx.zeros((4, 4)), n_tokens=0)}
+
+
+@pytest.mark.parametrize("num_shards", [1, 5, 8])
+def test_shard_tree_is_the_same_bytes_for_any_world_size(num_shards):
+    n_batches = 11
+    results = []
+    for size in range(1, num_shards + 1):
+        known = {}
+        for rank in range(size):
+            layout = ShardLayout.build(n_batches, num_shards, size, rank)
+            shards = iter(range(*layout.ranges[rank]))
+            roots = local_roots(layout, lambda positions, shards=shards: _leaf(next(shards)))
+            assert list(roots) == layout.roots(rank)
+            known.update(roots)
+        results.append(np.asarray(finish_tree(known, layout.depth)["a"].h).tobytes())
+    assert all(r == results[0] for r in results)
+
+
+def test_layout_covers_every_batch_once():
+    for size in (1, 2, 3):
+        seen = []
+        for rank in range(size):
+            seen += ShardLayout.build(10, 8, size, rank).local_batches
+        assert seen == list(range(10))
+    with pytest.raises(DistributedError, match="only 2 calibration shards"):
+        ShardLayout.build(10, 2, 3, 0)
+
+
+def test_merge_is_exact_with_empty_parts():
+    s = _leaf(3)["a"]
+    assert merge_stats(s, None) is s and merge_stats(None, s) is s
+    assert merge_stats(HessianStats(h=mx.zeros((16, 16)), n_tokens=0), s) is s
+
+
+def test_layer_payload_round_trip_keeps_bytes_and_record():
+    import mlx.nn as nn
+    from mlx.utils import tree_flatten
+
+    from quantkit.distributed import _decode, _encode
+    from quantkit.report import LayerRecord
+
+    layer = nn.Linear(64, 16, bias=True).to_quantized(group_size=32, bits=3)
+    layer.scales = layer.scales.astype(mx.bfloat16)
+    record = LayerRecord("a.b", "Linear", "quantized", strategy="gptq", rank=1, damping=0.01)
+    (path, params, got), = _decode(_encode([("a.b", layer, record)]))
+    assert path == "a.b" and got == record
+    want = dict(tree_flatten(layer.parameters()))
+    assert sorted(k for k, _ in params) == sorted(want)
+    for k, v in params:
+        assert v.dtype == want[k].dtype and v.shape == want[k].shape
+        assert np.asarray(v.view(mx.uint8)).tobytes() == np.asarray(want[k].view(mx.uint8)).tobytes()
+
+
+def test_single_process_group():
+    d = Distributed.init()
+    assert (d.rank, d.size) == (0, 1)
+
+
+# -- real ranks --------------------------------------------------------------------------------
+
+QUANT_ARGS = ["--bits", "4", "--group-size", "32", "--num-samples", "16", "--seq-len", "128",
+              "--shards", "4", "--timeout", "60", "--quiet"]
+
+
+def test_two_ranks_in_small_slices_write_the_same_bytes(stories_dir, tinystories_text, tmp_path):
+    """The launcher running two library ranks that exchange everything in 4 KiB slices."""
+    kw = dict(calibration=tinystories_text, num_samples=16, seq_len=128)
+    quantize_directory(stories_dir, tmp_path / "one", Recipe.uniform("gptq", 4, 32),
+                       distributed=Distributed(num_shards=4), **kw)
+    result = launch_local(
+        lambda rank: [sys.executable, str(REPO / "tests" / "rank_job.py"), str(stories_dir),
+                      str(tmp_path / "two"), str(tinystories_text), "ok"],
+        2, timeout_s=JOB_TIMEOUT, env=_env(),
+    )
+    assert result.ok, result.describe()
+    assert _digest(tmp_path / "one" / "model.safetensors") == \
+        _digest(tmp_path / "two" / "model.safetensors")
+
+
+def test_two_ranks_on_the_moe_fixture_write_the_same_bytes(stories_dir, tinystories_text, tmp_path):
+    """``quantkit quantize --processes 2`` on the MoE fixture equals one process, and the
+    report says which rank quantized each layer."""
+    src = stories_dir.parent / "stories260K-moe4"
+    if not src.is_dir():
+        pytest.skip(f"{src} is absent: this test needs the ../shared models")
+    args = [*QUANT_ARGS, "--calibration", str(tinystories_text)]
+    quantize_directory(src, tmp_path / "one", Recipe().with_default(bits=4, group_size=32),
+                       calibration=tinystories_text, num_samples=16, seq_len=128,
+                       distributed=Distributed(num_shards=4))
+    two = _run_cli(["quantize", str(src), "-o", str(tmp_path / "two"), *args, "--processes", "2"])
+    assert two.returncode == 0, two.stderr
+    assert _digest(tmp_path / "one" / "model.safetensors") == \
+        _digest(tmp_path / "two" / "model.safetensors")
+    report = json.loads((tmp_path / "two" / "quantization_report.json").read_text())
+    assert report["world_size"] == 2
+    ranks = {r["rank"] for r in report["layers"] if r["status"] != "skipped"}
+    assert ranks == {0, 1}
+    single = json.loads((tmp_path / "one" / "quantization_report.json").read_text())
+    assert single["world_size"] == 1
+    assert {r["rank"] for r in single["layers"]} == {0}
+
+
+def _children(pid: int) -> list[int]:
+    path = Path(f"/proc/{pid}/task/{pid}/children")
+    return [int(c) for c in path.read_text().split()] if path.exists() else []
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="needs Linux /proc")
+def test_killed_rank_fails_the_cli_cleanly(stories_dir, tmp_path):
+    out = tmp_path / "out"
+    start = time.monotonic()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "quantkit.cli", "quantize", str(stories_dir), "-o", str(out),
+         *QUANT_ARGS, "--processes", "2"],
+        env=_env(), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    ranks: list[int] = []
+    try:
+        while len(ranks) < 2 and proc.poll() is None and time.monotonic() - start < JOB_TIMEOUT:
+            time.sleep(0.05)
+            ranks = _children(proc.pid)
+        assert len(ranks) == 2, "the launcher did not start two ranks"
+        os.kill(ranks[1], signal.SIGKILL)
+        _, stderr = proc.communicate(timeout=JOB_TIMEOUT)
+    finally:
+        if proc.poll() is None:  # the test failed: leave no launcher or rank behind
+            for pid in ranks:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 1
+    assert "rank 1 of 2 was killed by SIGKILL" in " ".join(stderr.split())
+    assert "Traceback" not in stderr
+    assert time.monotonic() - start < JOB_TIMEOUT
+    assert not out.exists()
+    assert not list(tmp_path.glob(".out.partial-*"))
+    for pid in ranks:  # no rank left behind
+        assert not Path(f"/proc/{pid}").exists() or "zombie" in Path(f"/proc/{pid}/status").read_text()
+
+
+def test_rank_dying_mid_run_ends_the_job(stories_dir, tinystories_text, tmp_path):
+    """Rank 1 kills itself (SIGKILL) when it reaches block 2; rank 0 is then waiting in a
+    collective. The job ends quickly, names rank 1, and writes nothing."""
+    out = tmp_path / "out"
+    start = time.monotonic()
+    result = launch_local(
+        lambda rank: [sys.executable, str(REPO / "tests" / "rank_job.py"), str(stories_dir), str(out),
+                      str(tinystories_text), "kill"],
+        2, timeout_s=JOB_TIMEOUT, env=_env(),
+    )
+    assert not result.ok and not result.timed_out
+    assert result.failed_rank == 1 and result.returncodes[1] == -signal.SIGKILL
+    assert result.returncodes[0] != 0
+    assert "rank 1 of 2 was killed by SIGKILL" in result.describe()
+    assert result.elapsed_s < JOB_TIMEOUT and time.monotonic() - start < JOB_TIMEOUT
+    assert not out.exists()
+
+
+def test_stalled_rank_makes_its_peer_give_up(stories_dir, tinystories_text, tmp_path, capfd):
+    """Rank 1 stops making progress at block 2: rank 0 waits at most its timeout (3 s) in
+    the next collective, says so and exits 1; the launcher then stops rank 1."""
+    out = tmp_path / "out"
+    result = launch_local(
+        lambda rank: [sys.executable, str(REPO / "tests" / "rank_job.py"), str(stories_dir),
+                      str(out), str(tinystories_text), "hang"],
+        2, timeout_s=JOB_TIMEOUT, env=_env(), grace_s=1,
+    )
+    assert result.failed_rank == 0 and result.returncodes[0] == 1
+    assert result.elapsed_s < 60
+    assert "rank 0: no progress for 3 s while" in " ".join(capfd.readouterr().err.split())
+    assert not out.exists()
+
+
+def test_missing_peer_times_out_with_a_clear_error(stories_dir, tmp_path):
+    """Rank 0 of a two-rank hostfile whose peer never starts gives up after --timeout."""
+    from quantkit.launch import write_hostfile
+
+    hostfile = write_hostfile(tmp_path / "hosts.json", 2)
+    env = {**_env(), "MLX_RANK": "0", "MLX_HOSTFILE": str(hostfile)}
+    start = time.monotonic()
+    proc = subprocess.run(
+        [sys.executable, "-m", "quantkit.cli", "quantize", str(stories_dir), "-o",
+         str(tmp_path / "out"), "--distributed", "--timeout", "3", "-q"],
+        env=env, cwd=REPO, capture_output=True, text=True, timeout=JOB_TIMEOUT,
+    )
+    assert proc.returncode == 1
+    assert "Timeout" in proc.stderr and "connect_to_other_ranks" in proc.stderr
+    assert time.monotonic() - start < 30
+    assert not (tmp_path / "out").exists()
+
+
+def test_same_result_in_process_with_size_one_group(stories_dir, tinystories_text, tmp_path):
+    """``quantize_directory`` with an explicit size-1 group equals the default call."""
+    kw = dict(calibration=tinystories_text, num_samples=8, seq_len=64)
+    a = quantize_directory(stories_dir, tmp_path / "a", Recipe.uniform("gptq", 4, 32), **kw)
+    b = quantize_directory(stories_dir, tmp_path / "b", Recipe.uniform("gptq", 4, 32),
+                           distributed=Distributed.init(), **kw)
+    assert a.report.world_size == b.report.world_size == 1
+    assert _digest(a.out_dir / "model.safetensors") == _digest(b.out_dir / "model.safetensors")
