@@ -20,6 +20,7 @@ from mlx.utils import tree_flatten, tree_unflatten
 
 from .errors import FactorizationError, ModelLoadError
 from .hessian import HessianCollector, HessianStats
+from .moe import quantize_expert_layers
 from .packers import packer_for
 from .quantizers import Quantizer, QuantResult, RTNQuantizer
 from .recipe import Recipe, Rule
@@ -27,7 +28,6 @@ from .registry import (
     DEFAULT_REGISTRY,
     LayerHandler,
     LayerRegistry,
-    SwitchLinearHandler,
     Wrapper,
 )
 from .report import LayerRecord, RunReport
@@ -89,7 +89,13 @@ class LayerPlan:
 
     @property
     def needs_stats(self) -> bool:
-        return self.quantizer.needs_hessian and not isinstance(self.handler, SwitchLinearHandler)
+        """Calibrated in the block's shared forward pass (expert layers have their own)."""
+        return self.quantizer.needs_hessian and not self.handler.per_expert
+
+    @property
+    def per_expert(self) -> bool:
+        """Calibrated one Hessian per expert, in expert-batch passes (see quantkit.moe)."""
+        return self.quantizer.needs_hessian and self.handler.per_expert
 
 
 @attrs.define
@@ -178,16 +184,20 @@ class ModelWalker:
         block_paths = [paths[id(b)] for b in blocks]
         batches = [tokens[i : i + self.batch_size] for i in range(0, len(tokens), self.batch_size)]
 
-        needs_calibration = any(p.needs_stats for p in plans.values())
+        needs_calibration = any(p.needs_stats or p.per_expert for p in plans.values())
         if needs_calibration:
             inputs, block_args = self._capture(model, blocks, block_paths, batches)
         for i, (block, bpath) in enumerate(zip(blocks, block_paths)):
             inside = [p for k, p in plans.items() if k.startswith(bpath + ".")]
             self._emit("block", index=i, total=len(blocks), path=bpath)
-            stats = self._collect(model, inside, lambda: (
+            forward = lambda: (  # noqa: E731
                 block(x, *a, **kw) for x, (a, kw) in zip(inputs, block_args[i])
-            )) if needs_calibration else {}
-            self._quantize_all(model, inside, stats, report, i)
+            )
+            stats = self._collect(model, inside, forward) if needs_calibration else {}
+            experts = [p for p in inside if p.per_expert]
+            self._quantize_all(model, [p for p in inside if not p.per_expert], stats, report, i)
+            if experts:
+                self._quantize_experts(model, experts, forward, report, i)
             if needs_calibration:
                 inputs = [self._eval(block(x, *a, **kw)) for x, (a, kw) in zip(inputs, block_args[i])]
 
@@ -242,18 +252,34 @@ class ModelWalker:
         wanted = [p for p in plans if p.needs_stats]
         if not wanted:
             return {}
-        collectors: dict[str, HessianCollector] = {}
-        catchers = []
-        for p in wanted:
-            collectors[p.path] = p.handler.collector(p.module)
-            catchers.append((p.path, p.handler.catcher(p.module, collectors[p.path])))
+        collectors = {p.path: p.handler.collector(p.module) for p in wanted}
+        self._run_collectors(model, wanted, collectors, forward)
+        return {k: c.stats() for k, c in collectors.items()}
+
+    def _run_collectors(self, model, wanted: list[LayerPlan],
+                        collectors: dict[str, HessianCollector], forward) -> None:
+        catchers = [(p.path, p.handler.catcher(p.module, collectors[p.path])) for p in wanted]
         model.update_modules(tree_unflatten(catchers))
         try:
             for _ in forward():
                 mx.eval([c.arrays() for c in collectors.values()])
         finally:
             model.update_modules(tree_unflatten([(p.path, p.module) for p in wanted]))
-        return {k: c.stats() for k, c in collectors.items()}
+
+    def _quantize_experts(self, model, plans: list[LayerPlan], forward, report, block_index):
+        """Expert layers of one block: one Hessian per expert, a batch of experts per forward
+        pass, after the block's other layers are quantized (see quantkit.moe)."""
+        def collect(active, collectors):
+            self._run_collectors(model, active, collectors, forward)
+
+        new_modules = []
+        for p, module, records in quantize_expert_layers(plans, collect, self.fallback):
+            for record in records:
+                record.block = block_index
+                report.add(record)
+                self._emit("layer", record=record)
+            new_modules.append((p.path, module))
+        model.update_modules(tree_unflatten(new_modules))
 
     def _collect_outside(self, model, blocks, block_paths, plans, batches, last_outputs):
         replays = [_Replay(b, None) for b in blocks[:-1]] + [_Replay(blocks[-1], last_outputs)]
@@ -287,7 +313,7 @@ class ModelWalker:
         )
         fallback_reason = None
         if p.quantizer.needs_hessian and not p.needs_stats:
-            fallback_reason = f"{record.layer_class}: per-expert Hessians not supported yet"
+            fallback_reason = f"{record.layer_class}: expert layer outside the decoder blocks"
         elif p.quantizer.needs_hessian and (stats is None or stats.n_tokens == 0):
             fallback_reason = "no calibration activations reached this layer"
         result: QuantResult | None = None
