@@ -22,6 +22,7 @@ from .errors import FactorizationError, ModelLoadError
 from .hessian import HessianCollector, HessianStats
 from .moe import quantize_expert_layers
 from .packers import packer_for
+from .predicate import apply_predicate, model_predicate
 from .quantizers import Quantizer, QuantResult, RTNQuantizer
 from .recipe import Recipe, Rule
 from .registry import (
@@ -120,6 +121,9 @@ class ModelWalker:
     batch_size: int = 8
     dtype: str | None = "float32"
     progress: Progress | None = None
+    #: Obey the model's ``quant_predicate`` (e.g. an 8-bit MoE router) where no explicit
+    #: recipe rule matches; see :mod:`quantkit.predicate`.
+    use_model_predicate: bool = True
 
     def _emit(self, event: str, **info: Any) -> None:
         if self.progress is not None:
@@ -131,6 +135,7 @@ class ModelWalker:
         """Decide, for every leaf module, what happens to it. Skipped layers go to ``report``."""
         plans: dict[str, LayerPlan] = {}
         quantizers: dict[int | None, Quantizer] = {}
+        predicate = model_predicate(model) if self.use_model_predicate else None
         for path, module in tree_flatten(model.leaf_modules(), is_leaf=nn.Module.is_module):
             handler = self.registry.get(module)
             if handler is None:
@@ -149,19 +154,29 @@ class ModelWalker:
                 if report is not None:
                     report.add(record)
                 continue
-            spec = rule.spec.fitted_to(weight.shape[-1])
+            spec, model_note = rule.spec, None
+            if predicate is not None and index is None:
+                spec, model_note = apply_predicate(predicate, path, module, spec)
+                if spec is None:
+                    record.reason = model_note
+                    if report is not None:
+                        report.add(record)
+                    continue
+            wanted = spec
+            spec = spec.fitted_to(weight.shape[-1])
             if spec is None:
                 record.reason = (
                     f"input width {weight.shape[-1]} is not divisible by any group size "
-                    f"allowed in mode {rule.spec.mode!r} {list(rule.spec.allowed_group_sizes())}"
+                    f"allowed in mode {wanted.mode!r} {list(wanted.allowed_group_sizes())}"
                 )
                 if report is not None:
                     report.add(record)
                 continue
-            note = None
-            if spec.group_size != rule.spec.group_size:
-                note = (f"group size {rule.spec.group_size} does not divide width "
-                        f"{weight.shape[-1]}: used {spec.group_size}")
+            note = model_note
+            if spec.group_size != wanted.group_size:
+                note = "; ".join(n for n in (note, (
+                    f"group size {wanted.group_size} does not divide width "
+                    f"{weight.shape[-1]}: used {spec.group_size}")) if n)
             if index not in quantizers:
                 quantizers[index] = rule.make_quantizer()
             plans[path] = LayerPlan(path, module, handler, index, rule, spec,
