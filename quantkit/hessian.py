@@ -6,6 +6,7 @@ import abc
 
 import attrs
 import mlx.core as mx
+import numpy as np
 
 
 @attrs.frozen
@@ -61,27 +62,26 @@ class DenseHessianCollector(HessianCollector):
 
 
 @attrs.frozen
-class ExpertHessianStats:
+class ExpertHessianStats(HessianStats):
     """What a :class:`PerExpertHessianCollector` gathered for one batch of experts.
 
     ``h (len(experts), in, in)``: each expert's mean ``x xᵀ`` over the rows routed to it (zeros
     for an expert that got none), or ``(1, in, in)`` — one Hessian for all — when collected
-    ``shared``; ``n_tokens``: rows each expert of ``experts`` received; ``layer_tokens``: rows
+    ``shared``; ``expert_tokens``: rows each expert of ``experts`` received; ``n_tokens``: rows
     the layer received over all its experts (a token sent to ``k`` experts counts ``k`` times).
     """
 
-    h: mx.array
-    experts: tuple[int, ...]
-    n_tokens: tuple[int, ...]
-    layer_tokens: int
+    experts: tuple[int, ...] = ()
+    expert_tokens: tuple[int, ...] = ()
 
     def expert(self, i: int) -> HessianStats:
         """The :class:`HessianStats` of ``experts[i]``."""
-        return HessianStats(h=self.h[0 if self.h.shape[0] == 1 else i], n_tokens=self.n_tokens[i])
+        h = self.h[0 if self.h.shape[0] == 1 else i]
+        return HessianStats(h=h, n_tokens=self.expert_tokens[i])
 
     def share(self, i: int) -> float:
         """Fraction of the layer's routed rows that went to ``experts[i]``."""
-        return self.n_tokens[i] / self.layer_tokens if self.layer_tokens else 0.0
+        return self.expert_tokens[i] / self.n_tokens if self.n_tokens else 0.0
 
 
 class PerExpertHessianCollector(HessianCollector):
@@ -135,12 +135,12 @@ class PerExpertHessianCollector(HessianCollector):
         self.counts = self.counts + new
 
     def stats(self) -> ExpertHessianStats:
-        counts = self.counts.tolist()
+        counts = [int(c) for c in np.asarray(self.counts)]
         return ExpertHessianStats(
             h=self.h,
+            n_tokens=sum(counts),
             experts=tuple(self.experts),
-            n_tokens=tuple(counts[e] for e in self.experts),
-            layer_tokens=int(sum(counts)),
+            expert_tokens=tuple(counts[e] for e in self.experts),
         )
 
     def arrays(self) -> list[mx.array]:

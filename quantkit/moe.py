@@ -26,7 +26,7 @@ and listed in the report, one :class:`LayerRecord` with ``expert`` set per such 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 import attrs
 import mlx.core as mx
@@ -37,6 +37,7 @@ from .errors import FactorizationError
 from .hessian import ExpertHessianStats, HessianCollector
 from .packers import packer_for
 from .quantizers import Quantizer, QuantResult, round_to_nearest
+from .registry import SwitchLinearHandler
 from .report import LayerRecord
 
 if TYPE_CHECKING:
@@ -68,13 +69,13 @@ def quantize_expert(
     """Quantize expert ``stats.experts[i]`` (``weight (out, in)`` float32) of plan ``p``: with
     the recipe's strategy and the expert's own Hessian, with the handler's ``starved`` strategy
     when it got too few tokens, with ``fallback`` when its Hessian cannot be factorized."""
-    handler = p.handler
-    expert, n, share = stats.experts[i], stats.n_tokens[i], stats.share(i)
+    handler = cast(SwitchLinearHandler, p.handler)
+    expert, n, share = stats.experts[i], stats.expert_tokens[i], stats.share(i)
     own = stats.expert(i) if n > 0 else None
     reason = None
     if n == 0 or share < handler.min_token_share:
         quantizer = handler.starved
-        reason = (f"starved: {n} of {stats.layer_tokens} routed rows "
+        reason = (f"starved: {n} of {stats.n_tokens} routed rows "
                   f"({100 * share:.2f}% < {100 * handler.min_token_share:.2f}%)")
         if quantizer.needs_hessian and own is None:
             quantizer = fallback
@@ -86,13 +87,15 @@ def quantize_expert(
     except FactorizationError as exc:
         quantizer, reason = fallback, str(exc)
         result = fallback.quantize(weight, p.spec, None, p.storage_dtype)
-    errors = (None, None, None) if own is None else _errors(weight, result, own.h, p)
-    return result, ExpertOutcome(
+    outcome = ExpertOutcome(
         expert=expert, n_tokens=n, share=share, strategy=quantizer.name,
         status="quantized" if quantizer is p.quantizer else "fallback", reason=reason,
-        hessian_error=errors[0], energy=errors[1], rtn_hessian_error=errors[2],
         damping=result.info.get("damping"),
     )
+    if own is not None:
+        err, energy, rtn = _errors(weight, result, own.h, p)
+        outcome = attrs.evolve(outcome, hessian_error=err, energy=energy, rtn_hessian_error=rtn)
+    return result, outcome
 
 
 def quantize_expert_layers(
@@ -101,17 +104,21 @@ def quantize_expert_layers(
     """Calibrate and quantize the expert layers of one block, a batch of experts per forward
     pass (see the module docstring). Returns, per plan, the quantized layer and its records:
     the layer's own, then one per expert that did not get the recipe's strategy."""
-    batches = {p.path: p.handler.expert_batches(p.module) for p in plans}
+    handlers = {p.path: cast(SwitchLinearHandler, p.handler) for p in plans}
+    batches = {p.path: handlers[p.path].expert_batches(p.module) for p in plans}
     weights = {p.path: p.handler.weight(p.module).astype(mx.float32) for p in plans}
     done: dict[str, list[tuple[QuantResult, ExpertOutcome]]] = {p.path: [] for p in plans}
     layer_tokens: dict[str, int] = {}
     for r in range(max(len(b) for b in batches.values())):
         active = [p for p in plans if r < len(batches[p.path])]
-        collectors = {p.path: p.handler.collector(p.module, batches[p.path][r]) for p in active}
+        collectors: dict[str, HessianCollector] = {
+            p.path: handlers[p.path].collector(p.module, batches[p.path][r]) for p in active
+        }
         collect(active, collectors)
         for p in active:
             stats = collectors.pop(p.path).stats()
-            layer_tokens[p.path] = stats.layer_tokens
+            assert isinstance(stats, ExpertHessianStats)
+            layer_tokens[p.path] = stats.n_tokens
             for i, e in enumerate(stats.experts):
                 done[p.path].append(quantize_expert(p, weights[p.path][e], stats, i, fallback))
             del stats  # this batch's Hessians go here
@@ -124,17 +131,17 @@ def quantize_expert_layers(
 
 def stack_results(results: list[QuantResult]) -> QuantResult:
     """Per-expert results ``(out, in)`` as one ``(experts, out, in)`` result."""
-    first = results[0]
-
     def stack(name: str) -> mx.array | None:
         values = [getattr(r, name) for r in results]
         return None if any(v is None for v in values) else mx.stack(values)
 
+    packs = [r.packed for r in results]
     packed = None
-    if all(r.packed is not None for r in results):
-        packed = {k: mx.stack([r.packed[k] for r in results]) for k in first.packed}
-    return QuantResult(spec=first.spec, dequantized=stack("dequantized"), codes=stack("codes"),
-                       scales=stack("scales"), biases=stack("biases"), packed=packed)
+    if all(pk is not None for pk in packs):
+        packed = {k: mx.stack([pk[k] for pk in packs if pk is not None]) for k in packs[0] or {}}
+    return QuantResult(spec=results[0].spec, dequantized=mx.stack([r.dequantized for r in results]),
+                       codes=stack("codes"), scales=stack("scales"), biases=stack("biases"),
+                       packed=packed)
 
 
 def _build(p: LayerPlan, results: list[QuantResult]) -> nn.Module:
@@ -154,11 +161,15 @@ def _records(p: LayerPlan, outcomes: list[ExpertOutcome], layer_tokens: int) -> 
         )
 
     fell_back = [o for o in outcomes if o.status == "fallback"]
-    seen = [o for o in outcomes if o.n_tokens > 0 and o.hessian_error is not None]
-    n_seen = sum(o.n_tokens for o in seen)
-    err = sum(o.n_tokens * o.hessian_error for o in seen) / n_seen if n_seen else None
-    rtn = sum(o.n_tokens * o.rtn_hessian_error for o in seen) / n_seen if n_seen else None
-    energy = sum(o.n_tokens * o.energy for o in seen) / n_seen if n_seen else None
+    def token_mean(name: str) -> float | None:
+        """Mean over the layer's routed rows of an expert figure (experts with rows only)."""
+        pairs = [(o.n_tokens, getattr(o, name)) for o in outcomes if o.n_tokens > 0]
+        pairs = [(n, v) for n, v in pairs if v is not None]
+        total = sum(n for n, _ in pairs)
+        return sum(n * v for n, v in pairs) / total if total else None
+
+    err, rtn, energy = token_mean("hessian_error"), token_mean("rtn_hessian_error"), \
+        token_mean("energy")
     dampings = [o.damping for o in outcomes if o.damping is not None]
     summary = None
     if fell_back:

@@ -8,8 +8,9 @@ tied embedding) are done last, from the final block's outputs.
 
 from __future__ import annotations
 
+import functools
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import attrs
@@ -205,9 +206,7 @@ class ModelWalker:
         for i, (block, bpath) in enumerate(zip(blocks, block_paths)):
             inside = [p for k, p in plans.items() if k.startswith(bpath + ".")]
             self._emit("block", index=i, total=len(blocks), path=bpath)
-            forward = lambda: (  # noqa: E731
-                block(x, *a, **kw) for x, (a, kw) in zip(inputs, block_args[i])
-            )
+            forward = functools.partial(_block_passes, block, inputs, block_args[i])
             stats = self._collect(model, inside, forward) if needs_calibration else {}
             experts = [p for p in inside if p.per_expert]
             self._quantize_all(model, [p for p in inside if not p.per_expert], stats, report, i)
@@ -365,6 +364,11 @@ class ModelWalker:
                     or self.recipe.default.skip:
                 config[r.path] = {"group_size": r.group_size, "bits": r.bits, "mode": r.mode}
         return config
+
+
+def _block_passes(block: nn.Module, inputs: list[mx.array], args: list) -> Iterator[mx.array]:
+    """The block's forward pass on each calibration batch, lazily."""
+    return (block(x, *a, **kw) for x, (a, kw) in zip(inputs, args))
 
 
 def _decoder_blocks(model: nn.Module) -> list[nn.Module]:

@@ -17,10 +17,10 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 import pytest
+from conftest import shared_path
 from mlx.utils import tree_flatten, tree_unflatten
 from mlx_lm.models.switch_layers import QuantizedSwitchLinear, SwitchLinear
 
-from conftest import shared_path
 from quantkit import GPTQQuantizer, QuantSpec, Recipe, RTNQuantizer, quantize_model
 from quantkit.hessian import PerExpertHessianCollector
 from quantkit.registry import DEFAULT_REGISTRY, SwitchLinearCatcher, SwitchLinearHandler
@@ -94,16 +94,16 @@ def test_collector_routes_rows_to_their_experts():
     c.update(mx.array(x), mx.array(idx))
     c.update(mx.array(xs), mx.array(idx_s))
     st = c.stats()
-    assert st.experts == (2, 3, 4) and st.layer_tokens == 2 * 7 * 2 + 9
+    assert st.experts == (2, 3, 4) and st.n_tokens == 2 * 7 * 2 + 9
     rows_x = np.repeat(x.reshape(14, dim), 2, axis=0)
     all_rows = np.concatenate([rows_x, xs.reshape(9, dim)])
     all_idx = np.concatenate([idx.reshape(-1), idx_s])
     for i, e in enumerate(st.experts):
         r = all_rows[all_idx == e].astype(np.float64)
-        assert st.n_tokens[i] == len(r)
+        assert st.expert_tokens[i] == len(r)
         ref = r.T @ r / max(len(r), 1)
         np.testing.assert_allclose(np.array(st.h[i]), ref, atol=1e-5)
-    assert st.n_tokens[2] == 0 and np.all(np.isfinite(np.array(st.h)))
+    assert st.expert_tokens[2] == 0 and np.all(np.isfinite(np.array(st.h)))
 
 
 # -- tiny models of three mlx-lm MoE classes ----------------------------------------------------
@@ -229,6 +229,22 @@ def _load_float(path):
     return model
 
 
+class _Both:
+    """Feeds one layer's calls to two collectors."""
+
+    def __init__(self, *collectors):
+        self.collectors = collectors
+
+    def update(self, x, indices):
+        for c in self.collectors:
+            c.update(x, indices)
+
+
+def _h_error(w, w_hat, h) -> float:
+    d = np.array(w, np.float64) - np.array(w_hat, np.float64)
+    return float(np.einsum("ij,ij->", d @ h, d))
+
+
 @pytest.mark.slow
 def test_per_expert_hessians_beat_a_shared_one_on_every_w2(moe_fixture):
     """On each expert's down projection (w2), GPTQ with the expert's own Hessian has lower
@@ -244,12 +260,7 @@ def test_per_expert_hessians_beat_a_shared_one_on_every_w2(moe_fixture):
         own = PerExpertHessianCollector(dim, n_exp)
         shared = PerExpertHessianCollector(dim, n_exp, shared=True)
 
-        class Both:
-            def update(self, x, indices):
-                own.update(x, indices)
-                shared.update(x, indices)
-
-        model.update_modules(tree_unflatten([(key, SwitchLinearCatcher(layer, Both()))]))
+        model.update_modules(tree_unflatten([(key, SwitchLinearCatcher(layer, _Both(own, shared)))]))
         model(cal[:4])
         model.update_modules(tree_unflatten([(key, layer)]))
         s_own, s_shared = own.stats(), shared.stats()
@@ -257,12 +268,8 @@ def test_per_expert_hessians_beat_a_shared_one_on_every_w2(moe_fixture):
             w = layer.weight[e]
             h = np.array(s_own.h[e], dtype=np.float64)
 
-            def err(w_hat):
-                d = np.array(w, np.float64) - np.array(w_hat, np.float64)
-                return float(np.einsum("ij,ij->", d @ h, d))
-
-            e_own = err(gptq.quantize(w, spec, s_own.expert(e)).dequantized)
-            e_shared = err(gptq.quantize(w, spec, s_shared.expert(e)).dequantized)
+            e_own = _h_error(w, gptq.quantize(w, spec, s_own.expert(e)).dequantized, h)
+            e_shared = _h_error(w, gptq.quantize(w, spec, s_shared.expert(e)).dequantized, h)
             assert e_own < e_shared, (block, e, e_own, e_shared)
 
 
