@@ -107,7 +107,9 @@ def quantize_expert_layers(
     handlers = {p.path: cast(SwitchLinearHandler, p.handler) for p in plans}
     batches = {p.path: handlers[p.path].expert_batches(p.module) for p in plans}
     weights = {p.path: p.handler.weight(p.module).astype(mx.float32) for p in plans}
-    done: dict[str, list[tuple[QuantResult, ExpertOutcome]]] = {p.path: [] for p in plans}
+    # Each expert is packed as soon as it is quantized: only the stored arrays are kept.
+    packed: dict[str, list[dict[str, mx.array]]] = {p.path: [] for p in plans}
+    outcomes: dict[str, list[ExpertOutcome]] = {p.path: [] for p in plans}
     layer_tokens: dict[str, int] = {}
     for r in range(max(len(b) for b in batches.values())):
         active = [p for p in plans if r < len(batches[p.path])]
@@ -120,36 +122,29 @@ def quantize_expert_layers(
             assert isinstance(stats, ExpertHessianStats)
             layer_tokens[p.path] = stats.n_tokens
             for i, e in enumerate(stats.experts):
-                done[p.path].append(quantize_expert(p, weights[p.path][e], stats, i, fallback))
+                result, outcome = quantize_expert(p, weights[p.path][e], stats, i, fallback)
+                packed[p.path].append(_pack(p, result))
+                outcomes[p.path].append(outcome)
             del stats  # this batch's Hessians go here
     out = []
     for p in plans:
-        module = _build(p, [res for res, _ in done[p.path]])
-        out.append((p, module, _records(p, [o for _, o in done[p.path]], layer_tokens[p.path])))
+        module = p.handler.build(p.module, _stack(packed.pop(p.path)), p.spec)
+        mx.eval(module.parameters())
+        out.append((p, module, _records(p, outcomes[p.path], layer_tokens[p.path])))
     return out
 
 
-def stack_results(results: list[QuantResult]) -> QuantResult:
-    """Per-expert results ``(out, in)`` as one ``(experts, out, in)`` result."""
-    def stack(name: str) -> mx.array | None:
-        values = [getattr(r, name) for r in results]
-        return None if any(v is None for v in values) else mx.stack(values)
-
-    packs = [r.packed for r in results]
-    packed = None
-    if all(pk is not None for pk in packs):
-        packed = {k: mx.stack([pk[k] for pk in packs if pk is not None]) for k in packs[0] or {}}
-    return QuantResult(spec=results[0].spec, dequantized=mx.stack([r.dequantized for r in results]),
-                       codes=stack("codes"), scales=stack("scales"), biases=stack("biases"),
-                       packed=packed)
-
-
-def _build(p: LayerPlan, results: list[QuantResult]) -> nn.Module:
-    result = stack_results(results)
+def _pack(p: LayerPlan, result: QuantResult) -> dict[str, mx.array]:
+    """One expert's stored arrays (scales in float32 for affine; dtypes are restored later)."""
     dtype = mx.float32 if p.spec.mode == "affine" else p.storage_dtype
-    module = p.handler.build(p.module, packer_for(p.spec.mode).pack(result, dtype), p.spec)
-    mx.eval(module.parameters())
-    return module
+    arrays = packer_for(p.spec.mode).pack(result, dtype)
+    mx.eval(arrays)
+    return arrays
+
+
+def _stack(experts: list[dict[str, mx.array]]) -> dict[str, mx.array]:
+    """Per-expert arrays ``(out, ·)`` as the layer's ``(experts, out, ·)`` arrays."""
+    return {k: mx.stack([d[k] for d in experts]) for k in experts[0]}
 
 
 def _records(p: LayerPlan, outcomes: list[ExpertOutcome], layer_tokens: int) -> list[LayerRecord]:
