@@ -123,7 +123,7 @@ def w2_rows(args, path, cal) -> list[dict]:
             h = np.asarray(s_own.h[e], dtype=np.float64)
             energy = float(np.einsum("ij,ij->", w @ h, w))
 
-            def rel(stats, w=w, h=h, energy=energy, e=e):
+            def rel(stats, w=w, h=h, energy=energy, e=e, w2=w2):
                 w_hat = gptq.quantize(w2.weight[e], spec, stats).dequantized
                 d = w - np.asarray(w_hat, dtype=np.float64)
                 return float(np.einsum("ij,ij->", d @ h, d)) / energy
