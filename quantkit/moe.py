@@ -18,13 +18,17 @@ than the Hessians. The passes run after the block's other layers (attention, rou
 experts) are quantized and swapped in, so experts are calibrated on the tokens the quantized
 router actually sends them, and every pass sees the same routing.
 
-Starved experts — fewer than ``min_token_share`` of the layer's routed rows, or none — are
-quantized with the handler's calibration-free ``starved`` strategy (round to nearest by default)
-and listed in the report, one :class:`LayerRecord` with ``expert`` set per such expert.
+Starved experts — sent fewer than ``min_token_share`` of the calibration tokens (every token
+passes every MoE layer once and is sent to ``top_k`` experts, so the mean share is
+``top_k / experts``: 25% for Mixtral-8x, 6.25% for Qwen3-MoE's 128 experts, top 8), or none —
+are quantized with the handler's calibration-free ``starved`` strategy (round to nearest by
+default) and listed in the report, one :class:`LayerRecord` with ``expert`` set per such expert
+(its parameters are counted in the layer's record, not again there).
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, cast
 
@@ -61,21 +65,26 @@ class ExpertOutcome:
     energy: float | None = None
     rtn_hessian_error: float | None = None
     damping: float | None = None
+    time_s: float = 0.0
 
 
 def quantize_expert(
     p: LayerPlan, weight: mx.array, stats: ExpertHessianStats, i: int, fallback: Quantizer,
+    calibration_tokens: int,
 ) -> tuple[QuantResult, ExpertOutcome]:
     """Quantize expert ``stats.experts[i]`` (``weight (out, in)`` float32) of plan ``p``: with
-    the recipe's strategy and the expert's own Hessian, with the handler's ``starved`` strategy
-    when it got too few tokens, with ``fallback`` when its Hessian cannot be factorized."""
+    the recipe's strategy and the expert's own Hessian; with the handler's ``starved`` strategy
+    when it was sent less than ``min_token_share`` of the ``calibration_tokens``; with
+    ``fallback`` when its Hessian cannot be factorized."""
+    t0 = time.perf_counter()
     handler = cast(SwitchLinearHandler, p.handler)
-    expert, n, share = stats.experts[i], stats.expert_tokens[i], stats.share(i)
+    expert, n = stats.experts[i], stats.expert_tokens[i]
+    share = n / calibration_tokens if calibration_tokens else stats.share(i)
     own = stats.expert(i) if n > 0 else None
     reason = None
     if n == 0 or share < handler.min_token_share:
         quantizer = handler.starved
-        reason = (f"starved: {n} of {stats.n_tokens} routed rows "
+        reason = (f"starved: {n} of {calibration_tokens} calibration tokens "
                   f"({100 * share:.2f}% < {100 * handler.min_token_share:.2f}%)")
         if quantizer.needs_hessian and own is None:
             quantizer = fallback
@@ -95,15 +104,16 @@ def quantize_expert(
     if own is not None:
         err, energy, rtn = _errors(weight, result, own.h, p)
         outcome = attrs.evolve(outcome, hessian_error=err, energy=energy, rtn_hessian_error=rtn)
-    return result, outcome
+    return result, attrs.evolve(outcome, time_s=time.perf_counter() - t0)
 
 
 def quantize_expert_layers(
-    plans: list[LayerPlan], collect: Collect, fallback: Quantizer,
+    plans: list[LayerPlan], collect: Collect, fallback: Quantizer, calibration_tokens: int,
 ) -> list[tuple[LayerPlan, nn.Module, list[LayerRecord]]]:
     """Calibrate and quantize the expert layers of one block, a batch of experts per forward
-    pass (see the module docstring). Returns, per plan, the quantized layer and its records:
-    the layer's own, then one per expert that did not get the recipe's strategy."""
+    pass (see the module docstring); ``calibration_tokens``: tokens each pass runs through the
+    block. Returns, per plan, the quantized layer and its records: the layer's own, then one
+    per expert that did not get the recipe's strategy."""
     handlers = {p.path: cast(SwitchLinearHandler, p.handler) for p in plans}
     batches = {p.path: handlers[p.path].expert_batches(p.module) for p in plans}
     weights = {p.path: p.handler.weight(p.module).astype(mx.float32) for p in plans}
@@ -122,7 +132,8 @@ def quantize_expert_layers(
             assert isinstance(stats, ExpertHessianStats)
             layer_tokens[p.path] = stats.n_tokens
             for i, e in enumerate(stats.experts):
-                result, outcome = quantize_expert(p, weights[p.path][e], stats, i, fallback)
+                result, outcome = quantize_expert(p, weights[p.path][e], stats, i, fallback,
+                                                  calibration_tokens)
                 packed[p.path].append(_pack(p, result))
                 outcomes[p.path].append(outcome)
             del stats  # this batch's Hessians go here
@@ -179,11 +190,12 @@ def _records(p: LayerPlan, outcomes: list[ExpertOutcome], layer_tokens: int) -> 
         hessian_error=err, rtn_hessian_error=rtn,
         relative_error=(err / energy if err is not None and energy else None),
         damping=max(dampings) if dampings else None,
+        time_s=sum(o.time_s for o in outcomes),
     )
     per_expert = [
         record("fallback", o.strategy, reason=o.reason, expert=o.expert, n_tokens=o.n_tokens,
-               n_params=int(np.prod(p.handler.weight(p.module).shape[1:])),
-               hessian_error=o.hessian_error, rtn_hessian_error=o.rtn_hessian_error)
+               hessian_error=o.hessian_error, rtn_hessian_error=o.rtn_hessian_error,
+               time_s=o.time_s)
         for o in fell_back
     ]
     return [layer, *per_expert]

@@ -118,8 +118,9 @@ class SwitchLinearHandler(LayerHandler):
     ``expert_batch_size``: experts whose Hessians are collected and solved together; the block's
     calibration forward runs once per batch, so memory holds ``expert_batch_size`` Hessians per
     expert layer instead of all of them (see :mod:`quantkit.moe`). ``min_token_share``: an expert
-    that received less than this fraction of the layer's routed rows (or none) is "starved" and
-    quantized with ``starved`` (a calibration-free strategy) instead of the recipe's.
+    sent less than this fraction of the calibration tokens (or none) is "starved" and quantized
+    with ``starved`` (a calibration-free strategy) instead of the recipe's; the default, 0.5%,
+    is GPTQModel's.
     ``shared_hessian``: use one Hessian over all experts' rows, as mlx-lm's GPTQ does (for
     comparison; wrong for experts that see different tokens).
     """

@@ -211,7 +211,7 @@ class ModelWalker:
             experts = [p for p in inside if p.per_expert]
             self._quantize_all(model, [p for p in inside if not p.per_expert], stats, report, i)
             if experts:
-                self._quantize_experts(model, experts, forward, report, i)
+                self._quantize_experts(model, experts, forward, report, i, tokens.size)
             if needs_calibration:
                 inputs = [self._eval(block(x, *a, **kw)) for x, (a, kw) in zip(inputs, block_args[i])]
 
@@ -280,14 +280,16 @@ class ModelWalker:
         finally:
             model.update_modules(tree_unflatten([(p.path, p.module) for p in wanted]))
 
-    def _quantize_experts(self, model, plans: list[LayerPlan], forward, report, block_index):
+    def _quantize_experts(self, model, plans: list[LayerPlan], forward, report, block_index,
+                          n_tokens: int):
         """Expert layers of one block: one Hessian per expert, a batch of experts per forward
-        pass, after the block's other layers are quantized (see quantkit.moe)."""
+        pass over the ``n_tokens`` calibration tokens, after the block's other layers are
+        quantized (see quantkit.moe)."""
         def collect(active, collectors):
             self._run_collectors(model, active, collectors, forward)
 
         new_modules = []
-        for p, module, records in quantize_expert_layers(plans, collect, self.fallback):
+        for p, module, records in quantize_expert_layers(plans, collect, self.fallback, n_tokens):
             for record in records:
                 record.block = block_index
                 report.add(record)

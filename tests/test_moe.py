@@ -197,7 +197,7 @@ def test_starved_strategy_and_threshold_are_configurable():
     strategy; ``min_token_share=0`` sends none."""
     x = tokens(2, 32)
     result = quantize_model(tiny_model("mixtral"), x, RECIPE,
-                            registry=registry_with(min_token_share=0.9, starved=RTNQuantizer()))
+                            registry=registry_with(min_token_share=1.01, starved=RTNQuantizer()))
     layers = [r for r in result.report.layers if r.layer_class == "SwitchLinear"]
     assert all(r.strategy == "rtn" for r in layers)
     assert sum(r.expert is not None for r in layers) == 2 * 3 * 4
@@ -341,16 +341,16 @@ def test_starved_expert_reported_falls_back_and_loads(tmp_path):
     subprocess.run([sys.executable, str(tool), str(src), str(starved_dir), "--starve"],
                    check=True, capture_output=True)
     _, tokenizer = mlx_lm.load(str(starved_dir))
-    _starve_last_expert(starved_dir, make_batches(tokenize(tokenizer, read_text(text)), 4, 256))
+    _starve_last_expert(starved_dir, make_batches(tokenize(tokenizer, read_text(text)), 2, 256))
     out = quantize_directory(
         starved_dir, tmp_path / "q", Recipe.uniform(bits=4, group_size=32),
-        calibration=text, num_samples=4, seq_len=256,
+        calibration=text, num_samples=2, seq_len=256,
     )
     experts = [r for r in out.report.layers if r.expert is not None]
     assert len(experts) == 5 * 3 and {r.expert for r in experts} == {3}
     for r in experts:
         assert r.status == "fallback" and r.strategy == "rtn" and r.n_tokens is not None
-        assert r.n_tokens < 0.005 * 4 * 256 * 2 and "starved" in r.reason
+        assert r.n_tokens < 0.005 * 2 * 256 and "starved" in r.reason
     layer = next(r for r in out.report.layers if r.path == experts[0].path and r.expert is None)
     assert layer.status == "quantized" and "3 (" in layer.reason
 
