@@ -206,7 +206,8 @@ class ModelWalker:
         for i, (block, bpath) in enumerate(zip(blocks, block_paths)):
             inside = [p for k, p in plans.items() if k.startswith(bpath + ".")]
             self._emit("block", index=i, total=len(blocks), path=bpath)
-            forward = functools.partial(_block_passes, block, inputs, block_args[i])
+            forward = functools.partial(_block_passes, block, inputs, block_args[i]) \
+                if needs_calibration else None
             stats = self._collect(model, inside, forward) if needs_calibration else {}
             experts = [p for p in inside if p.per_expert]
             self._quantize_all(model, [p for p in inside if not p.per_expert], stats, report, i)

@@ -364,3 +364,13 @@ def test_starved_expert_reported_falls_back_and_loads(tmp_path):
     assert perplexity(model, make_batches(ids, 4, 256, seed=0)) < 20
     saved = json.loads((tmp_path / "q" / "quantization_report.json").read_text())
     assert sum(r["expert"] == 3 for r in saved["layers"]) == 15
+
+
+def test_rtn_recipe_needs_no_calibration_pass():
+    """A calibration-free recipe stores expert layers with round to nearest, no expert records."""
+    model = tiny_model("mixtral")
+    result = quantize_model(model, tokens(1, 8), Recipe.uniform("rtn", bits=4, group_size=32))
+    layers = [r for r in result.report.layers if r.layer_class == "SwitchLinear"]
+    assert layers and all(r.strategy == "rtn" and r.expert is None for r in layers)
+    assert isinstance(model.model.layers[0].block_sparse_moe.switch_mlp.up_proj,
+                      QuantizedSwitchLinear)
