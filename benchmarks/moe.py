@@ -16,7 +16,7 @@ Part 3 (``--sweep``), expert batches: a random Qwen3-MoE-shaped block (128 exper
 hidden 512) quantized with several ``expert_batch_size`` values: time and MLX peak memory.
 
     python benchmarks/moe.py                                  # reference protocol, ~5 min CPU
-    python benchmarks/moe.py --num-samples 8 --eval-samples 16 --sweep --json moe.json
+    python benchmarks/moe.py --num-samples 8 --eval-samples 16 --parts ppl sweep --json moe.json
 
 Prints tables; ``--json`` writes every figure.
 """
@@ -52,6 +52,13 @@ from quantkit.io import load_model  # noqa: E402
 from quantkit.registry import SwitchLinearCatcher, SwitchLinearHandler  # noqa: E402
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
+
+
+def windows(ids: np.ndarray, n: int, seq_len: int, how: str) -> mx.array:
+    if how == "random":
+        return make_batches(ids, n, seq_len, seed=0)
+    n = min(n, len(ids) // seq_len)
+    return mx.array(ids[: n * seq_len].reshape(n, seq_len))
 
 
 def fresh(path: Path):
@@ -172,14 +179,17 @@ def main() -> None:
     ap.add_argument("--parts", nargs="+", choices=["ppl", "w2", "sweep"], default=["ppl", "w2"],
                     help="sweep: time a 128-expert block at several expert batch sizes")
     ap.add_argument("--sweep-batches", type=int, nargs="+", default=[128, 32, 8])
+    ap.add_argument("--windows", choices=["first", "random"], default="first",
+                    help="first: the texts' first windows (the shared README's protocol); "
+                         "random: quantkit's calibration sampling, seed 0")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
 
     _, tokenizer, _ = load_model(args.model)
-    cal = make_batches(tokenize(tokenizer, read_text(args.calibration)), args.num_samples,
-                       args.seq_len, seed=0)
-    ev = make_batches(tokenize(tokenizer, read_text(args.eval_text)), args.eval_samples,
-                      args.seq_len, seed=0)
+    cal = windows(tokenize(tokenizer, read_text(args.calibration)), args.num_samples,
+                  args.seq_len, args.windows)
+    ev = windows(tokenize(tokenizer, read_text(args.eval_text)), args.eval_samples,
+                 args.seq_len, args.windows)
     out = {"settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
            "machine": platform.platform(), "mlx": mx.__version__}
 
