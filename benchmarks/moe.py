@@ -1,11 +1,12 @@
 """MoE benchmark (not a test): one Hessian shared by all experts (mlx-lm's way) against one
 Hessian per expert, on ``../shared/models/stories260K-moe4``.
 
-Part 1, perplexity (4-bit, group 32 by default; calibration and evaluation texts as in the
-shared README): the float model; mlx-lm's ``gptq_quantize`` (shared Hessian, every Hessian from
-the float model, fallback layers — the tied embedding — at the same bits and group size);
-quantkit with ``SwitchLinearHandler(shared_hessian=True)`` (the same walk, only the Hessian
-differs); quantkit per-expert (the default).
+Part 1, perplexity (4-bit, group 32 by default; calibration tinyshakespeare 64×256, evaluation
+tinystories 128×256, first windows, as in the shared README): the float model; mlx-lm's
+``gptq_quantize`` (shared Hessian, every Hessian from the float model, its fallback layer — the
+tied embedding — round to nearest at 6-bit group 64, mlx-lm's default); quantkit with the same
+embedding rule and ``SwitchLinearHandler(shared_hessian=True)``; quantkit per-expert (the
+default). The two quantkit rows differ only in the expert layers' Hessians.
 
 Part 2, per-expert ``w2`` error: for every block's down projection, GPTQ of each expert with
 its own Hessian and with the shared one, both measured with the expert's own Hessian (the mean
@@ -83,13 +84,20 @@ def timed(fn):
 def perplexity_rows(args, path, cal, ev) -> list[dict]:
     from mlx_lm.quant.gptq import gptq_quantize
 
-    recipe = Recipe.uniform(bits=args.bits, group_size=args.group_size)
+    # mlx-lm's GPTQ does nn.Linear and SwitchLinear; its "fallback" layers (here the tied
+    # embedding, also the output head) get round to nearest at --fallback-bits/-group-size.
+    # quantkit gets the same rule, so only the treatment of the GPTQ layers differs.
+    recipe = Recipe.from_dict({
+        "default": {"strategy": "gptq", "bits": args.bits, "group_size": args.group_size},
+        "rules": [{"match": "model.embed_tokens", "strategy": "rtn",
+                   "bits": args.fallback_bits, "group_size": args.fallback_group_size}],
+    })
     rows = []
     model = fresh(path)
     rows.append({"method": "float", "ppl": perplexity(model, ev), "time_s": 0.0})
     model = fresh(path)
     _, t, mem = timed(lambda: gptq_quantize(model, cal, args.bits, args.group_size,
-                                            args.bits, args.group_size))
+                                            args.fallback_bits, args.fallback_group_size))
     rows.append({"method": "mlx-lm gptq_quantize (shared H)", "ppl": perplexity(model, ev),
                  "time_s": t, "peak_mb": mem})
     for name, reg in (("quantkit, shared H", registry(shared_hessian=True)),
@@ -176,6 +184,9 @@ def main() -> None:
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--bits", type=int, default=4)
     ap.add_argument("--group-size", type=int, default=32)
+    ap.add_argument("--fallback-bits", type=int, default=6,
+                    help="the tied embedding, round to nearest (mlx-lm's gptq default: 6)")
+    ap.add_argument("--fallback-group-size", type=int, default=64)
     ap.add_argument("--parts", nargs="+", choices=["ppl", "w2", "sweep"], default=["ppl", "w2"],
                     help="sweep: time a 128-expert block at several expert batch sizes")
     ap.add_argument("--sweep-batches", type=int, nargs="+", default=[128, 32, 8])
@@ -205,7 +216,8 @@ def main() -> None:
 
 def print_perplexity(args, out, cal, ev) -> None:
     out["perplexity"] = perplexity_rows(args, args.model, cal, ev)
-    print(f"\nstories260K-moe4, {args.bits}-bit g{args.group_size}, calibration "
+    print(f"\nstories260K-moe4, {args.bits}-bit g{args.group_size} (embedding RTN "
+          f"{args.fallback_bits}-bit g{args.fallback_group_size}), calibration "
           f"{args.calibration.name} {len(cal)}x{args.seq_len}, eval {args.eval_text.name} "
           f"{len(ev)}x{args.seq_len}")
     print(f"{'method':34s} {'ppl':>8s} {'time s':>8s}")

@@ -277,17 +277,22 @@ def test_per_expert_hessians_beat_a_shared_one_on_every_w2(moe_fixture):
 def test_fixture_perplexity_below_mlx_lm_gptq(moe_fixture):
     """4-bit group-32 on stories260K-moe4, calibration tinyshakespeare 8×256, perplexity on
     tinystories 16×256: quantkit (per-expert Hessians) below mlx-lm's ``gptq_quantize`` (one
-    shared Hessian; its fallback layers — the tied embedding — at the same 4-bit group 32)."""
+    shared Hessian). The tied embedding, which mlx-lm's GPTQ leaves to its round-to-nearest
+    fallback (6-bit, group 64 by default), gets the same treatment in both."""
     from mlx_lm.quant.gptq import gptq_quantize
 
     from quantkit import perplexity
 
     path, cal, evaluation = moe_fixture
     reference = _load_float(path)
-    gptq_quantize(reference, cal, 4, 32, 4, 32)
+    gptq_quantize(reference, cal, 4, 32, 6, 64)
     ppl_mlx_lm = perplexity(reference, evaluation)
     model = _load_float(path)
-    quantize_model(model, cal, RECIPE)
+    recipe = Recipe.from_dict({
+        "default": {"bits": 4, "group_size": 32},
+        "rules": [{"match": "model.embed_tokens", "strategy": "rtn", "bits": 6, "group_size": 64}],
+    })
+    quantize_model(model, cal, recipe)
     ppl = perplexity(model, evaluation)
     assert math.isfinite(ppl) and ppl < ppl_mlx_lm, (ppl, ppl_mlx_lm)
 
