@@ -117,7 +117,7 @@ class PerExpertHessianCollector(HessianCollector):
             idx = mx.repeat(idx, rows)
         if idx.size == 0:
             return
-        new = mx.sum(idx[:, None] == mx.arange(self.num_experts)[None, :], axis=0).astype(mx.int32)
+        new = mx.zeros((self.num_experts,), dtype=mx.int32).at[idx].add(1)
         e0, e1 = self.experts.start, self.experts.stop
         if self.shared:
             s = (x.T @ x)[None]

@@ -379,3 +379,19 @@ def test_rtn_recipe_needs_no_calibration_pass():
     assert layers and all(r.strategy == "rtn" and r.expert is None for r in layers)
     assert isinstance(model.model.layers[0].block_sparse_moe.switch_mlp.up_proj,
                       QuantizedSwitchLinear)
+
+
+def test_apply_predicate_false_true_and_dict():
+    """``False`` keeps full precision; ``True`` keeps the recipe's spec; a dict without ``mode``
+    means affine (as ``to_quantized``), and keys a spec cannot hold are named in the note."""
+    from quantkit.predicate import apply_predicate
+
+    spec = QuantSpec(bits=4, group_size=32)
+    layer = nn.Linear(64, 8)
+    assert apply_predicate(lambda p, m: False, "a.gate", layer, spec)[0] is None
+    assert apply_predicate(lambda p, m: True, "a.gate", layer, spec) == (spec, None)
+    wanted, note = apply_predicate(
+        lambda p, m: {"bits": 8, "group_size": 64, "global_scale": True}, "a.gate", layer,
+        QuantSpec(bits=4, group_size=32, mode="mxfp4"),
+    )
+    assert wanted == QuantSpec(bits=8, group_size=64, mode="affine") and "global_scale" in note
