@@ -6,6 +6,7 @@ import abc
 
 import attrs
 import mlx.core as mx
+import numpy as np
 
 
 @attrs.frozen
@@ -58,3 +59,96 @@ class DenseHessianCollector(HessianCollector):
 
     def arrays(self) -> list[mx.array]:
         return [self.h]
+
+
+@attrs.frozen
+class ExpertHessianStats(HessianStats):
+    """What a :class:`PerExpertHessianCollector` gathered for one batch of experts.
+
+    ``h (len(experts), in, in)``: each expert's mean ``x xᵀ`` over the rows routed to it (zeros
+    for an expert that got none), or ``(1, in, in)`` — one Hessian for all — when collected
+    ``shared``; ``expert_tokens``: rows each expert of ``experts`` received; ``n_tokens``: rows
+    the layer received over all its experts (a token sent to ``k`` experts counts ``k`` times).
+    """
+
+    experts: tuple[int, ...] = ()
+    expert_tokens: tuple[int, ...] = ()
+
+    def expert(self, i: int) -> HessianStats:
+        """The :class:`HessianStats` of ``experts[i]``."""
+        h = self.h[0 if self.h.shape[0] == 1 else i]
+        return HessianStats(h=h, n_tokens=self.expert_tokens[i])
+
+    def share(self, i: int) -> float:
+        """Fraction of the layer's routed rows that went to ``experts[i]``."""
+        return self.expert_tokens[i] / self.n_tokens if self.n_tokens else 0.0
+
+
+class PerExpertHessianCollector(HessianCollector):
+    """One Hessian per expert of an expert layer (``SwitchLinear``), from the rows routed to it.
+
+    ``update(x, indices)`` takes the layer's call arguments: ``x (..., rows, in)`` and expert
+    ``indices`` broadcastable against ``x.shape[:-2]`` (``SwitchGLU`` calls its projections with
+    either ``x (B, L, 1, 1, in)`` and ``indices (B, L, k)`` or, sorted, ``x (N·k, 1, in)`` and
+    ``indices (N·k,)``). Only the Hessians of ``experts`` are held, so a layer with many experts
+    can be collected a batch of experts at a time; token counts are kept for all experts.
+    ``shared=True`` accumulates every row into one Hessian (mlx-lm's way), for comparison.
+    """
+
+    def __init__(
+        self, in_features: int, num_experts: int, experts: range | None = None,
+        shared: bool = False,
+    ) -> None:
+        self.num_experts = num_experts
+        self.experts = range(num_experts) if experts is None else experts
+        if self.experts.step != 1 or self.experts.start < 0 or self.experts.stop > num_experts:
+            raise ValueError(f"experts must be a contiguous range within 0..{num_experts}")
+        self.shared = shared
+        n_h = 1 if shared else len(self.experts)
+        self.h = mx.zeros((n_h, in_features, in_features), dtype=mx.float32)
+        self.counts = mx.zeros((num_experts,), dtype=mx.int32)
+
+    def update(self, x: mx.array, indices: mx.array) -> None:  # type: ignore[override]
+        batch = mx.broadcast_shapes(x.shape[:-2], indices.shape)
+        x = mx.broadcast_to(x, (*batch, *x.shape[-2:])).reshape(-1, x.shape[-1]).astype(mx.float32)
+        rows = x.shape[0] // max(1, _prod(batch))
+        idx = mx.broadcast_to(indices, batch).reshape(-1).astype(mx.int32)
+        if rows != 1:
+            idx = mx.repeat(idx, rows)
+        if idx.size == 0:
+            return
+        new = mx.zeros((self.num_experts,), dtype=mx.int32).at[idx].add(1)
+        e0, e1 = self.experts.start, self.experts.stop
+        if self.shared:
+            s = (x.T @ x)[None]
+            old, now = mx.sum(self.counts), mx.sum(new)
+        else:
+            order = mx.argsort(idx)
+            xs = x[order]
+            ends = mx.cumsum(new)
+            segments = mx.stack([ends - new, ends], axis=-1)[e0:e1].astype(mx.uint32)
+            s = mx.segmented_mm(xs.T, xs, segments)
+            old, now = self.counts[e0:e1], new[e0:e1]
+        total = (old + now).astype(mx.float32)
+        keep = mx.where(total > 0, old.astype(mx.float32) / mx.maximum(total, 1.0), 0.0)
+        self.h = self.h * keep.reshape(-1, 1, 1) + s / mx.maximum(total, 1.0).reshape(-1, 1, 1)
+        self.counts = self.counts + new
+
+    def stats(self) -> ExpertHessianStats:
+        counts = [int(c) for c in np.asarray(self.counts)]
+        return ExpertHessianStats(
+            h=self.h,
+            n_tokens=sum(counts),
+            experts=tuple(self.experts),
+            expert_tokens=tuple(counts[e] for e in self.experts),
+        )
+
+    def arrays(self) -> list[mx.array]:
+        return [self.h, self.counts]
+
+
+def _prod(shape) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n

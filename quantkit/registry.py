@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import abc
+from typing import ClassVar
 
+import attrs
 import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.models.switch_layers import SwitchLinear
 
-from .hessian import DenseHessianCollector, HessianCollector
+from .hessian import DenseHessianCollector, HessianCollector, PerExpertHessianCollector
+from .quantizers import Quantizer, RTNQuantizer
 from .specs import QuantSpec
 
 
@@ -41,6 +44,19 @@ class LinearCatcher(Wrapper):
         return self.module(x, *args, **kwargs)
 
 
+class SwitchLinearCatcher(Wrapper):
+    """Wraps an expert layer during calibration: feeds each input and its expert ``indices`` to
+    the collector, then runs the layer."""
+
+    def __init__(self, module: nn.Module, collector: PerExpertHessianCollector) -> None:
+        super().__init__(module)
+        self.collector = collector
+
+    def __call__(self, x: mx.array, indices: mx.array, sorted_indices: bool = False) -> mx.array:
+        self.collector.update(x, indices)
+        return self.module(x, indices, sorted_indices=sorted_indices)
+
+
 class EmbeddingCatcher(Wrapper):
     """Wraps an embedding: lookups pass through; ``as_linear`` (a tied output head) is collected."""
 
@@ -58,6 +74,9 @@ class EmbeddingCatcher(Wrapper):
 
 class LayerHandler(abc.ABC):
     """How the walker treats one layer class: its weight, its calibration wrapper, its rebuild."""
+
+    #: Whether the layer holds experts calibrated one Hessian per expert (see quantkit.moe).
+    per_expert: ClassVar[bool] = False
 
     def weight(self, module: nn.Module) -> mx.array:
         """The weight with the input dimension last."""
@@ -92,14 +111,41 @@ class EmbeddingHandler(LayerHandler):
         return EmbeddingCatcher(module, collector)
 
 
+@attrs.frozen
 class SwitchLinearHandler(LayerHandler):
-    """Mixture-of-experts linear (``(experts, out, in)``). Until per-expert Hessians exist, the
-    walker stores it with the fallback strategy and says so in the report."""
+    """Mixture-of-experts linear (weight ``(experts, out, in)``): one Hessian per expert.
 
-    supports_hessian = False
+    ``expert_batch_size``: experts whose Hessians are collected and solved together; the block's
+    calibration forward runs once per batch, so memory holds ``expert_batch_size`` Hessians per
+    expert layer instead of all of them (see :mod:`quantkit.moe`). ``min_token_share``: an expert
+    sent less than this fraction of the calibration tokens (or none) is "starved" and quantized
+    with ``starved`` (a calibration-free strategy) instead of the recipe's; the default, 0.5%,
+    is GPTQModel's.
+    ``shared_hessian``: use one Hessian over all experts' rows, as mlx-lm's GPTQ does (for
+    comparison; wrong for experts that see different tokens).
+    """
+
+    per_expert: ClassVar[bool] = True
+
+    expert_batch_size: int = attrs.field(default=32, validator=attrs.validators.gt(0))
+    min_token_share: float = attrs.field(default=0.005, validator=attrs.validators.ge(0.0))
+    starved: Quantizer = attrs.field(factory=RTNQuantizer)
+    shared_hessian: bool = False
+
+    def num_experts(self, module: nn.Module) -> int:
+        return self.weight(module).shape[0]
+
+    def expert_batches(self, module: nn.Module) -> list[range]:
+        n = self.num_experts(module)
+        step = self.expert_batch_size
+        return [range(e, min(e + step, n)) for e in range(0, n, step)]
+
+    def collector(self, module, experts: range | None = None):
+        w = self.weight(module)
+        return PerExpertHessianCollector(w.shape[-1], w.shape[0], experts, self.shared_hessian)
 
     def catcher(self, module, collector):
-        return LinearCatcher(module, collector)
+        return SwitchLinearCatcher(module, collector)
 
 
 class LayerRegistry:

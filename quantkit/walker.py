@@ -23,14 +23,15 @@ from .checkpoint import Checkpoint, ResumeState
 from .distributed import Distributed, ShardLayout
 from .errors import CheckpointError, FactorizationError, ModelLoadError, RecipeError
 from .hessian import HessianCollector, HessianStats
+from .moe import quantize_expert_layers
 from .packers import packer_for
+from .predicate import apply_predicate, model_predicate
 from .quantizers import Quantizer, QuantResult, RTNQuantizer
 from .recipe import Recipe, Rule
 from .registry import (
     DEFAULT_REGISTRY,
     LayerHandler,
     LayerRegistry,
-    SwitchLinearHandler,
     Wrapper,
 )
 from .report import LayerRecord, RunReport
@@ -92,7 +93,13 @@ class LayerPlan:
 
     @property
     def needs_stats(self) -> bool:
-        return self.quantizer.needs_hessian and not isinstance(self.handler, SwitchLinearHandler)
+        """Calibrated in the block's shared forward pass (expert layers have their own)."""
+        return self.quantizer.needs_hessian and not self.handler.per_expert
+
+    @property
+    def per_expert(self) -> bool:
+        """Calibrated one Hessian per expert, in expert-batch passes (see quantkit.moe)."""
+        return self.quantizer.needs_hessian and self.handler.per_expert
 
 
 @attrs.define
@@ -121,6 +128,9 @@ class ModelWalker:
     dtype: str | None = "float32"
     progress: Progress | None = None
     distributed: Distributed = attrs.field(factory=Distributed)
+    #: Obey the model's ``quant_predicate`` (e.g. an 8-bit MoE router) where no explicit
+    #: recipe rule matches; see :mod:`quantkit.predicate`.
+    use_model_predicate: bool = True
 
     def _emit(self, event: str, **info: Any) -> None:
         if self.progress is not None:
@@ -132,6 +142,7 @@ class ModelWalker:
         """Decide, for every leaf module, what happens to it. Skipped layers go to ``report``."""
         plans: dict[str, LayerPlan] = {}
         quantizers: dict[int | None, Quantizer] = {}
+        predicate = model_predicate(model) if self.use_model_predicate else None
         for path, module in tree_flatten(model.leaf_modules(), is_leaf=nn.Module.is_module):
             handler = self.registry.get(module)
             if handler is None:
@@ -150,19 +161,29 @@ class ModelWalker:
                 if report is not None:
                     report.add(record)
                 continue
-            spec = rule.spec.fitted_to(weight.shape[-1])
+            spec, model_note = rule.spec, None
+            if predicate is not None and index is None:
+                spec, model_note = apply_predicate(predicate, path, module, spec)
+                if spec is None:
+                    record.reason = model_note
+                    if report is not None:
+                        report.add(record)
+                    continue
+            wanted = spec
+            spec = spec.fitted_to(weight.shape[-1])
             if spec is None:
                 record.reason = (
                     f"input width {weight.shape[-1]} is not divisible by any group size "
-                    f"allowed in mode {rule.spec.mode!r} {list(rule.spec.allowed_group_sizes())}"
+                    f"allowed in mode {wanted.mode!r} {list(wanted.allowed_group_sizes())}"
                 )
                 if report is not None:
                     report.add(record)
                 continue
-            note = None
-            if spec.group_size != rule.spec.group_size:
-                note = (f"group size {rule.spec.group_size} does not divide width "
-                        f"{weight.shape[-1]}: used {spec.group_size}")
+            note = model_note
+            if spec.group_size != wanted.group_size:
+                note = "; ".join(n for n in (note, (
+                    f"group size {wanted.group_size} does not divide width "
+                    f"{weight.shape[-1]}: used {spec.group_size}")) if n)
             if index not in quantizers:
                 quantizers[index] = rule.make_quantizer()
             plans[path] = LayerPlan(path, module, handler, index, rule, spec,
@@ -195,7 +216,7 @@ class ModelWalker:
         batches = [batches[j] for j in layout.local_batches]
 
         resumed = self._resume(model, plans, report, checkpoint, len(blocks))
-        needs_calibration = any(p.needs_stats for p in plans.values())
+        needs_calibration = any(p.needs_stats or p.per_expert for p in plans.values())
         if needs_calibration:
             inputs, block_args = self._capture(model, blocks, block_paths, batches)
             if resumed is not None and resumed.next_block > 0:
@@ -208,7 +229,13 @@ class ModelWalker:
             stats = self._collect_sharded(
                 model, inside, layout, partial(_forward, block, inputs, block_args[i])
             ) if needs_calibration else {}
-            done = self._quantize_all(model, inside, stats, report, i)
+            done = self._quantize_all(model, [p for p in inside if not p.per_expert], stats, report, i)
+            experts = [p for p in inside if p.per_expert]
+            if experts:
+                done += self._quantize_experts(
+                    model, experts, layout, partial(_forward, block, inputs, block_args[i]),
+                    report, i, tokens.size,
+                )
             if needs_calibration:
                 inputs = [self._eval(block(x, *a, **kw)) for x, (a, kw) in zip(inputs, block_args[i])]
             if checkpoint is not None:
@@ -268,18 +295,41 @@ class ModelWalker:
         wanted = [p for p in plans if p.needs_stats]
         if not wanted:
             return {}
-        collectors: dict[str, HessianCollector] = {}
-        catchers = []
-        for p in wanted:
-            collectors[p.path] = p.handler.collector(p.module)
-            catchers.append((p.path, p.handler.catcher(p.module, collectors[p.path])))
+        collectors = {p.path: p.handler.collector(p.module) for p in wanted}
+        self._run_collectors(model, wanted, collectors, forward)
+        return {k: c.stats() for k, c in collectors.items()}
+
+    def _run_collectors(self, model, wanted: list[LayerPlan],
+                        collectors: dict[str, HessianCollector], forward) -> None:
+        catchers = [(p.path, p.handler.catcher(p.module, collectors[p.path])) for p in wanted]
         model.update_modules(tree_unflatten(catchers))
         try:
             for _ in forward():
                 mx.eval([c.arrays() for c in collectors.values()])
         finally:
             model.update_modules(tree_unflatten([(p.path, p.module) for p in wanted]))
-        return {k: c.stats() for k, c in collectors.items()}
+
+    def _quantize_experts(self, model, plans: list[LayerPlan], layout: ShardLayout, run_batch,
+                          report, block_index, n_tokens: int):
+        """Expert layers of one block: one Hessian per expert, a batch of experts per forward
+        pass over the ``n_tokens`` calibration tokens, after the block's other layers are
+        quantized (see quantkit.moe). Each expert's statistics go through the same shard tree
+        as dense layers', so the result does not depend on the number of processes."""
+        def collect(active, collectors):
+            merged = self.distributed.reduce_stats(layout, lambda positions: _expert_shard_stats(
+                model, self, active, collectors, lambda: (run_batch(j) for j in positions)))
+            for p in active:
+                _load_expert_stats(collectors[p.path], p.path, merged)
+
+        new_modules = []
+        for p, module, records in quantize_expert_layers(plans, collect, self.fallback, n_tokens):
+            for record in records:
+                record.block = block_index
+                report.add(record)
+                self._emit("layer", record=record)
+            new_modules.append((p.path, module))
+        model.update_modules(tree_unflatten(new_modules))
+        return new_modules
 
     def _collect_sharded(self, model, plans, layout: ShardLayout, run_batch) -> dict[str, HessianStats]:
         """``_collect`` once per calibration shard of this rank (``run_batch(j)``: the forward
@@ -352,7 +402,7 @@ class ModelWalker:
         )
         fallback_reason = None
         if p.quantizer.needs_hessian and not p.needs_stats:
-            fallback_reason = f"{record.layer_class}: per-expert Hessians not supported yet"
+            fallback_reason = f"{record.layer_class}: expert layer outside the decoder blocks"
         elif p.quantizer.needs_hessian and (stats is None or stats.n_tokens == 0):
             fallback_reason = "no calibration activations reached this layer"
         result: QuantResult | None = None
@@ -394,6 +444,36 @@ class ModelWalker:
 def _forward(block: nn.Module, inputs: list[mx.array], args: list, j: int) -> mx.array:
     """Block ``block`` on local batch ``j``: its captured input and extra arguments."""
     return block(inputs[j], *args[j][0], **args[j][1])
+
+
+def _expert_shard_stats(model, walker: ModelWalker, active: list[LayerPlan],
+                        like: dict[str, HessianCollector], forward) -> dict[str, HessianStats]:
+    """One calibration shard's per-expert statistics, flattened to plain
+    :class:`HessianStats` keyed ``path#expert`` (plus ``path#counts``: every expert's share of
+    the routed rows) so the shard tree merges each expert by its own token count."""
+    fresh = {p.path: p.handler.collector(p.module, like[p.path].experts) for p in active}
+    walker._run_collectors(model, active, fresh, forward)
+    out: dict[str, HessianStats] = {}
+    for path, c in fresh.items():
+        counts = c.counts.astype(mx.float32)
+        rows = int(mx.sum(c.counts).item())
+        out[f"{path}#counts"] = HessianStats(h=counts / max(rows, 1), n_tokens=rows)
+        if c.shared:
+            out[f"{path}#shared"] = HessianStats(h=c.h[0], n_tokens=rows)
+            continue
+        for i, e in enumerate(c.experts):
+            out[f"{path}#{e}"] = HessianStats(h=c.h[i], n_tokens=int(c.counts[e].item()))
+    return out
+
+
+def _load_expert_stats(collector, path: str, merged: dict[str, HessianStats]) -> None:
+    """Put the merged statistics back into ``collector`` (its Hessians and token counts)."""
+    total = merged[f"{path}#counts"]
+    collector.counts = mx.round(total.h * total.n_tokens).astype(mx.int32)
+    if collector.shared:
+        collector.h = merged[f"{path}#shared"].h[None]
+    else:
+        collector.h = mx.stack([merged[f"{path}#{e}"].h for e in collector.experts])
 
 
 def _decoder_blocks(model: nn.Module) -> list[nn.Module]:
