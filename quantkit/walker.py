@@ -238,22 +238,29 @@ class ModelWalker:
     def _collect(self, model, plans: list[LayerPlan], forward) -> dict[str, HessianStats]:
         """Install collectors on the layers of ``plans`` that need them and run ``forward()``,
         an iterable of per-batch forward passes. Only the collectors are evaluated, so MLX
-        computes no more of each forward than the collected inputs depend on."""
+        computes no more of each forward than the collected inputs depend on.
+
+        Layers that read the very same input array (q/k/v projections; gate/up) share one
+        collector: their Hessian is accumulated once and the same :class:`HessianStats` object
+        is returned under each of their paths."""
         wanted = [p for p in plans if p.needs_stats]
         if not wanted:
             return {}
-        collectors: dict[str, HessianCollector] = {}
+        pool = _InputPool()
+        collectors: dict[str, _SharingCollector] = {}
         catchers = []
         for p in wanted:
-            collectors[p.path] = p.handler.collector(p.module)
+            collectors[p.path] = _SharingCollector(p.path, p.handler.collector(p.module), pool)
             catchers.append((p.path, p.handler.catcher(p.module, collectors[p.path])))
         model.update_modules(tree_unflatten(catchers))
         try:
             for _ in forward():
                 mx.eval([c.arrays() for c in collectors.values()])
+                pool.clear()
         finally:
             model.update_modules(tree_unflatten([(p.path, p.module) for p in wanted]))
-        return {k: c.stats() for k, c in collectors.items()}
+        owned = {k: c.inner.stats() for k, c in collectors.items() if c.owner in (None, k)}
+        return {k: owned[c.owner or k] for k, c in collectors.items()}
 
     def _collect_outside(self, model, blocks, block_paths, plans, batches, last_outputs):
         replays = [_Replay(b, None) for b in blocks[:-1]] + [_Replay(blocks[-1], last_outputs)]
@@ -265,18 +272,55 @@ class ModelWalker:
 
     def _quantize_all(self, model, plans, stats, report, block_index) -> None:
         new_modules = []
-        for p in plans:
-            module, record = self.quantize_layer(p, stats.pop(p.path, None))
-            record.block = block_index
-            report.add(record)
-            self._emit("layer", record=record)
-            new_modules.append((p.path, module))
+        for group in _solve_groups(plans, stats):
+            results, joint_s = self._solve_jointly(group, stats)
+            for p, result in zip(group, results):
+                module, record = self.quantize_layer(p, stats.pop(p.path, None), result)
+                record.time_s += joint_s / len(group)
+                record.block = block_index
+                report.add(record)
+                self._emit("layer", record=record)
+                new_modules.append((p.path, module))
         if new_modules:
             model.update_modules(tree_unflatten(new_modules))
 
-    def quantize_layer(self, p: LayerPlan, stats: HessianStats | None) -> tuple[nn.Module, LayerRecord]:
+    @staticmethod
+    def _solve_jointly(group: list[LayerPlan], stats) -> tuple[list[QuantResult | None], float]:
+        """Layers sharing one Hessian, spec and row-independent quantizer are solved as one
+        matrix (their rows stacked): one factorization, one pass of the column loop. Returns
+        ``[None] * len(group)`` (solve each on its own) when that does not apply or fails."""
+        if len(group) == 1:
+            return [None], 0.0
+        t0 = time.perf_counter()
+        p0 = group[0]
+        weights = [p.handler.weight(p.module).astype(mx.float32) for p in group]
+        try:
+            joint = p0.quantizer.quantize(mx.concatenate(weights, axis=0), p0.spec,
+                                          stats[p0.path], p0.storage_dtype)
+        except FactorizationError:
+            return [None] * len(group), 0.0
+        results = []
+        start = 0
+        for w in weights:
+            rows = slice(start, start + w.shape[0])
+            start += w.shape[0]
+            results.append(attrs.evolve(
+                joint,
+                dequantized=joint.dequantized[rows],
+                codes=None if joint.codes is None else joint.codes[rows],
+                scales=None if joint.scales is None else joint.scales[rows],
+                biases=None if joint.biases is None else joint.biases[rows],
+                packed=None if joint.packed is None else {k: v[rows] for k, v in joint.packed.items()},
+                info=dict(joint.info, joint_with=[p.path for p in group]),
+            ))
+        return results, time.perf_counter() - t0
+
+    def quantize_layer(
+        self, p: LayerPlan, stats: HessianStats | None, result: QuantResult | None = None
+    ) -> tuple[nn.Module, LayerRecord]:
         """Quantize one planned layer; fall back to ``self.fallback`` when its strategy cannot
-        run (no calibration tokens, Hessian not factorizable, no per-expert support)."""
+        run (no calibration tokens, Hessian not factorizable, no per-expert support).
+        ``result``: the layer's values when they were already computed (a joint solve)."""
         t0 = time.perf_counter()
         weight = p.handler.weight(p.module).astype(mx.float32)
         record = LayerRecord(
@@ -290,8 +334,7 @@ class ModelWalker:
             fallback_reason = f"{record.layer_class}: per-expert Hessians not supported yet"
         elif p.quantizer.needs_hessian and (stats is None or stats.n_tokens == 0):
             fallback_reason = "no calibration activations reached this layer"
-        result: QuantResult | None = None
-        if fallback_reason is None:
+        if fallback_reason is None and result is None:
             try:
                 result = p.quantizer.quantize(weight, p.spec, stats, p.storage_dtype)
             except FactorizationError as exc:
@@ -326,6 +369,77 @@ class ModelWalker:
         return config
 
 
+class _InputPool:
+    """The input arrays seen by collectors during one forward pass, by identity."""
+
+    def __init__(self) -> None:
+        self._seen: dict[int, tuple[mx.array, str]] = {}
+
+    def owner(self, x: mx.array, path: str) -> str:
+        """The path of the first collector that saw this very array in this pass (``path``
+        itself when none did)."""
+        hit = self._seen.get(id(x))
+        if hit is not None and hit[0] is x:
+            return hit[1]
+        self._seen[id(x)] = (x, path)
+        return path
+
+    def clear(self) -> None:
+        self._seen.clear()
+
+
+class _SharingCollector(HessianCollector):
+    """Feeds ``inner`` only with inputs no other collector of the pool saw first; a layer whose
+    inputs are always another layer's (``owner``) gets that layer's statistics."""
+
+    def __init__(self, path: str, inner: HessianCollector, pool: _InputPool) -> None:
+        self.path = path
+        self.inner = inner
+        self.pool = pool
+        self.owner: str | None = None  # None until the first input; then the path that owns them
+
+    def update(self, x: mx.array) -> None:
+        owner = self.pool.owner(x, self.path)
+        if self.owner is None:
+            self.owner = owner
+        elif owner != self.owner:
+            raise RuntimeError(
+                f"{self.path}: inputs shared with {self.owner} in one pass but not in another"
+            )
+        if owner == self.path:
+            self.inner.update(x)
+
+    def stats(self) -> HessianStats:
+        return self.inner.stats()
+
+    def arrays(self) -> list[mx.array]:
+        return self.inner.arrays() if self.owner in (None, self.path) else []
+
+
+def _solve_groups(plans: list[LayerPlan], stats: dict[str, HessianStats]) -> list[list[LayerPlan]]:
+    """Plans in order, layers that can be solved as one matrix put together: same Hessian
+    object, spec, scale dtype and (row-independent) quantizer, 2-D weights."""
+    groups: dict[tuple, list[LayerPlan]] = {}
+    order: list[list[LayerPlan]] = []
+    for p in plans:
+        st = stats.get(p.path)
+        joinable = (
+            st is not None and st.n_tokens > 0 and p.needs_stats
+            and getattr(p.quantizer, "rows_independent", False)
+            and p.handler.weight(p.module).ndim == 2
+        )
+        if not joinable:
+            order.append([p])
+            continue
+        key = (id(st), p.spec, p.quantizer, p.storage_dtype)
+        if key in groups:
+            groups[key].append(p)
+        else:
+            groups[key] = [p]
+            order.append(groups[key])
+    return order
+
+
 def _decoder_blocks(model: nn.Module) -> list[nn.Module]:
     layers = getattr(model, "layers", None)
     if layers is None and "model" in model:
@@ -341,8 +455,17 @@ def _decoder_blocks(model: nn.Module) -> list[nn.Module]:
 def _errors(w: mx.array, w_hat: mx.array, h: mx.array, spec: QuantSpec, dtype: mx.Dtype):
     """Hessian-weighted error of ``w_hat``, relative to the output energy, and RTN's for scale.
 
-    Computed with NumPy (float64): on CPU builds of MLX its BLAS is far faster."""
+    Computed with NumPy (float64) on CPU (CPU builds of MLX have a slow BLAS), with MLX float32
+    on a GPU (no host copies of ``h``)."""
     from .quantizers import round_to_nearest
+
+    if mx.default_device() != mx.cpu:
+        w32, h32 = w.astype(mx.float32), h.astype(mx.float32)
+        rtn_hat = round_to_nearest(w, spec, dtype).dequantized
+        rows = mx.stack([w32, w32 - w_hat.astype(mx.float32), w32 - rtn_hat])
+        figs = mx.sum((rows @ h32) * rows, axis=(1, 2)).astype(mx.float32)
+        energy, e, rtn = (float(v) for v in np.array(figs))
+        return e, (e / energy if energy > 0 else 0.0), rtn
 
     h64 = np.asarray(h, dtype=np.float64)
     w64 = np.asarray(w, dtype=np.float64)
