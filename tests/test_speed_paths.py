@@ -119,22 +119,23 @@ def stories_pad_dir():
     return shared_path("models", "stories260K-pad192")
 
 
-def _walk(model, tokens, **options):
+def _walk(model, tokens, dense_standins=None, **options):
     recipe = Recipe.uniform("gptq", bits=4, group_size=32, **options)
-    return ModelWalker(recipe=recipe, batch_size=16).run(model, tokens)
+    return ModelWalker(recipe=recipe, batch_size=16, dense_standins=dense_standins).run(model, tokens)
 
 
 def test_optimized_walk_equals_reference_walk(stories_pad_dir, stories_tokens):
     """Shared Hessians + joint q/k/v and gate/up solves + NumPy column loop + reversed
-    factorization give the model the reference path gives, on a real pretrained model."""
+    factorization + dense stand-ins give the model the reference path gives (the MLX loop,
+    textbook inverse, quantized layers in the calibration forward), on a pretrained model."""
     from quantkit.io import load_model
 
     calib, _ = stories_tokens
     calib = calib[:16, :128]
     ref_model, _, _ = load_model(stories_pad_dir)
-    ref = _walk(ref_model, calib, compute="mlx", linalg="numpy-inv")
+    ref = _walk(ref_model, calib, dense_standins=False, compute="mlx", linalg="numpy-inv")
     fast_model, _, _ = load_model(stories_pad_dir)
-    fast = _walk(fast_model, calib)  # auto: numpy column loop on CPU, reversed factor
+    fast = _walk(fast_model, calib, dense_standins=True)  # auto: numpy column loop on CPU, reversed factor
     ref_layers = {r.path: r for r in ref.report.layers}
     n_joint = 0
     for r in fast.report.layers:

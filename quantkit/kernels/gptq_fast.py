@@ -150,7 +150,7 @@ _CUDA_SOURCE = """
         s = fixed_s[(size_t)row * NG + g];
         z = fixed_b[(size_t)row * NG + g];
       } else {
-        float mn = INFINITY, mx_ = -INFINITY;
+        float mn = inf, mx_ = -inf;
         bool mine = (lane / LPG) == g;
         #pragma unroll
         for (int c = 0; c < COLS; ++c) {
