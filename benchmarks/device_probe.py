@@ -63,9 +63,11 @@ def matmul_probe(out: dict) -> None:
         _, t = timed(lambda: mx.eval(x @ x), repeat=5)
         out[f"matmul_{name}_tflops"] = 2 * n**3 / t / 1e12
     try:
-        x = mx.array(a.astype(np.float64))
-        mx.eval(x @ x)
-        out["float64_matmul"] = "ok"
+        n = 256 if mx.default_device() == mx.cpu else 4096
+        x = mx.random.normal((n, n)).astype(mx.float64)
+        mx.eval(x)
+        _, t = timed(lambda: mx.eval(x @ x), repeat=3)
+        out["matmul_f64_tflops"] = 2 * n**3 / t / 1e12
     except Exception as exc:  # noqa: BLE001
         out["float64_matmul"] = f"{type(exc).__name__}: {exc}"[:200]
 
@@ -100,9 +102,15 @@ def factor_probe(out: dict, sizes: list[int], blocks: list[int]) -> None:
         for b in blocks:
             if b > n:
                 continue
-            u, t = timed(blocked_factor_mlx, hm, b)
-            row[f"blocked{b}_s"] = t
-            row[f"blocked{b}_err"] = float(np.abs(np.array(u, dtype=np.float64) - ref).max() / scale)
+            for name, dt in (("f32", mx.float32), ("f64", mx.float64)):
+                try:
+                    u, t = timed(blocked_factor_mlx, hm, b, dt)
+                except Exception as exc:  # noqa: BLE001
+                    row[f"blocked{b}_{name}_error"] = str(exc)[:300]
+                    continue
+                row[f"blocked{b}_{name}_s"] = t
+                row[f"blocked{b}_{name}_err"] = float(
+                    np.abs(np.array(u, dtype=np.float64) - ref).max() / scale)
         rows.append(row)
         print(row, flush=True)
     out["factor"] = rows

@@ -65,19 +65,20 @@ def _host_block_factor(a: mx.array) -> tuple[np.ndarray, np.ndarray]:
 def blocked_cholesky_mlx(
     a: mx.array, block: int = 1024
 ) -> tuple[list[mx.array], list[mx.array]]:
-    """Right-looking blocked Cholesky of ``a`` (float32, symmetric positive definite).
+    """Right-looking blocked Cholesky of ``a`` (symmetric positive definite), in ``a``'s dtype.
 
     Returns the column panels of ``L`` (panel ``k`` is ``L[k·nb:, k·nb:(k+1)·nb]``) and the
-    inverses of the diagonal blocks ``L_kk⁻¹``, all float32 arrays on the default device."""
+    inverses of the diagonal blocks ``L_kk⁻¹``, all arrays on the default device."""
     n = a.shape[0]
+    np_dtype = np.float64 if a.dtype == mx.float64 else np.float32
     panels: list[mx.array] = []
     diag_inv: list[mx.array] = []
     rest = a
     for k in range(0, n, block):
         m = min(block, n - k)
         l11, l11_inv = _host_block_factor(rest[:m, :m])
-        l11_inv_mx = mx.array(l11_inv.astype(np.float32))
-        l11_mx = mx.array(l11.astype(np.float32))
+        l11_inv_mx = mx.array(l11_inv.astype(np_dtype))
+        l11_mx = mx.array(l11.astype(np_dtype))
         if k + m < n:
             l21 = rest[m:, :m] @ l11_inv_mx.T
             rest = rest[m:, m:] - l21 @ l21.T
@@ -119,14 +120,24 @@ def blocked_tri_inv_mlx(panels: list[mx.array], diag_inv: list[mx.array]) -> mx.
     return x_top
 
 
-def blocked_factor_mlx(h_damped: mx.array, block: int = 1024) -> mx.array:
+def blocked_factor_mlx(
+    h_damped: mx.array, block: int = 1024, dtype: mx.Dtype | None = None
+) -> mx.array:
     """``U`` (float32, upper) with ``UᵀU = h_damped⁻¹`` on the default device (see module doc).
 
-    Only ``block × block`` diagonal blocks travel to the host; everything else is matmuls."""
-    a = h_damped.astype(mx.float32)[::-1, ::-1]
+    Only ``block × block`` diagonal blocks travel to the host; everything else is matmuls in
+    ``dtype``: float64 by default, since MLX's CUDA backend multiplies float32 matrices in TF32
+    (relative error ~3e-4, measured on an H200), too coarse for a factorization; float32 where
+    float64 is not supported."""
+    if dtype is None:
+        try:
+            return blocked_factor_mlx(h_damped, block, mx.float64)
+        except (RuntimeError, ValueError, TypeError):
+            dtype = mx.float32
+    a = h_damped.astype(dtype)[::-1, ::-1]
     panels, diag_inv = blocked_cholesky_mlx(a, block)
     x = blocked_tri_inv_mlx(panels, diag_inv)
-    u = x[::-1, ::-1]
+    u = x[::-1, ::-1].astype(mx.float32)
     # A contiguous copy: later slicing of u should not carry the reversed strides around.
     u = mx.contiguous(u) if hasattr(mx, "contiguous") else u + 0
     mx.eval(u)

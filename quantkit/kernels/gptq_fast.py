@@ -150,7 +150,7 @@ _CUDA_SOURCE = """
         s = fixed_s[(size_t)row * NG + g];
         z = fixed_b[(size_t)row * NG + g];
       } else {
-        float mn = inf, mx_ = -inf;
+        float mn = __int_as_float(0x7f800000), mx_ = __int_as_float(0xff800000);
         bool mine = (lane / LPG) == g;
         #pragma unroll
         for (int c = 0; c < COLS; ++c) {
