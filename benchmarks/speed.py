@@ -94,8 +94,40 @@ def _reset_peak():
         pass
 
 
+class PhaseClock:
+    """Splits a walk's wall time by the walker's progress events: capture of block inputs,
+    Hessian collection (block event → first layer event), quantization (layer events), and the
+    quantized block's forward (last layer event → next block event)."""
+
+    def __init__(self) -> None:
+        self.t = time.perf_counter()
+        self.last = "start"
+        self.phases: dict[str, float] = {}
+
+    def __call__(self, event: str, info: dict) -> None:
+        now = time.perf_counter()
+        phase = {("start", "capture"): "setup", ("capture", "capture"): "capture",
+                 ("capture", "block"): "capture", ("block", "layer"): "collect",
+                 ("layer", "layer"): "quantize", ("layer", "block"): "block_forward",
+                 ("start", "block"): "setup"}.get((self.last, event), f"{self.last}->{event}")
+        self.phases[phase] = self.phases.get(phase, 0.0) + now - self.t
+        self.t, self.last = now, event
+
+
 def run_quantkit(args) -> dict:
     from quantkit import Recipe, quantize_model
+
+    warmup_s = None
+    if args.warmup:
+        # JIT-compiled GPU kernels are built on first use: warm them on a one-block model.
+        model, cfg = build(args.model, 1, args.dtype, args.seed)
+        recipe = Recipe.uniform("gptq", bits=args.bits, group_size=args.group_size)
+        t0 = time.perf_counter()
+        quantize_model(model, tokens_for(cfg, args.batch_size, args.seq_len, args.seed), recipe,
+                       batch_size=args.batch_size,
+                       dtype=None if args.calib_dtype == "model" else args.calib_dtype)
+        warmup_s = time.perf_counter() - t0
+        del model
 
     model, cfg = build(args.model, args.layers, args.dtype, args.seed)
     tokens = tokens_for(cfg, args.samples, args.seq_len, args.seed)
@@ -109,10 +141,13 @@ def run_quantkit(args) -> dict:
     recipe = Recipe.uniform("gptq", bits=args.bits, group_size=args.group_size, **options)
     calib_dtype = None if args.calib_dtype == "model" else args.calib_dtype
     _reset_peak()
+    clock = PhaseClock()
     t0 = time.perf_counter()
-    result = quantize_model(model, tokens, recipe, batch_size=args.batch_size, dtype=calib_dtype)
+    result = quantize_model(model, tokens, recipe, batch_size=args.batch_size, dtype=calib_dtype,
+                            progress=clock)
     mx.eval(model.parameters())
     seconds = time.perf_counter() - t0
+    clock("end", {})
     layers = result.report.layers
     by_status: dict[str, int] = {}
     for r in layers:
@@ -122,6 +157,8 @@ def run_quantkit(args) -> dict:
                 and r.rtn_hessian_error is not None and r.hessian_error > r.rtn_hessian_error)
     return {
         "seconds": seconds,
+        "warmup_seconds": warmup_s,
+        "phases_s": clock.phases,
         "peak_memory_gb": mx.get_peak_memory() / 1e9,
         "weights_gb": weights,
         "layer_seconds": sum(r.time_s or 0.0 for r in layers),
@@ -185,6 +222,8 @@ def main() -> None:
     p.add_argument("--linalg", default=None, help="GPTQQuantizer.linalg (default auto)")
     p.add_argument("--mlx-lm-timeout", type=float, default=600.0, help="0: skip mlx-lm")
     p.add_argument("--skip-quantkit", action="store_true")
+    p.add_argument("--warmup", action="store_true",
+                   help="quantize a one-block model first (JIT kernel builds), not timed")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default=None)
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)

@@ -45,7 +45,7 @@ class DampedCholesky(InverseStrategy):
 
     damping: float = 0.01
     backend: str = attrs.field(default="auto", validator=_check_backend)
-    block: int = 1024
+    block: int = 512
 
     def factor(self, h: mx.array) -> InverseFactor:
         if resolve_backend(self.backend) == "blocked":
@@ -65,7 +65,7 @@ class EscalatingCholesky(InverseStrategy):
     growth: float = 10.0
     max_attempts: int = 5
     backend: str = attrs.field(default="auto", validator=_check_backend)
-    block: int = 1024
+    block: int = 512
 
     def factor(self, h: mx.array) -> InverseFactor:
         damping = self.damping

@@ -486,10 +486,15 @@ def _errors(w: mx.array, w_hat: mx.array, h: mx.array, spec: QuantSpec, dtype: m
     from .quantizers import round_to_nearest
 
     if mx.default_device() != mx.cpu:
-        w32, h32 = w.astype(mx.float32), h.astype(mx.float32)
-        rtn_hat = round_to_nearest(w, spec, dtype).dequantized
-        rows = mx.stack([w32, w32 - w_hat.astype(mx.float32), w32 - rtn_hat])
-        figs = mx.sum((rows @ h32) * rows, axis=(1, 2)).astype(mx.float32)
+        h32 = h.astype(mx.float32)
+        figs = mx.zeros((3,), dtype=mx.float32)
+        step = max(1, (1 << 26) // max(1, w.shape[-1]))  # row chunks of ~64M values
+        for r0 in range(0, w.shape[0], step):
+            w32 = w[r0 : r0 + step].astype(mx.float32)
+            rtn_hat = round_to_nearest(w[r0 : r0 + step], spec, dtype).dequantized
+            rows = mx.stack([w32, w32 - w_hat[r0 : r0 + step].astype(mx.float32), w32 - rtn_hat])
+            figs = figs + mx.sum((rows @ h32) * rows, axis=(1, 2)).astype(mx.float32)
+            mx.eval(figs)
         energy, e, rtn = (float(v) for v in np.array(figs))
         return e, (e / energy if energy > 0 else 0.0), rtn
 

@@ -13,6 +13,7 @@ from quantkit.kernels.blocked_cholesky import (
     blocked_factor_mlx,
     prepare_hessian_mlx,
     reversed_factor_numpy,
+    split_matmul,
 )
 from quantkit.kernels.gptq import gptq_quantize
 from quantkit.kernels.gptq_fast import _stored_np, cuda_block_ok, gptq_quantize_numpy
@@ -54,6 +55,23 @@ def test_blocked_mlx_factor_matches_float64_reference(block):
     np.testing.assert_allclose(np.array(hm), hd, atol=1e-5 * np.abs(hd).max())
     u = np.array(blocked_factor_mlx(hm, block), dtype=np.float64)
     ref = _reference_factor(hd)
+    np.testing.assert_allclose(u, ref, rtol=0, atol=2e-5 * np.abs(ref).max())
+
+
+def test_split_matmul_is_float32_accurate():
+    rng = np.random.default_rng(3)
+    a = rng.standard_normal((200, 300)).astype(np.float32)
+    b = rng.standard_normal((300, 100)).astype(np.float32)
+    ref = a.astype(np.float64) @ b.astype(np.float64)
+    got = np.array(split_matmul(mx.array(a), mx.array(b)), dtype=np.float64)
+    assert np.abs(got - ref).max() <= 1e-5 * np.abs(ref).max()
+
+
+@pytest.mark.parametrize("split", [False, True])
+def test_blocked_split_factor_matches(split):
+    hd, _, _ = prepare_hessian(_hessian(256), 0.01)
+    ref = _reference_factor(hd)
+    u = np.array(blocked_factor_mlx(mx.array(hd.astype(np.float32)), 64, split=split))
     np.testing.assert_allclose(u, ref, rtol=0, atol=2e-5 * np.abs(ref).max())
 
 

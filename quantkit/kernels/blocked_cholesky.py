@@ -62,8 +62,24 @@ def _host_block_factor(a: mx.array) -> tuple[np.ndarray, np.ndarray]:
     return lower, _tri_inv_lower_numpy(lower)
 
 
+def split_matmul(a: mx.array, b: mx.array) -> mx.array:
+    """``a @ b`` to about 1e-6 relative in float32 on hardware that multiplies float32 in TF32
+    (10-bit mantissa): each operand is split into a bfloat16-exact high part and a float32
+    remainder, and the four partial products are summed (high parts multiply exactly)."""
+    a_hi = a.astype(mx.bfloat16).astype(mx.float32)
+    b_hi = b.astype(mx.bfloat16).astype(mx.float32)
+    a_lo, b_lo = a - a_hi, b - b_hi
+    return a_hi @ b_hi + ((a_hi @ b_lo + a_lo @ b_hi) + a_lo @ b_lo)
+
+
+def _matmul_for(a: mx.array, split: bool):
+    if split and a.dtype == mx.float32:
+        return split_matmul
+    return mx.matmul
+
+
 def blocked_cholesky_mlx(
-    a: mx.array, block: int = 1024
+    a: mx.array, block: int = 1024, split: bool = False
 ) -> tuple[list[mx.array], list[mx.array]]:
     """Right-looking blocked Cholesky of ``a`` (symmetric positive definite), in ``a``'s dtype.
 
@@ -71,6 +87,7 @@ def blocked_cholesky_mlx(
     inverses of the diagonal blocks ``L_kk⁻¹``, all arrays on the default device."""
     n = a.shape[0]
     np_dtype = np.float64 if a.dtype == mx.float64 else np.float32
+    mm = _matmul_for(a, split)
     panels: list[mx.array] = []
     diag_inv: list[mx.array] = []
     rest = a
@@ -80,8 +97,8 @@ def blocked_cholesky_mlx(
         l11_inv_mx = mx.array(l11_inv.astype(np_dtype))
         l11_mx = mx.array(l11.astype(np_dtype))
         if k + m < n:
-            l21 = rest[m:, :m] @ l11_inv_mx.T
-            rest = rest[m:, m:] - l21 @ l21.T
+            l21 = mm(rest[m:, :m], l11_inv_mx.T)
+            rest = rest[m:, m:] - mm(l21, l21.T)
             panels.append(mx.concatenate([l11_mx, l21], axis=0))
         else:
             panels.append(l11_mx)
@@ -91,13 +108,15 @@ def blocked_cholesky_mlx(
     return panels, diag_inv
 
 
-def blocked_tri_inv_mlx(panels: list[mx.array], diag_inv: list[mx.array]) -> mx.array:
+def blocked_tri_inv_mlx(
+    panels: list[mx.array], diag_inv: list[mx.array], split: bool = False
+) -> mx.array:
     """``L⁻¹`` from :func:`blocked_cholesky_mlx`'s panels, by block rows:
     ``X_i,:i = -L_ii⁻¹ (L_i,:i X_:i,:i)``. All matmuls on the default device."""
     sizes = [d.shape[0] for d in diag_inv]
     starts = np.cumsum([0, *sizes])
     n = int(starts[-1])
-    rows: list[mx.array] = []
+    mm = _matmul_for(diag_inv[0], split)
     x_top: mx.array | None = None  # X[:k, :k], lower triangular
     for i, (s, m) in enumerate(zip(starts[:-1], sizes)):
         s = int(s)
@@ -109,9 +128,8 @@ def blocked_tri_inv_mlx(panels: list[mx.array], diag_inv: list[mx.array]) -> mx.
                 [p[s - int(starts[j]) : s - int(starts[j]) + m] for j, p in enumerate(panels[:i])],
                 axis=1,
             )
-            left = -(diag_inv[i] @ (l_row @ x_top))
+            left = -mm(diag_inv[i], mm(l_row, x_top))
             row = mx.concatenate([left, diag_inv[i]], axis=1)
-        rows.append(row)
         x_top = row if x_top is None else mx.concatenate(
             [mx.pad(x_top, [(0, 0), (0, m)]), row], axis=0
         )
@@ -121,22 +139,20 @@ def blocked_tri_inv_mlx(panels: list[mx.array], diag_inv: list[mx.array]) -> mx.
 
 
 def blocked_factor_mlx(
-    h_damped: mx.array, block: int = 1024, dtype: mx.Dtype | None = None
+    h_damped: mx.array, block: int = 512, dtype: mx.Dtype = mx.float32,
+    split: bool | None = None,
 ) -> mx.array:
     """``U`` (float32, upper) with ``UᵀU = h_damped⁻¹`` on the default device (see module doc).
 
     Only ``block × block`` diagonal blocks travel to the host; everything else is matmuls in
-    ``dtype``: float64 by default, since MLX's CUDA backend multiplies float32 matrices in TF32
-    (relative error ~3e-4, measured on an H200), too coarse for a factorization; float32 where
-    float64 is not supported."""
-    if dtype is None:
-        try:
-            return blocked_factor_mlx(h_damped, block, mx.float64)
-        except (RuntimeError, ValueError, TypeError):
-            dtype = mx.float32
+    ``dtype``. MLX's CUDA backend multiplies float32 matrices in TF32 (relative error ~3e-4,
+    measured on an H200; float64 is not supported on its GPU), too coarse for a factorization:
+    ``split`` (default: on a GPU) makes every float32 matmul a :func:`split_matmul`."""
+    if split is None:
+        split = mx.default_device() != mx.cpu
     a = h_damped.astype(dtype)[::-1, ::-1]
-    panels, diag_inv = blocked_cholesky_mlx(a, block)
-    x = blocked_tri_inv_mlx(panels, diag_inv)
+    panels, diag_inv = blocked_cholesky_mlx(a, block, split)
+    x = blocked_tri_inv_mlx(panels, diag_inv, split)
     u = x[::-1, ::-1].astype(mx.float32)
     # A contiguous copy: later slicing of u should not carry the reversed strides around.
     u = mx.contiguous(u) if hasattr(mx, "contiguous") else u + 0
