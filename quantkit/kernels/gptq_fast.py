@@ -147,8 +147,8 @@ _CUDA_SOURCE = """
     if (j % GS == 0) {
       const int g = j / GS;
       if (FIXED) {
-        s = fixed_s[(size_t)row * NG + g];
-        z = fixed_b[(size_t)row * NG + g];
+        s = qk_stored(fixed_s[(size_t)row * NG + g], STORE);
+        z = qk_stored(fixed_b[(size_t)row * NG + g], STORE);
       } else {
         float mn = __int_as_float(0x7f800000), mx_ = __int_as_float(0xff800000);
         bool mine = (lane / LPG) == g;
