@@ -60,7 +60,7 @@ def matmul_probe(out: dict) -> None:
     for name, dt in (("bf16", mx.bfloat16), ("f32", mx.float32)):
         x = mx.random.normal((n, n)).astype(dt)
         mx.eval(x)
-        _, t = timed(lambda: mx.eval(x @ x), repeat=5)
+        _, t = timed(lambda x=x: mx.eval(x @ x), repeat=5)
         out[f"matmul_{name}_tflops"] = 2 * n**3 / t / 1e12
     try:
         n = 256 if mx.default_device() == mx.cpu else 4096
@@ -127,7 +127,7 @@ def gptq_probe(out: dict, shapes: list[tuple[int, int]]) -> None:
         row = {"shape": [n_out, n_in]}
         kw = dict(bits=4, group_size=64, block_size=128, storage_dtype=mx.bfloat16)
 
-        def run(fn):
+        def run(fn, w=w, u=u, kw=kw):
             o = fn(w, u, **kw)
             mx.eval(o.codes, o.dequantized, o.scales, o.biases)
             return o
@@ -143,7 +143,7 @@ def gptq_probe(out: dict, shapes: list[tuple[int, int]]) -> None:
                                                        - np.array(ref.dequantized)).max())
                 row["cuda_scale_maxdiff"] = float(np.abs(np.array(fast.scales)
                                                          - np.array(ref.scales)).max())
-                err = lambda o: float(mx.sum(((w - o.dequantized) @ h) * (w - o.dequantized)))  # noqa: E731
+                err = lambda o, w=w, h=h: float(mx.sum(((w - o.dequantized) @ h) * (w - o.dequantized)))  # noqa: E731
                 row["herr_ref"], row["herr_cuda"] = err(ref), err(fast)
         except Exception:  # noqa: BLE001
             row["cuda_error"] = traceback.format_exc()[-1500:]

@@ -289,7 +289,7 @@ class ModelWalker:
         new_modules = []
         for group in _solve_groups(plans, stats):
             results, joint_s = self._solve_jointly(group, stats)
-            for p, result in zip(group, results):
+            for p, result in zip(group, results, strict=True):
                 module, record = self.quantize_layer(p, stats.pop(p.path, None), result)
                 record.time_s += joint_s / len(group)
                 record.block = block_index

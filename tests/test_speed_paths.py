@@ -6,7 +6,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from quantkit import GPTQQuantizer, QuantSpec, Recipe, quantize_model
+from quantkit import Recipe
 from quantkit.errors import FactorizationError
 from quantkit.inverse import DampedCholesky
 from quantkit.kernels.blocked_cholesky import (
@@ -26,7 +26,6 @@ from quantkit.kernels.gptq_fast import (
 from quantkit.kernels.linalg import inverse_hessian_factor, prepare_hessian, resolve_backend
 from quantkit.kernels.rtn import hessian_error
 from quantkit.walker import ModelWalker
-
 
 #: MLX's CUDA backend multiplies float32 matrices in TF32 (relative error ~3e-4): when these
 #: tests run on such a GPU, comparisons that involve MLX float32 matmuls get looser tolerances.
@@ -197,7 +196,6 @@ def test_optimized_walk_equals_reference_walk(stories_pad_dir, stories_tokens):
     fast_model, _, _ = load_model(stories_pad_dir)
     fast = _walk(fast_model, calib, dense_standins=True)  # auto: numpy column loop on CPU, reversed factor
     ref_layers = {r.path: r for r in ref.report.layers}
-    n_joint = 0
     for r in fast.report.layers:
         assert r.status == ref_layers[r.path].status
         if r.hessian_error is not None:

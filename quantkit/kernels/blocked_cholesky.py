@@ -118,7 +118,7 @@ def blocked_tri_inv_mlx(
     n = int(starts[-1])
     mm = _matmul_for(diag_inv[0], split)
     x_top: mx.array | None = None  # X[:k, :k], lower triangular
-    for i, (s, m) in enumerate(zip(starts[:-1], sizes)):
+    for i, (s, m) in enumerate(zip(starts[:-1], sizes, strict=True)):
         s = int(s)
         if i == 0:
             row = diag_inv[0]
