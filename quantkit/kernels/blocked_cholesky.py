@@ -13,7 +13,10 @@ Two implementations:
 * :func:`blocked_factor_mlx`: right-looking blocked Cholesky whose panel solves and trailing
   updates are matmuls on the default device (the GPU) and whose small diagonal blocks are
   factorized and inverted on the host in float64; then a blocked triangular inverse, again all
-  matmuls. The host sees one ``nb × nb`` block at a time.
+  matmuls. The host sees one ``nb × nb`` block at a time. MLX's GPUs have no float64 and its
+  CUDA backend multiplies float32 in TF32, so on a GPU each matmul is a :func:`split_matmul`
+  (four TF32 products, ~1e-6 relative): 0.5 s for n = 12288 on an H200 with errors ~1e-5
+  against float64, where host LAPACK took 10.6 s.
 
 Both raise :class:`FactorizationError` when the matrix is not positive definite.
 """
