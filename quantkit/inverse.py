@@ -9,7 +9,8 @@ import mlx.core as mx
 import numpy as np
 
 from .errors import FactorizationError
-from .kernels.linalg import BACKENDS, inverse_hessian_factor, prepare_hessian
+from .kernels.blocked_cholesky import blocked_factor_mlx, prepare_hessian_mlx
+from .kernels.linalg import BACKEND_NAMES, inverse_hessian_factor, prepare_hessian, resolve_backend
 
 
 @attrs.frozen
@@ -23,8 +24,8 @@ class InverseFactor:
 
 
 def _check_backend(instance: object, attribute: attrs.Attribute, value: str) -> None:
-    if value not in BACKENDS:
-        raise ValueError(f"linalg backend {value!r} is unknown; use one of {sorted(BACKENDS)}")
+    if value not in BACKEND_NAMES:
+        raise ValueError(f"linalg backend {value!r} is unknown; use one of {sorted(BACKEND_NAMES)}")
 
 
 class InverseStrategy(abc.ABC):
@@ -37,14 +38,22 @@ class InverseStrategy(abc.ABC):
 
 @attrs.frozen
 class DampedCholesky(InverseStrategy):
-    """One attempt: add ``damping · mean(diag H)`` and factorize."""
+    """One attempt: add ``damping · mean(diag H)`` and factorize.
+
+    ``backend``: see :mod:`quantkit.kernels.linalg` (``"auto"``: NumPy float64 on CPU, the
+    blocked GPU factorization on a GPU); ``block``: diagonal block size of ``"blocked"``."""
 
     damping: float = 0.01
-    backend: str = attrs.field(default="numpy", validator=_check_backend)
+    backend: str = attrs.field(default="auto", validator=_check_backend)
+    block: int = 512
 
     def factor(self, h: mx.array) -> InverseFactor:
+        if resolve_backend(self.backend) == "blocked":
+            hd, _, n_dead = prepare_hessian_mlx(h, self.damping)
+            u = blocked_factor_mlx(hd, self.block)
+            return InverseFactor(u=u, damping=self.damping, n_dead=n_dead)
         hd, _, n_dead = prepare_hessian(np.array(h), self.damping)
-        u = inverse_hessian_factor(hd, self.backend)
+        u = inverse_hessian_factor(hd, resolve_backend(self.backend))
         return InverseFactor(u=mx.array(u.astype(np.float32)), damping=self.damping, n_dead=n_dead)
 
 
@@ -55,14 +64,15 @@ class EscalatingCholesky(InverseStrategy):
     damping: float = 0.01
     growth: float = 10.0
     max_attempts: int = 5
-    backend: str = attrs.field(default="numpy", validator=_check_backend)
+    backend: str = attrs.field(default="auto", validator=_check_backend)
+    block: int = 512
 
     def factor(self, h: mx.array) -> InverseFactor:
         damping = self.damping
         last: FactorizationError | None = None
         for _ in range(self.max_attempts):
             try:
-                return DampedCholesky(damping, self.backend).factor(h)
+                return DampedCholesky(damping, self.backend, self.block).factor(h)
             except FactorizationError as exc:
                 last = exc
                 damping *= self.growth

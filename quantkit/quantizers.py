@@ -16,6 +16,13 @@ import mlx.core as mx
 from .hessian import HessianStats
 from .inverse import DampedCholesky, EscalatingCholesky, InverseStrategy
 from .kernels.gptq import gptq_quantize
+from .kernels.gptq_fast import (
+    cuda_available,
+    cuda_block_ok,
+    gptq_quantize_cuda,
+    gptq_quantize_numpy,
+)
+from .kernels.linalg import BACKEND_NAMES
 from .kernels.rtn import affine_dequantize, affine_params, affine_quantize
 from .specs import QuantSpec
 
@@ -50,6 +57,9 @@ class Quantizer(abc.ABC):
     name: ClassVar[str] = ""
     #: Whether the walker must run calibration data through the layer first.
     needs_hessian: ClassVar[bool] = True
+    #: Whether each output row is quantized independently given the statistics, so layers
+    #: sharing one Hessian may be solved as one matrix with their rows stacked.
+    rows_independent: ClassVar[bool] = False
 
     @abc.abstractmethod
     def quantize(
@@ -88,6 +98,24 @@ def round_to_nearest(weight: mx.array, spec: QuantSpec, storage_dtype: mx.Dtype)
     )
 
 
+#: Column-loop implementations of GPTQ with the same arithmetic (``"auto"`` picks one).
+COMPUTE_PATHS = ("auto", "mlx", "numpy", "cuda")
+
+
+def gptq_kernel(compute: str, n_in: int, group_size: int, block_size: int):
+    """The GPTQ column-loop function for ``compute`` on this machine.
+
+    ``"auto"``: the CUDA kernel on an NVIDIA GPU (when the widths suit it), NumPy when MLX's
+    default device is the CPU (MLX's Linux wheels multiply with reference BLAS), else the MLX
+    reference loop (Apple GPUs)."""
+    if compute == "auto":
+        if cuda_available():
+            compute = "cuda" if cuda_block_ok(n_in, group_size, block_size) else "mlx"
+        else:
+            compute = "numpy" if mx.default_device() == mx.cpu else "mlx"
+    return {"mlx": gptq_quantize, "numpy": gptq_quantize_numpy, "cuda": gptq_quantize_cuda}[compute]
+
+
 STRATEGIES: dict[str, type[Quantizer]] = {}
 
 
@@ -124,15 +152,20 @@ class GPTQQuantizer(Quantizer):
 
     ``damping``: fraction of the mean Hessian diagonal added before factorizing;
     ``max_attempts``: how many times the damping may grow ×10 when factorization fails
-    (1 = plain damped Cholesky); ``linalg``: ``"numpy"`` (float64 LAPACK) or ``"mlx"``.
+    (1 = plain damped Cholesky); ``linalg``: the Cholesky-inverse backend (``"auto"``: NumPy
+    float64 on CPU, blocked matmuls on a GPU; ``"numpy"``, ``"blocked"``, ``"mlx"``,
+    ``"numpy-inv"``); ``compute``: the column loop (``"auto"``: one CUDA kernel per block on an
+    NVIDIA GPU, NumPy on CPU, else MLX; ``"mlx"`` is the reference loop).
     """
 
     name: ClassVar[str] = "gptq"
+    rows_independent: ClassVar[bool] = True
 
     block_size: int = attrs.field(default=128, validator=attrs.validators.gt(0))
     damping: float = attrs.field(default=0.01, validator=attrs.validators.ge(0.0))
     max_attempts: int = attrs.field(default=5, validator=attrs.validators.ge(1))
-    linalg: str = attrs.field(default="numpy", validator=attrs.validators.in_(("numpy", "mlx")))
+    linalg: str = attrs.field(default="auto", validator=attrs.validators.in_(BACKEND_NAMES))
+    compute: str = attrs.field(default="auto", validator=attrs.validators.in_(COMPUTE_PATHS))
 
     def inverse_strategy(self) -> InverseStrategy:
         if self.max_attempts == 1:
@@ -145,7 +178,7 @@ class GPTQQuantizer(Quantizer):
             result = round_to_nearest(weight, spec, storage_dtype)
             return attrs.evolve(result, info={"note": f"{spec.mode}: round to nearest"})
         factor = self.inverse_strategy().factor(stats.h)
-        out = gptq_quantize(
+        out = gptq_kernel(self.compute, weight.shape[-1], spec.group_size, self.block_size)(
             weight,
             factor.u,
             bits=spec.bits,

@@ -131,6 +131,14 @@ class ModelWalker:
     #: Obey the model's ``quant_predicate`` (e.g. an 8-bit MoE router) where no explicit
     #: recipe rule matches; see :mod:`quantkit.predicate`.
     use_model_predicate: bool = True
+    #: While later blocks are calibrated, quantized layers run as dense layers holding their
+    #: dequantized weights (same values), swapped for the quantized layers at the end. Measured:
+    #: MLX's CPU quantized matmul is ~30x slower than a dense one, and on an H200 the quantized
+    #: blocks' forward passes took 37 s of a Qwen3-8B run. Costs the packed weights' memory
+    #: (~1/4 of bf16) until the end. ``None``: on, except on Apple GPUs (fast quantized matmul,
+    #: unified memory).
+    dense_standins: bool | None = None
+    _final: list | None = attrs.field(default=None, init=False, repr=False)
 
     def _emit(self, event: str, **info: Any) -> None:
         if self.progress is not None:
@@ -217,6 +225,10 @@ class ModelWalker:
 
         resumed = self._resume(model, plans, report, checkpoint, len(blocks))
         needs_calibration = any(p.needs_stats or p.per_expert for p in plans.values())
+        standins = self.dense_standins
+        if standins is None:
+            standins = mx.default_device() == mx.cpu or not mx.metal.is_available()
+        self._final = [] if standins and needs_calibration else None
         if needs_calibration:
             inputs, block_args = self._capture(model, blocks, block_paths, batches)
             if resumed is not None and resumed.next_block > 0:
@@ -250,6 +262,9 @@ class ModelWalker:
             stats = self._collect_outside(model, blocks, block_paths, outside, batches, inputs, layout)
         self._quantize_all(model, outside, stats, report, None)
 
+        if self._final:
+            model.update_modules(tree_unflatten(self._final))
+        self._final = None
         _restore_dtypes(model, orig_dtypes)
         quantization = self._config(plans, report)
         report.time_s = time.perf_counter() - start
@@ -288,16 +303,35 @@ class ModelWalker:
         block_args = [[(a, kw) for _, a, kw in s] for s in sinks]
         return inputs, block_args
 
-    def _collect(self, model, plans: list[LayerPlan], forward) -> dict[str, HessianStats]:
+    def _collect(self, model, plans: list[LayerPlan], forward
+                 ) -> tuple[dict[str, HessianStats], dict[str, str]]:
         """Install collectors on the layers of ``plans`` that need them and run ``forward()``,
         an iterable of per-batch forward passes. Only the collectors are evaluated, so MLX
-        computes no more of each forward than the collected inputs depend on."""
+        computes no more of each forward than the collected inputs depend on.
+
+        Layers that read the very same input array (q/k/v projections; gate/up) share one
+        collector: their Hessian is accumulated once and the same :class:`HessianStats` object
+        is returned under each of their paths. Returns ``(stats, owners)``: ``owners[path]`` is
+        the path whose collector accumulated ``path``'s inputs."""
         wanted = [p for p in plans if p.needs_stats]
         if not wanted:
-            return {}
-        collectors = {p.path: p.handler.collector(p.module) for p in wanted}
-        self._run_collectors(model, wanted, collectors, forward)
-        return {k: c.stats() for k, c in collectors.items()}
+            return {}, {}
+        pool = _InputPool()
+        collectors: dict[str, _SharingCollector] = {}
+        catchers = []
+        for p in wanted:
+            collectors[p.path] = _SharingCollector(p.path, p.handler.collector(p.module), pool)
+            catchers.append((p.path, p.handler.catcher(p.module, collectors[p.path])))
+        model.update_modules(tree_unflatten(catchers))
+        try:
+            for _ in forward():
+                mx.eval([c.arrays() for c in collectors.values()])
+                pool.clear()
+        finally:
+            model.update_modules(tree_unflatten([(p.path, p.module) for p in wanted]))
+        owners = {k: c.owner or k for k, c in collectors.items()}
+        owned = {k: c.inner.stats() for k, c in collectors.items() if owners[k] == k}
+        return {k: owned[owners[k]] for k in collectors}, owners
 
     def _run_collectors(self, model, wanted: list[LayerPlan],
                         collectors: dict[str, HessianCollector], forward) -> None:
@@ -336,8 +370,9 @@ class ModelWalker:
         pass of local batch ``j``); shard statistics combined across ranks in shard order."""
         if not any(p.needs_stats for p in plans):
             return {}
-        return self.distributed.reduce_stats(layout, lambda positions: self._collect(
-            model, plans, lambda: (run_batch(j) for j in positions)))
+        merged = self.distributed.reduce_stats(layout, lambda positions: self._collect(
+            model, plans, lambda: (run_batch(j) for j in positions))[0])
+        return _share_identical(merged)
 
     def _collect_outside(self, model, blocks, block_paths, plans, batches, last_outputs, layout):
         replays = [_Replay(b, None) for b in blocks[:-1]] + [_Replay(blocks[-1], last_outputs)]
@@ -352,11 +387,19 @@ class ModelWalker:
         owners = self.distributed.assign(plans)
         rank = self.distributed.rank
         done = {}
-        for p in plans:
-            layer_stats = stats.pop(p.path, None)
-            if owners[p.path] == rank:
-                done[p.path] = self.quantize_layer(p, layer_stats)
-                done[p.path][1].block, done[p.path][1].rank = block_index, rank
+        for group in _solve_groups(plans, stats):
+            for p in group[1:]:  # a joint solve is one rank's work
+                owners[p.path] = owners[group[0].path]
+            if owners[group[0].path] != rank:
+                for p in group:
+                    stats.pop(p.path, None)
+                continue
+            results, joint_s = self._solve_jointly(group, stats)
+            for p, result in zip(group, results, strict=True):
+                module, record = self.quantize_layer(p, stats.pop(p.path, None), result)
+                record.time_s += joint_s / len(group)
+                record.block, record.rank = block_index, rank
+                done[p.path] = (module, record)
         done = self.distributed.exchange_layers(plans, done, owners)
         new_modules = []
         for p in plans:
@@ -364,6 +407,13 @@ class ModelWalker:
             report.add(record)
             self._emit("layer", record=record)
             new_modules.append((p.path, module))
+        installed = new_modules
+        if self._final is not None:
+            self._final.extend(new_modules)
+            installed = [(k, _dense_standin(p.module, m)) for p, (k, m) in zip(plans, new_modules)]
+        if installed:
+            model.update_modules(tree_unflatten(installed))
+        return new_modules
         if new_modules:
             model.update_modules(tree_unflatten(new_modules))
         return new_modules
@@ -389,9 +439,43 @@ class ModelWalker:
         self._emit("resume", index=state.next_block - 1, total=n_blocks)
         return state
 
-    def quantize_layer(self, p: LayerPlan, stats: HessianStats | None) -> tuple[nn.Module, LayerRecord]:
+    @staticmethod
+    def _solve_jointly(group: list[LayerPlan], stats) -> tuple[list[QuantResult | None], float]:
+        """Layers sharing one Hessian, spec and row-independent quantizer are solved as one
+        matrix (their rows stacked): one factorization, one pass of the column loop. Returns
+        ``[None] * len(group)`` (solve each on its own) when that does not apply or fails."""
+        if len(group) == 1:
+            return [None], 0.0
+        t0 = time.perf_counter()
+        p0 = group[0]
+        weights = [p.handler.weight(p.module).astype(mx.float32) for p in group]
+        try:
+            joint = p0.quantizer.quantize(mx.concatenate(weights, axis=0), p0.spec,
+                                          stats[p0.path], p0.storage_dtype)
+        except FactorizationError:
+            return [None] * len(group), 0.0
+        results = []
+        start = 0
+        for w in weights:
+            rows = slice(start, start + w.shape[0])
+            start += w.shape[0]
+            results.append(attrs.evolve(
+                joint,
+                dequantized=joint.dequantized[rows],
+                codes=None if joint.codes is None else joint.codes[rows],
+                scales=None if joint.scales is None else joint.scales[rows],
+                biases=None if joint.biases is None else joint.biases[rows],
+                packed=None if joint.packed is None else {k: v[rows] for k, v in joint.packed.items()},
+                info=dict(joint.info, joint_with=[p.path for p in group]),
+            ))
+        return results, time.perf_counter() - t0
+
+    def quantize_layer(
+        self, p: LayerPlan, stats: HessianStats | None, result: QuantResult | None = None
+    ) -> tuple[nn.Module, LayerRecord]:
         """Quantize one planned layer; fall back to ``self.fallback`` when its strategy cannot
-        run (no calibration tokens, Hessian not factorizable, no per-expert support)."""
+        run (no calibration tokens, Hessian not factorizable, no per-expert support).
+        ``result``: the layer's values when they were already computed (a joint solve)."""
         t0 = time.perf_counter()
         weight = p.handler.weight(p.module).astype(mx.float32)
         record = LayerRecord(
@@ -405,8 +489,7 @@ class ModelWalker:
             fallback_reason = f"{record.layer_class}: expert layer outside the decoder blocks"
         elif p.quantizer.needs_hessian and (stats is None or stats.n_tokens == 0):
             fallback_reason = "no calibration activations reached this layer"
-        result: QuantResult | None = None
-        if fallback_reason is None:
+        if fallback_reason is None and result is None:
             try:
                 result = p.quantizer.quantize(weight, p.spec, stats, p.storage_dtype)
             except FactorizationError as exc:
@@ -476,6 +559,106 @@ def _load_expert_stats(collector, path: str, merged: dict[str, HessianStats]) ->
         collector.h = mx.stack([merged[f"{path}#{e}"].h for e in collector.experts])
 
 
+def _share_identical(stats: dict[str, HessianStats]) -> dict[str, HessianStats]:
+    """One object for layers whose statistics are bit for bit the same (layers reading the
+    same input: q/k/v, gate/up), so they can be solved jointly. Decided from the merged values,
+    the same whatever the number of processes."""
+    out: dict[str, HessianStats] = {}
+    canonical: list[HessianStats] = []
+    for path, st in stats.items():
+        for c in canonical:
+            if (c.n_tokens == st.n_tokens and c.h.shape == st.h.shape
+                    and (c is st or mx.array_equal(c.h, st.h).item())):
+                out[path] = c
+                break
+        else:
+            canonical.append(st)
+            out[path] = st
+    return out
+
+
+def _dense_standin(original: nn.Module, quantized: nn.Module) -> nn.Module:
+    """``original`` holding the weights ``quantized`` computes with (dequantized)."""
+    w = mx.dequantize(
+        quantized["weight"], quantized["scales"], quantized.get("biases"),
+        group_size=quantized.group_size, bits=quantized.bits, mode=quantized.mode,
+    )
+    original.weight = w.astype(original.weight.dtype)
+    mx.eval(original.weight)
+    return original
+
+
+class _InputPool:
+    """The input arrays seen by collectors during one forward pass, by identity."""
+
+    def __init__(self) -> None:
+        self._seen: dict[int, tuple[mx.array, str]] = {}
+
+    def owner(self, x: mx.array, path: str) -> str:
+        """The path of the first collector that saw this very array in this pass (``path``
+        itself when none did)."""
+        hit = self._seen.get(id(x))
+        if hit is not None and hit[0] is x:
+            return hit[1]
+        self._seen[id(x)] = (x, path)
+        return path
+
+    def clear(self) -> None:
+        self._seen.clear()
+
+
+class _SharingCollector(HessianCollector):
+    """Feeds ``inner`` only with inputs no other collector of the pool saw first; a layer whose
+    inputs are always another layer's (``owner``) gets that layer's statistics."""
+
+    def __init__(self, path: str, inner: HessianCollector, pool: _InputPool) -> None:
+        self.path = path
+        self.inner = inner
+        self.pool = pool
+        self.owner: str | None = None  # None until the first input; then the path that owns them
+
+    def update(self, x: mx.array) -> None:
+        owner = self.pool.owner(x, self.path)
+        if self.owner is None:
+            self.owner = owner
+        elif owner != self.owner:
+            raise RuntimeError(
+                f"{self.path}: inputs shared with {self.owner} in one pass but not in another"
+            )
+        if owner == self.path:
+            self.inner.update(x)
+
+    def stats(self) -> HessianStats:
+        return self.inner.stats()
+
+    def arrays(self) -> list[mx.array]:
+        return self.inner.arrays() if self.owner in (None, self.path) else []
+
+
+def _solve_groups(plans: list[LayerPlan], stats: dict[str, HessianStats]) -> list[list[LayerPlan]]:
+    """Plans in order, layers that can be solved as one matrix put together: same Hessian
+    object, spec, scale dtype and (row-independent) quantizer, 2-D weights."""
+    groups: dict[tuple, list[LayerPlan]] = {}
+    order: list[list[LayerPlan]] = []
+    for p in plans:
+        st = stats.get(p.path)
+        joinable = (
+            st is not None and st.n_tokens > 0 and p.needs_stats
+            and getattr(p.quantizer, "rows_independent", False)
+            and p.handler.weight(p.module).ndim == 2
+        )
+        if not joinable:
+            order.append([p])
+            continue
+        key = (id(st), p.spec, p.quantizer, p.storage_dtype)
+        if key in groups:
+            groups[key].append(p)
+        else:
+            groups[key] = [p]
+            order.append(groups[key])
+    return order
+
+
 def _decoder_blocks(model: nn.Module) -> list[nn.Module]:
     layers = getattr(model, "layers", None)
     if layers is None and "model" in model:
@@ -491,19 +674,32 @@ def _decoder_blocks(model: nn.Module) -> list[nn.Module]:
 def _errors(w: mx.array, w_hat: mx.array, h: mx.array, spec: QuantSpec, dtype: mx.Dtype):
     """Hessian-weighted error of ``w_hat``, relative to the output energy, and RTN's for scale.
 
-    Computed with NumPy (float64): on CPU builds of MLX its BLAS is far faster."""
+    Computed with NumPy (float64) on CPU (CPU builds of MLX have a slow BLAS), with MLX float32
+    on a GPU (no host copies of ``h``)."""
     from .quantizers import round_to_nearest
 
-    h64 = np.asarray(h, dtype=np.float64)
-    w64 = np.asarray(w, dtype=np.float64)
+    if mx.default_device() != mx.cpu:
+        h32 = h.astype(mx.float32)
+        figs = mx.zeros((3,), dtype=mx.float32)
+        step = max(1, (1 << 26) // max(1, w.shape[-1]))  # row chunks of ~64M values
+        for r0 in range(0, w.shape[0], step):
+            w32 = w[r0 : r0 + step].astype(mx.float32)
+            rtn_hat = round_to_nearest(w[r0 : r0 + step], spec, dtype).dequantized
+            rows = mx.stack([w32, w32 - w_hat[r0 : r0 + step].astype(mx.float32), w32 - rtn_hat])
+            figs = figs + mx.sum((rows @ h32) * rows, axis=(1, 2)).astype(mx.float32)
+            mx.eval(figs)
+        energy, e, rtn = (float(v) for v in np.array(figs))
+        return e, (e / energy if energy > 0 else 0.0), rtn
 
-    def err(x: mx.array) -> float:
-        d = w64 - np.asarray(x, dtype=np.float64)
-        return float(np.einsum("ij,ij->", d @ h64, d))
-
-    energy = float(np.einsum("ij,ij->", w64 @ h64, w64))
-    e = err(w_hat)
-    rtn = err(round_to_nearest(w, spec, dtype).dequantized)
+    # One float32 GEMM for the three figures (float64 took half the CPU quantize time of a
+    # small llama; the figures are sums of non-negative terms, float32 is plenty for a report).
+    h32 = np.asarray(h, dtype=np.float32)
+    w32 = np.asarray(w, dtype=np.float32)
+    rtn_hat = np.asarray(round_to_nearest(w, spec, dtype).dequantized, dtype=np.float32)
+    rows = np.concatenate([w32, w32 - np.asarray(w_hat, dtype=np.float32), w32 - rtn_hat])
+    prod = (rows @ h32) * rows
+    n = w32.shape[0]
+    energy, e, rtn = (float(prod[i * n : (i + 1) * n].sum(dtype=np.float64)) for i in range(3))
     return e, (e / energy if energy > 0 else 0.0), rtn
 
 

@@ -1,8 +1,16 @@
 """Damped Cholesky factors of inverse Hessians.
 
 GPTQ needs ``U``, the upper Cholesky factor of ``H⁻¹`` (``UᵀU = H⁻¹``): row ``j`` of ``U``
-spreads column ``j``'s rounding error over the columns after it. Two backends compute it:
-NumPy/LAPACK in float64 (fast and robust on every CPU) and MLX's CPU stream.
+spreads column ``j``'s rounding error over the columns after it. Backends:
+
+* ``"numpy"``: float64 LAPACK, one Cholesky of the reversed matrix plus a triangular inverse
+  (:mod:`.blocked_cholesky`); fast and robust on every CPU.
+* ``"numpy-inv"``: the textbook route (Cholesky, inverse, Cholesky of the inverse) in float64.
+* ``"mlx"``: the textbook route on MLX's CPU stream (netlib LAPACK on Linux wheels: slow).
+* ``"blocked"``: blocked Cholesky and triangular inverse whose big updates are matmuls on the
+  default device (the GPU), with only the diagonal blocks on the host; see
+  :func:`.blocked_cholesky.blocked_factor_mlx`. Takes and returns MLX arrays.
+* ``"auto"``: ``"numpy"`` when MLX's default device is the CPU, ``"blocked"`` on a GPU.
 """
 
 from __future__ import annotations
@@ -11,6 +19,7 @@ import mlx.core as mx
 import numpy as np
 
 from ..errors import FactorizationError
+from .blocked_cholesky import reversed_factor_numpy
 
 
 def prepare_hessian(h: np.ndarray, damping: float) -> tuple[np.ndarray, float, int]:
@@ -59,7 +68,18 @@ def _factor_mlx(h: np.ndarray) -> np.ndarray:
     return u_np
 
 
-BACKENDS = {"numpy": _factor_numpy, "mlx": _factor_mlx}
+#: Backends working on float64 NumPy arrays (``"blocked"`` works on MLX arrays instead).
+BACKENDS = {"numpy": reversed_factor_numpy, "numpy-inv": _factor_numpy, "mlx": _factor_mlx}
+#: Every name a strategy accepts.
+BACKEND_NAMES = (*BACKENDS, "blocked", "auto")
+
+
+def resolve_backend(name: str) -> str:
+    """The backend ``name`` stands for on this machine (``"auto"`` → ``"numpy"`` on CPU,
+    ``"blocked"`` on a GPU)."""
+    if name != "auto":
+        return name
+    return "numpy" if mx.default_device() == mx.cpu else "blocked"
 
 
 def inverse_hessian_factor(h_damped: np.ndarray, backend: str = "numpy") -> np.ndarray:

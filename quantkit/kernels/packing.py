@@ -15,6 +15,14 @@ def pack_bits(codes: mx.array, bits: int) -> mx.array:
     n = codes.shape[-1]
     if (n * bits) % 32:
         raise ValueError(f"row of {n} codes at {bits} bits does not fill whole 32-bit words")
+    per_row = codes.size // codes.shape[0] if codes.ndim >= 2 and codes.shape[0] else 1
+    rows = (1 << 24) // max(1, per_row * bits)  # the bit stream below is 4·bits bytes per code
+    if codes.ndim >= 2 and codes.shape[0] > rows > 0:
+        # Chunk the leading axis so the temporary stream stays ~64 MB (an lm_head's is GBs).
+        parts = [pack_bits(codes[i : i + rows], bits) for i in range(0, codes.shape[0], rows)]
+        for part in parts:
+            mx.eval(part)
+        return mx.concatenate(parts, axis=0)
     lead = codes.shape[:-1]
     c = codes.astype(mx.uint32)
     shifts = mx.arange(bits, dtype=mx.uint32)
