@@ -75,7 +75,7 @@ def recipe(strategy: str, bits: int, group_size: int, **options) -> Recipe:
 
 
 def run_method(method: str, model_dir: Path, tokens: mx.array, bits: int, group_size: int,
-               search: str) -> tuple[nn.Module | None, float]:
+               search: str, damping: float = 0.01) -> tuple[nn.Module | None, float]:
     t0 = time.perf_counter()
     model, _, _ = load_model(model_dir)
     if method == "float":
@@ -93,8 +93,8 @@ def run_method(method: str, model_dir: Path, tokens: mx.array, bits: int, group_
     else:
         strategy, options = {
             "rtn": ("rtn", {}),
-            "gptq": ("gptq", {}),
-            "gptq_best": ("gptq", {"act_order": True, "scale_search": search}),
+            "gptq": ("gptq", {"damping": damping}),
+            "gptq_best": ("gptq", {"act_order": True, "scale_search": search, "damping": damping}),
         }[method]
         quantize_model(model, tokens, recipe(strategy, bits, group_size, **options))
     return dequantized(model), time.perf_counter() - t0
@@ -113,6 +113,7 @@ def main() -> None:
                     default=["float", "rtn", "mlx_gptq", "gptq", "gptq_best"])
     ap.add_argument("--search", default="hessian", choices=["mse", "hessian"],
                     help="scale search of gptq_best")
+    ap.add_argument("--damping", type=float, default=0.01, help="quantkit GPTQ damping")
     ap.add_argument("--num-samples", type=int, default=64)
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--eval-samples", type=int, default=40)
@@ -145,7 +146,7 @@ def main() -> None:
     settings = {
         "calibration": calibrations, "num_samples": args.num_samples, "seq_len": args.seq_len,
         "eval": evals, "eval_samples": args.eval_samples, "eval_seq_len": args.eval_seq_len,
-        "group_size": args.group_size, "gptq_best": {"act_order": True, "scale_search": args.search},
+        "group_size": args.group_size, "damping": args.damping, "gptq_best": {"act_order": True, "scale_search": args.search},
         "embedding": "8-bit RTN for every method", "evaluated": "dequantized to float32",
         "mlx": mx.__version__, "python": platform.python_version(),
     }
@@ -162,7 +163,7 @@ def main() -> None:
     rows = []
     for method, cal, bits in jobs:
         model, secs = run_method(method, args.model, cal_tokens[cal], bits, args.group_size,
-                                 args.search)
+                                 args.search, args.damping)
         ppl = ({k: perplexity(model, t) for k, t in eval_tokens.items()} if model is not None
                else {k: None for k in evals})
         rows.append({"method": method, "calibration": cal,
