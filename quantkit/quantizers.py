@@ -12,9 +12,11 @@ from typing import Any, ClassVar
 
 import attrs
 import mlx.core as mx
+import numpy as np
 
 from .hessian import HessianStats
 from .inverse import DampedCholesky, EscalatingCholesky, InverseStrategy
+from .kernels.floatfmt import float_pack, float_scales, gptq_quantize_float
 from .kernels.gptq import gptq_quantize
 from .kernels.gptq_fast import (
     cuda_available,
@@ -24,6 +26,7 @@ from .kernels.gptq_fast import (
 )
 from .kernels.linalg import BACKEND_NAMES
 from .kernels.rtn import affine_dequantize, affine_params, affine_quantize
+from .kernels.search import search_affine_params
 from .specs import QuantSpec
 
 
@@ -82,10 +85,14 @@ def round_to_nearest(weight: mx.array, spec: QuantSpec, storage_dtype: mx.Dtype)
         )
         deq = mx.dequantize(
             packed["weight"], packed["scales"], group_size=spec.group_size, bits=spec.bits,
-            mode=spec.mode,
+            mode=spec.mode, dtype=mx.float32,
         )
         return QuantResult(spec=spec, dequantized=deq.astype(mx.float32), packed=packed)
     scales, biases = affine_params(weight, spec.bits, spec.group_size)
+    return _affine_result(weight, spec, scales, biases, storage_dtype)
+
+
+def _affine_result(weight, spec, scales, biases, storage_dtype) -> QuantResult:
     scales = scales.astype(storage_dtype).astype(mx.float32)
     biases = biases.astype(storage_dtype).astype(mx.float32)
     codes = affine_quantize(weight, scales, biases, spec.bits)
@@ -116,6 +123,22 @@ def gptq_kernel(compute: str, n_in: int, group_size: int, block_size: int):
     return {"mlx": gptq_quantize, "numpy": gptq_quantize_numpy, "cuda": gptq_quantize_cuda}[compute]
 
 
+#: ``scale_search`` choices: MLX's min/max rule, clipping searched on plain squared error, or on
+#: squared error weighted by ``diag(H)`` (see :mod:`quantkit.kernels.search`).
+SCALE_SEARCHES = ("none", "mse", "hessian")
+
+
+def group_params(
+    weight: mx.array, spec: QuantSpec, search: str, h_diag: mx.array | None
+) -> tuple[mx.array, mx.array]:
+    """Affine group scales/biases of ``weight`` by the ``search`` rule (one of SCALE_SEARCHES)."""
+    if search == "none":
+        return affine_params(weight, spec.bits, spec.group_size)
+    return search_affine_params(
+        weight, spec.bits, spec.group_size, h_diag if search == "hessian" else None
+    )
+
+
 STRATEGIES: dict[str, type[Quantizer]] = {}
 
 
@@ -136,13 +159,25 @@ def strategy_options(name: str) -> tuple[str, ...]:
 @register_strategy
 @attrs.frozen
 class RTNQuantizer(Quantizer):
-    """Round to nearest with MLX's min/max group scales; needs no calibration."""
+    """Round to nearest. ``scale_search``: ``"none"`` keeps MLX's min/max group scales (no
+    calibration needed); ``"mse"`` searches each group's clipping for least squared error;
+    ``"hessian"`` weighs that error by ``diag(H)`` (needs calibration). Affine modes only: float
+    formats always round with MLX's own scales."""
 
     name: ClassVar[str] = "rtn"
-    needs_hessian: ClassVar[bool] = False
+
+    scale_search: str = attrs.field(default="none", validator=attrs.validators.in_(SCALE_SEARCHES))
+
+    @property
+    def needs_hessian(self) -> bool:  # type: ignore[override]
+        return self.scale_search == "hessian"
 
     def quantize(self, weight, spec, stats=None, storage_dtype=mx.float32):
-        return round_to_nearest(weight, spec, storage_dtype)
+        if self.scale_search == "none" or spec.mode != "affine":
+            return round_to_nearest(weight, spec, storage_dtype)
+        h_diag = mx.diagonal(stats.h) if self.scale_search == "hessian" else None
+        scales, biases = group_params(weight, spec, self.scale_search, h_diag)
+        return _affine_result(weight, spec, scales, biases, storage_dtype)
 
 
 @register_strategy
@@ -156,6 +191,15 @@ class GPTQQuantizer(Quantizer):
     float64 on CPU, blocked matmuls on a GPU; ``"numpy"``, ``"blocked"``, ``"mlx"``,
     ``"numpy-inv"``); ``compute``: the column loop (``"auto"``: one CUDA kernel per block on an
     NVIDIA GPU, NumPy on CPU, else MLX; ``"mlx"`` is the reference loop).
+
+    ``act_order``: process columns in order of decreasing ``diag(H)`` (GPTQ's "act-order"), with
+    static groups so the stored layout stays MLX's contiguous groups. ``static_groups``: fix
+    every group's scale/bias from the original weights before the loop (implied by
+    ``act_order``); otherwise each is chosen from the updated weights when the loop reaches it.
+    ``scale_search``: how group scales/biases are chosen (see :class:`RTNQuantizer`).
+
+    MLX's float formats (``mxfp4``, ``nvfp4``, ``mxfp8``) get the same error feedback onto their
+    grids, with the group scales ``mx.quantize`` picks for the original weights.
     """
 
     name: ClassVar[str] = "gptq"
@@ -166,6 +210,9 @@ class GPTQQuantizer(Quantizer):
     max_attempts: int = attrs.field(default=5, validator=attrs.validators.ge(1))
     linalg: str = attrs.field(default="auto", validator=attrs.validators.in_(BACKEND_NAMES))
     compute: str = attrs.field(default="auto", validator=attrs.validators.in_(COMPUTE_PATHS))
+    act_order: bool = False
+    static_groups: bool = False
+    scale_search: str = attrs.field(default="none", validator=attrs.validators.in_(SCALE_SEARCHES))
 
     def inverse_strategy(self) -> InverseStrategy:
         if self.max_attempts == 1:
@@ -173,24 +220,57 @@ class GPTQQuantizer(Quantizer):
         return EscalatingCholesky(self.damping, max_attempts=self.max_attempts, backend=self.linalg)
 
     def quantize(self, weight, spec, stats, storage_dtype=mx.float32):
+        h, h_diag = stats.h, mx.diagonal(stats.h)
+        perm = inv = group_index = None
+        if self.act_order:
+            perm = np.argsort(-np.asarray(h_diag), kind="stable")
+            inv = mx.array(np.argsort(perm))
+            group_index = (perm // spec.group_size).tolist()
+            perm = mx.array(perm)
+            h = h[perm][:, perm]
+        factor = self.inverse_strategy().factor(h)
+        info = {"damping": factor.damping, "dead_inputs": factor.n_dead}
+        w = weight if perm is None else weight[:, perm]
+
+        def unpermute(a: mx.array) -> mx.array:
+            return a if inv is None else a[:, inv]
+
         if spec.mode != "affine":
-            # Error feedback for MLX's float formats is not implemented here: store RTN.
-            result = round_to_nearest(weight, spec, storage_dtype)
-            return attrs.evolve(result, info={"note": f"{spec.mode}: round to nearest"})
-        factor = self.inverse_strategy().factor(stats.h)
-        out = gptq_kernel(self.compute, weight.shape[-1], spec.group_size, self.block_size)(
-            weight,
+            scales = float_scales(weight, spec.mode, spec.group_size)
+            out = gptq_quantize_float(w, factor.u, scales, mode=spec.mode,
+                                      block_size=self.block_size, group_index=group_index)
+            codes = unpermute(out.codes)
+            return QuantResult(
+                spec=spec, dequantized=unpermute(out.dequantized),
+                packed={"weight": float_pack(codes, spec.mode), "scales": scales}, info=info,
+            )
+        kwargs: dict[str, Any] = {}
+        if self.act_order or self.static_groups:
+            kwargs["scales"], kwargs["biases"] = group_params(weight, spec, self.scale_search, h_diag)
+            kwargs["group_index"] = group_index
+        elif self.scale_search != "none":
+            kwargs["params_fn"] = search_affine_params
+            if self.scale_search == "hessian":
+                kwargs["importance"] = h_diag
+        if any(k in kwargs for k in ("params_fn", "importance")) or group_index is not None:
+            kernel = gptq_quantize  # the reference loop takes every option
+        else:
+            kernel = gptq_kernel(self.compute, w.shape[-1], spec.group_size, self.block_size)
+            kwargs.pop("group_index", None)
+        out = kernel(
+            w,
             factor.u,
             bits=spec.bits,
             group_size=spec.group_size,
             block_size=self.block_size,
             storage_dtype=storage_dtype,
+            **kwargs,
         )
         return QuantResult(
             spec=spec,
-            dequantized=out.dequantized,
-            codes=out.codes,
+            dequantized=unpermute(out.dequantized),
+            codes=unpermute(out.codes),
             scales=out.scales,
             biases=out.biases,
-            info={"damping": factor.damping, "dead_inputs": factor.n_dead},
+            info=info,
         )

@@ -7,11 +7,13 @@ matmul. The lazy graph of a block is evaluated once (one ``mx.eval`` per block).
 
 Group scales are chosen when the loop reaches a group's first column, from the weights as
 updated so far (as in the reference implementation), unless fixed ``scales``/``biases`` are given.
+With fixed groups the columns may come in any order (``group_index`` names each column's group):
+that is act-order with static groups, the stored layout staying MLX's contiguous groups.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import attrs
 import mlx.core as mx
@@ -40,6 +42,8 @@ def gptq_quantize(
     scales: mx.array | None = None,
     biases: mx.array | None = None,
     storage_dtype: mx.Dtype = mx.float32,
+    importance: mx.array | None = None,
+    group_index: Sequence[int] | None = None,
 ) -> GPTQOutput:
     """Quantize ``w (out, in)`` given ``u``, the upper Cholesky factor of the damped ``H⁻¹``.
 
@@ -47,6 +51,12 @@ def gptq_quantize(
     by default; a clipping search can be passed instead). ``scales``/``biases`` of shape
     ``(out, in // group_size)`` fix them in advance (static groups). Scales and biases are rounded
     to ``storage_dtype`` before use, so the error feedback sees the values actually stored.
+
+    ``importance (in,)``: per-column weights handed to ``params_fn`` as ``importance=`` (that
+    group's slice), for searches weighted by ``diag(H)``. ``group_index``: with fixed
+    ``scales``/``biases``, the group (column of ``scales``) of each column of ``w`` in the order
+    given; default ``j // group_size``. The returned ``scales``/``biases`` are then the fixed
+    ones, in their own order.
     """
     n_out, n_in = w.shape
     if n_in % group_size:
@@ -59,6 +69,12 @@ def gptq_quantize(
     def stored(a: mx.array) -> mx.array:
         return a.astype(storage_dtype).astype(mx.float32)
 
+    if scales is not None:
+        scales, biases = stored(scales), stored(biases)
+        if group_index is None:
+            group_index = [j // group_size for j in range(n_in)]
+    current = -1
+
     codes, deq, all_scales, all_biases = [], [], [], []
     for b0 in range(0, n_in, block):
         b1 = min(b0 + block, n_in)
@@ -67,13 +83,17 @@ def gptq_quantize(
         u1 = u[b0:b1, b0:b1]
         q_cols, errs = [], []
         for j in range(width):
-            if j % group_size == 0:
-                g = (b0 + j) // group_size
-                if scales is None:
+            if scales is not None:
+                if group_index[b0 + j] != current:
+                    current = group_index[b0 + j]
+                    s, z = scales[:, current], biases[:, current]
+            elif j % group_size == 0:
+                if importance is None:
                     s, z = params_fn(w1[:, j : j + group_size], bits, group_size)
-                    s, z = stored(s[:, 0]), stored(z[:, 0])
                 else:
-                    s, z = stored(scales[:, g]), stored(biases[:, g])
+                    s, z = params_fn(w1[:, j : j + group_size], bits, group_size,
+                                     importance=importance[b0 + j : b0 + j + group_size])
+                s, z = stored(s[:, 0]), stored(z[:, 0])
                 all_scales.append(s)
                 all_biases.append(z)
             col = w1[:, j]
@@ -90,10 +110,10 @@ def gptq_quantize(
             rest = rest - block_err @ u[b0:b1, b1:]
         codes.append(mx.stack(q_cols, axis=1).astype(mx.uint8))
         deq.append(w1)
-        mx.eval(codes[-1], deq[-1], rest, all_scales[-1], all_biases[-1])
+        mx.eval(codes[-1], deq[-1], rest, all_scales[-1:], all_biases[-1:])
     return GPTQOutput(
         codes=mx.concatenate(codes, axis=1),
-        scales=mx.stack(all_scales, axis=1),
-        biases=mx.stack(all_biases, axis=1),
+        scales=scales if scales is not None else mx.stack(all_scales, axis=1),
+        biases=biases if biases is not None else mx.stack(all_biases, axis=1),
         dequantized=mx.concatenate(deq, axis=1),
     )
