@@ -78,6 +78,7 @@ def quantize(
     group_size: Annotated[Optional[int], typer.Option(help="group size for the default rule [64]")] = None,
     strategy: Annotated[Optional[Strategy], typer.Option(help="default strategy [gptq]")] = None,
     recipe: Annotated[Optional[Path], typer.Option(help="recipe TOML file")] = None,
+    target_bpw: Annotated[Optional[float], typer.Option(help="choose per-layer bits/group sizes for this many bits per weight (writes OUTPUT/recipe.toml)")] = None,
     calibration: Annotated[Optional[Path], typer.Option(help="plain-text calibration file (default: offline built-in text)")] = None,
     num_samples: Annotated[int, typer.Option(help="calibration sequences")] = 128,
     seq_len: Annotated[int, typer.Option(help="tokens per calibration sequence")] = 512,
@@ -103,12 +104,25 @@ def quantize(
         )
         if num_samples < 1 or seq_len < 2 or batch_size < 1:
             fail("--num-samples and --batch-size must be ≥ 1 and --seq-len ≥ 2", 2)
+        plan = None
+        if target_bpw is not None:
+            from .mixed import plan_directory
+
+            with _ProgressView(enabled=not (quiet or json_out)) as view:
+                plan = plan_directory(
+                    model_dir, target_bpw, rec, calibration=calibration, num_samples=num_samples,
+                    seq_len=seq_len, seed=seed, dtype=dtype.value, batch_size=batch_size,
+                    progress=view,
+                )
+            rec = plan.recipe
         with _ProgressView(enabled=not (quiet or json_out)) as view:
             result = quantize_directory(
                 model_dir, output, rec, calibration=calibration, num_samples=num_samples,
                 seq_len=seq_len, seed=seed, dtype=dtype.value, batch_size=batch_size,
                 overwrite=overwrite, progress=view,
             )
+        if plan is not None:
+            (result.out_dir / "recipe.toml").write_text(plan.to_toml())
     except QuantkitError as exc:
         if debug:
             raise
@@ -124,6 +138,10 @@ def quantize(
     if quiet:
         return
     _print_summary(report, result.out_dir, time.perf_counter() - start)
+    if plan is not None:
+        err.print(f"mixed precision: target {plan.target_bpw:g} bits per weight; plan written to "
+                  f"{result.out_dir / 'recipe.toml'} (edit it and pass it to --recipe)",
+                  highlight=False)
 
 
 def _print_summary(report, out_dir: Path, seconds: float) -> None:
