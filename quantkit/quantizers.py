@@ -8,16 +8,21 @@ and recipes can name it.
 from __future__ import annotations
 
 import abc
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import attrs
 import mlx.core as mx
 
-from .hessian import HessianStats
+from .hessian import HessianCollector, HessianStats
 from .inverse import DampedCholesky, EscalatingCholesky, InverseStrategy
 from .kernels.gptq import gptq_quantize
 from .kernels.rtn import affine_dequantize, affine_params, affine_quantize
 from .specs import QuantSpec
+
+if TYPE_CHECKING:
+    import mlx.nn as nn
+
+    from .registry import LayerHandler
 
 
 @attrs.frozen
@@ -50,6 +55,14 @@ class Quantizer(abc.ABC):
     name: ClassVar[str] = ""
     #: Whether the walker must run calibration data through the layer first.
     needs_hessian: ClassVar[bool] = True
+    #: Whether the collector also needs the full-precision model's inputs of the layer (the
+    #: walker then propagates a second, unquantized stream of block inputs).
+    needs_reference: ClassVar[bool] = False
+
+    def collector(self, handler: LayerHandler, module: nn.Module) -> HessianCollector:
+        """The collector that gathers what :meth:`quantize` needs: the layer handler's own by
+        default. Override to gather more."""
+        return handler.collector(module)
 
     @abc.abstractmethod
     def quantize(

@@ -181,12 +181,19 @@ class ModelWalker:
         needs_calibration = any(p.needs_stats for p in plans.values())
         if needs_calibration:
             inputs, block_args = self._capture(model, blocks, block_paths, batches)
+        # Full-precision block inputs, for strategies that compare them with the quantized ones.
+        ref_inputs = list(inputs) if needs_calibration and any(
+            p.quantizer.needs_reference for p in plans.values()) else None
         for i, (block, bpath) in enumerate(zip(blocks, block_paths)):
             inside = [p for k, p in plans.items() if k.startswith(bpath + ".")]
             self._emit("block", index=i, total=len(blocks), path=bpath)
             stats = self._collect(model, inside, lambda: (
                 block(x, *a, **kw) for x, (a, kw) in zip(inputs, block_args[i])
+            ), reference=None if ref_inputs is None else lambda: (
+                block(x, *a, **kw) for x, (a, kw) in zip(ref_inputs, block_args[i])
             )) if needs_calibration else {}
+            if ref_inputs is not None:
+                ref_inputs = [self._eval(block(x, *a, **kw)) for x, (a, kw) in zip(ref_inputs, block_args[i])]
             self._quantize_all(model, inside, stats, report, i)
             if needs_calibration:
                 inputs = [self._eval(block(x, *a, **kw)) for x, (a, kw) in zip(inputs, block_args[i])]
@@ -235,21 +242,27 @@ class ModelWalker:
         block_args = [[(a, kw) for _, a, kw in s] for s in sinks]
         return inputs, block_args
 
-    def _collect(self, model, plans: list[LayerPlan], forward) -> dict[str, HessianStats]:
+    def _collect(self, model, plans: list[LayerPlan], forward, reference=None) -> dict[str, HessianStats]:
         """Install collectors on the layers of ``plans`` that need them and run ``forward()``,
         an iterable of per-batch forward passes. Only the collectors are evaluated, so MLX
-        computes no more of each forward than the collected inputs depend on."""
+        computes no more of each forward than the collected inputs depend on.
+
+        ``reference()``, when given, yields the same batches' full-precision forward passes:
+        each runs just before its batch's ``forward`` pass, with the collectors of strategies
+        that need it set to ``recording`` (they keep the layer inputs it shows them)."""
         wanted = [p for p in plans if p.needs_stats]
         if not wanted:
             return {}
         collectors: dict[str, HessianCollector] = {}
         catchers = []
         for p in wanted:
-            collectors[p.path] = p.handler.collector(p.module)
+            collectors[p.path] = p.quantizer.collector(p.handler, p.module)
             catchers.append((p.path, p.handler.catcher(p.module, collectors[p.path])))
         model.update_modules(tree_unflatten(catchers))
+        paired = [collectors[p.path] for p in wanted if p.quantizer.needs_reference]
+        passes = forward() if reference is None or not paired else _paired(forward(), reference(), paired)
         try:
-            for _ in forward():
+            for _ in passes:
                 mx.eval([c.arrays() for c in collectors.values()])
         finally:
             model.update_modules(tree_unflatten([(p.path, p.module) for p in wanted]))
@@ -324,6 +337,22 @@ class ModelWalker:
                     or self.recipe.default.skip:
                 config[r.path] = {"group_size": r.group_size, "bits": r.bits, "mode": r.mode}
         return config
+
+
+def _paired(passes, references, collectors):
+    """Each reference pass (collectors ``recording``) followed by its batch's pass."""
+    passes, references = iter(passes), iter(references)
+    while True:
+        for c in collectors:
+            c.recording = True
+        try:
+            done = next(references, None) is None
+        finally:
+            for c in collectors:
+                c.recording = False
+        if done:
+            return
+        yield next(passes)
 
 
 def _decoder_blocks(model: nn.Module) -> list[nn.Module]:
