@@ -39,7 +39,7 @@ from quantkit.specs import QuantSpec
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
 UNIFORM = [(2, 64), (3, 128), (3, 64), (3, 32), (4, 128), (4, 64), (4, 32), (5, 64)]
-CANDIDATES = [(2, 64), (3, 128), (3, 64), (3, 32), (4, 128), (4, 64), (4, 32), (5, 64), (6, 64)]
+CANDIDATES = [(2, 64), (3, 64), (3, 32), (4, 128), (4, 64), (4, 32), (5, 64), (6, 64)]
 
 
 def evaluate(model, tokens) -> float:
@@ -64,9 +64,15 @@ def main() -> None:
     ap.add_argument("--num-samples", type=int, default=16)
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--eval-samples", type=int, default=20)
+    ap.add_argument("--eval-seq-len", type=int, default=512)
     ap.add_argument("--targets", type=float, nargs="+", default=[3.25, 3.75, 4.25, 4.75])
     ap.add_argument("--uniform", default=",".join(f"{b}:{g}" for b, g in UNIFORM))
-    ap.add_argument("--sections", default="float,uniform,mixed,dynamic")
+    ap.add_argument("--uniform-strategies", default="gptq,rtn")
+    ap.add_argument("--rtn-uniform", default="3:64,4:64", help="specs for uniform RTN")
+    ap.add_argument("--dynamic-gptq", action=argparse.BooleanOptionalAction, default=True)
+    ap.add_argument("--fisher-samples", type=int, default=16)
+    ap.add_argument("--sections", default="float,uniform,mixed,dynamic",
+                    help="run in this order")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "mixed_precision"))
     args = ap.parse_args()
 
@@ -88,26 +94,27 @@ def main() -> None:
 
     model, tok, _ = load_model(args.model)
     calib = calibration_tokens(tok, args.calibration, args.num_samples, args.seq_len, seed=0)
-    ev = calibration_tokens(tok, args.eval, args.eval_samples, 512, seed=0)
+    ev = calibration_tokens(tok, args.eval, args.eval_samples, args.eval_seq_len, seed=0)
     sections = args.sections.split(",")
 
-    if "float" in sections:
+    def run_float():
         record("float", None, model, time.perf_counter())
 
-    if "uniform" in sections:
-        for item in args.uniform.split(","):
-            b, g = map(int, item.split(":"))
-            for strategy in ("rtn", "gptq"):
+    def run_uniform():
+        for strategy in args.uniform_strategies.split(","):
+            specs = args.uniform if strategy == "gptq" else args.rtn_uniform
+            for item in specs.split(","):
+                b, g = map(int, item.split(":"))
                 model, _, _ = load_model(args.model)
                 t0 = time.perf_counter()
                 quantize_model(model, calib, Recipe.uniform(strategy, b, g))
                 record(f"uniform-{strategy}", f"{b}b g{g}", model, t0)
 
-    if "mixed" in sections:
+    def run_mixed():
         model, _, _ = load_model(args.model)
         t0 = time.perf_counter()
         sens = measure_sensitivity(model, calib, candidates=[QuantSpec(b, g) for b, g in CANDIDATES],
-                                   reference_bpw=4.0)
+                                   reference_bpw=4.0, fisher_samples=args.fisher_samples)
         measure_s = time.perf_counter() - t0
         print(f"sensitivity measured in {measure_s:.0f} s", flush=True)
         results["mixed_measure_s"] = measure_s
@@ -123,13 +130,13 @@ def main() -> None:
             record("quantkit-mixed", target, model, t0, planned_bpw=plan.bits_per_weight,
                    spread=spread)
 
-    if "dynamic" in sections:
+    def run_dynamic():
         from mlx_lm.quant.dynamic_quant import estimate_sensitivities, estimate_threshold
         from mlx_lm.utils import quantize_model as mlx_quantize
 
         cache: dict[int, dict[str, float]] = {}
         for target in args.targets:
-            low = max(2, min(7, math.floor(target - 0.5)))
+            low = max(2, min(7, math.floor(target - 0.5 + 1e-9)))
             high = low + 1 if low + 1 != 7 else 8
             if low not in cache:
                 fmodel, _, _ = load_model(args.model)
@@ -153,6 +160,8 @@ def main() -> None:
 
             mlx_quantize(model, config, 64, low, quant_predicate=predicate)
             record("dynamic_quant", target, model, t0, low=low, high=high, n_high=len(high_layers))
+            if not args.dynamic_gptq:
+                continue
             model, _, _ = load_model(args.model)
             t0 = time.perf_counter()
             recipe = Recipe.from_dict({
@@ -161,6 +170,11 @@ def main() -> None:
             })
             quantize_model(model, calib, recipe)
             record("dynamic_quant+gptq", target, model, t0, low=low, high=high)
+
+    steps = {"float": run_float, "uniform": run_uniform, "mixed": run_mixed,
+             "dynamic": run_dynamic}
+    for name in sections:
+        steps[name]()
 
     plot(results, out.with_suffix(".png"))
 
