@@ -21,14 +21,12 @@ Methods:
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import math
 import time
 from pathlib import Path
 
 import mlx.core as mx
-import mlx.nn as nn
 
 from quantkit import Recipe, perplexity, quantize_model
 from quantkit.calibration import calibration_tokens

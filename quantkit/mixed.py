@@ -39,10 +39,10 @@ from mlx.utils import tree_flatten, tree_unflatten
 
 from .errors import FactorizationError, QuantkitError
 from .hessian import HessianStats
-from .quantizers import Quantizer, RTNQuantizer
+from .quantizers import Quantizer
 from .recipe import Recipe
-from .specs import QuantSpec
 from .registry import Wrapper
+from .specs import QuantSpec
 from .walker import _DTYPES, LayerPlan, ModelWalker, Progress, _decoder_blocks, _restore_dtypes
 
 #: Candidate storage formats, from 2.25 to 8.5 bits per weight with 16-bit scales.
@@ -103,7 +103,7 @@ def allocate(layers: Sequence[LayerOptions], budget_bits: float) -> dict[str, Qu
     Greedy on each layer's lower convex hull by error reduction per extra bit (optimal for the
     Lagrangian relaxation), then single upgrades to any option that still fits, best ratio first.
     Raises :class:`BudgetError` when even the cheapest options do not fit."""
-    hulls = {l.path: _hull(l.options) for l in layers}
+    hulls = {lo.path: _hull(lo.options) for lo in layers}
     step = {p: 0 for p in hulls}
     spent = sum(h[0][0] for h in hulls.values())
     if spent > budget_bits:
@@ -129,7 +129,7 @@ def allocate(layers: Sequence[LayerOptions], budget_bits: float) -> dict[str, Qu
             push(p)
     choice = {p: hulls[p][step[p]] for p in hulls}
     # Leftover bits: the best single move (any option, hull or not) that still fits, repeatedly.
-    by_path = {l.path: l for l in layers}
+    by_path = {lo.path: lo for lo in layers}
     while True:
         best = None
         for p, (c0, e0, _) in choice.items():
@@ -341,13 +341,13 @@ class Sensitivity:
 
     def plan(self, target_bpw: float) -> MixedPlan:
         specs = allocate(self.layers, target_bpw * self.total_params - self.fixed_bits)
-        cost = {(l.path, s): (c, e) for l in self.layers for c, e, s in l.options}
+        cost = {(lo.path, s): (c, e) for lo in self.layers for c, e, s in lo.options}
         used = self.fixed_bits + sum(cost[p, s][0] for p, s in specs.items())
         return MixedPlan(
             recipe=_plan_recipe(self.base, self.paths, {**self.pinned, **specs}),
             target_bpw=target_bpw, bits_per_weight=used / self.total_params,
             predicted_error=sum(cost[p, s][1] for p, s in specs.items()), specs=specs,
-            errors={l.path: {_label(s): e for _, e, s in l.options} for l in self.layers},
+            errors={lo.path: {_label(s): e for _, e, s in lo.options} for lo in self.layers},
             pinned=self.pinned, reference=self.reference,
         )
 

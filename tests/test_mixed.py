@@ -41,7 +41,7 @@ def test_allocation_meets_the_budget_and_gives_sensitive_layers_more_bits():
     layers = [options("a", n, 100.0), options("b", n, 1.0), options("c", n, 10.0)]
     budget = 3 * n * 4.5  # 4.5 bits per weight on average
     specs = allocate(layers, budget)
-    cost = sum(storage_bits(specs[l.path], n, 16) for l in layers)
+    cost = sum(storage_bits(specs[lo.path], n, 16) for lo in layers)
     assert cost <= budget
     assert specs["a"].bits > specs["c"].bits > specs["b"].bits
     # leftover bits are used: one more upgrade would not fit
@@ -101,11 +101,11 @@ def test_sensitive_layers_get_more_bits(pad_dir, stories_tokens):
     assert plan.bits_per_weight <= 4.5
     # rank equal-sized layers by their predicted error at 3 bits: the most sensitive third
     # gets more bits on average than the least sensitive third
-    same = [l for l in sens.layers if l.n_params == 64 * 64]
-    err3 = sorted(same, key=lambda l: next(e for _, e, s in l.options if s.bits == 3))
+    same = [lo for lo in sens.layers if lo.n_params == 64 * 64]
+    err3 = sorted(same, key=lambda lo: next(e for _, e, s in lo.options if s.bits == 3))
     third = len(err3) // 3
-    low = np.mean([plan.specs[l.path].bits for l in err3[:third]])
-    high = np.mean([plan.specs[l.path].bits for l in err3[-third:]])
+    low = np.mean([plan.specs[lo.path].bits for lo in err3[:third]])
+    high = np.mean([plan.specs[lo.path].bits for lo in err3[-third:]])
     assert high > low
 
     # the planned bits per weight is exactly what the quantized model reports
