@@ -70,7 +70,8 @@ def main() -> None:
     ap.add_argument("--dynamic-gptq", action=argparse.BooleanOptionalAction, default=True)
     ap.add_argument("--fisher-samples", type=int, default=16)
     ap.add_argument("--sections", default="float,uniform,mixed,dynamic",
-                    help="run in this order")
+                    help="run in this order; 'uniform=STRATEGY:b:g+b:g' runs some uniform specs "
+                         "with one strategy (e.g. uniform=gptaq:3:64)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "mixed_precision"))
     args = ap.parse_args()
 
@@ -98,15 +99,17 @@ def main() -> None:
     def run_float():
         record("float", None, model, time.perf_counter())
 
-    def run_uniform():
-        for strategy in args.uniform_strategies.split(","):
-            specs = args.uniform if strategy == "gptq" else args.rtn_uniform
-            for item in specs.split(","):
+    def run_uniform(strategies: str = args.uniform_strategies, only: str = ""):
+        for strategy in strategies.split(","):
+            specs = args.uniform if strategy != "rtn" else args.rtn_uniform
+            for item in (only or specs).split(","):
                 b, g = map(int, item.split(":"))
                 model, _, _ = load_model(args.model)
+                mx.reset_peak_memory()
                 t0 = time.perf_counter()
                 quantize_model(model, calib, Recipe.uniform(strategy, b, g))
-                record(f"uniform-{strategy}", f"{b}b g{g}", model, t0)
+                record(f"uniform-{strategy}", f"{b}b g{g}", model, t0,
+                       peak_memory_gb=mx.get_peak_memory() / 1e9)
 
     def run_mixed():
         model, _, _ = load_model(args.model)
@@ -172,7 +175,12 @@ def main() -> None:
     steps = {"float": run_float, "uniform": run_uniform, "mixed": run_mixed,
              "dynamic": run_dynamic}
     for name in sections:
-        steps[name]()
+        # "uniform=gptq:3:32+3:64" runs one strategy at some specs, in this order
+        if "=" in name:
+            strategy, _, specs = name.split("=")[1].partition(":")
+            run_uniform(strategy, specs.replace("+", ","))
+        else:
+            steps[name]()
 
     plot(results, out.with_suffix(".png"))
 
@@ -186,7 +194,7 @@ def plot(results, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(7, 4.5))
     runs = results["runs"]
     floats = [r for r in runs if r["method"] == "float"]
-    styles = {"uniform-rtn": "s:", "uniform-gptq": "o--", "quantkit-mixed": "D-",
+    styles = {"uniform-rtn": "s:", "uniform-gptq": "o--", "uniform-gptaq": "x", "quantkit-mixed": "D-",
               "dynamic_quant": "^:", "dynamic_quant+gptq": "v-."}
     for method, style in styles.items():
         pts = sorted((r["bpw"], r["ppl"]) for r in runs if r["method"] == method)
