@@ -225,7 +225,8 @@ class _ProfilingWalker(ModelWalker):
             w = weight.astype(mx.float32)
             h = np.asarray(stats.h, dtype=np.float64)
             w64 = np.asarray(w, dtype=np.float64)
-            f = None if self.weights is None else 0.5 * self.weights[p.path]
+            f = None if self.weights is None or p.path not in self.weights \
+                else 0.5 * self.weights[p.path]
             errs = {}
             for spec in self.candidates:
                 if weight.shape[-1] % spec.group_size:
