@@ -69,6 +69,7 @@ def main() -> None:
     ap.add_argument("--rtn-uniform", default="3:64,4:64", help="specs for uniform RTN")
     ap.add_argument("--dynamic-gptq", action=argparse.BooleanOptionalAction, default=True)
     ap.add_argument("--fisher-samples", type=int, default=16)
+    ap.add_argument("--sensitivities", default="fisher", help="fisher,output")
     ap.add_argument("--sections", default="float,uniform,mixed,dynamic",
                     help="run in this order; 'uniform=STRATEGY:b:g+b:g' runs some uniform specs "
                          "with one strategy (e.g. uniform=gptaq:3:64)")
@@ -112,24 +113,29 @@ def main() -> None:
                        peak_memory_gb=mx.get_peak_memory() / 1e9)
 
     def run_mixed():
-        model, _, _ = load_model(args.model)
-        t0 = time.perf_counter()
-        sens = measure_sensitivity(model, calib, candidates=[QuantSpec(b, g) for b, g in CANDIDATES],
-                                   reference_bpw=4.0, fisher_samples=args.fisher_samples)
-        measure_s = time.perf_counter() - t0
-        print(f"sensitivity measured in {measure_s:.0f} s", flush=True)
-        results["mixed_measure_s"] = measure_s
-        for target in args.targets:
-            plan = sens.plan(target)
+        for sensitivity in args.sensitivities.split(","):
+            method = "quantkit-mixed" + ("" if sensitivity == "fisher" else f"-{sensitivity}")
             model, _, _ = load_model(args.model)
             t0 = time.perf_counter()
-            quantize_model(model, calib, plan.recipe)
-            (out.parent / f"mixed_recipe_{target:g}.toml").write_text(plan.to_toml())
-            spread = {}
-            for s in plan.specs.values():
-                spread[f"{s.bits}b g{s.group_size}"] = spread.get(f"{s.bits}b g{s.group_size}", 0) + 1
-            record("quantkit-mixed", target, model, t0, planned_bpw=plan.bits_per_weight,
-                   spread=spread)
+            sens = measure_sensitivity(
+                model, calib, candidates=[QuantSpec(b, g) for b, g in CANDIDATES],
+                reference_bpw=4.0, fisher_samples=args.fisher_samples, sensitivity=sensitivity)
+            measure_s = time.perf_counter() - t0
+            print(f"sensitivity ({sensitivity}) measured in {measure_s:.0f} s", flush=True)
+            results[f"{method}_measure_s"] = measure_s
+            for target in args.targets:
+                plan = sens.plan(target)
+                model, _, _ = load_model(args.model)
+                mx.reset_peak_memory()
+                t0 = time.perf_counter()
+                quantize_model(model, calib, plan.recipe)
+                (out.parent / f"{out.name}_{method}_{target:g}.toml").write_text(plan.to_toml())
+                spread: dict[str, int] = {}
+                for s in plan.specs.values():
+                    key = f"{s.bits}b g{s.group_size}"
+                    spread[key] = spread.get(key, 0) + 1
+                record(method, target, model, t0, planned_bpw=plan.bits_per_weight,
+                       spread=spread, peak_memory_gb=mx.get_peak_memory() / 1e9)
 
     def run_dynamic():
         from mlx_lm.quant.dynamic_quant import estimate_sensitivities, estimate_threshold
@@ -183,6 +189,20 @@ def main() -> None:
             steps[name]()
 
     plot(results, out.with_suffix(".png"))
+    out.with_suffix(".md").write_text(table(results))
+    print(table(results))
+
+
+def table(results) -> str:
+    """The runs as a markdown table, by bits per weight."""
+    lines = ["| method | target | bits per weight | perplexity | quantize s | detail |",
+             "|---|---|---|---|---|---|"]
+    for r in sorted(results["runs"], key=lambda r: (r["bpw"], r["method"]), reverse=True):
+        detail = r.get("spread") or ({"low": r["low"], "high": r["high"], "n_high": r.get("n_high")}
+                                     if "low" in r else "")
+        lines.append(f"| {r['method']} | {r['target_bpw'] if r['target_bpw'] is not None else ''} "
+                     f"| {r['bpw']:.3f} | {r['ppl']:.2f} | {r['quantize_s']} | {detail} |")
+    return "\n".join(lines) + "\n"
 
 
 def plot(results, path: Path) -> None:
@@ -195,6 +215,7 @@ def plot(results, path: Path) -> None:
     runs = results["runs"]
     floats = [r for r in runs if r["method"] == "float"]
     styles = {"uniform-rtn": "s:", "uniform-gptq": "o--", "uniform-gptaq": "x", "quantkit-mixed": "D-",
+              "quantkit-mixed-output": "d:",
               "dynamic_quant": "^:", "dynamic_quant+gptq": "v-."}
     for method, style in styles.items():
         pts = sorted((r["bpw"], r["ppl"]) for r in runs if r["method"] == method)
@@ -204,7 +225,7 @@ def plot(results, path: Path) -> None:
         ax.axhline(floats[0]["ppl"], color="gray", lw=0.8, label="float")
     ax.set_yscale("log")
     ax.set_xlabel("bits per weight (mlx-lm compute_bits_per_weight)")
-    ax.set_ylabel("WikiText-2 perplexity")
+    ax.set_ylabel(f"perplexity on {Path(results['settings']['eval']).name}")
     ax.set_title(Path(results["settings"]["model"]).name + ": perplexity vs bits per weight")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend()
