@@ -70,6 +70,8 @@ def main() -> None:
     ap.add_argument("--dynamic-gptq", action=argparse.BooleanOptionalAction, default=True)
     ap.add_argument("--fisher-samples", type=int, default=16)
     ap.add_argument("--sensitivities", default="fisher", help="fisher,output")
+    ap.add_argument("--mixed-strategy", default="gptq",
+                    help="strategy of the planned layers (rtn: compare with dynamic_quant's RTN)")
     ap.add_argument("--sections", default="float,uniform,mixed,dynamic",
                     help="run in this order; 'uniform=STRATEGY:b:g+b:g' runs some uniform specs "
                          "with one strategy (e.g. uniform=gptaq:3:64)")
@@ -114,11 +116,13 @@ def main() -> None:
 
     def run_mixed():
         for sensitivity in args.sensitivities.split(","):
-            method = "quantkit-mixed" + ("" if sensitivity == "fisher" else f"-{sensitivity}")
+            method = "quantkit-mixed" + ("" if sensitivity == "fisher" else f"-{sensitivity}") \
+                + ("" if args.mixed_strategy == "gptq" else f"-{args.mixed_strategy}")
             model, _, _ = load_model(args.model)
             t0 = time.perf_counter()
             sens = measure_sensitivity(
                 model, calib, candidates=[QuantSpec(b, g) for b, g in CANDIDATES],
+                recipe=Recipe.uniform(args.mixed_strategy),
                 reference_bpw=4.0, fisher_samples=args.fisher_samples, sensitivity=sensitivity)
             measure_s = time.perf_counter() - t0
             print(f"sensitivity ({sensitivity}) measured in {measure_s:.0f} s", flush=True)
@@ -215,7 +219,7 @@ def plot(results, path: Path) -> None:
     runs = results["runs"]
     floats = [r for r in runs if r["method"] == "float"]
     styles = {"uniform-rtn": "s:", "uniform-gptq": "o--", "uniform-gptaq": "x", "quantkit-mixed": "D-",
-              "quantkit-mixed-output": "d:",
+              "quantkit-mixed-output": "d:", "quantkit-mixed-rtn": "P-",
               "dynamic_quant": "^:", "dynamic_quant+gptq": "v-."}
     for method, style in styles.items():
         pts = sorted((r["bpw"], r["ppl"]) for r in runs if r["method"] == method)
