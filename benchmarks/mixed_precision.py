@@ -186,7 +186,16 @@ def main() -> None:
              "dynamic": run_dynamic}
     for name in sections:
         # "uniform=gptq:3:32+3:64" runs one strategy at some specs, in this order
-        if "=" in name:
+        if name.startswith("recipe="):
+            # "recipe=METHOD@FILE.toml@STRATEGY": quantize with a saved plan, strategy replaced
+            method, path, strategy = name.split("=", 1)[1].split("@")
+            model, _, _ = load_model(args.model)
+            mx.reset_peak_memory()
+            t0 = time.perf_counter()
+            quantize_model(model, calib, Recipe.from_toml(path).with_default(strategy=strategy))
+            record(method, args.targets[0], model, t0, recipe=path,
+                   peak_memory_gb=mx.get_peak_memory() / 1e9)
+        elif "=" in name:
             strategy, _, specs = name.split("=")[1].partition(":")
             run_uniform(strategy, specs.replace("+", ","))
         else:
