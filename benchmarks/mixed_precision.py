@@ -231,9 +231,16 @@ def plot(results, path: Path) -> None:
               "quantkit-mixed-output": "d:", "quantkit-mixed-rtn": "P-",
               "dynamic_quant": "^:", "dynamic_quant+gptq": "v-."}
     for method, style in styles.items():
-        pts = sorted((r["bpw"], r["ppl"]) for r in runs if r["method"] == method)
-        if pts:
-            ax.plot(*zip(*pts), style, label=method)
+        rows = sorted((r["bpw"], r["ppl"], r["target_bpw"]) for r in runs if r["method"] == method)
+        if not rows:
+            continue
+        xs, ys, labels = zip(*rows)
+        if method.startswith("uniform"):  # one point per spec, several specs share a cost
+            ax.plot(xs, ys, style.rstrip(":-."), label=method)
+            for x, y, label in rows:
+                ax.annotate(label, (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        else:
+            ax.plot(xs, ys, style, label=method)
     if floats:
         ax.axhline(floats[0]["ppl"], color="gray", lw=0.8, label="float")
     ax.set_yscale("log")
@@ -241,7 +248,7 @@ def plot(results, path: Path) -> None:
     ax.set_ylabel(f"perplexity on {Path(results['settings']['eval']).name}")
     ax.set_title(Path(results["settings"]["model"]).name + ": perplexity vs bits per weight")
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend()
+    ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
