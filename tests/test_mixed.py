@@ -61,7 +61,7 @@ def test_target_bpw_plan_loads_and_its_recipe_reproduces_it(pad_dir, tinystories
 
     runner = CliRunner()
     out = tmp_path / "mixed"
-    common = ["--calibration", str(tinystories_text), "--num-samples", "8", "--seq-len", "128"]
+    common = ["--calibration", str(tinystories_text), "--num-samples", "4", "--seq-len", "64"]
     result = runner.invoke(app, ["quantize", str(pad_dir), "-o", str(out), "--target-bpw", "4.5",
                                  *common])
     assert result.exit_code == 0, result.output
