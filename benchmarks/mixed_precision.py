@@ -229,6 +229,7 @@ def plot(results, path: Path) -> None:
     floats = [r for r in runs if r["method"] == "float"]
     styles = {"uniform-rtn": "s:", "uniform-gptq": "o--", "uniform-gptaq": "x", "quantkit-mixed": "D-",
               "quantkit-mixed-output": "d:", "quantkit-mixed-rtn": "P-",
+              "quantkit-mixed-rtn-plan+gptq": "*",
               "dynamic_quant": "^:", "dynamic_quant+gptq": "v-."}
     for method, style in styles.items():
         rows = sorted((r["bpw"], r["ppl"], r["target_bpw"]) for r in runs if r["method"] == method)
