@@ -21,9 +21,11 @@ from .errors import (
     SpecError,
 )
 from .evaluate import perplexity
+from .gptaq import GPTAQQuantizer
 from .hessian import DenseHessianCollector, HessianCollector, HessianStats
 from .inverse import DampedCholesky, EscalatingCholesky, InverseFactor, InverseStrategy
 from .io import load_model, save_model
+from .mixed import MixedPlan, plan_mixed_precision
 from .packers import AffinePacker, FloatFormatPacker, Packer, packer_for
 from .quantizers import (
     STRATEGIES,
@@ -46,7 +48,7 @@ __all__ = [
     "DEFAULT_REGISTRY", "STRATEGIES", "AffinePacker", "CalibrationError", "Checkpoint",
     "CheckpointError", "DampedCholesky", "DirectoryCheckpoint",
     "DenseHessianCollector", "DirectoryResult", "Distributed", "DistributedError", "EscalatingCholesky", "FactorizationError",
-    "FloatFormatPacker", "GPTQQuantizer", "HessianCollector", "HessianStats", "InverseFactor",
+    "FloatFormatPacker", "GPTAQQuantizer", "GPTQQuantizer", "MixedPlan", "plan_mixed_precision", "HessianCollector", "HessianStats", "InverseFactor",
     "InverseStrategy", "LayerHandler", "LayerRecord", "LayerRegistry", "ModelLoadError",
     "ModelWalker", "OutputError", "Packer", "QuantResult", "QuantSpec", "Quantizer",
     "QuantkitError", "RTNQuantizer", "Recipe", "RecipeError", "Rule", "RunReport", "SpecError",

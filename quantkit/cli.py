@@ -99,6 +99,7 @@ def quantize(
     group_size: Annotated[Optional[int], typer.Option(help="group size for the default rule [64]")] = None,
     strategy: Annotated[Optional[Strategy], typer.Option(help="default strategy [gptq]")] = None,
     recipe: Annotated[Optional[Path], typer.Option(help="recipe TOML file")] = None,
+    target_bpw: Annotated[Optional[float], typer.Option(help="choose per-layer bits/group sizes for this many bits per weight (writes OUTPUT/recipe.toml)")] = None,
     calibration: Annotated[Optional[Path], typer.Option(help="plain-text calibration file (default: offline built-in text)")] = None,
     num_samples: Annotated[int, typer.Option(help="calibration sequences")] = 128,
     seq_len: Annotated[int, typer.Option(help="tokens per calibration sequence")] = 512,
@@ -148,6 +149,20 @@ def quantize(
         rec = base.with_default(
             strategy=strategy.value if strategy else None, bits=bits, group_size=group_size
         )
+        plan = None
+        if target_bpw is not None:
+            from .mixed import plan_directory
+
+            if group.size > 1:
+                fail("--target-bpw plans in one process; plan first, then run the written "
+                     "recipe with --recipe and --processes", 2)
+            with _ProgressView(enabled=not (quiet or json_out)) as view:
+                plan = plan_directory(
+                    model_dir, target_bpw, rec, calibration=calibration, num_samples=num_samples,
+                    seq_len=seq_len, seed=seed, dtype=dtype.value, batch_size=batch_size,
+                    progress=view,
+                )
+            rec = plan.recipe
         with _ProgressView(enabled=not (quiet or json_out) and group.rank == 0) as view, \
                 _sigterm_as_interrupt():
             result = quantize_directory(
@@ -156,6 +171,8 @@ def quantize(
                 overwrite=overwrite, resume=resume, checkpoint=checkpoint, progress=view,
                 distributed=group,
             )
+        if plan is not None:
+            (result.out_dir / "recipe.toml").write_text(plan.to_toml())
     except QuantkitError as exc:
         if debug:
             raise
@@ -186,6 +203,10 @@ def quantize(
     if quiet:
         return
     _print_summary(report, result.out_dir, time.perf_counter() - start)
+    if plan is not None:
+        err.print(f"mixed precision: target {plan.target_bpw:g} bits per weight; plan written to "
+                  f"{result.out_dir / 'recipe.toml'} (edit it and pass it to --recipe)",
+                  highlight=False)
 
 
 @contextlib.contextmanager

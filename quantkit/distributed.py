@@ -115,7 +115,21 @@ def merge_stats(a: HessianStats | None, b: HessianStats | None) -> HessianStats 
     if b is None or b.n_tokens == 0:
         return a
     total = a.n_tokens + b.n_tokens
-    return HessianStats(h=a.h * (a.n_tokens / total) + b.h * (b.n_tokens / total), n_tokens=total)
+    wa, wb = a.n_tokens / total, b.n_tokens / total
+
+    def mean(x: mx.array | None, y: mx.array | None) -> mx.array | None:
+        if x is None and y is None:
+            return None  # e.g. GPTAQ's asymmetry term when no reference inputs were seen
+        x = mx.zeros_like(y) if x is None else x
+        y = mx.zeros_like(x) if y is None else y
+        return x * wa + y * wb
+
+    # Subclasses (per-strategy statistics) keep their extra per-token means.
+    extra = {f.name: mean(getattr(a, f.name), getattr(b, f.name))
+             for f in attrs.fields(type(a)) if f.name not in ("h", "n_tokens")
+             and isinstance(getattr(a, f.name, None) if getattr(a, f.name, None) is not None
+                            else getattr(b, f.name, None), mx.array)}
+    return attrs.evolve(a, h=a.h * wa + b.h * wb, n_tokens=total, **extra)
 
 
 def _merge_dicts(a: Stats | None, b: Stats | None) -> Stats | None:

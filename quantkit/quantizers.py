@@ -8,13 +8,13 @@ and recipes can name it.
 from __future__ import annotations
 
 import abc
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import attrs
 import mlx.core as mx
 import numpy as np
 
-from .hessian import HessianStats
+from .hessian import HessianCollector, HessianStats
 from .inverse import DampedCholesky, EscalatingCholesky, InverseStrategy
 from .kernels.floatfmt import float_pack, float_scales, gptq_quantize_float
 from .kernels.gptq import gptq_quantize
@@ -28,6 +28,11 @@ from .kernels.linalg import BACKEND_NAMES
 from .kernels.rtn import affine_dequantize, affine_params, affine_quantize
 from .kernels.search import search_affine_params
 from .specs import QuantSpec
+
+if TYPE_CHECKING:
+    import mlx.nn as nn
+
+    from .registry import LayerHandler
 
 
 @attrs.frozen
@@ -63,6 +68,15 @@ class Quantizer(abc.ABC):
     #: Whether each output row is quantized independently given the statistics, so layers
     #: sharing one Hessian may be solved as one matrix with their rows stacked.
     rows_independent: ClassVar[bool] = False
+
+    #: Whether the collector also needs the full-precision model's inputs of the layer (the
+    #: walker then propagates a second, unquantized stream of block inputs).
+    needs_reference: ClassVar[bool] = False
+
+    def collector(self, handler: LayerHandler, module: nn.Module) -> HessianCollector:
+        """The collector that gathers what :meth:`quantize` needs: the layer handler's own by
+        default. Override to gather more."""
+        return handler.collector(module)
 
     @abc.abstractmethod
     def quantize(

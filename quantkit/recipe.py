@@ -10,6 +10,7 @@ globs on the dotted path (``model.layers.*.mlp.down_proj``) or regexes written `
 from __future__ import annotations
 
 import fnmatch
+import json
 import re
 from collections.abc import Mapping
 from pathlib import Path
@@ -98,6 +99,16 @@ class Recipe:
             rules.append({k: v for k, v in d.items() if k in own})
         return {"default": default, "rules": rules}
 
+    def to_toml(self, header: str = "") -> str:
+        """The recipe as TOML that :meth:`from_toml` reads back to an equal recipe; ``header``
+        lines are written first as comments."""
+        raw = self.to_dict()
+        lines = [f"# {line}".rstrip() for line in header.splitlines()]
+        lines += ["[default]", *(_toml_pair(k, v) for k, v in raw["default"].items())]
+        for rule in raw["rules"]:
+            lines += ["", "[[rules]]", *(_toml_pair(k, v) for k, v in rule.items())]
+        return "\n".join(lines) + "\n"
+
     @classmethod
     def uniform(cls, strategy: str = "gptq", bits: int = 4, group_size: int = 64,
                 mode: str = "affine", **options: Any) -> Recipe:
@@ -154,6 +165,18 @@ class Recipe:
             rules.append(_build_rule(merged, default, f"{where} ({r['match']!r})"))
             owned.append(tuple(merged))
         return cls(default=default, rules=tuple(rules), inherited=tuple(owned))
+
+
+def _toml_pair(key: str, value: Any) -> str:
+    if isinstance(value, bool):
+        text = "true" if value else "false"
+    elif isinstance(value, (int, float)):
+        text = repr(value)
+    elif isinstance(value, str):
+        text = json.dumps(value)  # a JSON string is a valid TOML basic string
+    else:
+        raise RecipeError(f"recipe key {key!r}: cannot write a {type(value).__name__} to TOML")
+    return f"{key} = {text}"
 
 
 def _build_rule(raw: Mapping[str, Any], default: Rule | None, where: str) -> Rule:

@@ -8,6 +8,7 @@ tied embedding) are done last, from the final block's outputs.
 
 from __future__ import annotations
 
+import copy
 import time
 from collections.abc import Callable
 from functools import partial
@@ -233,14 +234,23 @@ class ModelWalker:
             inputs, block_args = self._capture(model, blocks, block_paths, batches)
             if resumed is not None and resumed.next_block > 0:
                 inputs = resumed.inputs
+        # Full-precision block inputs, for strategies that compare them with the quantized ones.
+        ref_inputs = list(inputs) if needs_calibration and any(
+            p.quantizer.needs_reference for p in plans.values()) else None
+        if ref_inputs is not None and (self.distributed.size > 1 or resumed is not None):
+            raise RecipeError("strategies that need full-precision inputs (gptaq) run in one "
+                              "process without --resume; use gptq for distributed or resumed runs")
         for i, (block, bpath) in enumerate(zip(blocks, block_paths)):
             if resumed is not None and i < resumed.next_block:
                 continue
             inside = [p for k, p in plans.items() if k.startswith(bpath + ".")]
             self._emit("block", index=i, total=len(blocks), path=bpath)
             stats = self._collect_sharded(
-                model, inside, layout, partial(_forward, block, inputs, block_args[i])
+                model, inside, layout, partial(_forward, block, inputs, block_args[i]),
+                None if ref_inputs is None else partial(_forward, block, ref_inputs, block_args[i]),
             ) if needs_calibration else {}
+            if ref_inputs is not None:
+                ref_inputs = [self._eval(block(x, *a, **kw)) for x, (a, kw) in zip(ref_inputs, block_args[i])]
             done = self._quantize_all(model, [p for p in inside if not p.per_expert], stats, report, i)
             experts = [p for p in inside if p.per_expert]
             if experts:
@@ -303,7 +313,7 @@ class ModelWalker:
         block_args = [[(a, kw) for _, a, kw in s] for s in sinks]
         return inputs, block_args
 
-    def _collect(self, model, plans: list[LayerPlan], forward
+    def _collect(self, model, plans: list[LayerPlan], forward, reference=None
                  ) -> tuple[dict[str, HessianStats], dict[str, str]]:
         """Install collectors on the layers of ``plans`` that need them and run ``forward()``,
         an iterable of per-batch forward passes. Only the collectors are evaluated, so MLX
@@ -312,25 +322,36 @@ class ModelWalker:
         Layers that read the very same input array (q/k/v projections; gate/up) share one
         collector: their Hessian is accumulated once and the same :class:`HessianStats` object
         is returned under each of their paths. Returns ``(stats, owners)``: ``owners[path]`` is
-        the path whose collector accumulated ``path``'s inputs."""
+        the path whose collector accumulated ``path``'s inputs.
+
+        ``reference()``, when given, yields the same batches' full-precision forward passes:
+        each runs just before its batch's ``forward`` pass, with the collectors of strategies
+        that need it set to ``recording`` (they keep the layer inputs it shows them) and the
+        other collectors muted."""
         wanted = [p for p in plans if p.needs_stats]
         if not wanted:
             return {}, {}
         pool = _InputPool()
-        collectors: dict[str, _SharingCollector] = {}
+        collectors: dict[str, HessianCollector] = {}
         catchers = []
         for p in wanted:
-            collectors[p.path] = _SharingCollector(p.path, p.handler.collector(p.module), pool)
+            inner = p.quantizer.collector(p.handler, p.module)
+            collectors[p.path] = (inner if p.quantizer.needs_reference
+                                  else _SharingCollector(p.path, inner, pool))
             catchers.append((p.path, p.handler.catcher(p.module, collectors[p.path])))
         model.update_modules(tree_unflatten(catchers))
+        paired = [collectors[p.path] for p in wanted if p.quantizer.needs_reference]
+        muted = [c for c in collectors.values() if isinstance(c, _SharingCollector)]
+        passes = (forward() if reference is None or not paired
+                  else _paired(forward(), reference(), paired, muted))
         try:
-            for _ in forward():
+            for _ in passes:
                 mx.eval([c.arrays() for c in collectors.values()])
                 pool.clear()
         finally:
             model.update_modules(tree_unflatten([(p.path, p.module) for p in wanted]))
-        owners = {k: c.owner or k for k, c in collectors.items()}
-        owned = {k: c.inner.stats() for k, c in collectors.items() if owners[k] == k}
+        owners = {k: getattr(c, "owner", None) or k for k, c in collectors.items()}
+        owned = {k: c.stats() for k, c in collectors.items() if owners[k] == k}
         return {k: owned[owners[k]] for k in collectors}, owners
 
     def _run_collectors(self, model, wanted: list[LayerPlan],
@@ -365,13 +386,16 @@ class ModelWalker:
         model.update_modules(tree_unflatten(new_modules))
         return new_modules
 
-    def _collect_sharded(self, model, plans, layout: ShardLayout, run_batch) -> dict[str, HessianStats]:
+    def _collect_sharded(self, model, plans, layout: ShardLayout, run_batch, run_reference=None
+                         ) -> dict[str, HessianStats]:
         """``_collect`` once per calibration shard of this rank (``run_batch(j)``: the forward
         pass of local batch ``j``); shard statistics combined across ranks in shard order."""
         if not any(p.needs_stats for p in plans):
             return {}
         merged = self.distributed.reduce_stats(layout, lambda positions: self._collect(
-            model, plans, lambda: (run_batch(j) for j in positions))[0])
+            model, plans, lambda: (run_batch(j) for j in positions),
+            None if run_reference is None else lambda: (run_reference(j) for j in positions),
+        )[0])
         return _share_identical(merged)
 
     def _collect_outside(self, model, blocks, block_paths, plans, batches, last_outputs, layout):
@@ -578,14 +602,16 @@ def _share_identical(stats: dict[str, HessianStats]) -> dict[str, HessianStats]:
 
 
 def _dense_standin(original: nn.Module, quantized: nn.Module) -> nn.Module:
-    """``original`` holding the weights ``quantized`` computes with (dequantized)."""
+    """A copy of ``original`` holding the weights ``quantized`` computes with (dequantized);
+    ``original`` itself is left as it was."""
     w = mx.dequantize(
         quantized["weight"], quantized["scales"], quantized.get("biases"),
         group_size=quantized.group_size, bits=quantized.bits, mode=quantized.mode,
     )
-    original.weight = w.astype(original.weight.dtype)
-    mx.eval(original.weight)
-    return original
+    standin = copy.copy(original)
+    standin.weight = w.astype(original.weight.dtype)
+    mx.eval(standin.weight)
+    return standin
 
 
 class _InputPool:
@@ -616,8 +642,11 @@ class _SharingCollector(HessianCollector):
         self.inner = inner
         self.pool = pool
         self.owner: str | None = None  # None until the first input; then the path that owns them
+        self.muted = False  # set while a full-precision reference pass runs (GPTAQ)
 
     def update(self, x: mx.array) -> None:
+        if self.muted:
+            return
         owner = self.pool.owner(x, self.path)
         if self.owner is None:
             self.owner = owner
@@ -657,6 +686,27 @@ def _solve_groups(plans: list[LayerPlan], stats: dict[str, HessianStats]) -> lis
             groups[key] = [p]
             order.append(groups[key])
     return order
+
+
+def _paired(passes, references, collectors, muted=()):
+    """Each reference pass (``collectors`` recording, ``muted`` ignoring their inputs) followed
+    by its batch's pass."""
+    passes, references = iter(passes), iter(references)
+    while True:
+        for c in collectors:
+            c.recording = True
+        for c in muted:
+            c.muted = True
+        try:
+            done = next(references, None) is None
+        finally:
+            for c in collectors:
+                c.recording = False
+            for c in muted:
+                c.muted = False
+        if done:
+            return
+        yield next(passes)
 
 
 def _decoder_blocks(model: nn.Module) -> list[nn.Module]:
