@@ -164,7 +164,7 @@ def main() -> None:
             threshold = estimate_threshold(model, sens_d, target, low, 64, high, 64)
             high_layers = sorted(p for p, v in sens_d.items() if v > threshold)
 
-            def predicate(p, m):
+            def predicate(p, m, high=high, high_layers=high_layers):
                 if not hasattr(m, "to_quantized"):
                     return False
                 return {"bits": high, "group_size": 64} if p in high_layers else True

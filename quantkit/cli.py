@@ -51,6 +51,13 @@ class DType(str, Enum):
     bfloat16 = "bfloat16"
 
 
+def internal_error(exc: BaseException) -> None:
+    """An unexpected exception (a bug) as one line, exit code 3; ``--debug`` shows the traceback."""
+    lines = str(exc).strip().splitlines()
+    fail(f"internal error ({type(exc).__name__}: {lines[0] if lines else ''}); "
+         "rerun with --debug for the traceback and report it", 3)
+
+
 def fail(message: str, code: int = 1) -> None:
     err.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
     raise typer.Exit(code)
@@ -190,9 +197,7 @@ def quantize(
     except Exception as exc:  # a bug: one line, the traceback with --debug
         if debug:
             raise
-        text = str(exc).strip().splitlines()
-        fail(f"internal error ({type(exc).__name__}: {text[0] if text else ''}); "
-             "rerun with --debug for the traceback and report it", 3)
+        internal_error(exc)
         return
     report = result.report
     if group.rank != 0:
@@ -389,9 +394,7 @@ def eval_(
     except Exception as exc:  # a bug: one line, the traceback with --debug
         if debug:
             raise
-        lines = str(exc).strip().splitlines()
-        fail(f"internal error ({type(exc).__name__}: {lines[0] if lines else ''}); "
-             "rerun with --debug for the traceback and report it", 3)
+        internal_error(exc)
         return
     from mlx_lm.utils import compute_bits_per_weight
 

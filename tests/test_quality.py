@@ -12,7 +12,6 @@ from quantkit.hessian import DenseHessianCollector, HessianStats
 from quantkit.kernels.floatfmt import (
     FLOAT_FORMATS,
     decode_scales,
-    float_pack,
     float_quantize,
     float_scales,
     gptq_quantize_float,
