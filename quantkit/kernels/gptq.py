@@ -44,6 +44,7 @@ def gptq_quantize(
     storage_dtype: mx.Dtype = mx.float32,
     importance: mx.array | None = None,
     group_index: Sequence[int] | None = None,
+    asymmetry: mx.array | None = None,
 ) -> GPTQOutput:
     """Quantize ``w (out, in)`` given ``u``, the upper Cholesky factor of the damped ``H⁻¹``.
 
@@ -56,7 +57,9 @@ def gptq_quantize(
     group's slice), for searches weighted by ``diag(H)``. ``group_index``: with fixed
     ``scales``/``biases``, the group (column of ``scales``) of each column of ``w`` in the order
     given; default ``j // group_size``. The returned ``scales``/``biases`` are then the fixed
-    ones, in their own order.
+    ones, in their own order. ``asymmetry (in, in)``: GPTAQ's matrix ``P`` (see
+    :mod:`quantkit.kernels.gptaq`; zero on and below the diagonal): column ``j``'s
+    pre-quantization value times ``P[j]`` is added to the columns after it.
     """
     n_out, n_in = w.shape
     if n_in % group_size:
@@ -81,7 +84,8 @@ def gptq_quantize(
         width = b1 - b0
         w1 = rest[:, :width]
         u1 = u[b0:b1, b0:b1]
-        q_cols, errs = [], []
+        p1 = None if asymmetry is None else asymmetry[b0:b1, b0:b1]
+        q_cols, errs, pre = [], [], []
         for j in range(width):
             if scales is not None:
                 if group_index[b0 + j] != current:
@@ -102,12 +106,17 @@ def gptq_quantize(
             # Row j of u1 is zero left of the diagonal, so earlier columns stay as they are and
             # column j itself becomes its dequantized value.
             w1 = w1 - err[:, None] * u1[j][None, :]
+            if p1 is not None:
+                w1 = w1 + col[:, None] * p1[j][None, :]
+                pre.append(col)
             q_cols.append(q)
             errs.append(err)
         block_err = mx.stack(errs, axis=1)
         rest = rest[:, width:]
         if b1 < n_in:
             rest = rest - block_err @ u[b0:b1, b1:]
+            if asymmetry is not None:
+                rest = rest + mx.stack(pre, axis=1) @ asymmetry[b0:b1, b1:]
         codes.append(mx.stack(q_cols, axis=1).astype(mx.uint8))
         deq.append(w1)
         mx.eval(codes[-1], deq[-1], rest, all_scales[-1:], all_biases[-1:])
