@@ -144,12 +144,15 @@ def quantize(
     try:
         group = Distributed(num_shards=shards)
         if distributed:
-            # Connecting holds the GIL, so the watchdog thread cannot run: faulthandler's C
-            # timer ends the process instead (exit status 1, the stack on stderr).
-            faulthandler.dump_traceback_later(timeout, exit=True)
-            group = Distributed.init(strict=True, num_shards=shards, timeout_s=timeout,
-                                     on_timeout=_give_up)
-            faulthandler.cancel_dump_traceback_later()
+            # Connecting gives up after --timeout with one line (SIGALRM interrupts it, see
+            # connect_to_other_ranks). Should a platform not interrupt it, faulthandler's C
+            # timer still ends the process a minute later (exit status 1, the stack on stderr).
+            faulthandler.dump_traceback_later(timeout + 60, exit=True)
+            try:
+                group = Distributed.init(strict=True, num_shards=shards, timeout_s=timeout,
+                                         on_timeout=_give_up)
+            finally:
+                faulthandler.cancel_dump_traceback_later()
         base = Recipe.from_toml(recipe) if recipe else Recipe()
         if not recipe and strategy is None and bits is None and group_size is None:
             base = Recipe()  # GPTQ 4-bit, group 64

@@ -11,9 +11,10 @@ questions, each a hook the walker calls:
   subtrees it owns locally, the roots are exchanged with ``all_gather`` and every rank finishes
   the same tree. The floating-point operations are the same for any world size, so 1, 2 or 4
   processes produce byte-identical Hessians — and so byte-identical output;
-* who quantizes which layer (:meth:`Distributed.assign`) and how the results reach everyone
-  (:meth:`Distributed.exchange_layers`): layers are dealt out by estimated cost, each rank
-  quantizes its own, and the packed arrays plus the layer's report record travel to every rank
+* who quantizes which layer (:meth:`Distributed.assign`) or which expert of a MoE layer
+  (:meth:`Distributed.share`, called by :mod:`quantkit.moe`) and how the results reach everyone
+  (:meth:`Distributed.exchange`): units of work are dealt out by estimated cost, each rank
+  quantizes its own, and the packed arrays plus their report figures travel to every rank
   with ``all_gather`` (padded to equal sizes: the ring backend has no point-to-point transfer
   except between neighbours). Every rank then installs the full quantized block.
 
@@ -21,15 +22,22 @@ With no launcher ``mx.distributed.init()`` gives a group of size 1 and the same 
 no communication. Collectives run at ``mx.eval``; every rank issues them in the same order.
 A collective that fails (a peer died) raises :class:`DistributedError`; one that does not
 finish within ``timeout_s`` calls ``on_timeout`` from a watchdog thread (the CLI ends the
-process there: a blocked collective cannot be interrupted from Python).
+process there: a blocked collective cannot be interrupted from Python). Connecting holds the
+GIL, so no thread can watch it: :func:`connect_to_other_ranks` interrupts it with ``SIGALRM``
+instead and says in one line what went wrong.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
+import os
+import re
+import signal
 import threading
 from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import attrs
@@ -47,7 +55,8 @@ if TYPE_CHECKING:  # pragma: no cover
 #: ``(level, index)`` of a node in the binary tree over shards; leaves are level 0.
 Node = tuple[int, int]
 Stats = dict[str, HessianStats]
-
+#: One unit of exchanged work: JSON-able metadata and named arrays.
+Item = tuple[dict[str, Any], list[tuple[str, mx.array]]]
 
 
 @attrs.frozen
@@ -148,9 +157,68 @@ def _cost(plan: LayerPlan) -> float:
     return float(w.size * w.shape[-1] if plan.needs_stats else w.size)
 
 
-def connect_to_other_ranks(backend: str = "any", strict: bool = False) -> Any:
-    """``mx.distributed.init``: blocks, holding the GIL, until every peer has connected."""
-    return mx.distributed.init(strict=strict, backend=backend)
+def connect_to_other_ranks(backend: str = "any", strict: bool = False,
+                           timeout_s: float | None = None) -> Any:
+    """``mx.distributed.init``: blocks, holding the GIL, until every peer has connected.
+
+    With ``timeout_s`` (and on the main thread) the wait is bounded: ``SIGALRM`` interrupts the
+    blocked ``accept``/``connect`` (then every second, in case it lands between two calls), and
+    the previous handler is put back afterwards. A failure raises :class:`DistributedError` with
+    one line naming the problem and the fix (hostfile, port, peer not started)."""
+    armed = timeout_s is not None and threading.current_thread() is threading.main_thread() \
+        and hasattr(signal, "setitimer")
+    fired: list[bool] = []
+    previous = None
+    if armed:
+        previous = signal.signal(signal.SIGALRM, lambda signum, frame: fired.append(True))
+        signal.setitimer(signal.ITIMER_REAL, max(float(timeout_s), 1e-3), 1.0)
+    try:
+        return mx.distributed.init(strict=strict, backend=backend)
+    except RuntimeError as exc:
+        raise DistributedError(_connect_failure(str(exc), bool(fired), timeout_s)) from None
+    finally:
+        if armed:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            signal.signal(signal.SIGALRM, previous)
+
+
+def _connect_failure(message: str, timed_out: bool, timeout_s: float | None) -> str:
+    """One line for a failed ``mx.distributed.init``: what went wrong and what to do, naming
+    this rank's and its neighbour's addresses from the ring hostfile when there is one."""
+    rank, hostfile = os.environ.get("MLX_RANK"), os.environ.get("MLX_HOSTFILE")
+    hosts: Any = []
+    with contextlib.suppress(OSError, ValueError, TypeError):
+        hosts = json.loads(Path(hostfile).read_text()) if hostfile else []
+    r = int(rank) if rank is not None and rank.isdigit() else None
+    if r is None or not hostfile or not isinstance(hosts, list) or not 0 <= r < len(hosts):
+        return f"cannot start the distributed group: {message}"
+    n = len(hosts)
+
+    def addr(k: int) -> str:
+        h = hosts[k % n]
+        return ", ".join(h) if isinstance(h, list) else str(h)
+
+    code = re.search(r"error: (\d+)", message)
+    err = int(code.group(1)) if code else None
+    where = f"rank {r} of {n} (hostfile {hostfile})"
+    if "bind" in message and err == errno.EADDRINUSE:
+        return (f"{where}: cannot listen on {addr(r)}: the address is in use (an earlier run "
+                f"still alive, or another program); stop it or give this rank another port "
+                f"in the hostfile")
+    if "bind" in message and err == errno.EADDRNOTAVAIL:
+        return (f"{where}: cannot listen on {addr(r)}: not an address of this machine; put "
+                f"this machine's own address for rank {r} in the hostfile")
+    if "couldn't connect" in message.lower():  # after MLX's own retries (about 30 s)
+        why = f" ({os.strerror(err).lower()})" if err not in (None, errno.EINTR) else ""
+        return (f"{where}: could not connect to rank {(r + 1) % n} at {addr(r + 1)}{why}; "
+                f"that rank is not started or listens elsewhere: start every rank with the "
+                f"same hostfile, within 30 s of each other")
+    if timed_out:
+        return (f"{where}: the other ranks did not connect within {timeout_s:g} s (this rank "
+                f"listens on {addr(r)}, connects to rank {(r + 1) % n} at {addr(r + 1)}); start "
+                f"every rank of the hostfile with the same hostfile, check that these "
+                f"addresses are reachable (firewall), or raise --timeout")
+    return f"{where}: cannot start the distributed group: {message}"
 
 
 def local_roots(layout: ShardLayout, collect: Callable[[list[int]], Stats]) -> dict[Node, Stats]:
@@ -202,12 +270,10 @@ class Distributed:
     @classmethod
     def init(cls, backend: str = "any", strict: bool = False, **settings: Any) -> Distributed:
         """Join the group a launcher set up (``mlx.launch``, or ``MLX_RANK``/``MLX_HOSTFILE``);
-        with no launcher this is a group of size 1. Connecting waits for every peer, under
-        no watchdog (it holds the GIL while it waits: the CLI arms ``faulthandler`` instead)."""
-        try:
-            group = connect_to_other_ranks(backend, strict)
-        except RuntimeError as exc:
-            raise DistributedError(f"cannot start the distributed group: {exc}") from None
+        with no launcher this is a group of size 1. Connecting waits for every peer, at most
+        ``timeout_s`` (see :func:`connect_to_other_ranks`); a failure raises
+        :class:`DistributedError`."""
+        group = connect_to_other_ranks(backend, strict, settings.get("timeout_s"))
         return cls(group, **settings)
 
     @property
@@ -310,15 +376,42 @@ class Distributed:
 
     # -- work-parallel quantization ---------------------------------------------------------
 
-    def assign(self, plans: Sequence[LayerPlan]) -> dict[str, int]:
-        """Layer path → the rank that quantizes it: largest first to the least loaded rank."""
+    def share(self, costs: Sequence[float]) -> list[int]:
+        """The rank that does each unit of work of estimated ``costs``: largest first to the
+        least loaded rank (ties keep the given order and go to the lowest rank). Depends only
+        on ``costs``, so every rank computes the same answer."""
         load = [0.0] * self.size
-        owner: dict[str, int] = {}
-        for p in sorted(plans, key=lambda p: -_cost(p)):  # stable: ties keep plan order
+        owner = [0] * len(costs)
+        for i in sorted(range(len(costs)), key=lambda i: -costs[i]):  # stable
             r = min(range(self.size), key=lambda r: load[r])
-            owner[p.path] = r
-            load[r] += _cost(p)
+            owner[i] = r
+            load[r] += costs[i]
         return owner
+
+    def assign(self, plans: Sequence[LayerPlan]) -> dict[str, int]:
+        """Layer path → the rank that quantizes it (:meth:`share` by estimated GPTQ cost)."""
+        return {p.path: r for p, r in zip(plans, self.share([_cost(p) for p in plans]))}
+
+    def exchange(self, items: list[Item], what: str) -> list[list[Item]]:
+        """Every rank's ``items`` (JSON-able metadata with named arrays), indexed by rank; this
+        rank's own are returned as given. One ``all_gather`` of the payload sizes, then the
+        payloads in slices of at most ``chunk_bytes``, padded to the longest."""
+        if self.size == 1:
+            return [items]
+        payload = _encode(items)
+        lengths = self._gather(mx.array([payload.size], dtype=mx.int64), what).reshape(-1).tolist()
+        parts: list[list[mx.array]] = [[] for _ in range(self.size)]
+        for start in range(0, max(lengths), self.chunk_bytes):
+            width = min(self.chunk_bytes, max(lengths) - start)
+            piece = payload[start : start + width]
+            if piece.size < width:
+                piece = mx.concatenate([piece, mx.zeros((width - piece.size,), mx.uint8)])
+            got = self._gather(piece, what)
+            for r in range(self.size):
+                if start < lengths[r]:
+                    parts[r].append(got[r, : lengths[r] - start])
+        return [items if r == self.rank else list(_decode(mx.concatenate(parts[r])))
+                for r in range(self.size)]
 
     def exchange_layers(
         self, plans: Sequence[LayerPlan], done: dict[str, tuple[nn.Module, LayerRecord]],
@@ -327,64 +420,52 @@ class Distributed:
         """Every rank's quantized layers on every rank: ``done`` holds this rank's own."""
         if self.size == 1:
             return done
-        payload = _encode([(p.path, *done[p.path]) for p in plans if owners[p.path] == self.rank])
-        lengths = self._gather(mx.array([payload.size], dtype=mx.int64), "exchanging quantized layers")
-        lengths = lengths.reshape(-1).tolist()
-        chunk = self.chunk_bytes
-        parts: list[list[mx.array]] = [[] for _ in range(self.size)]
-        for start in range(0, max(lengths), chunk):
-            width = min(chunk, max(lengths) - start)
-            piece = payload[start : start + width]
-            if piece.size < width:
-                piece = mx.concatenate([piece, mx.zeros((width - piece.size,), mx.uint8)])
-            got = self._gather(piece, "exchanging quantized layers")
-            for r in range(self.size):
-                if start < lengths[r]:
-                    parts[r].append(got[r, : lengths[r] - start])
+        mine = [({"path": p.path, "record": attrs.asdict(done[p.path][1])},
+                 tree_flatten(done[p.path][0].parameters()))
+                for p in plans if owners[p.path] == self.rank]
         by_path = {p.path: p for p in plans}
         out = dict(done)
-        for r in range(self.size):
-            if r == self.rank or not parts[r]:
+        for r, items in enumerate(self.exchange(mine, "exchanging quantized layers")):
+            if r == self.rank:
                 continue
-            for path, params, record in _decode(mx.concatenate(parts[r])):
-                p = by_path[path]
-                flat = {k: v for k, v in params if "." not in k}
-                module = p.handler.build(p.module, flat, p.spec)
+            for meta, params in items:
+                p = by_path[meta["path"]]
+                module = p.handler.build(p.module, {k: v for k, v in params if "." not in k}, p.spec)
                 nested = [(k, v) for k, v in params if "." in k]
                 if nested:
                     module.update(tree_unflatten(nested))
                 mx.eval(module.parameters())
-                out[path] = (module, record)
+                out[p.path] = (module, LayerRecord(**meta["record"]))
         return out
 
 
-def _encode(items: list[tuple[str, nn.Module, LayerRecord]]) -> mx.array:
-    """One uint8 array: a JSON header (paths, records, array names/dtypes/shapes), then the
-    raw bytes of every array."""
+def _encode(items: list[Item]) -> mx.array:
+    """One uint8 array: a JSON header (each item's metadata, array names/dtypes/shapes), then
+    the raw bytes of every array."""
     header: list[dict[str, Any]] = []
     blobs: list[mx.array] = []
-    for path, module, record in items:
-        arrays = []
-        for name, value in tree_flatten(module.parameters()):
-            arrays.append([name, str(value.dtype).rsplit(".", 1)[-1], list(value.shape)])
+    for meta, arrays in items:
+        names = []
+        for name, value in arrays:
+            names.append([name, str(value.dtype).rsplit(".", 1)[-1], list(value.shape)])
             blobs.append(mx.contiguous(value).reshape(-1).view(mx.uint8))
-        header.append({"path": path, "record": attrs.asdict(record), "arrays": arrays})
+        header.append({"meta": meta, "arrays": names})
     head = json.dumps(header).encode()
     prefix = mx.array(list(len(head).to_bytes(8, "little")) + list(head), dtype=mx.uint8)
     return mx.concatenate([prefix, *blobs]) if blobs else prefix
 
 
-def _decode(buf: mx.array) -> Iterator[tuple[str, list[tuple[str, mx.array]], LayerRecord]]:
+def _decode(buf: mx.array) -> Iterator[Item]:
     n = int.from_bytes(bytes(buf[:8].tolist()), "little")
     header = json.loads(bytes(buf[8 : 8 + n].tolist()).decode())
     pos = 8 + n
     for item in header:
-        params = []
+        arrays = []
         for name, dtype, shape in item["arrays"]:
             dt = getattr(mx, dtype)
             nbytes = dt.size
             for d in shape:
                 nbytes *= d
-            params.append((name, buf[pos : pos + nbytes].view(dt).reshape(shape)))
+            arrays.append((name, buf[pos : pos + nbytes].view(dt).reshape(shape)))
             pos += nbytes
-        yield item["path"], params, LayerRecord(**item["record"])
+        yield item["meta"], arrays

@@ -24,6 +24,14 @@ passes every MoE layer once and is sent to ``top_k`` experts, so the mean share 
 are quantized with the handler's calibration-free ``starved`` strategy (round to nearest by
 default) and listed in the report, one :class:`LayerRecord` with ``expert`` set per such expert
 (its parameters are counted in the layer's record, not again there).
+
+Expert parallelism. With several processes (:class:`~quantkit.distributed.Distributed`), every
+rank gets the same merged statistics of an expert batch; the batch's experts (of all expert
+layers of the block) are then dealt out to the ranks by estimated solve cost, each rank
+quantizes its own, and the packed experts with their figures are exchanged before the next
+batch. An expert's result depends only on its weight and its merged Hessian, so the output is
+the same bytes whichever rank solved it. The layer's record lists who solved each expert
+(``expert_ranks``).
 """
 
 from __future__ import annotations
@@ -37,6 +45,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
+from .distributed import Distributed, Item
 from .errors import FactorizationError
 from .hessian import ExpertHessianStats, HessianCollector
 from .packers import packer_for
@@ -66,6 +75,34 @@ class ExpertOutcome:
     rtn_hessian_error: float | None = None
     damping: float | None = None
     time_s: float = 0.0
+    rank: int = 0  # the process that quantized it
+
+
+def _choose(p: LayerPlan, stats: ExpertHessianStats, i: int, fallback: Quantizer,
+            calibration_tokens: int) -> tuple[Quantizer, str | None, float]:
+    """``(strategy, reason, share)`` for expert ``stats.experts[i]``: the recipe's, or the
+    handler's ``starved`` one (``fallback`` if that needs a Hessian the expert lacks)."""
+    handler = cast(SwitchLinearHandler, p.handler)
+    n = stats.expert_tokens[i]
+    share = n / calibration_tokens if calibration_tokens else stats.share(i)
+    if n > 0 and share >= handler.min_token_share:
+        return p.quantizer, None, share
+    reason = (f"starved: {n} of {calibration_tokens} calibration tokens "
+              f"({100 * share:.2f}% < {100 * handler.min_token_share:.2f}%)")
+    quantizer = handler.starved
+    if quantizer.needs_hessian and n == 0:
+        quantizer = fallback
+    return quantizer, reason, share
+
+
+def expert_cost(p: LayerPlan, stats: ExpertHessianStats, i: int, fallback: Quantizer,
+                calibration_tokens: int) -> float:
+    """Rough cost of quantizing expert ``stats.experts[i]``: ``out·in²`` with a Hessian (GPTQ's
+    column loop and the error figures), ``out·in`` without (a starved expert's round to
+    nearest)."""
+    _, out, width = p.handler.weight(p.module).shape
+    quantizer, _, _ = _choose(p, stats, i, fallback, calibration_tokens)
+    return float(out * width * (width if quantizer.needs_hessian else 1))
 
 
 def quantize_expert(
@@ -77,19 +114,9 @@ def quantize_expert(
     when it was sent less than ``min_token_share`` of the ``calibration_tokens``; with
     ``fallback`` when its Hessian cannot be factorized."""
     t0 = time.perf_counter()
-    handler = cast(SwitchLinearHandler, p.handler)
     expert, n = stats.experts[i], stats.expert_tokens[i]
-    share = n / calibration_tokens if calibration_tokens else stats.share(i)
     own = stats.expert(i) if n > 0 else None
-    reason = None
-    if n == 0 or share < handler.min_token_share:
-        quantizer = handler.starved
-        reason = (f"starved: {n} of {calibration_tokens} calibration tokens "
-                  f"({100 * share:.2f}% < {100 * handler.min_token_share:.2f}%)")
-        if quantizer.needs_hessian and own is None:
-            quantizer = fallback
-    else:
-        quantizer = p.quantizer
+    quantizer, reason, share = _choose(p, stats, i, fallback, calibration_tokens)
     try:
         result = quantizer.quantize(weight, p.spec, own if quantizer.needs_hessian else None,
                                     p.storage_dtype)
@@ -109,17 +136,21 @@ def quantize_expert(
 
 def quantize_expert_layers(
     plans: list[LayerPlan], collect: Collect, fallback: Quantizer, calibration_tokens: int,
+    distributed: Distributed | None = None,
 ) -> list[tuple[LayerPlan, nn.Module, list[LayerRecord]]]:
     """Calibrate and quantize the expert layers of one block, a batch of experts per forward
     pass (see the module docstring); ``calibration_tokens``: tokens each pass runs through the
-    block. Returns, per plan, the quantized layer and its records: the layer's own, then one
-    per expert that did not get the recipe's strategy."""
+    block. With ``distributed``, each rank solves its share of every batch's experts and the
+    results are exchanged (every rank returns the same layers). Returns, per plan, the
+    quantized layer and its records: the layer's own, then one per expert that did not get
+    the recipe's strategy."""
+    group = distributed if distributed is not None else Distributed()
     handlers = {p.path: cast(SwitchLinearHandler, p.handler) for p in plans}
     batches = {p.path: handlers[p.path].expert_batches(p.module) for p in plans}
     weights = {p.path: p.handler.weight(p.module).astype(mx.float32) for p in plans}
     # Each expert is packed as soon as it is quantized: only the stored arrays are kept.
-    packed: dict[str, list[dict[str, mx.array]]] = {p.path: [] for p in plans}
-    outcomes: dict[str, list[ExpertOutcome]] = {p.path: [] for p in plans}
+    packed: dict[str, dict[int, dict[str, mx.array]]] = {p.path: {} for p in plans}
+    outcomes: dict[str, dict[int, ExpertOutcome]] = {p.path: {} for p in plans}
     layer_tokens: dict[str, int] = {}
     for r in range(max(len(b) for b in batches.values())):
         active = [p for p in plans if r < len(batches[p.path])]
@@ -127,21 +158,34 @@ def quantize_expert_layers(
             p.path: handlers[p.path].collector(p.module, batches[p.path][r]) for p in active
         }
         collect(active, collectors)
-        for p in active:
-            stats = collectors.pop(p.path).stats()
-            assert isinstance(stats, ExpertHessianStats)
-            layer_tokens[p.path] = stats.n_tokens
-            for i, e in enumerate(stats.experts):
-                result, outcome = quantize_expert(p, weights[p.path][e], stats, i, fallback,
-                                                  calibration_tokens)
-                packed[p.path].append(_pack(p, result))
-                outcomes[p.path].append(outcome)
-            del stats  # this batch's Hessians go here
+        stats = {p.path: cast(ExpertHessianStats, collectors.pop(p.path).stats()) for p in active}
+        units = [(p, i) for p in active for i in range(len(stats[p.path].experts))]
+        owners = group.share([expert_cost(p, stats[p.path], i, fallback, calibration_tokens)
+                              for p, i in units])
+        mine: list[Item] = []
+        for (p, i), owner in zip(units, owners, strict=True):
+            layer_tokens[p.path] = stats[p.path].n_tokens
+            if owner != group.rank:
+                continue
+            e = stats[p.path].experts[i]
+            result, outcome = quantize_expert(p, weights[p.path][e], stats[p.path], i, fallback,
+                                              calibration_tokens)
+            arrays = _pack(p, result)
+            outcome = attrs.evolve(outcome, rank=group.rank)
+            mine.append(({"path": p.path, "outcome": attrs.asdict(outcome)}, sorted(arrays.items())))
+        del stats  # this batch's Hessians go here
+        for items in group.exchange(mine, f"exchanging quantized experts of {active[0].path}"):
+            for meta, arrays in items:
+                outcome = ExpertOutcome(**meta["outcome"])
+                packed[meta["path"]][outcome.expert] = dict(arrays)
+                outcomes[meta["path"]][outcome.expert] = outcome
     out = []
     for p in plans:
-        module = p.handler.build(p.module, _stack(packed.pop(p.path)), p.spec)
+        experts = sorted(packed[p.path])
+        module = p.handler.build(p.module, _stack([packed[p.path].pop(e) for e in experts]), p.spec)
         mx.eval(module.parameters())
-        out.append((p, module, _records(p, outcomes[p.path], layer_tokens[p.path])))
+        out.append((p, module, _records(p, [outcomes[p.path][e] for e in experts],
+                                        layer_tokens[p.path])))
     return out
 
 
@@ -182,6 +226,7 @@ def _records(p: LayerPlan, outcomes: list[ExpertOutcome], layer_tokens: int) -> 
         summary = (f"{len(fell_back)} of {len(outcomes)} experts fell back: " + ", ".join(
             f"{o.expert} ({o.n_tokens} rows, {o.strategy})" for o in fell_back))
     all_fell_back = len(fell_back) == len(outcomes)
+    ranks = [o.rank for o in outcomes]
     layer = record(
         "fallback" if all_fell_back else "quantized",
         fell_back[0].strategy if all_fell_back else p.quantizer.name,
@@ -191,11 +236,12 @@ def _records(p: LayerPlan, outcomes: list[ExpertOutcome], layer_tokens: int) -> 
         relative_error=(err / energy if err is not None and energy else None),
         damping=max(dampings) if dampings else None,
         time_s=sum(o.time_s for o in outcomes),
+        rank=min(ranks), expert_ranks=ranks,
     )
     per_expert = [
         record("fallback", o.strategy, reason=o.reason, expert=o.expert, n_tokens=o.n_tokens,
                hessian_error=o.hessian_error, rtn_hessian_error=o.rtn_hessian_error,
-               time_s=o.time_s)
+               time_s=o.time_s, rank=o.rank)
         for o in fell_back
     ]
     return [layer, *per_expert]

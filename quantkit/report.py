@@ -34,8 +34,11 @@ class LayerRecord:
     damping: float | None = None
     block: int | None = None
     expert: int | None = None
+    #: The process that quantized the layer (an expert layer: the lowest of ``expert_ranks``).
     rank: int = 0
     time_s: float = 0.0
+    #: An expert layer: the process that quantized each of its experts, in expert order.
+    expert_ranks: list[int] | None = None
 
 
 @attrs.define

@@ -369,7 +369,8 @@ class ModelWalker:
         """Expert layers of one block: one Hessian per expert, a batch of experts per forward
         pass over the ``n_tokens`` calibration tokens, after the block's other layers are
         quantized (see quantkit.moe). Each expert's statistics go through the same shard tree
-        as dense layers', so the result does not depend on the number of processes."""
+        as dense layers', and each rank solves its share of the experts, so the result does
+        not depend on the number of processes."""
         def collect(active, collectors):
             merged = self.distributed.reduce_stats(layout, lambda positions: _expert_shard_stats(
                 model, self, active, collectors, lambda: (run_batch(j) for j in positions)))
@@ -377,7 +378,8 @@ class ModelWalker:
                 _load_expert_stats(collectors[p.path], p.path, merged)
 
         new_modules = []
-        for p, module, records in quantize_expert_layers(plans, collect, self.fallback, n_tokens):
+        for p, module, records in quantize_expert_layers(
+                plans, collect, self.fallback, n_tokens, self.distributed):
             for record in records:
                 record.block = block_index
                 report.add(record)
@@ -437,9 +439,6 @@ class ModelWalker:
             installed = [(k, _dense_standin(p.module, m)) for p, (k, m) in zip(plans, new_modules)]
         if installed:
             model.update_modules(tree_unflatten(installed))
-        return new_modules
-        if new_modules:
-            model.update_modules(tree_unflatten(new_modules))
         return new_modules
 
     def _resume(self, model, plans: dict[str, LayerPlan], report: RunReport,

@@ -96,6 +96,7 @@ def test_merge_is_exact_with_empty_parts():
 
 
 def test_layer_payload_round_trip_keeps_bytes_and_record():
+    import attrs
     import mlx.nn as nn
     from mlx.utils import tree_flatten
 
@@ -104,10 +105,13 @@ def test_layer_payload_round_trip_keeps_bytes_and_record():
 
     layer = nn.Linear(64, 16, bias=True).to_quantized(group_size=32, bits=3)
     layer.scales = layer.scales.astype(mx.bfloat16)
-    record = LayerRecord("a.b", "Linear", "quantized", strategy="gptq", rank=1, damping=0.01)
-    (path, params, got), = _decode(_encode([("a.b", layer, record)]))
-    assert path == "a.b" and got == record
+    record = LayerRecord("a.b", "Linear", "quantized", strategy="gptq", rank=1, damping=0.01,
+                         expert_ranks=[0, 1, 1])
     want = dict(tree_flatten(layer.parameters()))
+    (meta, params), empty = _decode(_encode([
+        ({"path": "a.b", "record": attrs.asdict(record)}, list(want.items())), ({}, [])]))
+    assert meta["path"] == "a.b" and LayerRecord(**meta["record"]) == record
+    assert empty == ({}, [])
     assert sorted(k for k, _ in params) == sorted(want)
     for k, v in params:
         assert v.dtype == want[k].dtype and v.shape == want[k].shape
@@ -142,7 +146,8 @@ def test_two_ranks_in_small_slices_write_the_same_bytes(stories_dir, tinystories
 
 def test_two_ranks_on_the_moe_fixture_write_the_same_bytes(stories_dir, tinystories_text, tmp_path):
     """``quantkit quantize --processes 2`` on the MoE fixture equals one process, and the
-    report says which rank quantized each layer."""
+    report says which rank quantized each layer and each expert: the experts of one layer
+    are shared by both ranks."""
     src = stories_dir.parent / "stories260K-moe4"
     if not src.is_dir():
         pytest.skip(f"{src} is absent: this test needs the ../shared models")
@@ -158,9 +163,56 @@ def test_two_ranks_on_the_moe_fixture_write_the_same_bytes(stories_dir, tinystor
     assert report["world_size"] == 2
     ranks = {r["rank"] for r in report["layers"] if r["status"] != "skipped"}
     assert ranks == {0, 1}
+    expert_layers = [r for r in report["layers"] if r["expert_ranks"] is not None]
+    assert len(expert_layers) == 5 * 3  # 5 blocks × gate/up/down
+    for r in expert_layers:
+        assert len(r["expert_ranks"]) == 4 and set(r["expert_ranks"]) == {0, 1}, r
+        assert r["rank"] == 0
     single = json.loads((tmp_path / "one" / "quantization_report.json").read_text())
     assert single["world_size"] == 1
     assert {r["rank"] for r in single["layers"]} == {0}
+    assert {e for r in single["layers"] for e in r["expert_ranks"] or []} == {0}
+    # Apart from who did the work and how long it took, the two reports say the same.
+    def what(rep):
+        return [{k: v for k, v in r.items() if k not in ("rank", "expert_ranks", "time_s")}
+                for r in rep["layers"]]
+    assert what(report) == what(single)
+
+
+def test_two_ranks_share_experts_and_starved_fallbacks(tmp_path):
+    """The tiny mixtral whose expert 3 gets no tokens, in expert batches of 3: two ranks
+    share every expert batch, the never-routed expert still falls back to round to nearest
+    (reported with the rank that did it), and parameters and report equal one process."""
+    sys.path.insert(0, str(REPO / "tests"))
+    try:
+        from rank_job import moe_digest
+    finally:
+        sys.path.remove(str(REPO / "tests"))
+    one = moe_digest(Distributed(num_shards=4))
+    result = launch_local(
+        lambda rank: [sys.executable, str(REPO / "tests" / "rank_job.py"), "-",
+                      str(tmp_path / "two.json"), "-", "moe"],
+        2, timeout_s=JOB_TIMEOUT, env=_env(),
+    )
+    assert result.ok, result.describe()
+    two = json.loads((tmp_path / "two.json").read_text())
+    assert two["digest"] == one["digest"]
+    assert two["report"]["world_size"] == 2
+    expert_layers = [r for r in two["report"]["layers"] if r["expert_ranks"] is not None]
+    assert len(expert_layers) == 2 * 3
+    assert all(len(r["expert_ranks"]) == 4 for r in expert_layers)
+    assert {e for r in expert_layers for e in r["expert_ranks"]} == {0, 1}
+    starved = [r for r in two["report"]["layers"] if r["expert"] is not None]
+    assert len(starved) == 2 * 3
+    for r in starved:
+        assert r["expert"] == 3 and r["strategy"] == "rtn" and r["status"] == "fallback"
+        layer = next(x for x in expert_layers if x["path"] == r["path"])
+        assert r["rank"] == layer["expert_ranks"][3]
+
+    def what(rep):
+        return [{k: v for k, v in r.items() if k not in ("rank", "expert_ranks", "time_s")}
+                for r in rep["layers"]]
+    assert what(two["report"]) == what(one["report"])
 
 
 def _children(pid: int) -> list[int]:
@@ -235,22 +287,57 @@ def test_stalled_rank_makes_its_peer_give_up(stories_dir, tinystories_text, tmp_
     assert not out.exists()
 
 
-def test_missing_peer_times_out_with_a_clear_error(stories_dir, tmp_path):
-    """Rank 0 of a two-rank hostfile whose peer never starts gives up after --timeout."""
+def _lone_rank(hostfile: Path, out: Path, timeout: str = "3") -> subprocess.CompletedProcess:
+    """Rank 0 of a two-rank hostfile, started alone with the CLI."""
+    env = {**_env(), "MLX_RANK": "0", "MLX_HOSTFILE": str(hostfile)}
+    return subprocess.run(
+        [sys.executable, "-m", "quantkit.cli", "quantize", "model-not-read", "-o", str(out),
+         "--distributed", "--timeout", timeout, "-q"],
+        env=env, cwd=REPO, capture_output=True, text=True, timeout=JOB_TIMEOUT,
+    )
+
+
+def _one_error_line(stderr: str) -> str:
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    text = " ".join(" ".join(lines).split())
+    assert text.startswith("error: "), stderr
+    assert "Traceback" not in stderr and "Timeout (" not in stderr, stderr
+    return text
+
+
+def test_missing_peer_times_out_with_a_clear_error(tmp_path):
+    """Rank 0 of a two-rank hostfile whose peer never starts gives up after --timeout with
+    one line naming the hostfile and the fix, exit status 1, no stack dump."""
     from quantkit.launch import write_hostfile
 
     hostfile = write_hostfile(tmp_path / "hosts.json", 2)
-    env = {**_env(), "MLX_RANK": "0", "MLX_HOSTFILE": str(hostfile)}
     start = time.monotonic()
-    proc = subprocess.run(
-        [sys.executable, "-m", "quantkit.cli", "quantize", str(stories_dir), "-o",
-         str(tmp_path / "out"), "--distributed", "--timeout", "3", "-q"],
-        env=env, cwd=REPO, capture_output=True, text=True, timeout=JOB_TIMEOUT,
-    )
+    proc = _lone_rank(hostfile, tmp_path / "out")
     assert proc.returncode == 1
-    assert "Timeout" in proc.stderr and "connect_to_other_ranks" in proc.stderr
+    text = _one_error_line(proc.stderr)
+    assert f"rank 0 of 2 (hostfile {hostfile})" in text
+    assert "did not connect within 3 s" in text and "start every rank" in text
     assert time.monotonic() - start < 30
     assert not (tmp_path / "out").exists()
+
+
+def test_port_in_use_fails_at_once_with_a_clear_error(tmp_path):
+    """The port of rank 0 in the hostfile is held by another socket: one line saying so."""
+    import socket
+
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        addr = f"127.0.0.1:{held.getsockname()[1]}"
+        hostfile = tmp_path / "hosts.json"
+        hostfile.write_text(json.dumps([[addr], ["127.0.0.1:1"]]))
+        start = time.monotonic()
+        proc = _lone_rank(hostfile, tmp_path / "out", timeout="60")
+    assert proc.returncode == 1
+    text = _one_error_line(proc.stderr)
+    assert f"cannot listen on {addr}: the address is in use" in text
+    assert str(hostfile) in text
+    assert time.monotonic() - start < 30
 
 
 def test_same_result_in_process_with_size_one_group(stories_dir, tinystories_text, tmp_path):

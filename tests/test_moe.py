@@ -166,9 +166,8 @@ def test_qwen3_moe_router_keeps_model_precision():
     assert result.quantization[gate]["bits"] == 6
 
 
-def test_zero_token_expert_falls_back_without_nan():
-    """A router that never picks expert 3: its Hessian is empty, it is stored with round to
-    nearest (bit-identical to mx.quantize), reported with 0 rows, and nothing turns NaN."""
+def mixtral_without_expert_3() -> nn.Module:
+    """The tiny mixtral with a router that never picks expert 3."""
     model = tiny_model("mixtral")
     for layer in model.model.layers:
         gate = layer.block_sparse_moe.gate
@@ -176,6 +175,13 @@ def test_zero_token_expert_falls_back_without_nan():
         w[3] = 0.0
         gate.bias = mx.array([0.0, 0.0, 0.0, -1e4])  # nn.Linear adds it when present
         gate.weight = mx.array(w)
+    return model
+
+
+def test_zero_token_expert_falls_back_without_nan():
+    """A router that never picks expert 3: its Hessian is empty, it is stored with round to
+    nearest (bit-identical to mx.quantize), reported with 0 rows, and nothing turns NaN."""
+    model = mixtral_without_expert_3()
     w3 = model.model.layers[0].block_sparse_moe.switch_mlp.down_proj.weight[3]
     result = quantize_model(model, tokens(2, 32), RECIPE)
     starved = [r for r in result.report.layers if r.expert is not None]
