@@ -17,7 +17,6 @@ from typing import Any
 import attrs
 import mlx.core as mx
 import mlx.nn as nn
-import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
 
 from .checkpoint import Checkpoint, ResumeState
@@ -28,7 +27,7 @@ from .host import BACKENDS, HostLinear, host_collector, resolve_backend, runs_on
 from .moe import quantize_expert_layers
 from .packers import packer_for
 from .predicate import apply_predicate, model_predicate
-from .quantizers import Quantizer, QuantResult, RTNQuantizer
+from .quantizers import Quantizer, QuantResult, RTNQuantizer, hessian_figures
 from .recipe import Recipe, Rule
 from .registry import (
     DEFAULT_REGISTRY,
@@ -751,34 +750,8 @@ def _decoder_blocks(model: nn.Module) -> list[nn.Module]:
 
 
 def _errors(w: mx.array, w_hat: mx.array, h: mx.array, spec: QuantSpec, dtype: mx.Dtype):
-    """Hessian-weighted error of ``w_hat``, relative to the output energy, and RTN's for scale.
-
-    Computed with NumPy (float64) on CPU (CPU builds of MLX have a slow BLAS), with MLX float32
-    on a GPU (no host copies of ``h``)."""
-    from .quantizers import round_to_nearest
-
-    if mx.default_device() != mx.cpu:
-        h32 = h.astype(mx.float32)
-        figs = mx.zeros((3,), dtype=mx.float32)
-        step = max(1, (1 << 26) // max(1, w.shape[-1]))  # row chunks of ~64M values
-        for r0 in range(0, w.shape[0], step):
-            w32 = w[r0 : r0 + step].astype(mx.float32)
-            rtn_hat = round_to_nearest(w[r0 : r0 + step], spec, dtype).dequantized
-            rows = mx.stack([w32, w32 - w_hat[r0 : r0 + step].astype(mx.float32), w32 - rtn_hat])
-            figs = figs + mx.sum((rows @ h32) * rows, axis=(1, 2)).astype(mx.float32)
-            mx.eval(figs)
-        energy, e, rtn = (float(v) for v in np.array(figs))
-        return e, (e / energy if energy > 0 else 0.0), rtn
-
-    # One float32 GEMM for the three figures (float64 took half the CPU quantize time of a
-    # small llama; the figures are sums of non-negative terms, float32 is plenty for a report).
-    h32 = np.asarray(h, dtype=np.float32)
-    w32 = np.asarray(w, dtype=np.float32)
-    rtn_hat = np.asarray(round_to_nearest(w, spec, dtype).dequantized, dtype=np.float32)
-    rows = np.concatenate([w32, w32 - np.asarray(w_hat, dtype=np.float32), w32 - rtn_hat])
-    prod = (rows @ h32) * rows
-    n = w32.shape[0]
-    energy, e, rtn = (float(prod[i * n : (i + 1) * n].sum(dtype=np.float64)) for i in range(3))
+    """``(error, error relative to the output energy, round to nearest's error)``."""
+    e, energy, rtn = hessian_figures(w, w_hat, h, spec, dtype)
     return e, (e / energy if energy > 0 else 0.0), rtn
 
 
