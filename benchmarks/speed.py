@@ -143,7 +143,7 @@ def run_quantkit(args) -> dict:
     clock = PhaseClock()
     t0 = time.perf_counter()
     result = quantize_model(model, tokens, recipe, batch_size=args.batch_size, dtype=calib_dtype,
-                            progress=clock)
+                            progress=clock, backend=args.backend)
     mx.eval(model.parameters())
     seconds = time.perf_counter() - t0
     clock("end", {})
@@ -166,6 +166,7 @@ def run_quantkit(args) -> dict:
         "layers_worse_than_rtn": worse,
         "fallback_reasons": sorted({r.reason for r in layers if r.status == "fallback"}),
         "recipe": options,
+        "backend": args.backend,
         "calibration_dtype": args.calib_dtype,
     }
 
@@ -219,6 +220,8 @@ def main() -> None:
                    help="quantkit's calibration dtype (default: float32 on CPU, model on a GPU)")
     p.add_argument("--compute", default=None, help="GPTQQuantizer.compute (default auto)")
     p.add_argument("--linalg", default=None, help="GPTQQuantizer.linalg (default auto)")
+    p.add_argument("--backend", default="auto", choices=["auto", "mlx", "numpy"],
+                   help="quantkit's calibration compute backend (auto: numpy on a CPU device)")
     p.add_argument("--mlx-lm-timeout", type=float, default=600.0, help="0: skip mlx-lm")
     p.add_argument("--skip-quantkit", action="store_true")
     p.add_argument("--warmup", action="store_true",

@@ -15,6 +15,7 @@ from .calibration import calibration_tokens
 from .checkpoint import Checkpoint, DirectoryCheckpoint, checkpoint_dir, fingerprint, read_progress
 from .distributed import Distributed
 from .errors import DistributedError, OutputError
+from .host import resolve_backend
 from .io import check_output, load_model, save_model
 from .quantizers import Quantizer, RTNQuantizer
 from .recipe import Recipe
@@ -28,15 +29,18 @@ def quantize_model(
     registry: LayerRegistry = DEFAULT_REGISTRY, fallback: Quantizer | None = None,
     batch_size: int = 8, dtype: str | None = "float32", progress: Progress | None = None,
     checkpoint: Checkpoint | None = None, distributed: Distributed | None = None,
+    backend: str = "auto",
 ) -> WalkResult:
     """Quantize ``model`` in place with ``recipe`` (default: GPTQ 4-bit, group 64) using
     calibration ``tokens (num_samples, seq_len)``; ``checkpoint`` makes the walk resumable.
+    ``backend``: where the calibration's dense arithmetic runs (``"auto"``: NumPy on a CPU
+    device, MLX otherwise; see :mod:`quantkit.host`).
     With ``distributed``, every rank of the group calls this with the same arguments; each rank
     ends with the whole quantized model."""
     walker = ModelWalker(
         recipe=recipe or Recipe(), registry=registry, fallback=fallback or RTNQuantizer(),
         batch_size=batch_size, dtype=dtype, progress=progress,
-        distributed=distributed or Distributed(),
+        distributed=distributed or Distributed(), backend=backend,
     )
     return walker.run(model, tokens, checkpoint=checkpoint)
 
@@ -54,6 +58,7 @@ def quantize_directory(
     seed: int = 0, dtype: str | None = "float32", batch_size: int = 8,
     overwrite: bool = False, resume: bool = False, checkpoint: bool = True,
     progress: Progress | None = None, distributed: Distributed | None = None,
+    backend: str = "auto",
 ) -> DirectoryResult:
     """Load ``model_dir``, quantize it, write ``out_dir`` (config.json, safetensors, tokenizer
     files, ``quantization_report.json``). ``calibration``: a text file, or ``None`` for the
@@ -94,10 +99,11 @@ def quantize_directory(
     elif checkpoint or resume:
         ckpt = DirectoryCheckpoint(ckpt_path, fingerprint(
             model_dir, tokens, recipe=recipe.to_dict(), dtype=dtype, batch_size=batch_size,
-            shards=distributed.num_shards))
+            shards=distributed.num_shards, backend=resolve_backend(backend)))
     with ckpt or contextlib.nullcontext(), _keep_only_progress(ckpt):
         result = quantize_model(model, tokens, recipe, batch_size=batch_size, dtype=dtype,
-                                progress=progress, checkpoint=ckpt, distributed=distributed)
+                                progress=progress, checkpoint=ckpt, distributed=distributed,
+                                backend=backend)
         report = result.report
         report.bits_per_weight = float(compute_bits_per_weight(model))
         report.settings.update({

@@ -51,6 +51,12 @@ class DType(str, Enum):
     bfloat16 = "bfloat16"
 
 
+class Backend(str, Enum):
+    auto = "auto"
+    mlx = "mlx"
+    numpy = "numpy"
+
+
 def internal_error(exc: BaseException) -> None:
     """An unexpected exception (a bug) as one line, exit code 3; ``--debug`` shows the traceback."""
     lines = str(exc).strip().splitlines()
@@ -113,6 +119,7 @@ def quantize(
     seed: Annotated[int, typer.Option(help="seed for choosing calibration windows")] = 0,
     dtype: Annotated[DType, typer.Option(help="dtype calibration runs in")] = DType.float32,
     batch_size: Annotated[int, typer.Option(help="sequences per forward pass")] = 8,
+    backend: Annotated[Backend, typer.Option(help="compute backend of calibration's linear layers and Hessians (auto: numpy on a CPU device, mlx otherwise)")] = Backend.auto,
     overwrite: Annotated[bool, typer.Option(help="replace an existing output directory (and discard a checkpoint)")] = False,
     resume: Annotated[bool, typer.Option(help="continue an interrupted run from its checkpoint (starts afresh when there is none)")] = False,
     checkpoint: Annotated[bool, typer.Option(help="checkpoint after every decoder block, so that --resume can continue")] = True,
@@ -179,7 +186,7 @@ def quantize(
                 model_dir, output, rec, calibration=calibration, num_samples=num_samples,
                 seq_len=seq_len, seed=seed, dtype=dtype.value, batch_size=batch_size,
                 overwrite=overwrite, resume=resume, checkpoint=checkpoint, progress=view,
-                distributed=group,
+                distributed=group, backend=backend.value,
             )
         if plan is not None:
             (result.out_dir / "recipe.toml").write_text(plan.to_toml())

@@ -49,7 +49,7 @@ from .distributed import Distributed, Item
 from .errors import FactorizationError
 from .hessian import ExpertHessianStats, HessianCollector
 from .packers import packer_for
-from .quantizers import Quantizer, QuantResult, round_to_nearest
+from .quantizers import Quantizer, QuantResult, hessian_figures
 from .registry import SwitchLinearHandler
 from .report import LayerRecord
 
@@ -248,14 +248,5 @@ def _records(p: LayerPlan, outcomes: list[ExpertOutcome], layer_tokens: int) -> 
 
 
 def _errors(w: mx.array, result: QuantResult, h: mx.array, p: LayerPlan):
-    """``(error of result, output energy, error of round to nearest)``, Hessian-weighted, in
-    float64 NumPy."""
-    h64 = np.asarray(h, dtype=np.float64)
-    w64 = np.asarray(w, dtype=np.float64)
-
-    def err(x: mx.array) -> float:
-        d = w64 - np.asarray(x, dtype=np.float64)
-        return float(np.einsum("ij,ij->", d @ h64, d))
-
-    rtn = round_to_nearest(w, p.spec, p.storage_dtype).dequantized
-    return err(result.dequantized), float(np.einsum("ij,ij->", w64 @ h64, w64)), err(rtn)
+    """``(error of result, output energy, error of round to nearest)``, Hessian-weighted."""
+    return hessian_figures(w, result.dequantized, h, p.spec, p.storage_dtype)

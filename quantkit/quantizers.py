@@ -288,3 +288,33 @@ class GPTQQuantizer(Quantizer):
             biases=out.biases,
             info=info,
         )
+
+
+def hessian_figures(w: mx.array, w_hat: mx.array, h: mx.array, spec: QuantSpec,
+                    storage_dtype: mx.Dtype) -> tuple[float, float, float]:
+    """``(error of w_hat, output energy, error of round to nearest)`` for ``w (out, in)``, all
+    Hessian-weighted: ``trace(D H Dᵀ)`` with ``D = w − w_hat`` (resp. ``w``, ``w − RTN(w)``).
+
+    One float32 product for the three figures (they are sums of non-negative terms: float32 is
+    plenty for a report): MLX in row chunks on a GPU (no host copies of ``h``), NumPy on a CPU
+    (CPU builds of MLX have a slow BLAS)."""
+    if mx.default_device() != mx.cpu:
+        h32 = h.astype(mx.float32)
+        figs = mx.zeros((3,), dtype=mx.float32)
+        step = max(1, (1 << 26) // max(1, w.shape[-1]))  # row chunks of ~64M values
+        for r0 in range(0, w.shape[0], step):
+            w32 = w[r0 : r0 + step].astype(mx.float32)
+            rtn_hat = round_to_nearest(w[r0 : r0 + step], spec, storage_dtype).dequantized
+            rows = mx.stack([w32, w32 - w_hat[r0 : r0 + step].astype(mx.float32), w32 - rtn_hat])
+            figs = figs + mx.sum((rows @ h32) * rows, axis=(1, 2)).astype(mx.float32)
+            mx.eval(figs)
+        energy, e, rtn = (float(v) for v in np.array(figs))
+        return e, energy, rtn
+    h32 = np.asarray(h, dtype=np.float32)
+    w32 = np.asarray(w, dtype=np.float32)
+    rtn_hat = np.asarray(round_to_nearest(w, spec, storage_dtype).dequantized, dtype=np.float32)
+    rows = np.concatenate([w32, w32 - np.asarray(w_hat, dtype=np.float32), w32 - rtn_hat])
+    prod = (rows @ h32) * rows
+    n = w32.shape[0]
+    energy, e, rtn = (float(prod[i * n : (i + 1) * n].sum(dtype=np.float64)) for i in range(3))
+    return e, energy, rtn

@@ -17,17 +17,17 @@ from typing import Any
 import attrs
 import mlx.core as mx
 import mlx.nn as nn
-import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
 
 from .checkpoint import Checkpoint, ResumeState
 from .distributed import Distributed, ShardLayout
 from .errors import CheckpointError, FactorizationError, ModelLoadError, RecipeError
 from .hessian import HessianCollector, HessianStats
+from .host import BACKENDS, HostLinear, host_collector, resolve_backend, runs_on_host
 from .moe import quantize_expert_layers
 from .packers import packer_for
 from .predicate import apply_predicate, model_predicate
-from .quantizers import Quantizer, QuantResult, RTNQuantizer
+from .quantizers import Quantizer, QuantResult, RTNQuantizer, hessian_figures
 from .recipe import Recipe, Rule
 from .registry import (
     DEFAULT_REGISTRY,
@@ -139,7 +139,14 @@ class ModelWalker:
     #: (~1/4 of bf16) until the end. ``None``: on, except on Apple GPUs (fast quantized matmul,
     #: unified memory).
     dense_standins: bool | None = None
+    #: Compute backend of the calibration's dense arithmetic: the block's ``nn.Linear`` layers
+    #: and the ``XᵀX`` of their inputs. ``"numpy"`` (what ``"auto"`` picks on a CPU device):
+    #: NumPy's BLAS, ~10x MLX's Linux CPU wheel (see :mod:`quantkit.host`); ``"mlx"``: MLX.
+    backend: str = attrs.field(default="auto", validator=attrs.validators.in_(BACKENDS))
     _final: list | None = attrs.field(default=None, init=False, repr=False)
+    _host: bool = attrs.field(default=False, init=False, repr=False)
+    _runners: dict = attrs.field(factory=dict, init=False, repr=False)
+    _host_forward: bool = attrs.field(default=True, init=False, repr=False)
 
     def _emit(self, event: str, **info: Any) -> None:
         if self.progress is not None:
@@ -230,6 +237,7 @@ class ModelWalker:
         if standins is None:
             standins = mx.default_device() == mx.cpu or not mx.metal.is_available()
         self._final = [] if standins and needs_calibration else None
+        self._host = resolve_backend(self.backend) == "numpy"
         if needs_calibration:
             inputs, block_args = self._capture(model, blocks, block_paths, batches)
             if resumed is not None and resumed.next_block > 0:
@@ -244,6 +252,7 @@ class ModelWalker:
             if resumed is not None and i < resumed.next_block:
                 continue
             inside = [p for k, p in plans.items() if k.startswith(bpath + ".")]
+            self._runners.clear()
             self._emit("block", index=i, total=len(blocks), path=bpath)
             stats = self._collect_sharded(
                 model, inside, layout, partial(_forward, block, inputs, block_args[i]),
@@ -286,6 +295,15 @@ class ModelWalker:
         except AttributeError:  # older MLX
             report.peak_memory_gb = None
         return WalkResult(model=model, quantization=quantization, report=report)
+
+    def _runner(self, module: nn.Module) -> nn.Module:
+        """What computes ``module``'s outputs during calibration: a :class:`HostLinear` (made
+        once per block) with NumPy compute, else the module itself."""
+        if not (self._host and self._host_forward and runs_on_host(module)):
+            return module
+        if id(module) not in self._runners:
+            self._runners[id(module)] = (module, HostLinear(module))
+        return self._runners[id(module)][1]
 
     @staticmethod
     def _eval(x: mx.array) -> mx.array:
@@ -336,9 +354,12 @@ class ModelWalker:
         catchers = []
         for p in wanted:
             inner = p.quantizer.collector(p.handler, p.module)
-            collectors[p.path] = (inner if p.quantizer.needs_reference
-                                  else _SharingCollector(p.path, inner, pool))
-            catchers.append((p.path, p.handler.catcher(p.module, collectors[p.path])))
+            if p.quantizer.needs_reference:
+                collectors[p.path] = inner
+            else:
+                inner = host_collector(inner) if self._host else inner
+                collectors[p.path] = _SharingCollector(p.path, inner, pool)
+            catchers.append((p.path, p.handler.catcher(self._runner(p.module), collectors[p.path])))
         model.update_modules(tree_unflatten(catchers))
         paired = [collectors[p.path] for p in wanted if p.quantizer.needs_reference]
         muted = [c for c in collectors.values() if isinstance(c, _SharingCollector)]
@@ -403,9 +424,13 @@ class ModelWalker:
     def _collect_outside(self, model, blocks, block_paths, plans, batches, last_outputs, layout):
         replays = [_Replay(b, None) for b in blocks[:-1]] + [_Replay(blocks[-1], last_outputs)]
         model.update_modules(tree_unflatten(list(zip(block_paths, replays))))
+        # The output head's outputs (logits) are not needed: MLX, lazy, never computes them.
+        self._runners.clear()
+        self._host_forward = False
         try:
             return self._collect_sharded(model, plans, layout, lambda j: model(batches[j]))
         finally:
+            self._host_forward = True
             model.update_modules(tree_unflatten(list(zip(block_paths, blocks))))
 
     def _quantize_all(self, model, plans, stats, report, block_index) -> list[tuple[str, nn.Module]]:
@@ -436,7 +461,8 @@ class ModelWalker:
         installed = new_modules
         if self._final is not None:
             self._final.extend(new_modules)
-            installed = [(k, _dense_standin(p.module, m)) for p, (k, m) in zip(plans, new_modules)]
+            installed = [(k, _dense_standin(p.module, m, self._host))
+                         for p, (k, m) in zip(plans, new_modules)]
         if installed:
             model.update_modules(tree_unflatten(installed))
         return new_modules
@@ -600,13 +626,15 @@ def _share_identical(stats: dict[str, HessianStats]) -> dict[str, HessianStats]:
     return out
 
 
-def _dense_standin(original: nn.Module, quantized: nn.Module) -> nn.Module:
+def _dense_standin(original: nn.Module, quantized: nn.Module, host: bool = False) -> nn.Module:
     """A copy of ``original`` holding the weights ``quantized`` computes with (dequantized);
-    ``original`` itself is left as it was."""
+    ``original`` itself is left as it was. ``host``: a :class:`HostLinear` where it can be."""
     w = mx.dequantize(
         quantized["weight"], quantized["scales"], quantized.get("biases"),
         group_size=quantized.group_size, bits=quantized.bits, mode=quantized.mode,
     )
+    if host and runs_on_host(original):
+        return HostLinear(original, weight=w)
     standin = copy.copy(original)
     standin.weight = w.astype(original.weight.dtype)
     mx.eval(standin.weight)
@@ -721,34 +749,8 @@ def _decoder_blocks(model: nn.Module) -> list[nn.Module]:
 
 
 def _errors(w: mx.array, w_hat: mx.array, h: mx.array, spec: QuantSpec, dtype: mx.Dtype):
-    """Hessian-weighted error of ``w_hat``, relative to the output energy, and RTN's for scale.
-
-    Computed with NumPy (float64) on CPU (CPU builds of MLX have a slow BLAS), with MLX float32
-    on a GPU (no host copies of ``h``)."""
-    from .quantizers import round_to_nearest
-
-    if mx.default_device() != mx.cpu:
-        h32 = h.astype(mx.float32)
-        figs = mx.zeros((3,), dtype=mx.float32)
-        step = max(1, (1 << 26) // max(1, w.shape[-1]))  # row chunks of ~64M values
-        for r0 in range(0, w.shape[0], step):
-            w32 = w[r0 : r0 + step].astype(mx.float32)
-            rtn_hat = round_to_nearest(w[r0 : r0 + step], spec, dtype).dequantized
-            rows = mx.stack([w32, w32 - w_hat[r0 : r0 + step].astype(mx.float32), w32 - rtn_hat])
-            figs = figs + mx.sum((rows @ h32) * rows, axis=(1, 2)).astype(mx.float32)
-            mx.eval(figs)
-        energy, e, rtn = (float(v) for v in np.array(figs))
-        return e, (e / energy if energy > 0 else 0.0), rtn
-
-    # One float32 GEMM for the three figures (float64 took half the CPU quantize time of a
-    # small llama; the figures are sums of non-negative terms, float32 is plenty for a report).
-    h32 = np.asarray(h, dtype=np.float32)
-    w32 = np.asarray(w, dtype=np.float32)
-    rtn_hat = np.asarray(round_to_nearest(w, spec, dtype).dequantized, dtype=np.float32)
-    rows = np.concatenate([w32, w32 - np.asarray(w_hat, dtype=np.float32), w32 - rtn_hat])
-    prod = (rows @ h32) * rows
-    n = w32.shape[0]
-    energy, e, rtn = (float(prod[i * n : (i + 1) * n].sum(dtype=np.float64)) for i in range(3))
+    """``(error, error relative to the output energy, round to nearest's error)``."""
+    e, energy, rtn = hessian_figures(w, w_hat, h, spec, dtype)
     return e, (e / energy if energy > 0 else 0.0), rtn
 
 

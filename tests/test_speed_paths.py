@@ -174,15 +174,17 @@ def stories_pad_dir():
     return shared_path("models", "stories260K-pad192")
 
 
-def _walk(model, tokens, dense_standins=None, **options):
+def _walk(model, tokens, dense_standins=None, backend="auto", **options):
     recipe = Recipe.uniform("gptq", bits=4, group_size=32, **options)
-    return ModelWalker(recipe=recipe, batch_size=16, dense_standins=dense_standins).run(model, tokens)
+    return ModelWalker(recipe=recipe, batch_size=16, dense_standins=dense_standins,
+                       backend=backend).run(model, tokens)
 
 
 def test_optimized_walk_equals_reference_walk(stories_pad_dir, stories_tokens):
     """Shared Hessians + joint q/k/v and gate/up solves + NumPy column loop + reversed
-    factorization + dense stand-ins give the model the reference path gives (the MLX loop,
-    textbook inverse, quantized layers in the calibration forward), on a pretrained model.
+    factorization + dense stand-ins + NumPy calibration backend give the model the reference
+    path gives (the MLX loop, textbook inverse, quantized layers in the calibration forward, MLX
+    matmuls and Hessians), on a pretrained model.
 
     On an H200 (device run) every other test here passes with the GPU paths (blocked split
     factor, CUDA column loop); this one saw one layer's error 0.6% apart (TF32 Hessians and
@@ -192,7 +194,8 @@ def test_optimized_walk_equals_reference_walk(stories_pad_dir, stories_tokens):
     calib, _ = stories_tokens
     calib = calib[:16, :128]
     ref_model, _, _ = load_model(stories_pad_dir)
-    ref = _walk(ref_model, calib, dense_standins=False, compute="mlx", linalg="numpy-inv")
+    ref = _walk(ref_model, calib, dense_standins=False, backend="mlx", compute="mlx",
+                linalg="numpy-inv")
     fast_model, _, _ = load_model(stories_pad_dir)
     fast = _walk(fast_model, calib, dense_standins=True)  # auto: numpy column loop on CPU, reversed factor
     ref_layers = {r.path: r for r in ref.report.layers}

@@ -1,0 +1,98 @@
+"""NumPy for the calibration's dense arithmetic on CPUs.
+
+MLX's Linux CPU wheel multiplies float32 matrices with netlib reference BLAS (~6 GFLOP/s on
+the development machine), NumPy with OpenBLAS (~50–100 GFLOP/s on two cores). A calibration
+pass is mostly such products: the linear layers of a block and the ``XᵀX`` of their inputs.
+With ``backend="numpy"`` (what ``"auto"`` picks on a CPU device) the walker runs the ``nn.Linear`` layers of the block being calibrated as :class:`HostLinear`
+and accumulates dense Hessians in :class:`HostHessianCollector`; everything else (norms,
+attention, routing, expert layers, layers not in float32: NumPy has no bfloat16) stays in MLX. Same arithmetic in float32, different
+summation order: results agree with the MLX path to float32 rounding (checked in the tests).
+
+On CPU, MLX and NumPy share host memory: ``np.asarray`` of an evaluated float32 ``mx.array``
+is a view, not a copy.
+"""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+
+from .hessian import DenseHessianCollector, HessianCollector, HessianStats
+from .registry import Wrapper
+
+BACKENDS = ("auto", "mlx", "numpy")
+
+
+def resolve_backend(backend: str) -> str:
+    """``"auto"``: NumPy on a CPU device, MLX otherwise (layers not in float32 always run in
+    MLX: NumPy has no bfloat16)."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, not {backend!r}")
+    if backend == "auto":
+        return "numpy" if mx.default_device() == mx.cpu else "mlx"
+    return backend
+
+
+def linear_forward(x: np.ndarray, weight_t: np.ndarray, bias: np.ndarray | None) -> np.ndarray:
+    """``x (rows, in) @ weight_t (in, out) + bias``, float32."""
+    y = x @ weight_t
+    if bias is not None:
+        y += bias
+    return y
+
+
+class HostLinear(Wrapper):
+    """Runs an ``nn.Linear`` (or the dense ``weight`` given, e.g. a quantized layer's
+    dequantized weights) with NumPy; other attributes are read from the wrapped layer."""
+
+    def __init__(self, module: nn.Module, weight: mx.array | None = None) -> None:
+        super().__init__(module)
+        w = module.weight if weight is None else weight
+        # Plain attributes (not mx.array): not parameters of the model.
+        self._weight_t = np.ascontiguousarray(np.asarray(w.astype(mx.float32)).T)
+        bias = module.get("bias")
+        self._bias = None if bias is None else np.asarray(bias.astype(mx.float32)).copy()
+
+    def __call__(self, x: mx.array) -> mx.array:
+        rows = np.asarray(x.astype(mx.float32).reshape(-1, x.shape[-1]))
+        y = linear_forward(rows, self._weight_t, self._bias)
+        return mx.array(y).reshape(*x.shape[:-1], y.shape[-1])
+
+
+def runs_on_host(module: nn.Module) -> bool:
+    """Whether :class:`HostLinear` can stand in for ``module``: a plain float32 ``nn.Linear``."""
+    return type(module) is nn.Linear and module.weight.dtype == mx.float32
+
+
+def accumulate_hessian(h: np.ndarray, n_tokens: int, x: np.ndarray) -> tuple[np.ndarray, int]:
+    """The running mean ``h`` of ``x xᵀ`` over ``n_tokens`` rows, updated with rows ``x``."""
+    m = x.shape[0]
+    if m == 0:
+        return h, n_tokens
+    total = n_tokens + m
+    h *= np.float32(n_tokens / total)
+    h += (x.T @ x) / np.float32(total)
+    return h, total
+
+
+class HostHessianCollector(HessianCollector):
+    """:class:`~quantkit.hessian.DenseHessianCollector` computed with NumPy (float32)."""
+
+    def __init__(self, in_features: int) -> None:
+        self.h = np.zeros((in_features, in_features), dtype=np.float32)
+        self.n_tokens = 0
+
+    def update(self, x: mx.array) -> None:
+        rows = np.asarray(x.astype(mx.float32).reshape(-1, x.shape[-1]))
+        self.h, self.n_tokens = accumulate_hessian(self.h, self.n_tokens, rows)
+
+    def stats(self) -> HessianStats:
+        return HessianStats(h=mx.array(self.h), n_tokens=self.n_tokens)
+
+
+def host_collector(collector: HessianCollector) -> HessianCollector:
+    """The NumPy twin of a plain dense collector; any other collector unchanged."""
+    if type(collector) is DenseHessianCollector:
+        return HostHessianCollector(collector.h.shape[-1])
+    return collector

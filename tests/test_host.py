@@ -1,0 +1,112 @@
+"""The NumPy calibration backend (quantkit.host) against MLX's own layers and collectors."""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+import pytest
+from mlx.utils import tree_flatten
+
+from quantkit import host
+from quantkit.hessian import DenseHessianCollector
+from quantkit.host import HostHessianCollector, HostLinear, host_collector, runs_on_host
+from quantkit.recipe import Recipe
+from quantkit.walker import ModelWalker
+
+ON_CPU = mx.default_device() == mx.cpu
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_host_linear_matches_mlx_linear(bias):
+    mx.random.seed(0)
+    layer = nn.Linear(96, 40, bias=bias)
+    x = mx.random.normal((3, 7, 96))
+    ref = layer(x)
+    out = HostLinear(layer)(x)
+    assert out.shape == ref.shape == (3, 7, 40) and out.dtype == mx.float32
+    np.testing.assert_allclose(np.array(out), np.array(ref), rtol=1e-5, atol=1e-5)
+    # The wrapper reads the layer's attributes and does not register parameters of its own.
+    assert HostLinear(layer).weight is layer.weight
+    names = {k for k, _ in tree_flatten(HostLinear(layer).parameters())}
+    assert names == {f"module.{k}" for k in (["weight", "bias"] if bias else ["weight"])}
+
+
+def test_host_linear_with_given_weight():
+    layer = nn.Linear(32, 8, bias=False)
+    w = mx.random.normal((8, 32))
+    x = mx.random.normal((5, 32))
+    np.testing.assert_allclose(np.array(HostLinear(layer, weight=w)(x)), np.array(x @ w.T),
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_host_collector_matches_dense_collector():
+    """Running means over uneven batches (and an empty one) agree with MLX's collector."""
+    rng = np.random.default_rng(0)
+    ref, fast = DenseHessianCollector(64), HostHessianCollector(64)
+    for rows in (5, 300, 0, 17, 1024):
+        x = mx.array(rng.standard_normal((rows, 64)).astype(np.float32) * rng.uniform(0.1, 3, 64))
+        ref.update(x)
+        fast.update(x.reshape(1, rows, 64))
+    a, b = ref.stats(), fast.stats()
+    assert a.n_tokens == b.n_tokens == 1346
+    np.testing.assert_allclose(np.array(b.h), np.array(a.h), rtol=1e-4, atol=1e-5)
+
+
+def test_only_plain_float32_linears_and_dense_collectors_go_to_numpy():
+    assert runs_on_host(nn.Linear(8, 8))
+    half = nn.Linear(8, 8)
+    half.set_dtype(mx.bfloat16)
+    assert not runs_on_host(half)  # NumPy has no bfloat16
+    assert not runs_on_host(nn.QuantizedLinear(64, 8))
+    assert isinstance(host_collector(DenseHessianCollector(8)), HostHessianCollector)
+    other = object.__new__(type("Other", (DenseHessianCollector,), {}))
+    assert host_collector(other) is other  # a subclass gathers something else: kept
+    with pytest.raises(ValueError, match="backend must be one of"):
+        host.resolve_backend("torch")
+    assert host.resolve_backend("mlx") == "mlx"
+    assert host.resolve_backend("auto") == ("numpy" if ON_CPU else "mlx")
+
+
+def _tiny_llama():
+    from mlx_lm.models import llama
+
+    mx.random.seed(3)
+    model = llama.Model(llama.ModelArgs(
+        model_type="llama", hidden_size=128, num_hidden_layers=2, intermediate_size=256,
+        num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-5, vocab_size=256,
+        tie_word_embeddings=False,
+    ))
+    mx.eval(model.parameters())
+    return model
+
+
+def test_walk_with_numpy_backend_matches_mlx_backend(monkeypatch):
+    """The same walk with the block's linear layers and Hessians in NumPy and in MLX: every
+    layer calibrated through NumPy, the same layers quantized, errors equal to float32 noise."""
+    calls = {"forward": 0}
+    real = host.linear_forward
+
+    def counting(*a):
+        calls["forward"] += 1
+        return real(*a)
+
+    monkeypatch.setattr(host, "linear_forward", counting)
+    tokens = mx.random.randint(0, 256, (8, 48), key=mx.random.key(1))
+    recipe = Recipe.uniform("gptq", bits=4, group_size=32)
+    runs = {}
+    for backend in ("mlx", "numpy"):
+        calls["forward"] = 0
+        model = _tiny_llama()
+        runs[backend] = ModelWalker(recipe=recipe, batch_size=4, backend=backend).run(model, tokens)
+        runs[backend + "_calls"] = calls["forward"]
+    assert runs["mlx_calls"] == 0
+    # 7 linear layers per block, 2 blocks, 2 batches: collection and stand-in forward passes.
+    assert runs["numpy_calls"] == 2 * 7 * 2 * 2
+    ref = {r.path: r for r in runs["mlx"].report.layers}
+    fast = runs["numpy"].report.layers
+    assert [r.path for r in fast] == list(ref) and len(fast) == 16  # 14 + head + embedding
+    for r in fast:
+        assert r.status == ref[r.path].status
+        if r.hessian_error is not None:
+            assert r.hessian_error == pytest.approx(ref[r.path].hessian_error, rel=1e-3)
