@@ -406,8 +406,20 @@ class ModelWalker:
                 report.add(record)
                 self._emit("layer", record=record)
             new_modules.append((p.path, module))
-        model.update_modules(tree_unflatten(new_modules))
+        self._install(model, plans, new_modules)
         return new_modules
+
+    def _install(self, model, plans: list[LayerPlan], new_modules: list[tuple[str, nn.Module]]):
+        """Put the quantized layers in place: with dense stand-ins, copies of the original
+        layers holding the dequantized weights until the walk ends (see ``dense_standins``)."""
+        installed = new_modules
+        if self._final is not None:
+            self._final.extend(new_modules)
+            by_path = {p.path: p for p in plans}
+            installed = [(k, _dense_standin(by_path[k].module, m, self._host))
+                         for k, m in new_modules]
+        if installed:
+            model.update_modules(tree_unflatten(installed))
 
     def _collect_sharded(self, model, plans, layout: ShardLayout, run_batch, run_reference=None
                          ) -> dict[str, HessianStats]:
@@ -458,13 +470,7 @@ class ModelWalker:
             report.add(record)
             self._emit("layer", record=record)
             new_modules.append((p.path, module))
-        installed = new_modules
-        if self._final is not None:
-            self._final.extend(new_modules)
-            installed = [(k, _dense_standin(p.module, m, self._host))
-                         for p, (k, m) in zip(plans, new_modules)]
-        if installed:
-            model.update_modules(tree_unflatten(installed))
+        self._install(model, plans, new_modules)
         return new_modules
 
     def _resume(self, model, plans: dict[str, LayerPlan], report: RunReport,
