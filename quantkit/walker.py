@@ -24,6 +24,7 @@ from .checkpoint import Checkpoint, ResumeState
 from .distributed import Distributed, ShardLayout
 from .errors import CheckpointError, FactorizationError, ModelLoadError, RecipeError
 from .hessian import HessianCollector, HessianStats
+from .kernels.rows import rows_per_chunk
 from .moe import quantize_expert_layers
 from .packers import packer_for
 from .predicate import apply_predicate, model_predicate
@@ -133,11 +134,11 @@ class ModelWalker:
     #: recipe rule matches; see :mod:`quantkit.predicate`.
     use_model_predicate: bool = True
     #: While later blocks are calibrated, quantized layers run as dense layers holding their
-    #: dequantized weights (same values), swapped for the quantized layers at the end. Measured:
-    #: MLX's CPU quantized matmul is ~30x slower than a dense one, and on an H200 the quantized
-    #: blocks' forward passes took 37 s of a Qwen3-8B run. Costs the packed weights' memory
-    #: (~1/4 of bf16) until the end. ``None``: on, except on Apple GPUs (fast quantized matmul,
-    #: unified memory).
+    #: dequantized weights (same values), swapped for the quantized layers after the last block
+    #: has run. Measured: MLX's CPU quantized matmul is ~30x slower than a dense one, and on an
+    #: H200 the quantized blocks' forward passes took 37 s of a Qwen3-8B run. Costs the packed
+    #: weights' memory (~1/4 of bf16) until then. ``None``: on, except on Apple GPUs (fast
+    #: quantized matmul, unified memory).
     dense_standins: bool | None = None
     _final: list | None = attrs.field(default=None, init=False, repr=False)
 
@@ -241,9 +242,10 @@ class ModelWalker:
             raise RecipeError("strategies that need full-precision inputs (gptaq) run in one "
                               "process without --resume; use gptq for distributed or resumed runs")
         for i, (block, bpath) in enumerate(zip(blocks, block_paths)):
+            # Plans are dropped once their block is done: with them go the original layers.
+            inside = [plans.pop(k) for k in list(plans) if k.startswith(bpath + ".")]
             if resumed is not None and i < resumed.next_block:
                 continue
-            inside = [p for k, p in plans.items() if k.startswith(bpath + ".")]
             self._emit("block", index=i, total=len(blocks), path=bpath)
             stats = self._collect_sharded(
                 model, inside, layout, partial(_forward, block, inputs, block_args[i]),
@@ -265,18 +267,19 @@ class ModelWalker:
                                 [r for r in report.layers if r.block == i],
                                 inputs if needs_calibration else [])
 
-        inside_blocks = tuple(bp + "." for bp in block_paths)
-        outside = [p for k, p in plans.items() if not k.startswith(inside_blocks)]
+        del inside  # the last block's plans
+        # The blocks' quantized layers replace their dense stand-ins now: the layers outside the
+        # blocks are calibrated from the last block's stored outputs, no block runs any more.
+        if self._final:
+            model.update_modules(tree_unflatten(self._final))
+        self._final = None
+        outside = list(plans.values())  # what is left: layers outside the decoder blocks
         stats = {}
         if needs_calibration and any(p.needs_stats for p in outside):
             stats = self._collect_outside(model, blocks, block_paths, outside, batches, inputs, layout)
         self._quantize_all(model, outside, stats, report, None)
-
-        if self._final:
-            model.update_modules(tree_unflatten(self._final))
-        self._final = None
         _restore_dtypes(model, orig_dtypes)
-        quantization = self._config(plans, report)
+        quantization = self._config(report)
         report.time_s = time.perf_counter() - start
         report.world_size = self.distributed.size
         report.settings = {"recipe": self.recipe.to_dict(), "num_samples": int(tokens.shape[0]),
@@ -438,9 +441,6 @@ class ModelWalker:
         if installed:
             model.update_modules(tree_unflatten(installed))
         return new_modules
-        if new_modules:
-            model.update_modules(tree_unflatten(new_modules))
-        return new_modules
 
     def _resume(self, model, plans: dict[str, LayerPlan], report: RunReport,
                 checkpoint: Checkpoint | None, n_blocks: int) -> ResumeState | None:
@@ -534,7 +534,7 @@ class ModelWalker:
         record.time_s = time.perf_counter() - t0
         return module, record
 
-    def _config(self, plans: dict[str, LayerPlan], report: RunReport) -> dict[str, Any]:
+    def _config(self, report: RunReport) -> dict[str, Any]:
         """``config["quantization"]``: the default plus a full dict for every layer that differs
         from it, ``False`` for every quantizable layer left in full precision."""
         default = self.recipe.default.spec
@@ -724,32 +724,28 @@ def _decoder_blocks(model: nn.Module) -> list[nn.Module]:
 def _errors(w: mx.array, w_hat: mx.array, h: mx.array, spec: QuantSpec, dtype: mx.Dtype):
     """Hessian-weighted error of ``w_hat``, relative to the output energy, and RTN's for scale.
 
-    Computed with NumPy (float64) on CPU (CPU builds of MLX have a slow BLAS), with MLX float32
-    on a GPU (no host copies of ``h``)."""
+    One float32 product with ``h`` for the three figures, a chunk of rows at a time so the
+    temporaries stay within :data:`~quantkit.kernels.rows.CHUNK_BYTES` (an output head's would
+    be GBs): NumPy on CPU (CPU builds of MLX have a slow BLAS), MLX on a GPU (no host copies of
+    ``h``). The figures are sums of non-negative terms, summed in float64 across chunks."""
     from .quantizers import round_to_nearest
 
-    if mx.default_device() != mx.cpu:
-        h32 = h.astype(mx.float32)
-        figs = mx.zeros((3,), dtype=mx.float32)
-        step = max(1, (1 << 26) // max(1, w.shape[-1]))  # row chunks of ~64M values
-        for r0 in range(0, w.shape[0], step):
-            w32 = w[r0 : r0 + step].astype(mx.float32)
-            rtn_hat = round_to_nearest(w[r0 : r0 + step], spec, dtype).dequantized
-            rows = mx.stack([w32, w32 - w_hat[r0 : r0 + step].astype(mx.float32), w32 - rtn_hat])
-            figs = figs + mx.sum((rows @ h32) * rows, axis=(1, 2)).astype(mx.float32)
-            mx.eval(figs)
-        energy, e, rtn = (float(v) for v in np.array(figs))
-        return e, (e / energy if energy > 0 else 0.0), rtn
-
-    # One float32 GEMM for the three figures (float64 took half the CPU quantize time of a
-    # small llama; the figures are sums of non-negative terms, float32 is plenty for a report).
-    h32 = np.asarray(h, dtype=np.float32)
-    w32 = np.asarray(w, dtype=np.float32)
-    rtn_hat = np.asarray(round_to_nearest(w, spec, dtype).dequantized, dtype=np.float32)
-    rows = np.concatenate([w32, w32 - np.asarray(w_hat, dtype=np.float32), w32 - rtn_hat])
-    prod = (rows @ h32) * rows
-    n = w32.shape[0]
-    energy, e, rtn = (float(prod[i * n : (i + 1) * n].sum(dtype=np.float64)) for i in range(3))
+    on_cpu = mx.default_device() == mx.cpu
+    h32 = np.asarray(h, dtype=np.float32) if on_cpu else h.astype(mx.float32)
+    figs = np.zeros(3)
+    # Live per chunk: the rows, RTN's temporaries, three stacked differences and their product.
+    step = rows_per_chunk(w.shape[0], w.shape[-1], copies=12, min_rows=1)
+    for r0 in range(0, w.shape[0], step):
+        rows = slice(r0, r0 + step)
+        w32 = w[rows].astype(mx.float32)
+        rtn_hat = round_to_nearest(w[rows], spec, dtype).dequantized
+        diffs = mx.stack([w32, w32 - w_hat[rows].astype(mx.float32), w32 - rtn_hat])
+        if on_cpu:
+            d = np.asarray(diffs)
+            figs += ((d @ h32) * d).sum(axis=(1, 2), dtype=np.float64)
+        else:
+            figs += np.array(mx.sum((diffs @ h32) * diffs, axis=(1, 2)), dtype=np.float64)
+    energy, e, rtn = (float(v) for v in figs)
     return e, (e / energy if energy > 0 else 0.0), rtn
 
 
