@@ -86,6 +86,15 @@ def weight_gb(model) -> float:
     return sum(v.nbytes for _, v in tree_flatten(model.parameters())) / 1e9
 
 
+def max_rss_gb() -> float:
+    """The process's peak resident memory so far (model building included): on CPU it also
+    counts NumPy's arrays, which ``mx.get_peak_memory`` does not see."""
+    import resource
+
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / 1e9 if sys.platform == "darwin" else rss * 1024 / 1e9  # bytes on macOS, KiB elsewhere
+
+
 def _reset_peak():
     try:
         mx.reset_peak_memory()
@@ -159,6 +168,8 @@ def run_quantkit(args) -> dict:
         "warmup_seconds": warmup_s,
         "phases_s": clock.phases,
         "peak_memory_gb": mx.get_peak_memory() / 1e9,
+        "report_peak_memory_gb": result.report.peak_memory_gb,
+        "max_rss_gb": max_rss_gb(),
         "weights_gb": weights,
         "layer_seconds": sum(r.time_s or 0.0 for r in layers),
         "layers": by_status,
@@ -247,7 +258,9 @@ def main() -> None:
     if not args.skip_quantkit:
         row["quantkit"] = run_quantkit(args)
         print(f"quantkit: {row['quantkit']['seconds']:.2f} s, peak "
-              f"{row['quantkit']['peak_memory_gb']:.2f} GB", flush=True)
+              f"{row['quantkit']['peak_memory_gb']:.2f} GB (weights "
+              f"{row['quantkit']['weights_gb']:.2f} GB; process max RSS "
+              f"{row['quantkit']['max_rss_gb']:.2f} GB)", flush=True)
     if args.mlx_lm_timeout > 0:
         row["mlx_lm"] = mlx_lm_in_child(args)
         print(f"mlx-lm: {row['mlx_lm'].get('status')} {row['mlx_lm'].get('seconds')}", flush=True)

@@ -18,7 +18,7 @@ import numpy as np
 
 from .hessian import DenseHessianCollector, HessianStats
 from .kernels.gptaq import asymmetry_matrix, gptaq_quantize
-from .quantizers import GPTQQuantizer, QuantResult, register_strategy
+from .quantizers import GPTQQuantizer, QuantResult, quantize_by_rows, register_strategy
 
 
 @attrs.frozen
@@ -87,14 +87,17 @@ class GPTAQQuantizer(GPTQQuantizer):
         factor = self.inverse_strategy().factor(stats.h)
         d64 = np.array(d, dtype=np.float64)
         d64[:, np.diagonal(np.array(stats.h)) <= 0] = 0.0  # dead inputs carry no correction
-        p = asymmetry_matrix(np.array(factor.u, dtype=np.float64), d64, self.alpha)
-        out = gptaq_quantize(weight, factor.u, mx.array(p.astype(np.float32)), bits=spec.bits,
-                             group_size=spec.group_size, block_size=self.block_size,
-                             storage_dtype=storage_dtype)
-        return QuantResult(
-            spec=spec, dequantized=out.dequantized, codes=out.codes, scales=out.scales,
-            biases=out.biases, info={"damping": factor.damping, "dead_inputs": factor.n_dead},
-        )
+        p = mx.array(asymmetry_matrix(np.array(factor.u, dtype=np.float64), d64,
+                                      self.alpha).astype(np.float32))
+        info = {"damping": factor.damping, "dead_inputs": factor.n_dead}
+
+        def solve(w: mx.array) -> QuantResult:
+            out = gptaq_quantize(w, factor.u, p, bits=spec.bits, group_size=spec.group_size,
+                                 block_size=self.block_size, storage_dtype=storage_dtype)
+            return QuantResult(spec=spec, dequantized=out.dequantized, codes=out.codes,
+                               scales=out.scales, biases=out.biases)
+
+        return quantize_by_rows(solve, weight, spec, self.chunk_mb, info)
 
 
 __all__ = ["AsymmetricHessianCollector", "AsymmetricStats", "GPTAQQuantizer"]

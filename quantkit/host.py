@@ -43,14 +43,16 @@ def linear_forward(x: np.ndarray, weight_t: np.ndarray, bias: np.ndarray | None)
 
 
 class HostLinear(Wrapper):
-    """Runs an ``nn.Linear`` (or the dense ``weight`` given, e.g. a quantized layer's
-    dequantized weights) with NumPy; other attributes are read from the wrapped layer."""
+    """Runs an ``nn.Linear`` with NumPy; other attributes are read from the wrapped layer.
+    The NumPy weight is a view of the layer's (evaluated, float32) MLX weight: no copy."""
 
-    def __init__(self, module: nn.Module, weight: mx.array | None = None) -> None:
+    def __init__(self, module: nn.Module) -> None:
         super().__init__(module)
-        w = module.weight if weight is None else weight
-        # Plain attributes (not mx.array): not parameters of the model.
-        self._weight_t = np.ascontiguousarray(np.asarray(w.astype(mx.float32)).T)
+        w = module.weight.astype(mx.float32)
+        mx.eval(w)
+        # Plain attributes (not mx.array): not parameters of the model. BLAS reads the
+        # transposed view as it is.
+        self._weight_t = np.asarray(w).T
         bias = module.get("bias")
         self._bias = None if bias is None else np.asarray(bias.astype(mx.float32)).copy()
 

@@ -216,7 +216,7 @@ class _ProfilingWalker(ModelWalker):
         for p in plans.values():
             if not p.quantizer.needs_hessian:
                 p.quantizer = _Measured(p.quantizer)
-        self.plans = plans
+        self.plans = dict(plans)  # the walker drops its plans (and the original layers) as it goes
         return plans
 
     def quantize_layer(self, p: LayerPlan, stats: HessianStats | None, result=None):

@@ -8,11 +8,14 @@ and recipes can name it.
 from __future__ import annotations
 
 import abc
+from collections.abc import Callable
+from functools import partial
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import attrs
 import mlx.core as mx
 import numpy as np
+from mlx.utils import tree_flatten, tree_unflatten
 
 from .hessian import HessianCollector, HessianStats
 from .inverse import DampedCholesky, EscalatingCholesky, InverseStrategy
@@ -25,6 +28,7 @@ from .kernels.gptq_fast import (
     gptq_quantize_numpy,
 )
 from .kernels.linalg import BACKEND_NAMES
+from .kernels.rows import CHUNK_BYTES, map_rows, rows_per_chunk
 from .kernels.rtn import affine_dequantize, affine_params, affine_quantize
 from .kernels.search import search_affine_params
 from .specs import QuantSpec
@@ -119,6 +123,25 @@ def _affine_result(weight, spec, scales, biases, storage_dtype) -> QuantResult:
     )
 
 
+def quantize_by_rows(solve: Callable[[mx.array], QuantResult], weight: mx.array,
+                     spec: QuantSpec, budget_mb: float, info: dict[str, Any]) -> QuantResult:
+    """``solve(rows of weight)``, a chunk of rows at a time, gathered into one result with
+    ``info``: for quantizers whose output rows are independent given the statistics. Chunks
+    are sized so that their float32 working set stays under ``budget_mb`` (see
+    :mod:`.kernels.rows`); a matrix within it is solved in one piece."""
+    n_rows, n_cols = weight.shape
+    chunk = rows_per_chunk(n_rows, n_cols, int(budget_mb * 2**20))
+
+    def arrays(rows: slice) -> dict[str, mx.array]:
+        r = solve(weight[rows])
+        fields = {"dequantized": r.dequantized, "codes": r.codes, "scales": r.scales,
+                  "biases": r.biases, "packed": r.packed}
+        return {k: v for k, v in tree_flatten(fields) if v is not None}
+
+    out = tree_unflatten(list(map_rows(arrays, n_rows, chunk).items()))
+    return QuantResult(spec=spec, info=info, **out)
+
+
 #: Column-loop implementations of GPTQ with the same arithmetic (``"auto"`` picks one).
 COMPUTE_PATHS = ("auto", "mlx", "numpy", "cuda")
 
@@ -211,6 +234,8 @@ class GPTQQuantizer(Quantizer):
     every group's scale/bias from the original weights before the loop (implied by
     ``act_order``); otherwise each is chosen from the updated weights when the loop reaches it.
     ``scale_search``: how group scales/biases are chosen (see :class:`RTNQuantizer`).
+    ``chunk_mb``: float32 working set, in MB, of one chunk of output rows: a larger layer (an
+    output head) is quantized a chunk of rows (at least 8192) at a time, with the same result.
 
     MLX's float formats (``mxfp4``, ``nvfp4``, ``mxfp8``) get the same error feedback onto their
     grids, with the group scales ``mx.quantize`` picks for the original weights.
@@ -227,6 +252,7 @@ class GPTQQuantizer(Quantizer):
     act_order: bool = False
     static_groups: bool = False
     scale_search: str = attrs.field(default="none", validator=attrs.validators.in_(SCALE_SEARCHES))
+    chunk_mb: float = attrs.field(default=CHUNK_BYTES / 2**20, validator=attrs.validators.gt(0))
 
     def inverse_strategy(self) -> InverseStrategy:
         if self.max_attempts == 1:
@@ -235,28 +261,38 @@ class GPTQQuantizer(Quantizer):
 
     def quantize(self, weight, spec, stats, storage_dtype=mx.float32):
         h, h_diag = stats.h, mx.diagonal(stats.h)
-        perm = inv = group_index = None
+        perm = None
         if self.act_order:
             perm = np.argsort(-np.asarray(h_diag), kind="stable")
-            inv = mx.array(np.argsort(perm))
-            group_index = (perm // spec.group_size).tolist()
-            perm = mx.array(perm)
-            h = h[perm][:, perm]
+            h = h[mx.array(perm)][:, mx.array(perm)]
         factor = self.inverse_strategy().factor(h)
         info = {"damping": factor.damping, "dead_inputs": factor.n_dead}
-        w = weight if perm is None else weight[:, perm]
+        return quantize_by_rows(
+            partial(self._solve, spec=spec, u=factor.u, perm=perm, h_diag=h_diag,
+                    storage_dtype=storage_dtype),
+            weight, spec, self.chunk_mb, info,
+        )
+
+    def _solve(self, weight, *, spec, u, perm, h_diag, storage_dtype) -> QuantResult:
+        """Rows ``weight`` quantized with the inverse-Hessian factor ``u`` (of the Hessian
+        permuted by ``perm`` when acting in order)."""
+        inv = group_index = None
+        if perm is not None:
+            inv = mx.array(np.argsort(perm))
+            group_index = (perm // spec.group_size).tolist()
+        w = weight if perm is None else weight[:, mx.array(perm)]
 
         def unpermute(a: mx.array) -> mx.array:
             return a if inv is None else a[:, inv]
 
         if spec.mode != "affine":
             scales = float_scales(weight, spec.mode, spec.group_size)
-            out = gptq_quantize_float(w, factor.u, scales, mode=spec.mode,
+            out = gptq_quantize_float(w, u, scales, mode=spec.mode,
                                       block_size=self.block_size, group_index=group_index)
             codes = unpermute(out.codes)
             return QuantResult(
                 spec=spec, dequantized=unpermute(out.dequantized),
-                packed={"weight": float_pack(codes, spec.mode), "scales": scales}, info=info,
+                packed={"weight": float_pack(codes, spec.mode), "scales": scales},
             )
         kwargs: dict[str, Any] = {}
         if self.act_order or self.static_groups:
@@ -273,7 +309,7 @@ class GPTQQuantizer(Quantizer):
             kwargs.pop("group_index", None)
         out = kernel(
             w,
-            factor.u,
+            u,
             bits=spec.bits,
             group_size=spec.group_size,
             block_size=self.block_size,
@@ -286,7 +322,6 @@ class GPTQQuantizer(Quantizer):
             codes=unpermute(out.codes),
             scales=out.scales,
             biases=out.biases,
-            info=info,
         )
 
 
@@ -295,26 +330,24 @@ def hessian_figures(w: mx.array, w_hat: mx.array, h: mx.array, spec: QuantSpec,
     """``(error of w_hat, output energy, error of round to nearest)`` for ``w (out, in)``, all
     Hessian-weighted: ``trace(D H Dᵀ)`` with ``D = w − w_hat`` (resp. ``w``, ``w − RTN(w)``).
 
-    One float32 product for the three figures (they are sums of non-negative terms: float32 is
-    plenty for a report): MLX in row chunks on a GPU (no host copies of ``h``), NumPy on a CPU
-    (CPU builds of MLX have a slow BLAS)."""
-    if mx.default_device() != mx.cpu:
-        h32 = h.astype(mx.float32)
-        figs = mx.zeros((3,), dtype=mx.float32)
-        step = max(1, (1 << 26) // max(1, w.shape[-1]))  # row chunks of ~64M values
-        for r0 in range(0, w.shape[0], step):
-            w32 = w[r0 : r0 + step].astype(mx.float32)
-            rtn_hat = round_to_nearest(w[r0 : r0 + step], spec, storage_dtype).dequantized
-            rows = mx.stack([w32, w32 - w_hat[r0 : r0 + step].astype(mx.float32), w32 - rtn_hat])
-            figs = figs + mx.sum((rows @ h32) * rows, axis=(1, 2)).astype(mx.float32)
-            mx.eval(figs)
-        energy, e, rtn = (float(v) for v in np.array(figs))
-        return e, energy, rtn
-    h32 = np.asarray(h, dtype=np.float32)
-    w32 = np.asarray(w, dtype=np.float32)
-    rtn_hat = np.asarray(round_to_nearest(w, spec, storage_dtype).dequantized, dtype=np.float32)
-    rows = np.concatenate([w32, w32 - np.asarray(w_hat, dtype=np.float32), w32 - rtn_hat])
-    prod = (rows @ h32) * rows
-    n = w32.shape[0]
-    energy, e, rtn = (float(prod[i * n : (i + 1) * n].sum(dtype=np.float64)) for i in range(3))
+    One float32 product with ``h`` for the three figures, a chunk of rows at a time so the
+    temporaries stay within :data:`~quantkit.kernels.rows.CHUNK_BYTES` (an output head's would
+    be GBs): NumPy on CPU (CPU builds of MLX have a slow BLAS), MLX on a GPU (no host copies of
+    ``h``). The figures are sums of non-negative terms, summed in float64 across chunks."""
+    on_cpu = mx.default_device() == mx.cpu
+    h32 = np.asarray(h, dtype=np.float32) if on_cpu else h.astype(mx.float32)
+    figs = np.zeros(3)
+    # Live per chunk: the rows, RTN's temporaries, three stacked differences and their product.
+    step = rows_per_chunk(w.shape[0], w.shape[-1], copies=12, min_rows=1)
+    for r0 in range(0, w.shape[0], step):
+        rows = slice(r0, r0 + step)
+        w32 = w[rows].astype(mx.float32)
+        rtn_hat = round_to_nearest(w[rows], spec, storage_dtype).dequantized
+        diffs = mx.stack([w32, w32 - w_hat[rows].astype(mx.float32), w32 - rtn_hat])
+        if on_cpu:
+            d = np.asarray(diffs)
+            figs += ((d @ h32) * d).sum(axis=(1, 2), dtype=np.float64)
+        else:
+            figs += np.array(mx.sum((diffs @ h32) * diffs, axis=(1, 2)), dtype=np.float64)
+    energy, e, rtn = (float(v) for v in figs)
     return e, energy, rtn

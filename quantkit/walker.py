@@ -133,11 +133,11 @@ class ModelWalker:
     #: recipe rule matches; see :mod:`quantkit.predicate`.
     use_model_predicate: bool = True
     #: While later blocks are calibrated, quantized layers run as dense layers holding their
-    #: dequantized weights (same values), swapped for the quantized layers at the end. Measured:
-    #: MLX's CPU quantized matmul is ~30x slower than a dense one, and on an H200 the quantized
-    #: blocks' forward passes took 37 s of a Qwen3-8B run. Costs the packed weights' memory
-    #: (~1/4 of bf16) until the end. ``None``: on, except on Apple GPUs (fast quantized matmul,
-    #: unified memory).
+    #: dequantized weights (same values), swapped for the quantized layers after the last block
+    #: has run. Measured: MLX's CPU quantized matmul is ~30x slower than a dense one, and on an
+    #: H200 the quantized blocks' forward passes took 37 s of a Qwen3-8B run. Costs the packed
+    #: weights' memory (~1/4 of bf16) until then. ``None``: on, except on Apple GPUs (fast
+    #: quantized matmul, unified memory).
     dense_standins: bool | None = None
     #: Compute backend of the calibration's dense arithmetic: the block's ``nn.Linear`` layers
     #: and the ``XᵀX`` of their inputs. ``"numpy"`` (what ``"auto"`` picks on a CPU device):
@@ -249,9 +249,10 @@ class ModelWalker:
             raise RecipeError("strategies that need full-precision inputs (gptaq) run in one "
                               "process without --resume; use gptq for distributed or resumed runs")
         for i, (block, bpath) in enumerate(zip(blocks, block_paths)):
+            # Plans are dropped once their block is done: with them go the original layers.
+            inside = [plans.pop(k) for k in list(plans) if k.startswith(bpath + ".")]
             if resumed is not None and i < resumed.next_block:
                 continue
-            inside = [p for k, p in plans.items() if k.startswith(bpath + ".")]
             self._runners.clear()
             self._emit("block", index=i, total=len(blocks), path=bpath)
             stats = self._collect_sharded(
@@ -274,18 +275,19 @@ class ModelWalker:
                                 [r for r in report.layers if r.block == i],
                                 inputs if needs_calibration else [])
 
-        inside_blocks = tuple(bp + "." for bp in block_paths)
-        outside = [p for k, p in plans.items() if not k.startswith(inside_blocks)]
+        del inside  # the last block's plans
+        # The blocks' quantized layers replace their dense stand-ins now: the layers outside the
+        # blocks are calibrated from the last block's stored outputs, no block runs any more.
+        if self._final:
+            model.update_modules(tree_unflatten(self._final))
+        self._final = None
+        outside = list(plans.values())  # what is left: layers outside the decoder blocks
         stats = {}
         if needs_calibration and any(p.needs_stats for p in outside):
             stats = self._collect_outside(model, blocks, block_paths, outside, batches, inputs, layout)
         self._quantize_all(model, outside, stats, report, None)
-
-        if self._final:
-            model.update_modules(tree_unflatten(self._final))
-        self._final = None
         _restore_dtypes(model, orig_dtypes)
-        quantization = self._config(plans, report)
+        quantization = self._config(report)
         report.time_s = time.perf_counter() - start
         report.world_size = self.distributed.size
         report.settings = {"recipe": self.recipe.to_dict(), "num_samples": int(tokens.shape[0]),
@@ -565,7 +567,7 @@ class ModelWalker:
         record.time_s = time.perf_counter() - t0
         return module, record
 
-    def _config(self, plans: dict[str, LayerPlan], report: RunReport) -> dict[str, Any]:
+    def _config(self, report: RunReport) -> dict[str, Any]:
         """``config["quantization"]``: the default plus a full dict for every layer that differs
         from it, ``False`` for every quantizable layer left in full precision."""
         default = self.recipe.default.spec
@@ -634,17 +636,16 @@ def _share_identical(stats: dict[str, HessianStats]) -> dict[str, HessianStats]:
 
 def _dense_standin(original: nn.Module, quantized: nn.Module, host: bool = False) -> nn.Module:
     """A copy of ``original`` holding the weights ``quantized`` computes with (dequantized);
-    ``original`` itself is left as it was. ``host``: a :class:`HostLinear` where it can be."""
+    ``original`` itself is left as it was (and not referenced, so it can be freed). ``host``: run
+    by a :class:`HostLinear` where it can be."""
     w = mx.dequantize(
         quantized["weight"], quantized["scales"], quantized.get("biases"),
         group_size=quantized.group_size, bits=quantized.bits, mode=quantized.mode,
     )
-    if host and runs_on_host(original):
-        return HostLinear(original, weight=w)
     standin = copy.copy(original)
     standin.weight = w.astype(original.weight.dtype)
     mx.eval(standin.weight)
-    return standin
+    return HostLinear(standin) if host and runs_on_host(standin) else standin
 
 
 class _InputPool:

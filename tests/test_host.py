@@ -32,11 +32,13 @@ def test_host_linear_matches_mlx_linear(bias):
     assert names == {f"module.{k}" for k in (["weight", "bias"] if bias else ["weight"])}
 
 
-def test_host_linear_with_given_weight():
+def test_host_linear_reads_the_mlx_weight_without_copying():
     layer = nn.Linear(32, 8, bias=False)
-    w = mx.random.normal((8, 32))
+    mx.eval(layer.parameters())
+    runner = HostLinear(layer)
+    assert np.shares_memory(runner._weight_t, np.asarray(layer.weight))
     x = mx.random.normal((5, 32))
-    np.testing.assert_allclose(np.array(HostLinear(layer, weight=w)(x)), np.array(x @ w.T),
+    np.testing.assert_allclose(np.array(runner(x)), np.array(x @ layer.weight.T),
                                rtol=1e-5, atol=1e-5)
 
 

@@ -24,8 +24,9 @@ from quantkit.kernels.gptq_fast import (
     gptq_quantize_numpy,
 )
 from quantkit.kernels.linalg import inverse_hessian_factor, prepare_hessian, resolve_backend
+from quantkit.kernels.rows import map_rows, rows_per_chunk
 from quantkit.kernels.rtn import hessian_error
-from quantkit.walker import ModelWalker
+from quantkit.walker import ModelWalker, _errors
 
 #: MLX's CUDA backend multiplies float32 matrices in TF32 (relative error ~3e-4): when these
 #: tests run on such a GPU, comparisons that involve MLX float32 matmuls get looser tolerances.
@@ -167,6 +168,129 @@ def test_cuda_block_widths():
     assert not cuda_block_ok(1024 + 96, 32, 128)  # a 96-wide last block: 3 columns per lane
 
 
+# -- row chunks: tall layers (output heads) a slice of rows at a time --------------------------
+
+
+def _tall_layer(n_out: int, n_in: int, seed: int = 0):
+    from quantkit.hessian import HessianStats
+
+    rng = np.random.default_rng(seed)
+    w = mx.array((rng.standard_normal((n_out, n_in)) * 0.02).astype(np.float32))
+    h = mx.array(_hessian(n_in, m=2 * n_in, seed=seed).astype(np.float32))
+    return w, HessianStats(h=h, n_tokens=2 * n_in)
+
+
+def _chunked_and_whole(quantizer, w, stats, spec):
+    import attrs
+
+    whole = attrs.evolve(quantizer, chunk_mb=1e6).quantize(w, spec, stats, mx.bfloat16)
+    chunked = attrs.evolve(quantizer, chunk_mb=1.0).quantize(w, spec, stats, mx.bfloat16)
+    assert rows_per_chunk(w.shape[0], w.shape[1], 2**20) < w.shape[0]  # really chunked
+    assert chunked.info == whole.info
+    return chunked, whole
+
+
+@pytest.mark.parametrize("compute, shape", [
+    ("numpy", (49152, 576)),  # SmolLM2-135M's output head
+    ("mlx", (16896, 256)),  # the MLX loop is slow on CPU builds (reference BLAS): narrower
+    pytest.param("cuda", (151936, 1024), marks=pytest.mark.skipif(
+        not cuda_available(), reason="needs MLX's CUDA backend (a device run)")),  # Qwen3-0.6B's
+])
+def test_gptq_in_row_chunks_equals_one_piece(compute, shape):
+    """GPTQ's rows are independent given U: a head quantized a chunk of rows at a time gets the
+    values it gets in one piece, up to BLAS summation order in the block updates (which, in
+    float32 GPTQ, may round a rare code the other way and change the rest of its row)."""
+    from quantkit.quantizers import GPTQQuantizer
+    from quantkit.specs import QuantSpec
+
+    w, stats = _tall_layer(*shape)
+    spec = QuantSpec(bits=4, group_size=64)
+    chunked, whole = _chunked_and_whole(GPTQQuantizer(compute=compute), w, stats, spec)
+    if compute == "mlx" and not ON_GPU:
+        for k in ("codes", "scales", "biases", "dequantized"):
+            assert mx.array_equal(getattr(chunked, k), getattr(whole, k)).item(), k
+    a, b = np.array(chunked.codes), np.array(whole.codes)
+    same_rows = np.all(a == b, axis=1)
+    assert same_rows.mean() > 0.999
+    np.testing.assert_allclose(np.array(chunked.dequantized)[same_rows],
+                               np.array(whole.dequantized)[same_rows], atol=1e-6)
+    np.testing.assert_array_equal(np.array(chunked.scales)[same_rows], np.array(whole.scales)[same_rows])
+    h = np.array(stats.h)  # NumPy: MLX's CPU matmul is slow at this size
+
+    def figure(w_hat):
+        d = np.array(w) - np.array(w_hat)
+        return float(np.sum((d @ h) * d, dtype=np.float64))
+
+    assert figure(chunked.dequantized) == pytest.approx(figure(whole.dequantized), rel=1e-5)
+
+
+@pytest.mark.parametrize("strategy, options, mode", [
+    ("gptq", {"act_order": True}, "affine"),
+    ("gptq", {"static_groups": True, "scale_search": "mse"}, "affine"),
+    ("gptq", {"scale_search": "hessian"}, "affine"),
+    ("gptq", {}, "mxfp4"),
+    ("gptaq", {}, "affine"),
+])
+def test_every_gptq_option_in_row_chunks(strategy, options, mode):
+    """The options that run the MLX reference loop (and GPTAQ, and the float formats) give the
+    same values chunked and in one piece."""
+    from quantkit.gptaq import AsymmetricStats
+    from quantkit.quantizers import STRATEGIES
+    from quantkit.specs import QuantSpec
+
+    w, stats = _tall_layer(8192 + 1000, 128, seed=3)
+    if strategy == "gptaq":
+        rng = np.random.default_rng(5)
+        d = mx.array((rng.standard_normal((128, 128)) * 0.01).astype(np.float32))
+        stats = AsymmetricStats(h=stats.h, n_tokens=stats.n_tokens, d=d)
+    spec = QuantSpec(bits=4, group_size=32, mode=mode)
+    chunked, whole = _chunked_and_whole(STRATEGIES[strategy](compute="mlx", **options), w, stats, spec)
+    fields = ("dequantized", "codes", "scales", "biases") if mode == "affine" else ("dequantized",)
+    pairs = [(getattr(chunked, k), getattr(whole, k), k) for k in fields]
+    pairs += [(v, whole.packed[k], k) for k, v in (chunked.packed or {}).items()]
+    for a, b, k in pairs:
+        if ON_GPU:  # TF32 block updates: compare to float tolerance
+            assert np.mean(np.array(a) != np.array(b)) < 1e-2, k
+        else:
+            assert mx.array_equal(a, b).item(), k
+
+
+def test_error_figures_in_row_chunks_match_float64():
+    """The walker's error figures (GPTQ's, RTN's, the output energy) summed over row chunks."""
+    from quantkit.quantizers import round_to_nearest
+    from quantkit.specs import QuantSpec
+
+    w, stats = _tall_layer(25000, 576, seed=1)
+    assert rows_per_chunk(25000, 576, copies=12, min_rows=1) < 25000 / 2
+    spec = QuantSpec(bits=4, group_size=64)
+    w_hat = round_to_nearest(w * 1.01, spec, mx.float32).dequantized
+    e, rel, rtn = _errors(w, w_hat, stats.h, spec, mx.float32)
+    h64, w64 = np.array(stats.h, dtype=np.float64), np.array(w, dtype=np.float64)
+
+    def figure(d):
+        return float(np.einsum("ij,ij->", d @ h64, d))
+
+    rtn_hat = np.array(round_to_nearest(w, spec, mx.float32).dequantized, dtype=np.float64)
+    assert e == pytest.approx(figure(w64 - np.array(w_hat, dtype=np.float64)), rel=1e-4)
+    assert rtn == pytest.approx(figure(w64 - rtn_hat), rel=1e-4)
+    assert rel == pytest.approx(e / figure(w64), rel=1e-4)
+
+
+def test_row_chunks_are_written_in_place():
+    """Gathering chunks holds the full outputs plus one chunk, not the pieces and a copy."""
+    n_rows, n_cols, chunk = 40000, 1024, 5000
+    full_bytes = n_rows * n_cols * 4
+    mx.eval(mx.zeros((1,)))
+    base = mx.get_active_memory()
+    mx.reset_peak_memory()
+    out = map_rows(lambda rows: {"x": mx.full((rows.stop - rows.start, n_cols), rows.start / 1.0)},
+                   n_rows, chunk)
+    assert mx.get_peak_memory() - base < full_bytes * 1.3
+    x = np.array(out["x"][::chunk, 0])
+    np.testing.assert_array_equal(x, np.arange(0, n_rows, chunk))
+    assert map_rows(lambda rows: {"x": mx.array([rows.start, rows.stop])}, 7, 10)["x"].tolist() == [0, 7]
+
+
 @pytest.fixture(scope="module")
 def stories_pad_dir():
     from conftest import shared_path
@@ -239,3 +363,38 @@ def test_shared_hessians_are_collected_once(stories_pad_dir, stories_tokens):
     np.testing.assert_allclose(np.array(stats[a + "q_proj"].h), xf.T @ xf / len(xf),
                                rtol=1e-2 if ON_GPU else 1e-4,
                                atol=1e-3 if ON_GPU else 1e-5)
+
+
+@pytest.mark.parametrize("dense_standins", [True, False])
+def test_original_layers_are_released_block_by_block(stories_pad_dir, stories_tokens, dense_standins):
+    """Memory: once a block is quantized the walker holds on to none of its original layers,
+    and the blocks' dense stand-ins are gone before the layers outside the blocks are done."""
+    import gc
+    import weakref
+
+    import mlx.nn as nn
+
+    from quantkit.io import load_model
+
+    calib, _ = stories_tokens
+    model, _, _ = load_model(stories_pad_dir)
+    blocks = model.model.layers
+    originals = [weakref.ref(b.mlp.down_proj) for b in blocks]
+    alive: dict[str, list[bool]] = {"originals": [], "stand-ins": []}
+    standins: list[weakref.ref] = []
+
+    def progress(event, info):
+        if event == "block" and info["index"] > 0:
+            gc.collect()
+            alive["originals"].append(originals[info["index"] - 1]() is not None)
+            standins.append(weakref.ref(blocks[info["index"] - 1].mlp.down_proj))
+        elif event == "layer" and info["record"].block is None:  # a layer outside the blocks
+            gc.collect()
+            alive["stand-ins"].append(any(isinstance(b.mlp.down_proj, nn.Linear) for b in blocks)
+                                      or (dense_standins and any(r() is not None for r in standins)))
+
+    recipe = Recipe.uniform("gptq", bits=4, group_size=32)
+    ModelWalker(recipe=recipe, batch_size=16, progress=progress,
+                dense_standins=dense_standins).run(model, calib[:8, :64])
+    assert alive["originals"] == [False] * (len(blocks) - 1)
+    assert alive["stand-ins"] and not any(alive["stand-ins"])
