@@ -398,3 +398,103 @@ def test_original_layers_are_released_block_by_block(stories_pad_dir, stories_to
                 dense_standins=dense_standins).run(model, calib[:8, :64])
     assert alive["originals"] == [False] * (len(blocks) - 1)
     assert alive["stand-ins"] and not any(alive["stand-ins"])
+
+# -- mx.compile'd column steps ------------------------------------------------------------------
+
+
+def _uncompiled(fn, *args, **kwargs):
+    mx.disable_compile()
+    try:
+        return fn(*args, **kwargs)
+    finally:
+        mx.enable_compile()
+
+
+def _bitwise_equal(a: mx.array, b: mx.array) -> bool:
+    if a.dtype == mx.float32:
+        a, b = a.view(mx.uint32), b.view(mx.uint32)
+    return a.shape == b.shape and bool(mx.all(a == b))
+
+
+def _layer(n_out: int, n_in: int, seed: int) -> tuple[mx.array, mx.array]:
+    hd, _, _ = prepare_hessian(_hessian(n_in, seed=seed), 0.01)
+    u = mx.array(inverse_hessian_factor(hd).astype(np.float32))
+    w = mx.array(np.random.default_rng(seed).normal(0, 0.05, (n_out, n_in)).astype(np.float32))
+    return w, u
+
+
+def _gptq_options(kind: str, w: mx.array, u: mx.array, bits: int, group_size: int):
+    """``(w, kwargs)`` exercising one branch of :func:`gptq_quantize`."""
+    from quantkit.kernels.gptaq import asymmetry_matrix
+    from quantkit.kernels.rtn import affine_params
+    from quantkit.kernels.search import search_affine_params
+
+    n_in = w.shape[1]
+    rng = np.random.default_rng(n_in + bits)
+    if kind == "act_order":  # static groups, columns in a permuted order
+        perm = rng.permutation(n_in)
+        s, b = affine_params(w, bits, group_size)
+        return w[:, mx.array(perm)], {"scales": s, "biases": b,
+                                      "group_index": (perm // group_size).tolist()}
+    if kind == "asymmetry":
+        d = rng.normal(0, 0.01, (n_in, n_in))
+        p = asymmetry_matrix(np.array(u, dtype=np.float64), d, 0.25)
+        return w, {"asymmetry": mx.array(p.astype(np.float32))}
+    if kind == "search":  # a params_fn other than MLX's rule, with importance
+        return w, {"params_fn": search_affine_params,
+                   "importance": mx.array(rng.uniform(0.1, 2.0, n_in).astype(np.float32))}
+    if kind == "bf16":
+        return w, {"storage_dtype": mx.bfloat16, "block_size": 96}
+    return w, {}
+
+
+@pytest.mark.parametrize("kind", ["plain", "act_order", "asymmetry", "search", "bf16"])
+@pytest.mark.parametrize("bits,group_size", [(4, 64), (3, 32), (4, 128)])
+def test_compiled_gptq_loop_is_bitwise_the_uncompiled_one(kind, bits, group_size):
+    """mx.compile fuses the column's rounding and error into one kernel: same bits out."""
+    w, u = _layer(48, 384, seed=bits + group_size)
+    w, kwargs = _gptq_options(kind, w, u, bits, group_size)
+    got = gptq_quantize(w, u, bits=bits, group_size=group_size, **kwargs)
+    ref = _uncompiled(gptq_quantize, w, u, bits=bits, group_size=group_size, **kwargs)
+    for name in ("codes", "scales", "biases", "dequantized"):
+        assert _bitwise_equal(getattr(got, name), getattr(ref, name)), name
+
+
+@pytest.mark.parametrize("shape,bits,group_size,kind", [
+    ((1536, 512), 4, 64, "act_order"),
+    ((512, 1536), 3, 128, "asymmetry"),
+])
+def test_compiled_gptq_loop_on_real_shapes(shape, bits, group_size, kind):
+    w, u = _layer(*shape, seed=1)
+    w, kwargs = _gptq_options(kind, w, u, bits, group_size)
+    got = gptq_quantize(w, u, bits=bits, group_size=group_size, **kwargs)
+    ref = _uncompiled(gptq_quantize, w, u, bits=bits, group_size=group_size, **kwargs)
+    assert _bitwise_equal(got.codes, ref.codes)
+    assert _bitwise_equal(got.dequantized, ref.dequantized)
+
+
+@pytest.mark.parametrize("mode", ["mxfp4", "nvfp4", "mxfp8"])
+def test_compiled_float_gptq_loop_is_bitwise_the_uncompiled_one(mode):
+    from quantkit.kernels.floatfmt import float_scales, gptq_quantize_float
+
+    w, u = _layer(40, 256, seed=3)
+    scales = float_scales(w, mode, 16 if mode == "nvfp4" else 32)
+    perm = np.random.default_rng(0).permutation(256)
+    group_index = (perm // (16 if mode == "nvfp4" else 32)).tolist()
+    for ww, gi in ((w, None), (w[:, mx.array(perm)], group_index)):
+        got = gptq_quantize_float(ww, u, scales, mode=mode, group_index=gi)
+        ref = _uncompiled(gptq_quantize_float, ww, u, scales, mode=mode, group_index=gi)
+        assert _bitwise_equal(got.codes, ref.codes)
+        assert _bitwise_equal(got.dequantized, ref.dequantized)
+
+
+@pytest.mark.parametrize("bits,weighted", [(3, True), (4, False), (8, True)])
+def test_compiled_scale_search_is_bitwise_the_uncompiled_one(bits, weighted):
+    from quantkit.kernels.search import search_affine_params
+
+    rng = np.random.default_rng(bits)
+    w = mx.array(np.round(rng.normal(0, 2, (64, 512))).astype(np.float32) / 40)  # many ties
+    imp = mx.array(rng.uniform(0, 2, 512).astype(np.float32)) if weighted else None
+    got = search_affine_params(w, bits, 64, imp)
+    ref = _uncompiled(search_affine_params, w, bits, 64, imp)
+    assert all(_bitwise_equal(a, b) for a, b in zip(got, ref))

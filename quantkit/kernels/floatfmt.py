@@ -69,6 +69,20 @@ def float_quantize(
     return codes, values * s
 
 
+def _quantize_column(
+    col: mx.array, s: mx.array, s_safe: mx.array, u_jj: mx.array, mode: str
+) -> tuple[mx.array, mx.array, mx.array]:
+    """Codes, values and rounding error divided by ``u_jj`` of one column ``col (out, 1)``
+    with group scales ``s`` (``s_safe``: zeros replaced by ones)."""
+    q, v = round_to_grid(col / s_safe, mode)
+    v = v * s
+    return q, v, (col - v) / u_jj
+
+
+# One fused step per column (see :mod:`.gptq`); traced once per column height and mode.
+_quantize_column_fused = mx.compile(_quantize_column)
+
+
 def float_pack(codes: mx.array, mode: str) -> mx.array:
     """uint32 words ``mx.dequantize`` reads for ``mode``."""
     return pack_bits(codes, FLOAT_FORMATS[mode][2])
@@ -116,19 +130,17 @@ def gptq_quantize_float(
         q_cols, v_cols, errs = [], [], []
         for j in range(width):
             g = group_index[b0 + j]
-            col = w1[:, j]
-            q, v = round_to_grid(col / s_safe[:, g], mode)
-            v = v * s_all[:, g]
-            err = (col - v) / u1[j, j]
-            w1 = w1 - err[:, None] * u1[j][None, :]
+            q, v, err = _quantize_column_fused(w1[:, j : j + 1], s_all[:, g : g + 1],
+                                               s_safe[:, g : g + 1], u1[j, j], mode)
+            w1 = w1 - err * u1[j : j + 1]
             q_cols.append(q)
             v_cols.append(v)
             errs.append(err)
         rest = rest[:, width:]
         if b1 < n_in:
-            rest = rest - mx.stack(errs, axis=1) @ u[b0:b1, b1:]
-        codes.append(mx.stack(q_cols, axis=1))
-        deq.append(mx.stack(v_cols, axis=1))
+            rest = rest - mx.concatenate(errs, axis=1) @ u[b0:b1, b1:]
+        codes.append(mx.concatenate(q_cols, axis=1))
+        deq.append(mx.concatenate(v_cols, axis=1))
         mx.eval(codes[-1], deq[-1], rest)
     return FloatGPTQOutput(
         codes=mx.concatenate(codes, axis=1),

@@ -42,7 +42,18 @@ def search_affine_params(
     chosen among clipped ranges to minimise ``Σ importance_j · (w_j - ŵ_j)²`` per group.
 
     ``importance (in,)``: non-negative per-column weights (e.g. ``diag(H)``); ``None`` weighs all
-    columns equally (plain MSE). Ties keep the larger range (MLX's own choice first)."""
+    columns equally (plain MSE). Ties keep the larger range (MLX's own choice first).
+
+    The grid's elementwise work runs as ``mx.compile``d kernels, traced once per shape and
+    setting (bitwise the uncompiled result): GPTQ calls this once per group of columns. The range
+    factors enter as an array, not as constants, so every candidate shares the same kernels."""
+    factors = mx.array(shrink_grid(n_grid, max_shrink), dtype=mx.float32)
+    return _search_fused(w, factors, bits, group_size, importance)
+
+
+def _search(
+    w: mx.array, factors: mx.array, bits: int, group_size: int, importance: mx.array | None
+) -> tuple[mx.array, mx.array]:
     g = _grouped(w.astype(mx.float32), group_size)
     w_min, w_max = g.min(axis=-1), g.max(axis=-1)
     n_levels = (1 << bits) - 1
@@ -50,7 +61,8 @@ def search_affine_params(
     if importance is not None:
         imp = importance.astype(mx.float32).reshape(-1, group_size)  # (groups, group_size)
     best_err = best_s = best_b = None
-    for a in shrink_grid(n_grid, max_shrink):
+    for k in range(factors.size):
+        a = factors[k]
         s, b = affine_params_from_range(w_min * a, w_max * a, bits)
         q = mx.clip(mx.round((g - b[..., None]) / s[..., None]), 0, n_levels)
         d = (q * s[..., None] + b[..., None]) - g
@@ -63,3 +75,6 @@ def search_affine_params(
             best_s = mx.where(better, s, best_s)
             best_b = mx.where(better, b, best_b)
     return best_s, best_b
+
+
+_search_fused = mx.compile(_search)
