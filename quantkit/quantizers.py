@@ -8,7 +8,7 @@ and recipes can name it.
 from __future__ import annotations
 
 import abc
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from functools import partial
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -90,6 +90,20 @@ class Quantizer(abc.ABC):
         stats: HessianStats | None,
         storage_dtype: mx.Dtype = mx.float32,
     ) -> QuantResult: ...
+
+    def quantize_chunks(
+        self,
+        weight: mx.array,
+        spec: QuantSpec,
+        stats: HessianStats | None,
+        storage_dtype: mx.Dtype = mx.float32,
+    ) -> Iterator[tuple[slice, QuantResult]]:
+        """:meth:`quantize`'s result a slice of output rows at a time, for callers that measure
+        and pack each slice and drop it (the walker does, so a 151936-row output head never
+        exists in float32 at once). ``weight`` may be in any float dtype here. Default: one
+        slice, all rows."""
+        yield slice(0, weight.shape[0]), self.quantize(
+            weight.astype(mx.float32), spec, stats, storage_dtype)
 
 
 def round_to_nearest(weight: mx.array, spec: QuantSpec, storage_dtype: mx.Dtype) -> QuantResult:
@@ -260,6 +274,19 @@ class GPTQQuantizer(Quantizer):
         return EscalatingCholesky(self.damping, max_attempts=self.max_attempts, backend=self.linalg)
 
     def quantize(self, weight, spec, stats, storage_dtype=mx.float32):
+        solve, info = self._solver(spec, stats, storage_dtype)
+        return quantize_by_rows(solve, weight, spec, self.chunk_mb, info)
+
+    def quantize_chunks(self, weight, spec, stats, storage_dtype=mx.float32):
+        solve, info = self._solver(spec, stats, storage_dtype)
+        step = rows_per_chunk(*weight.shape, int(self.chunk_mb * 2**20))
+        for r0 in range(0, weight.shape[0], step):
+            rows = slice(r0, min(r0 + step, weight.shape[0]))
+            result = solve(weight[rows].astype(mx.float32))
+            yield rows, attrs.evolve(result, info=info)
+
+    def _solver(self, spec, stats, storage_dtype) -> tuple[Callable[[mx.array], QuantResult], dict]:
+        """The factorization (once per layer) and the function that solves rows with it."""
         h, h_diag = stats.h, mx.diagonal(stats.h)
         perm = None
         if self.act_order:
@@ -267,11 +294,8 @@ class GPTQQuantizer(Quantizer):
             h = h[mx.array(perm)][:, mx.array(perm)]
         factor = self.inverse_strategy().factor(h)
         info = {"damping": factor.damping, "dead_inputs": factor.n_dead}
-        return quantize_by_rows(
-            partial(self._solve, spec=spec, u=factor.u, perm=perm, h_diag=h_diag,
-                    storage_dtype=storage_dtype),
-            weight, spec, self.chunk_mb, info,
-        )
+        return partial(self._solve, spec=spec, u=factor.u, perm=perm, h_diag=h_diag,
+                       storage_dtype=storage_dtype), info
 
     def _solve(self, weight, *, spec, u, perm, h_diag, storage_dtype) -> QuantResult:
         """Rows ``weight`` quantized with the inverse-Hessian factor ``u`` (of the Hessian

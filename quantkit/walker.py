@@ -9,14 +9,16 @@ tied embedding) are done last, from the final block's outputs.
 from __future__ import annotations
 
 import copy
+import itertools
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from functools import partial
 from typing import Any
 
 import attrs
 import mlx.core as mx
 import mlx.nn as nn
+import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
 
 from .checkpoint import Checkpoint, ResumeState
@@ -534,7 +536,7 @@ class ModelWalker:
         run (no calibration tokens, Hessian not factorizable, no per-expert support).
         ``result``: the layer's values when they were already computed (a joint solve)."""
         t0 = time.perf_counter()
-        weight = p.handler.weight(p.module).astype(mx.float32)
+        weight = p.handler.weight(p.module)  # made float32 a slice of rows at a time
         record = LayerRecord(
             p.path, type(p.module).__name__, "quantized", strategy=p.quantizer.name,
             requested=p.rule.strategy, rule=p.rule_index, bits=p.spec.bits,
@@ -546,22 +548,38 @@ class ModelWalker:
             fallback_reason = f"{record.layer_class}: expert layer outside the decoder blocks"
         elif p.quantizer.needs_hessian and (stats is None or stats.n_tokens == 0):
             fallback_reason = "no calibration activations reached this layer"
-        if fallback_reason is None and result is None:
+        chunks = None if result is None else iter([(slice(0, weight.shape[0]), result)])
+        if fallback_reason is None and chunks is None:
             try:
-                result = p.quantizer.quantize(weight, p.spec, stats, p.storage_dtype)
+                chunks = _started(p.quantizer.quantize_chunks(weight, p.spec, stats, p.storage_dtype))
             except FactorizationError as exc:
                 fallback_reason = str(exc)
-        if result is None:
-            result = self.fallback.quantize(weight, p.spec, stats, p.storage_dtype)
+        if chunks is None:
+            chunks = iter([(slice(0, weight.shape[0]), self.fallback.quantize(
+                weight.astype(mx.float32), p.spec, stats, p.storage_dtype))])
             record.status = "fallback"
             record.strategy = self.fallback.name
             record.reason = "; ".join(r for r in (p.note, fallback_reason) if r)
-        record.damping = result.info.get("damping")
-        if stats is not None and stats.n_tokens > 0 and weight.ndim == 2:
-            record.hessian_error, record.relative_error, record.rtn_hessian_error = _errors(
-                weight, result.dequantized, stats.h, p.spec, p.storage_dtype
-            )
-        packed = packer_for(p.spec.mode).pack(result, mx.float32 if p.spec.mode == "affine" else p.storage_dtype)
+        # Each slice of rows is measured and packed, then dropped: only the packed layer is
+        # kept whole (see Quantizer.quantize_chunks).
+        measure = stats is not None and stats.n_tokens > 0 and weight.ndim == 2
+        packer = packer_for(p.spec.mode)
+        pack_dtype = mx.float32 if p.spec.mode == "affine" else p.storage_dtype
+        figures, parts = np.zeros(3), []
+        for rows, part in chunks:
+            record.damping = part.info.get("damping")
+            if measure:
+                figures += hessian_figures(weight[rows], part.dequantized, stats.h, p.spec,
+                                           p.storage_dtype)
+            parts.append(packer.pack(part, pack_dtype))
+            mx.eval(parts[-1])
+            del part
+        if measure:
+            e, energy, rtn = (float(v) for v in figures)
+            record.hessian_error, record.rtn_hessian_error = e, rtn
+            record.relative_error = e / energy if energy > 0 else 0.0
+        packed = parts[0] if len(parts) == 1 else {
+            k: mx.concatenate([q[k] for q in parts]) for k in parts[0]}
         module = p.handler.build(p.module, packed, p.spec)
         mx.eval(module.parameters())
         record.time_s = time.perf_counter() - t0
@@ -632,6 +650,13 @@ def _share_identical(stats: dict[str, HessianStats]) -> dict[str, HessianStats]:
             canonical.append(st)
             out[path] = st
     return out
+
+
+def _started(chunks: Iterator[tuple[slice, QuantResult]]) -> Iterator[tuple[slice, QuantResult]]:
+    """``chunks`` with its first item already computed, so that a failure to start (e.g. a
+    :class:`FactorizationError` while factorizing) is raised here."""
+    first = next(chunks)
+    return itertools.chain([first], chunks)
 
 
 def _dense_standin(original: nn.Module, quantized: nn.Module, host: bool = False) -> nn.Module:
@@ -753,12 +778,6 @@ def _decoder_blocks(model: nn.Module) -> list[nn.Module]:
             "quantkit walks mlx-lm decoder models"
         )
     return list(layers)
-
-
-def _errors(w: mx.array, w_hat: mx.array, h: mx.array, spec: QuantSpec, dtype: mx.Dtype):
-    """``(error, error relative to the output energy, round to nearest's error)``."""
-    e, energy, rtn = hessian_figures(w, w_hat, h, spec, dtype)
-    return e, (e / energy if energy > 0 else 0.0), rtn
 
 
 def _restore_dtypes(model: nn.Module, orig: dict[str, mx.Dtype]) -> None:
