@@ -18,7 +18,7 @@ import numpy as np
 
 from .hessian import DenseHessianCollector, HessianStats
 from .kernels.gptaq import asymmetry_matrix, gptaq_quantize
-from .quantizers import GPTQQuantizer, QuantResult, quantize_by_rows, register_strategy
+from .quantizers import GPTQQuantizer, QuantResult, register_strategy
 
 
 @attrs.frozen
@@ -80,10 +80,10 @@ class GPTAQQuantizer(GPTQQuantizer):
     def collector(self, handler, module):
         return AsymmetricHessianCollector(handler.weight(module).shape[-1])
 
-    def quantize(self, weight, spec, stats, storage_dtype=mx.float32):
+    def _solver(self, spec, stats, storage_dtype):
         d = getattr(stats, "d", None)
         if spec.mode != "affine" or d is None or self.alpha == 0:
-            return super().quantize(weight, spec, stats, storage_dtype)
+            return super()._solver(spec, stats, storage_dtype)
         factor = self.inverse_strategy().factor(stats.h)
         d64 = np.array(d, dtype=np.float64)
         d64[:, np.diagonal(np.array(stats.h)) <= 0] = 0.0  # dead inputs carry no correction
@@ -97,7 +97,4 @@ class GPTAQQuantizer(GPTQQuantizer):
             return QuantResult(spec=spec, dequantized=out.dequantized, codes=out.codes,
                                scales=out.scales, biases=out.biases)
 
-        return quantize_by_rows(solve, weight, spec, self.chunk_mb, info)
-
-
-__all__ = ["AsymmetricHessianCollector", "AsymmetricStats", "GPTAQQuantizer"]
+        return solve, info

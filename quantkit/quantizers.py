@@ -100,10 +100,14 @@ class Quantizer(abc.ABC):
     ) -> Iterator[tuple[slice, QuantResult]]:
         """:meth:`quantize`'s result a slice of output rows at a time, for callers that measure
         and pack each slice and drop it (the walker does, so a 151936-row output head never
-        exists in float32 at once). ``weight`` may be in any float dtype here. Default: one
-        slice, all rows."""
-        yield slice(0, weight.shape[0]), self.quantize(
-            weight.astype(mx.float32), spec, stats, storage_dtype)
+        exists in float32 at once). ``weight`` may be in any float dtype here. Default: slices
+        of :func:`~quantkit.kernels.rows.rows_per_chunk` rows for ``rows_independent``
+        quantizers of 2-D weights (each slice quantized on its own), else one slice."""
+        n = weight.shape[0]
+        step = rows_per_chunk(n, weight.shape[-1]) if self.rows_independent and weight.ndim == 2 else n
+        for r0 in range(0, n, step):
+            rows = slice(r0, min(r0 + step, n))
+            yield rows, self.quantize(weight[rows].astype(mx.float32), spec, stats, storage_dtype)
 
 
 def round_to_nearest(weight: mx.array, spec: QuantSpec, storage_dtype: mx.Dtype) -> QuantResult:
@@ -216,6 +220,7 @@ class RTNQuantizer(Quantizer):
     formats always round with MLX's own scales."""
 
     name: ClassVar[str] = "rtn"
+    rows_independent: ClassVar[bool] = True
 
     scale_search: str = attrs.field(default="none", validator=attrs.validators.in_(SCALE_SEARCHES))
 
@@ -286,7 +291,8 @@ class GPTQQuantizer(Quantizer):
             yield rows, attrs.evolve(result, info=info)
 
     def _solver(self, spec, stats, storage_dtype) -> tuple[Callable[[mx.array], QuantResult], dict]:
-        """The factorization (once per layer) and the function that solves rows with it."""
+        """The factorization (once per layer) and the function that solves rows with it (what
+        subclasses override to change the solve, e.g. GPTAQ)."""
         h, h_diag = stats.h, mx.diagonal(stats.h)
         perm = None
         if self.act_order:

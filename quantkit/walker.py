@@ -555,8 +555,7 @@ class ModelWalker:
             except FactorizationError as exc:
                 fallback_reason = str(exc)
         if chunks is None:
-            chunks = iter([(slice(0, weight.shape[0]), self.fallback.quantize(
-                weight.astype(mx.float32), p.spec, stats, p.storage_dtype))])
+            chunks = self.fallback.quantize_chunks(weight, p.spec, stats, p.storage_dtype)
             record.status = "fallback"
             record.strategy = self.fallback.name
             record.reason = "; ".join(r for r in (p.note, fallback_reason) if r)

@@ -217,3 +217,25 @@ def test_gptaq_output_loads(pad_dir, tinystories_text, tmp_path):
     assert run.report.settings["recipe"]["default"]["alpha"] == 0.5
     model, _ = load(str(run.out_dir))
     assert model.model.layers[1].mlp.down_proj.bits == 4
+
+
+def test_gptaq_slices_use_the_asymmetry_term():
+    """What the walker calls (``quantize_chunks``) is GPTAQ's solve, not GPTQ's: equal to
+    GPTAQ's ``quantize`` and different from GPTQ's result on the same statistics."""
+    from quantkit.gptaq import AsymmetricStats, GPTAQQuantizer
+    from quantkit.quantizers import GPTQQuantizer
+
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((2048, 128)).astype(np.float32)
+    xq = x + 0.05 * rng.standard_normal(x.shape).astype(np.float32)
+    stats = AsymmetricStats(h=mx.array(xq.T @ xq / len(x)), n_tokens=len(x),
+                            d=mx.array((x - xq).T @ xq / len(x)))
+    w = mx.array(rng.standard_normal((96, 128)).astype(np.float32))
+    spec = QuantSpec(3, 32)
+    gptaq = GPTAQQuantizer(alpha=1.0)
+    chunks = list(gptaq.quantize_chunks(w.astype(mx.bfloat16), spec, stats))
+    assert [rows for rows, _ in chunks] == [slice(0, 96)]
+    whole = gptaq.quantize(w.astype(mx.bfloat16).astype(mx.float32), spec, stats)
+    assert mx.array_equal(chunks[0][1].codes, whole.codes).item()
+    plain = GPTQQuantizer().quantize(w.astype(mx.bfloat16).astype(mx.float32), spec, stats)
+    assert not mx.array_equal(whole.codes, plain.codes).item()
