@@ -15,7 +15,7 @@ import mlx.core as mx
 import numpy as np
 
 from .hessian import HessianCollector, HessianStats
-from .inverse import DampedCholesky, EscalatingCholesky, InverseStrategy
+from .inverse import DampedCholesky, EscalatingCholesky, InverseFactor, InverseStrategy
 from .kernels.floatfmt import float_pack, float_scales, gptq_quantize_float
 from .kernels.gptq import gptq_quantize
 from .kernels.gptq_fast import (
@@ -77,6 +77,13 @@ class Quantizer(abc.ABC):
         """The collector that gathers what :meth:`quantize` needs: the layer handler's own by
         default. Override to gather more."""
         return handler.collector(module)
+
+    def factor_strategy(self) -> InverseStrategy | None:
+        """The inverse strategy whose factor of ``stats.h`` :meth:`quantize` accepts precomputed
+        (``factor=``), so that callers holding many Hessians (the experts of a MoE layer) can
+        factorize them together with :meth:`InverseStrategy.factor_many`; ``None`` (the
+        default): :meth:`quantize` takes no factor."""
+        return None
 
     @abc.abstractmethod
     def quantize(
@@ -214,6 +221,11 @@ class GPTQQuantizer(Quantizer):
 
     MLX's float formats (``mxfp4``, ``nvfp4``, ``mxfp8``) get the same error feedback onto their
     grids, with the group scales ``mx.quantize`` picks for the original weights.
+
+    ``quantize(..., factor=)`` takes a precomputed :class:`InverseFactor` of ``stats.h`` (from
+    :meth:`factor_strategy`), e.g. one of a batch of experts factorized at once. Not with
+    ``act_order``, which factorizes the permuted Hessian: there ``factor_strategy`` is ``None``
+    and a ``factor`` is refused.
     """
 
     name: ClassVar[str] = "gptq"
@@ -233,7 +245,13 @@ class GPTQQuantizer(Quantizer):
             return DampedCholesky(self.damping, self.linalg)
         return EscalatingCholesky(self.damping, max_attempts=self.max_attempts, backend=self.linalg)
 
-    def quantize(self, weight, spec, stats, storage_dtype=mx.float32):
+    def factor_strategy(self) -> InverseStrategy | None:
+        return None if self.act_order else self.inverse_strategy()
+
+    def quantize(self, weight, spec, stats, storage_dtype=mx.float32,
+                 factor: InverseFactor | None = None):
+        if factor is not None and self.act_order:
+            raise ValueError("act_order factorizes the permuted Hessian: pass no factor")
         h, h_diag = stats.h, mx.diagonal(stats.h)
         perm = inv = group_index = None
         if self.act_order:
@@ -242,7 +260,8 @@ class GPTQQuantizer(Quantizer):
             group_index = (perm // spec.group_size).tolist()
             perm = mx.array(perm)
             h = h[perm][:, perm]
-        factor = self.inverse_strategy().factor(h)
+        if factor is None:
+            factor = self.inverse_strategy().factor(h)
         info = {"damping": factor.damping, "dead_inputs": factor.n_dead}
         w = weight if perm is None else weight[:, perm]
 
