@@ -80,11 +80,12 @@ class GPTAQQuantizer(GPTQQuantizer):
     def collector(self, handler, module):
         return AsymmetricHessianCollector(handler.weight(module).shape[-1])
 
-    def _solver(self, spec, stats, storage_dtype):
+    def _solver(self, spec, stats, storage_dtype, factor=None):
         d = getattr(stats, "d", None)
         if spec.mode != "affine" or d is None or self.alpha == 0:
-            return super()._solver(spec, stats, storage_dtype)
-        factor = self.inverse_strategy().factor(stats.h)
+            return super()._solver(spec, stats, storage_dtype, factor)
+        if factor is None:
+            factor = self.inverse_strategy().factor(stats.h)
         d64 = np.array(d, dtype=np.float64)
         d64[:, np.diagonal(np.array(stats.h)) <= 0] = 0.0  # dead inputs carry no correction
         p = mx.array(asymmetry_matrix(np.array(factor.u, dtype=np.float64), d64,

@@ -25,6 +25,10 @@ are quantized with the handler's calibration-free ``starved`` strategy (round to
 default) and listed in the report, one :class:`LayerRecord` with ``expert`` set per such expert
 (its parameters are counted in the layer's record, not again there).
 
+The inverse-Hessian factors of a batch's experts are computed together (:func:`expert_factors`:
+one :meth:`~quantkit.inverse.InverseStrategy.factor_many` on the stacked Hessians, one host
+round-trip per diagonal block for the whole batch), then each expert runs its column loop.
+
 Expert parallelism. With several processes (:class:`~quantkit.distributed.Distributed`), every
 rank gets the same merged statistics of an expert batch; the batch's experts (of all expert
 layers of the block) are then dealt out to the ranks by estimated solve cost, each rank
@@ -37,7 +41,7 @@ the same bytes whichever rank solved it. The layer's record lists who solved eac
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, cast
 
 import attrs
@@ -48,6 +52,7 @@ import numpy as np
 from .distributed import Distributed, Item
 from .errors import FactorizationError
 from .hessian import ExpertHessianStats, HessianCollector
+from .inverse import InverseFactor
 from .packers import packer_for
 from .quantizers import Quantizer, QuantResult, hessian_figures
 from .registry import SwitchLinearHandler
@@ -84,8 +89,8 @@ def _choose(p: LayerPlan, stats: ExpertHessianStats, i: int, fallback: Quantizer
     handler's ``starved`` one (``fallback`` if that needs a Hessian the expert lacks)."""
     handler = cast(SwitchLinearHandler, p.handler)
     n = stats.expert_tokens[i]
-    share = n / calibration_tokens if calibration_tokens else stats.share(i)
-    if n > 0 and share >= handler.min_token_share:
+    share = _share(stats, i, calibration_tokens)
+    if not _starved(p, stats, i, calibration_tokens):
         return p.quantizer, None, share
     reason = (f"starved: {n} of {calibration_tokens} calibration tokens "
               f"({100 * share:.2f}% < {100 * handler.min_token_share:.2f}%)")
@@ -105,21 +110,59 @@ def expert_cost(p: LayerPlan, stats: ExpertHessianStats, i: int, fallback: Quant
     return float(out * width * (width if quantizer.needs_hessian else 1))
 
 
+def _share(stats: ExpertHessianStats, i: int, calibration_tokens: int) -> float:
+    n = stats.expert_tokens[i]
+    return n / calibration_tokens if calibration_tokens else stats.share(i)
+
+
+def _starved(p: LayerPlan, stats: ExpertHessianStats, i: int, calibration_tokens: int) -> bool:
+    """Whether ``stats.experts[i]`` gets the handler's ``starved`` strategy (too few tokens)."""
+    handler = cast(SwitchLinearHandler, p.handler)
+    return (stats.expert_tokens[i] == 0
+            or _share(stats, i, calibration_tokens) < handler.min_token_share)
+
+
+def expert_factors(
+    p: LayerPlan, stats: ExpertHessianStats, calibration_tokens: int,
+    indices: Iterable[int] | None = None,
+) -> dict[int, InverseFactor | FactorizationError]:
+    """Inverse-Hessian factors of the experts ``stats.experts[i]`` (``i`` in ``indices``; all by
+    default) that get the recipe's strategy (not starved), keyed by ``i``: one
+    :meth:`~quantkit.inverse.InverseStrategy.factor_many` call on their stacked Hessians, so each
+    holds what factorizing it alone would give (or the error that would raise). Empty when the
+    strategy takes no precomputed factor (:meth:`~quantkit.quantizers.Quantizer.factor_strategy`)."""
+    strategy = p.quantizer.factor_strategy()
+    chosen = range(len(stats.experts)) if indices is None else indices
+    idx = [i for i in chosen if not _starved(p, stats, i, calibration_tokens)]
+    if strategy is None or not idx:
+        return {}
+    if stats.h.shape[0] == 1:  # one Hessian shared by all experts: one factor
+        return dict.fromkeys(idx, strategy.factor_many(stats.h)[0])
+    hs = stats.h if idx == list(range(stats.h.shape[0])) else stats.h[mx.array(idx)]
+    return dict(zip(idx, strategy.factor_many(hs), strict=True))
+
+
 def quantize_expert(
     p: LayerPlan, weight: mx.array, stats: ExpertHessianStats, i: int, fallback: Quantizer,
-    calibration_tokens: int,
+    calibration_tokens: int, factor: InverseFactor | FactorizationError | None = None,
 ) -> tuple[QuantResult, ExpertOutcome]:
     """Quantize expert ``stats.experts[i]`` (``weight (out, in)`` float32) of plan ``p``: with
     the recipe's strategy and the expert's own Hessian; with the handler's ``starved`` strategy
     when it was sent less than ``min_token_share`` of the ``calibration_tokens``; with
-    ``fallback`` when its Hessian cannot be factorized."""
+    ``fallback`` when its Hessian cannot be factorized. ``factor``: the expert's entry of
+    :func:`expert_factors`, if any (else the recipe's strategy factorizes the Hessian itself)."""
     t0 = time.perf_counter()
     expert, n = stats.experts[i], stats.expert_tokens[i]
     own = stats.expert(i) if n > 0 else None
     quantizer, reason, share = _choose(p, stats, i, fallback, calibration_tokens)
+    if quantizer is not p.quantizer:
+        factor = None  # a factor is the recipe strategy's
     try:
+        if isinstance(factor, FactorizationError):
+            raise factor
+        kwargs = {} if factor is None else {"factor": factor}
         result = quantizer.quantize(weight, p.spec, own if quantizer.needs_hessian else None,
-                                    p.storage_dtype)
+                                    p.storage_dtype, **kwargs)
     except FactorizationError as exc:
         quantizer, reason = fallback, str(exc)
         result = fallback.quantize(weight, p.spec, None, p.storage_dtype)
@@ -163,16 +206,23 @@ def quantize_expert_layers(
         owners = group.share([expert_cost(p, stats[p.path], i, fallback, calibration_tokens)
                               for p, i in units])
         mine: list[Item] = []
-        for (p, i), owner in zip(units, owners, strict=True):
+        for p in active:
             layer_tokens[p.path] = stats[p.path].n_tokens
-            if owner != group.rank:
-                continue
-            e = stats[p.path].experts[i]
-            result, outcome = quantize_expert(p, weights[p.path][e], stats[p.path], i, fallback,
-                                              calibration_tokens)
-            arrays = _pack(p, result)
-            outcome = attrs.evolve(outcome, rank=group.rank)
-            mine.append(({"path": p.path, "outcome": attrs.asdict(outcome)}, sorted(arrays.items())))
+            own = [i for (q, i), owner in zip(units, owners, strict=True)
+                   if q is p and owner == group.rank]
+            t0 = time.perf_counter()
+            factors = expert_factors(p, stats[p.path], calibration_tokens, own)
+            factor_s = (time.perf_counter() - t0) / max(1, len(factors))  # shared by its experts
+            for i in own:
+                e = stats[p.path].experts[i]
+                result, outcome = quantize_expert(p, weights[p.path][e], stats[p.path], i,
+                                                  fallback, calibration_tokens, factors.get(i))
+                if i in factors:
+                    outcome = attrs.evolve(outcome, time_s=outcome.time_s + factor_s)
+                arrays = _pack(p, result)
+                outcome = attrs.evolve(outcome, rank=group.rank)
+                mine.append(({"path": p.path, "outcome": attrs.asdict(outcome)},
+                             sorted(arrays.items())))
         del stats  # this batch's Hessians go here
         for items in group.exchange(mine, f"exchanging quantized experts of {active[0].path}"):
             for meta, arrays in items:

@@ -18,7 +18,7 @@ import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
 
 from .hessian import HessianCollector, HessianStats
-from .inverse import DampedCholesky, EscalatingCholesky, InverseStrategy
+from .inverse import DampedCholesky, EscalatingCholesky, InverseFactor, InverseStrategy
 from .kernels.floatfmt import float_pack, float_scales, gptq_quantize_float
 from .kernels.gptq import gptq_quantize
 from .kernels.gptq_fast import (
@@ -81,6 +81,13 @@ class Quantizer(abc.ABC):
         """The collector that gathers what :meth:`quantize` needs: the layer handler's own by
         default. Override to gather more."""
         return handler.collector(module)
+
+    def factor_strategy(self) -> InverseStrategy | None:
+        """The inverse strategy whose factor of ``stats.h`` :meth:`quantize` accepts precomputed
+        (``factor=``), so that callers holding many Hessians (the experts of a MoE layer) can
+        factorize them together with :meth:`InverseStrategy.factor_many`; ``None`` (the
+        default): :meth:`quantize` takes no factor."""
+        return None
 
     @abc.abstractmethod
     def quantize(
@@ -258,6 +265,11 @@ class GPTQQuantizer(Quantizer):
 
     MLX's float formats (``mxfp4``, ``nvfp4``, ``mxfp8``) get the same error feedback onto their
     grids, with the group scales ``mx.quantize`` picks for the original weights.
+
+    ``quantize(..., factor=)`` takes a precomputed :class:`InverseFactor` of ``stats.h`` (from
+    :meth:`factor_strategy`), e.g. one of a batch of experts factorized at once. Not with
+    ``act_order``, which factorizes the permuted Hessian: there ``factor_strategy`` is ``None``
+    and a ``factor`` is refused.
     """
 
     name: ClassVar[str] = "gptq"
@@ -278,8 +290,12 @@ class GPTQQuantizer(Quantizer):
             return DampedCholesky(self.damping, self.linalg)
         return EscalatingCholesky(self.damping, max_attempts=self.max_attempts, backend=self.linalg)
 
-    def quantize(self, weight, spec, stats, storage_dtype=mx.float32):
-        solve, info = self._solver(spec, stats, storage_dtype)
+    def factor_strategy(self) -> InverseStrategy | None:
+        return None if self.act_order else self.inverse_strategy()
+
+    def quantize(self, weight, spec, stats, storage_dtype=mx.float32,
+                 factor: InverseFactor | None = None):
+        solve, info = self._solver(spec, stats, storage_dtype, factor)
         return quantize_by_rows(solve, weight, spec, self.chunk_mb, info)
 
     def quantize_chunks(self, weight, spec, stats, storage_dtype=mx.float32):
@@ -290,15 +306,19 @@ class GPTQQuantizer(Quantizer):
             result = solve(weight[rows].astype(mx.float32))
             yield rows, attrs.evolve(result, info=info)
 
-    def _solver(self, spec, stats, storage_dtype) -> tuple[Callable[[mx.array], QuantResult], dict]:
-        """The factorization (once per layer) and the function that solves rows with it (what
-        subclasses override to change the solve, e.g. GPTAQ)."""
+    def _solver(self, spec, stats, storage_dtype, factor: InverseFactor | None = None
+                ) -> tuple[Callable[[mx.array], QuantResult], dict]:
+        """The factorization (once per layer; ``factor`` when given) and the function that
+        solves rows with it (what subclasses override to change the solve, e.g. GPTAQ)."""
+        if factor is not None and self.act_order:
+            raise ValueError("act_order factorizes the permuted Hessian: pass no factor")
         h, h_diag = stats.h, mx.diagonal(stats.h)
         perm = None
         if self.act_order:
             perm = np.argsort(-np.asarray(h_diag), kind="stable")
             h = h[mx.array(perm)][:, mx.array(perm)]
-        factor = self.inverse_strategy().factor(h)
+        if factor is None:
+            factor = self.inverse_strategy().factor(h)
         info = {"damping": factor.damping, "dead_inputs": factor.n_dead}
         return partial(self._solve, spec=spec, u=factor.u, perm=perm, h_diag=h_diag,
                        storage_dtype=storage_dtype), info

@@ -8,10 +8,11 @@ import pytest
 
 from quantkit import Recipe
 from quantkit.errors import FactorizationError
-from quantkit.inverse import DampedCholesky
+from quantkit.inverse import DampedCholesky, EscalatingCholesky, InverseFactor, InverseStrategy
 from quantkit.kernels.blocked_cholesky import (
     blocked_factor_mlx,
     prepare_hessian_mlx,
+    prepare_hessians_mlx,
     reversed_factor_numpy,
     split_matmul,
 )
@@ -23,7 +24,12 @@ from quantkit.kernels.gptq_fast import (
     gptq_quantize_cuda,
     gptq_quantize_numpy,
 )
-from quantkit.kernels.linalg import inverse_hessian_factor, prepare_hessian, resolve_backend
+from quantkit.kernels.linalg import (
+    inverse_hessian_factor,
+    prepare_hessian,
+    prepare_hessians,
+    resolve_backend,
+)
 from quantkit.kernels.rows import map_rows, rows_per_chunk
 from quantkit.kernels.rtn import hessian_error
 from quantkit.quantizers import hessian_figures
@@ -33,6 +39,9 @@ from quantkit.walker import ModelWalker
 #: tests run on such a GPU, comparisons that involve MLX float32 matmuls get looser tolerances.
 ON_GPU = mx.default_device() != mx.cpu
 MM_TOL = 3e-3
+#: A stack against its matrices one by one: the same arithmetic on the CPU; GPU matmuls may tile
+#: a stack differently.
+BATCH_TOL = 2e-5 if ON_GPU else 1e-6
 
 
 def _hessian(n: int, m: int = 3000, dead: tuple[int, ...] = (), seed: int = 0) -> np.ndarray:
@@ -110,6 +119,131 @@ def test_old_numpy_backend_equals_new():
     hd, _, _ = prepare_hessian(_hessian(256), 0.01)
     np.testing.assert_allclose(inverse_hessian_factor(hd, "numpy"),
                                inverse_hessian_factor(hd, "numpy-inv"), atol=1e-10)
+
+
+# -- a stack of Hessians (the experts of a MoE layer) factorized at once -------------------------
+
+
+def _stack(n: int = 200, indefinite: int | None = None) -> np.ndarray:
+    """Four Hessians of different scales; the second has dead inputs; ``indefinite``: the index
+    of one that 1% damping cannot make positive definite (10% can)."""
+    hs = [_hessian(n, dead=(5, n - 10) if e == 1 else (), seed=e) * 3.0**e for e in range(4)]
+    if indefinite is not None:
+        q, _ = np.linalg.qr(np.random.default_rng(5).normal(size=(n, n)))
+        eig = np.linspace(1.0, 2.0, n)
+        eig[0] = -0.05
+        hs[indefinite] = q @ np.diag(eig) @ q.T
+    return np.stack(hs)
+
+
+def test_batched_prepare_equals_per_matrix():
+    hs = _stack()
+    hd, damp, n_dead = prepare_hessians(hs, 0.01)
+    hm, damp_m, n_dead_m = prepare_hessians_mlx(mx.array(hs.astype(np.float32)), 0.01)
+    assert list(n_dead) == list(n_dead_m) == [0, 2, 0, 0]
+    for e, h in enumerate(hs):
+        one, d1, k1 = prepare_hessian(h, 0.01)
+        np.testing.assert_array_equal(hd[e], one)
+        assert (damp[e], n_dead[e]) == (d1, k1)
+        one_m, d1_m, k1_m = prepare_hessian_mlx(mx.array(h.astype(np.float32)), 0.01)
+        np.testing.assert_allclose(np.array(hm[e]), np.array(one_m), rtol=BATCH_TOL)
+        assert damp_m[e] == pytest.approx(d1_m, rel=BATCH_TOL) and n_dead_m[e] == k1_m
+
+
+def test_batched_numpy_factor_equals_per_matrix():
+    hd, _, _ = prepare_hessians(_stack(600), 0.01)  # 600 > the 256 leaf: block recursion
+    u = reversed_factor_numpy(hd)
+    for e in range(len(hd)):
+        np.testing.assert_allclose(u[e], reversed_factor_numpy(hd[e]), rtol=0,
+                                   atol=1e-13 * np.abs(u[e]).max())
+        ref = _reference_factor(hd[e])
+        np.testing.assert_allclose(u[e], ref, rtol=0, atol=1e-10 * np.abs(ref).max())
+    for backend in ("numpy-inv", "mlx"):
+        ub = inverse_hessian_factor(hd, backend)
+        for e in range(len(hd)):
+            np.testing.assert_allclose(ub[e], inverse_hessian_factor(hd[e], backend),
+                                       rtol=0, atol=1e-6 * np.abs(ub[e]).max(), err_msg=backend)
+
+
+@pytest.mark.parametrize("split", [pytest.param(False, marks=pytest.mark.skipif(
+    ON_GPU, reason="plain float32 matmuls are TF32 on this GPU")), True])
+def test_batched_blocked_factor_equals_per_matrix(split):
+    hs, _, _ = prepare_hessians_mlx(mx.array(_stack(320).astype(np.float32)), 0.01)
+    u = np.array(blocked_factor_mlx(hs, 64, split=split), dtype=np.float64)
+    for e in range(hs.shape[0]):
+        one = np.array(blocked_factor_mlx(hs[e], 64, split=split), dtype=np.float64)
+        np.testing.assert_allclose(u[e], one, rtol=0, atol=BATCH_TOL * np.abs(one).max())
+        ref = _reference_factor(np.array(hs[e], dtype=np.float64))
+        np.testing.assert_allclose(u[e], ref, rtol=0, atol=2e-5 * np.abs(ref).max())
+
+
+def test_batched_factor_raises_when_one_matrix_is_indefinite():
+    hd, _, _ = prepare_hessians(_stack(96, indefinite=2), 0.01)
+    with pytest.raises(FactorizationError):
+        reversed_factor_numpy(hd)
+    with pytest.raises(FactorizationError):
+        blocked_factor_mlx(mx.array(hd.astype(np.float32)), 32)
+
+
+def _same(a: InverseFactor, b: InverseFactor, tol: float = BATCH_TOL) -> None:
+    assert (a.damping, a.n_dead) == (b.damping, b.n_dead)
+    ua, ub = np.array(a.u), np.array(b.u)
+    np.testing.assert_allclose(ua, ub, rtol=0, atol=tol * np.abs(ub).max())
+
+
+@pytest.mark.parametrize("backend", ["numpy", "blocked"])
+def test_factor_many_gives_each_matrix_what_it_gets_alone(backend):
+    """The whole stack at once; with one indefinite matrix, DampedCholesky returns its error in
+    its place and EscalatingCholesky escalates that one alone (10%), the others keep 1%."""
+    hs = mx.array(_stack(96).astype(np.float32))
+    strategy = DampedCholesky(0.01, backend, block=32)
+    for got, h in zip(strategy.factor_many(hs), hs, strict=True):
+        _same(got, strategy.factor(h), tol=0 if backend == "numpy" else BATCH_TOL)
+
+    hs = mx.array(_stack(96, indefinite=2).astype(np.float32))
+    many = strategy.factor_many(hs)
+    assert isinstance(many[2], FactorizationError)
+    for e in (0, 1, 3):
+        _same(many[e], strategy.factor(hs[e]))
+    escalating = EscalatingCholesky(0.01, backend=backend, block=32)
+    many = escalating.factor_many(hs)
+    assert [f.damping for f in many] == pytest.approx([0.01, 0.01, 0.1, 0.01])
+    assert [f.n_dead for f in many] == [0, 2, 0, 0]
+    for e, f in enumerate(many):
+        _same(f, escalating.factor(hs[e]))
+    assert isinstance(EscalatingCholesky(0.01, max_attempts=1, backend=backend, block=32)
+                      .factor_many(hs)[2], FactorizationError)
+
+
+def test_default_factor_many_loops_over_factor():
+    class Diagonal(InverseStrategy):
+        def factor(self, h):
+            d = mx.diagonal(h)
+            if not bool(mx.all(d > 0)):
+                raise FactorizationError("not positive")
+            return InverseFactor(u=mx.diag(1 / mx.sqrt(d)), damping=0.0, n_dead=0)
+
+    out = Diagonal().factor_many(mx.stack([mx.eye(3), -mx.eye(3), 4 * mx.eye(3)]))
+    assert isinstance(out[1], FactorizationError)
+    assert mx.allclose(out[2].u, 0.5 * mx.eye(3)) and mx.allclose(out[0].u, mx.eye(3))
+
+
+def test_gptq_takes_a_precomputed_factor():
+    from quantkit import GPTQQuantizer, QuantSpec
+    from quantkit.hessian import HessianStats
+
+    stats = HessianStats(h=mx.array(_hessian(128).astype(np.float32)), n_tokens=3000)
+    w = mx.array(np.random.default_rng(0).standard_normal((32, 128)).astype(np.float32))
+    spec = QuantSpec(bits=4, group_size=32)
+    q = GPTQQuantizer()
+    factor = q.factor_strategy().factor(stats.h)
+    a, b = q.quantize(w, spec, stats), q.quantize(w, spec, stats, factor=factor)
+    assert mx.array_equal(a.codes, b.codes) and mx.array_equal(a.scales, b.scales)
+    assert a.info == b.info
+    ordered = GPTQQuantizer(act_order=True)
+    assert ordered.factor_strategy() is None
+    with pytest.raises(ValueError, match="act_order"):
+        ordered.quantize(w, spec, stats, factor=factor)
 
 
 def test_bfloat16_rounding_matches_mlx():

@@ -2,7 +2,7 @@
 
 from .floatfmt import FLOAT_FORMATS, float_pack, float_quantize, float_scales, gptq_quantize_float
 from .gptq import GPTQOutput, gptq_quantize
-from .linalg import inverse_hessian_factor, prepare_hessian
+from .linalg import inverse_hessian_factor, prepare_hessian, prepare_hessians
 from .packing import pack_bits, unpack_bits
 from .rtn import affine_dequantize, affine_params, affine_quantize, hessian_error
 from .search import search_affine_params
@@ -22,6 +22,7 @@ __all__ = [
     "inverse_hessian_factor",
     "pack_bits",
     "prepare_hessian",
+    "prepare_hessians",
     "search_affine_params",
     "unpack_bits",
 ]

@@ -18,7 +18,9 @@ Two implementations:
   (four TF32 products, ~1e-6 relative): 0.5 s for n = 12288 on an H200 with errors ~1e-5
   against float64, where host LAPACK took 10.6 s.
 
-Both raise :class:`FactorizationError` when the matrix is not positive definite.
+Both take one matrix ``(n, n)`` or a stack ``(..., n, n)`` (the experts of a MoE layer: one
+factorization of ``E`` matrices costs one pass of host round-trips instead of ``E``) and raise
+:class:`FactorizationError` when a matrix is not positive definite (for a stack: when any is).
 """
 
 from __future__ import annotations
@@ -30,34 +32,37 @@ from ..errors import FactorizationError
 
 
 def _tri_inv_lower_numpy(lower: np.ndarray, leaf: int = 256) -> np.ndarray:
-    """Inverse of a lower-triangular matrix by 2×2 block recursion (work in matmuls)."""
-    n = lower.shape[0]
+    """Inverse of a lower-triangular matrix (or a stack of them, ``(..., n, n)``) by 2×2 block
+    recursion (work in matmuls)."""
+    n = lower.shape[-1]
     if n <= leaf:
         return np.linalg.inv(lower)
     k = n // 2
-    a = _tri_inv_lower_numpy(lower[:k, :k], leaf)
-    b = _tri_inv_lower_numpy(lower[k:, k:], leaf)
+    a = _tri_inv_lower_numpy(lower[..., :k, :k], leaf)
+    b = _tri_inv_lower_numpy(lower[..., k:, k:], leaf)
     out = np.zeros_like(lower)
-    out[:k, :k] = a
-    out[k:, k:] = b
-    out[k:, :k] = -(b @ (lower[k:, :k] @ a))
+    out[..., :k, :k] = a
+    out[..., k:, k:] = b
+    out[..., k:, :k] = -(b @ (lower[..., k:, :k] @ a))
     return out
 
 
 def reversed_factor_numpy(h_damped: np.ndarray) -> np.ndarray:
-    """``U`` (float64, upper) with ``UᵀU = h_damped⁻¹``, from one Cholesky factorization."""
+    """``U`` (float64, upper) with ``UᵀU = h_damped⁻¹``, from one Cholesky factorization;
+    ``h_damped``: ``(n, n)`` or a stack ``(..., n, n)``."""
     h = np.asarray(h_damped, dtype=np.float64)
     try:
-        lower = np.linalg.cholesky(h[::-1, ::-1])
+        lower = np.linalg.cholesky(h[..., ::-1, ::-1])
     except np.linalg.LinAlgError as exc:
         raise FactorizationError(f"Cholesky factorization failed: {exc}") from exc
-    return np.ascontiguousarray(_tri_inv_lower_numpy(lower)[::-1, ::-1])
+    return np.ascontiguousarray(_tri_inv_lower_numpy(lower)[..., ::-1, ::-1])
 
 
 def _host_block_factor(a: mx.array) -> tuple[np.ndarray, np.ndarray]:
-    """Cholesky factor of one diagonal block and its inverse, in float64 on the host."""
+    """Cholesky factor of one diagonal block (or a stack of them) and its inverse, in float64
+    on the host."""
     a64 = np.array(a, dtype=np.float64)
-    a64 = 0.5 * (a64 + a64.T)
+    a64 = 0.5 * (a64 + np.swapaxes(a64, -1, -2))
     try:
         lower = np.linalg.cholesky(a64)
     except np.linalg.LinAlgError as exc:
@@ -81,14 +86,20 @@ def _matmul_for(a: mx.array, split: bool):
     return mx.matmul
 
 
+def _t(a: mx.array) -> mx.array:
+    """Transpose of the last two axes."""
+    return a.swapaxes(-1, -2)
+
+
 def blocked_cholesky_mlx(
     a: mx.array, block: int = 1024, split: bool = False
 ) -> tuple[list[mx.array], list[mx.array]]:
-    """Right-looking blocked Cholesky of ``a`` (symmetric positive definite), in ``a``'s dtype.
+    """Right-looking blocked Cholesky of ``a`` (symmetric positive definite, ``(n, n)`` or a
+    stack ``(..., n, n)``), in ``a``'s dtype.
 
-    Returns the column panels of ``L`` (panel ``k`` is ``L[k·nb:, k·nb:(k+1)·nb]``) and the
+    Returns the column panels of ``L`` (panel ``k`` is ``L[..., k·nb:, k·nb:(k+1)·nb]``) and the
     inverses of the diagonal blocks ``L_kk⁻¹``, all arrays on the default device."""
-    n = a.shape[0]
+    n = a.shape[-1]
     np_dtype = np.float64 if a.dtype == mx.float64 else np.float32
     mm = _matmul_for(a, split)
     panels: list[mx.array] = []
@@ -96,13 +107,13 @@ def blocked_cholesky_mlx(
     rest = a
     for k in range(0, n, block):
         m = min(block, n - k)
-        l11, l11_inv = _host_block_factor(rest[:m, :m])
+        l11, l11_inv = _host_block_factor(rest[..., :m, :m])
         l11_inv_mx = mx.array(l11_inv.astype(np_dtype))
         l11_mx = mx.array(l11.astype(np_dtype))
         if k + m < n:
-            l21 = mm(rest[m:, :m], l11_inv_mx.T)
-            rest = rest[m:, m:] - mm(l21, l21.T)
-            panels.append(mx.concatenate([l11_mx, l21], axis=0))
+            l21 = mm(rest[..., m:, :m], _t(l11_inv_mx))
+            rest = rest[..., m:, m:] - mm(l21, _t(l21))
+            panels.append(mx.concatenate([l11_mx, l21], axis=-2))
         else:
             panels.append(l11_mx)
         diag_inv.append(l11_inv_mx)
@@ -116,29 +127,31 @@ def blocked_tri_inv_mlx(
 ) -> mx.array:
     """``L⁻¹`` from :func:`blocked_cholesky_mlx`'s panels, by block rows:
     ``X_i,:i = -L_ii⁻¹ (L_i,:i X_:i,:i)``. All matmuls on the default device."""
-    sizes = [d.shape[0] for d in diag_inv]
+    sizes = [d.shape[-1] for d in diag_inv]
     starts = np.cumsum([0, *sizes])
     n = int(starts[-1])
     mm = _matmul_for(diag_inv[0], split)
-    x_top: mx.array | None = None  # X[:k, :k], lower triangular
+    batch = [(0, 0)] * (diag_inv[0].ndim - 1)  # no padding of the leading axes and the rows
+    x_top: mx.array | None = None  # X[..., :k, :k], lower triangular
     for i, (s, m) in enumerate(zip(starts[:-1], sizes, strict=True)):
         s = int(s)
         if i == 0:
             row = diag_inv[0]
         else:
-            # L[s:s+m, :s], gathered from the panels to the left.
+            # L[..., s:s+m, :s], gathered from the panels to the left.
             l_row = mx.concatenate(
-                [p[s - int(starts[j]) : s - int(starts[j]) + m] for j, p in enumerate(panels[:i])],
-                axis=1,
+                [p[..., s - int(starts[j]) : s - int(starts[j]) + m, :]
+                 for j, p in enumerate(panels[:i])],
+                axis=-1,
             )
             left = -mm(diag_inv[i], mm(l_row, x_top))
-            row = mx.concatenate([left, diag_inv[i]], axis=1)
+            row = mx.concatenate([left, diag_inv[i]], axis=-1)
         x_top = row if x_top is None else mx.concatenate(
-            [mx.pad(x_top, [(0, 0), (0, m)]), row], axis=0
+            [mx.pad(x_top, [*batch, (0, m)]), row], axis=-2
         )
         if i % 8 == 7:  # keep the lazy graph short; no host round-trip is needed here
             mx.eval(x_top)
-    assert x_top is not None and x_top.shape == (n, n)
+    assert x_top is not None and x_top.shape[-2:] == (n, n)
     return x_top
 
 
@@ -146,7 +159,9 @@ def blocked_factor_mlx(
     h_damped: mx.array, block: int = 512, dtype: mx.Dtype = mx.float32,
     split: bool | None = None,
 ) -> mx.array:
-    """``U`` (float32, upper) with ``UᵀU = h_damped⁻¹`` on the default device (see module doc).
+    """``U`` (float32, upper) with ``UᵀU = h_damped⁻¹`` on the default device (see module doc);
+    ``h_damped``: ``(n, n)`` or a stack ``(..., n, n)``, factorized together (one host round-trip
+    per diagonal block for the whole stack).
 
     Only ``block × block`` diagonal blocks travel to the host; everything else is matmuls in
     ``dtype``. MLX's CUDA backend multiplies float32 matrices in TF32 (relative error ~3e-4,
@@ -154,10 +169,10 @@ def blocked_factor_mlx(
     ``split`` (default: on a GPU) makes every float32 matmul a :func:`split_matmul`."""
     if split is None:
         split = mx.default_device() != mx.cpu
-    a = h_damped.astype(dtype)[::-1, ::-1]
+    a = h_damped.astype(dtype)[..., ::-1, ::-1]
     panels, diag_inv = blocked_cholesky_mlx(a, block, split)
     x = blocked_tri_inv_mlx(panels, diag_inv, split)
-    u = x[::-1, ::-1].astype(mx.float32)
+    u = x[..., ::-1, ::-1].astype(mx.float32)
     # A contiguous copy: later slicing of u should not carry the reversed strides around.
     u = mx.contiguous(u) if hasattr(mx, "contiguous") else u + 0
     mx.eval(u)
@@ -166,27 +181,35 @@ def blocked_factor_mlx(
     return u
 
 
-def prepare_hessian_mlx(h: mx.array, damping: float) -> tuple[mx.array, float, int]:
-    """:func:`quantkit.kernels.linalg.prepare_hessian` on the default device (float32):
-    dead inputs get a unit-scale diagonal and no coupling; ``damping · mean(live diag)`` is
-    added to the diagonal. Returns ``(H, damp_value, n_dead)``."""
+def prepare_hessians_mlx(h: mx.array, damping: float) -> tuple[mx.array, np.ndarray, np.ndarray]:
+    """:func:`quantkit.kernels.linalg.prepare_hessians` on the default device (float32), for a
+    stack ``h (E, n, n)``: in each matrix, dead inputs get a unit-scale diagonal and no coupling
+    and ``damping · mean(live diag)`` is added to the diagonal. Returns ``(H, damp_value (E,),
+    n_dead (E,))``, the last two NumPy arrays."""
     h = h.astype(mx.float32)
     if not bool(mx.all(mx.isfinite(h)).item()):
         raise FactorizationError("Hessian has NaN/Inf entries (non-finite calibration activations)")
-    diag = mx.diagonal(h)
+    n = h.shape[-1]
+    diag = mx.diagonal(h, axis1=-2, axis2=-1)
     dead = diag <= 0
-    n_dead = int(mx.sum(dead).item())
-    n = h.shape[0]
-    live_mean = (
-        float((mx.sum(mx.where(dead, 0.0, diag)) / (n - n_dead)).item()) if n_dead < n else 1.0
-    )
-    if n_dead:
-        keep = mx.logical_not(dead).astype(mx.float32)
-        h = h * keep[:, None] * keep[None, :]
-        diag_add = mx.where(dead, live_mean, 0.0)
-    else:
-        diag_add = mx.zeros((n,), dtype=mx.float32)
+    n_dead_mx = mx.sum(dead, axis=-1)
+    live_sum = mx.sum(mx.where(dead, 0.0, diag), axis=-1)
+    live_mx = live_sum / mx.maximum(n - n_dead_mx, 1).astype(mx.float32)
+    n_dead = np.array(n_dead_mx).astype(np.int64)
+    live_mean = np.where(n_dead < n, np.array(live_mx).astype(np.float64), 1.0)
     damp = damping * live_mean
-    eye_scale = (diag_add + damp).astype(mx.float32)
-    h = h + mx.diag(eye_scale)
+    if n_dead.any():
+        keep = mx.logical_not(dead).astype(mx.float32)
+        h = h * keep[..., :, None] * keep[..., None, :]
+        diag_add = mx.where(dead, mx.array(live_mean.astype(np.float32))[:, None], 0.0)
+    else:
+        diag_add = mx.zeros(diag.shape, dtype=mx.float32)
+    eye_scale = (diag_add + mx.array(damp.astype(np.float32))[:, None]).astype(mx.float32)
+    h = h + eye_scale[..., :, None] * mx.eye(n, dtype=mx.float32)
     return h, damp, n_dead
+
+
+def prepare_hessian_mlx(h: mx.array, damping: float) -> tuple[mx.array, float, int]:
+    """:func:`prepare_hessians_mlx` of one matrix ``(n, n)``: ``(H, damp_value, n_dead)``."""
+    hs, damp, n_dead = prepare_hessians_mlx(h[None], damping)
+    return hs[0], float(damp[0]), int(n_dead[0])

@@ -22,9 +22,9 @@ from ..errors import FactorizationError
 from .blocked_cholesky import reversed_factor_numpy
 
 
-def prepare_hessian(h: np.ndarray, damping: float) -> tuple[np.ndarray, float, int]:
-    """Float64 copy of ``h`` with dead inputs neutralised and ``damping · mean(diag)`` added to
-    the diagonal. Returns ``(H, damp_value, n_dead)``.
+def prepare_hessians(h: np.ndarray, damping: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Float64 copy of a stack ``h (E, n, n)`` with, in each matrix, dead inputs neutralised and
+    ``damping · mean(diag)`` added to the diagonal. Returns ``(H, damp_value (E,), n_dead (E,))``.
 
     A dead input (zero diagonal: the column never saw a non-zero activation) gets a unit-scale
     diagonal entry, so it neither breaks the factorization nor receives error from other columns.
@@ -32,24 +32,33 @@ def prepare_hessian(h: np.ndarray, damping: float) -> tuple[np.ndarray, float, i
     h = np.array(h, dtype=np.float64, copy=True)
     if not np.all(np.isfinite(h)):
         raise FactorizationError("Hessian has NaN/Inf entries (non-finite calibration activations)")
-    diag = np.diagonal(h).copy()
+    diag = np.diagonal(h, axis1=-2, axis2=-1).copy()
     dead = diag <= 0
-    live_mean = float(diag[~dead].mean()) if np.any(~dead) else 1.0
-    idx = np.flatnonzero(dead)
-    h[idx, :] = 0.0
-    h[:, idx] = 0.0
-    h[idx, idx] = live_mean
+    live_mean = np.ones(len(h))
+    for e in range(len(h)):  # E small steps, in place (no stack-sized temporaries)
+        idx = np.flatnonzero(dead[e])
+        if len(idx) < h.shape[-1]:
+            live_mean[e] = diag[e][~dead[e]].mean()
+        h[e, idx, :] = 0.0
+        h[e, :, idx] = 0.0
     damp = damping * live_mean
-    h[np.diag_indices_from(h)] += damp
-    return h, damp, int(dead.sum())
+    rows = np.arange(h.shape[-1])
+    h[:, rows, rows] = np.where(dead, live_mean[:, None], diag) + damp[:, None]
+    return h, damp, np.sum(dead, axis=-1)
+
+
+def prepare_hessian(h: np.ndarray, damping: float) -> tuple[np.ndarray, float, int]:
+    """:func:`prepare_hessians` of one matrix ``(n, n)``: ``(H, damp_value, n_dead)``."""
+    hs, damp, n_dead = prepare_hessians(np.asarray(h)[None], damping)
+    return hs[0], float(damp[0]), int(n_dead[0])
 
 
 def _factor_numpy(h: np.ndarray) -> np.ndarray:
     try:
         lower = np.linalg.cholesky(h)
         lower_inv = np.linalg.inv(lower)
-        h_inv = lower_inv.T @ lower_inv
-        u = np.linalg.cholesky(h_inv).T
+        h_inv = np.swapaxes(lower_inv, -1, -2) @ lower_inv
+        u = np.swapaxes(np.linalg.cholesky(h_inv), -1, -2)
     except np.linalg.LinAlgError as exc:
         raise FactorizationError(f"Cholesky factorization failed: {exc}") from exc
     return u
@@ -62,8 +71,9 @@ def _factor_mlx(h: np.ndarray) -> np.ndarray:
         h_inv = mx.linalg.cholesky_inv(lower)
         u = mx.linalg.cholesky(h_inv, upper=True)
         u_np = np.array(u, dtype=np.float64)
-        low_diag = np.diagonal(np.array(lower))
-    if not (np.all(np.isfinite(u_np)) and np.all(low_diag > 0) and np.all(np.diagonal(u_np) > 0)):
+        low_diag = np.diagonal(np.array(lower), axis1=-2, axis2=-1)
+    if not (np.all(np.isfinite(u_np)) and np.all(low_diag > 0)
+            and np.all(np.diagonal(u_np, axis1=-2, axis2=-1) > 0)):
         raise FactorizationError("Cholesky factorization failed: matrix is not positive definite")
     return u_np
 
@@ -83,9 +93,11 @@ def resolve_backend(name: str) -> str:
 
 
 def inverse_hessian_factor(h_damped: np.ndarray, backend: str = "numpy") -> np.ndarray:
-    """Upper Cholesky factor of ``h_damped⁻¹`` (float64 NumPy array).
+    """Upper Cholesky factor of ``h_damped⁻¹`` (float64 NumPy array), of one matrix ``(n, n)``
+    or of each matrix of a stack ``(..., n, n)``.
 
-    Raises :class:`FactorizationError` when ``h_damped`` is not positive definite."""
+    Raises :class:`FactorizationError` when ``h_damped`` (any matrix of it) is not positive
+    definite."""
     u = BACKENDS[backend](h_damped)
     if not np.all(np.isfinite(u)):
         raise FactorizationError("inverse Hessian factor has NaN/Inf entries")
