@@ -395,8 +395,9 @@ def hessian_figures(w: mx.array, w_hat: mx.array, h: mx.array, spec: QuantSpec,
         rtn_hat = round_to_nearest(w[rows], spec, storage_dtype).dequantized
         diffs = mx.stack([w32, w32 - w_hat[rows].astype(mx.float32), w32 - rtn_hat])
         if on_cpu:
+            # trace(D H Dᵀ) = <H, DᵀD>: DᵀD is one symmetric product (half a GEMM's flops).
             d = np.asarray(diffs)
-            figs += ((d @ h32) * d).sum(axis=(1, 2), dtype=np.float64)
+            figs += [(h32 * (di.T @ di)).sum(dtype=np.float64) for di in d]
         else:
             figs += np.array(mx.sum((diffs @ h32) * diffs, axis=(1, 2)), dtype=np.float64)
     energy, e, rtn = (float(v) for v in figs)
