@@ -3,10 +3,12 @@
 MLX's Linux CPU wheel multiplies float32 matrices with netlib reference BLAS (~6 GFLOP/s on
 the development machine), NumPy with OpenBLAS (~50–100 GFLOP/s on two cores). A calibration
 pass is mostly such products: the linear layers of a block and the ``XᵀX`` of their inputs.
-With ``backend="numpy"`` (what ``"auto"`` picks on a CPU device) the walker runs the ``nn.Linear`` layers of the block being calibrated as :class:`HostLinear`
-and accumulates dense Hessians in :class:`HostHessianCollector`; everything else (norms,
-attention, routing, expert layers, layers not in float32: NumPy has no bfloat16) stays in MLX. Same arithmetic in float32, different
-summation order: results agree with the MLX path to float32 rounding (checked in the tests).
+With ``backend="numpy"`` (what ``"auto"`` picks on a CPU device) the walker runs the
+``nn.Linear`` layers of the block being calibrated as :class:`HostLinear` and accumulates dense
+Hessians in :class:`HostHessianCollector`; everything else (norms, attention, routing, expert
+layers, layers not in float32: NumPy has no bfloat16) stays in MLX. Same arithmetic in float32,
+different summation order: results agree with the MLX path to float32 rounding (checked in the
+tests).
 
 On CPU, MLX and NumPy share host memory: ``np.asarray`` of an evaluated float32 ``mx.array``
 is a view, not a copy.

@@ -172,7 +172,8 @@ def quantize_expert(
         damping=result.info.get("damping"),
     )
     if own is not None:
-        err, energy, rtn = _errors(weight, result, own.h, p)
+        err, energy, rtn = hessian_figures(weight, result.dequantized, own.h, p.spec,
+                                           p.storage_dtype)
         outcome = attrs.evolve(outcome, hessian_error=err, energy=energy, rtn_hessian_error=rtn)
     return result, attrs.evolve(outcome, time_s=time.perf_counter() - t0)
 
@@ -295,8 +296,3 @@ def _records(p: LayerPlan, outcomes: list[ExpertOutcome], layer_tokens: int) -> 
         for o in fell_back
     ]
     return [layer, *per_expert]
-
-
-def _errors(w: mx.array, result: QuantResult, h: mx.array, p: LayerPlan):
-    """``(error of result, output energy, error of round to nearest)``, Hessian-weighted."""
-    return hessian_figures(w, result.dequantized, h, p.spec, p.storage_dtype)

@@ -28,7 +28,7 @@ from .kernels.gptq_fast import (
     gptq_quantize_numpy,
 )
 from .kernels.linalg import BACKEND_NAMES
-from .kernels.rows import CHUNK_BYTES, map_rows, rows_per_chunk
+from .kernels.rows import CHUNK_BYTES, map_rows, row_slices, rows_per_chunk
 from .kernels.rtn import affine_dequantize, affine_params, affine_quantize
 from .kernels.search import search_affine_params
 from .specs import QuantSpec
@@ -112,8 +112,7 @@ class Quantizer(abc.ABC):
         quantizers of 2-D weights (each slice quantized on its own), else one slice."""
         n = weight.shape[0]
         step = rows_per_chunk(n, weight.shape[-1]) if self.rows_independent and weight.ndim == 2 else n
-        for r0 in range(0, n, step):
-            rows = slice(r0, min(r0 + step, n))
+        for rows in row_slices(n, step):
             yield rows, self.quantize(weight[rows].astype(mx.float32), spec, stats, storage_dtype)
 
 
@@ -301,10 +300,8 @@ class GPTQQuantizer(Quantizer):
     def quantize_chunks(self, weight, spec, stats, storage_dtype=mx.float32):
         solve, info = self._solver(spec, stats, storage_dtype)
         step = rows_per_chunk(*weight.shape, int(self.chunk_mb * 2**20))
-        for r0 in range(0, weight.shape[0], step):
-            rows = slice(r0, min(r0 + step, weight.shape[0]))
-            result = solve(weight[rows].astype(mx.float32))
-            yield rows, attrs.evolve(result, info=info)
+        for rows in row_slices(weight.shape[0], step):
+            yield rows, attrs.evolve(solve(weight[rows].astype(mx.float32)), info=info)
 
     def _solver(self, spec, stats, storage_dtype, factor: InverseFactor | None = None
                 ) -> tuple[Callable[[mx.array], QuantResult], dict]:
@@ -388,9 +385,7 @@ def hessian_figures(w: mx.array, w_hat: mx.array, h: mx.array, spec: QuantSpec,
     h32 = np.asarray(h, dtype=np.float32) if on_cpu else h.astype(mx.float32)
     figs = np.zeros(3)
     # Live per chunk: the rows, RTN's temporaries, three stacked differences and their product.
-    step = rows_per_chunk(w.shape[0], w.shape[-1], copies=12, min_rows=1)
-    for r0 in range(0, w.shape[0], step):
-        rows = slice(r0, r0 + step)
+    for rows in row_slices(w.shape[0], rows_per_chunk(*w.shape, copies=12, min_rows=1)):
         w32 = w[rows].astype(mx.float32)
         rtn_hat = round_to_nearest(w[rows], spec, storage_dtype).dequantized
         diffs = mx.stack([w32, w32 - w_hat[rows].astype(mx.float32), w32 - rtn_hat])

@@ -30,6 +30,11 @@ def rows_per_chunk(n_rows: int, n_cols: int, budget_bytes: int = CHUNK_BYTES,
     return max(1, min(n_rows, max(rows, min_rows)))
 
 
+def row_slices(n_rows: int, chunk: int) -> list[slice]:
+    """Consecutive slices of ``chunk`` rows covering ``n_rows`` (the last may be shorter)."""
+    return [slice(r0, min(r0 + chunk, n_rows)) for r0 in range(0, n_rows, max(1, chunk))]
+
+
 def map_rows(fn: Callable[[slice], dict[str, mx.array]], n_rows: int,
              chunk: int) -> dict[str, mx.array]:
     """``fn(rows)`` for consecutive slices of ``chunk`` rows, gathered into full-size arrays.
@@ -41,8 +46,7 @@ def map_rows(fn: Callable[[slice], dict[str, mx.array]], n_rows: int,
     if chunk >= n_rows:
         return fn(slice(0, n_rows))
     out: dict[str, mx.array] = {}
-    for r0 in range(0, n_rows, chunk):
-        rows = slice(r0, min(r0 + chunk, n_rows))
+    for rows in row_slices(n_rows, chunk):
         part = fn(rows)
         if not out:
             out = {k: mx.zeros((n_rows, *v.shape[1:]), dtype=v.dtype) for k, v in part.items()}
