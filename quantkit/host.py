@@ -4,9 +4,10 @@ MLX's Linux CPU wheel multiplies float32 matrices with netlib reference BLAS (~6
 the development machine), NumPy with OpenBLAS (~50–100 GFLOP/s on two cores). A calibration
 pass is mostly such products: the linear layers of a block and the ``XᵀX`` of their inputs.
 With ``backend="numpy"`` (what ``"auto"`` picks on a CPU device) the walker runs the
-``nn.Linear`` layers of the block being calibrated as :class:`HostLinear` and accumulates dense
-Hessians in :class:`HostHessianCollector`; everything else (norms, attention, routing, expert
-layers, layers not in float32: NumPy has no bfloat16) stays in MLX. Same arithmetic in float32,
+``nn.Linear`` layers of the block being calibrated as :class:`HostLinear`, accumulates dense
+Hessians in :class:`HostHessianCollector` and computes mlx-lm's attention with NumPy
+(:func:`host_attention`); everything else (norms, rotary embeddings, routing, expert layers,
+layers not in float32: NumPy has no bfloat16) stays in MLX. Same arithmetic in float32,
 different summation order: results agree with the MLX path to float32 rounding (checked in the
 tests).
 
@@ -16,11 +17,18 @@ is a view, not a copy.
 
 from __future__ import annotations
 
+import contextlib
+import sys
+from collections.abc import Iterator
+from functools import partial
+
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
+from mlx_lm.models import base
 
 from .hessian import DenseHessianCollector, HessianCollector, HessianStats
+from .kernels.attention import attention_numpy
 from .registry import Wrapper
 
 BACKENDS = ("auto", "mlx", "numpy")
@@ -100,3 +108,37 @@ def host_collector(collector: HessianCollector) -> HessianCollector:
     if type(collector) is DenseHessianCollector:
         return HostHessianCollector(collector.h.shape[-1])
     return collector
+
+
+def _host_sdpa(original, queries, keys, values, cache, scale, mask, sinks=None):
+    """mlx-lm's ``scaled_dot_product_attention`` computed by :func:`attention_numpy` when it
+    can be (no cache, no attention sinks, float32 operands); else ``original``."""
+    mask_ok = mask is None or isinstance(mask, str) and mask == "causal" or (
+        isinstance(mask, mx.array) and mask.dtype in (mx.bool_, mx.float32))
+    if (cache is not None or sinks is not None or not mask_ok
+            or any(a.dtype != mx.float32 for a in (queries, keys, values))):
+        return original(queries, keys, values, cache=cache, scale=scale, mask=mask, sinks=sinks)
+    out = attention_numpy(np.asarray(queries), np.asarray(keys), np.asarray(values), scale,
+                          np.asarray(mask) if isinstance(mask, mx.array) else mask)
+    return mx.array(out)
+
+
+@contextlib.contextmanager
+def host_attention(model: nn.Module) -> Iterator[None]:
+    """While active, the mlx-lm modules that define ``model``'s classes and call mlx-lm's
+    ``scaled_dot_product_attention`` (its attention layers: llama, qwen, mistral, ... ) compute
+    it with :func:`attention_numpy` (see :mod:`quantkit.kernels.attention`). The model code's
+    attention is a function call inside the attention layer's ``__call__``, with no module to
+    wrap: the name is swapped in those modules and put back on exit, whatever happens."""
+    original = base.scaled_dot_product_attention
+    modules = {sys.modules.get(type(m).__module__) for _, m in model.named_modules()}
+    patched = [m for m in modules
+               if m is not None and getattr(m, "scaled_dot_product_attention", None) is original]
+    host = partial(_host_sdpa, original)
+    for m in patched:
+        m.scaled_dot_product_attention = host
+    try:
+        yield
+    finally:
+        for m in patched:
+            m.scaled_dot_product_attention = original

@@ -8,6 +8,7 @@ tied embedding) are done last, from the final block's outputs.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import itertools
 import time
@@ -25,7 +26,14 @@ from .checkpoint import Checkpoint, ResumeState
 from .distributed import Distributed, ShardLayout
 from .errors import CheckpointError, FactorizationError, ModelLoadError, RecipeError
 from .hessian import HessianCollector, HessianStats
-from .host import BACKENDS, HostLinear, host_collector, resolve_backend, runs_on_host
+from .host import (
+    BACKENDS,
+    HostLinear,
+    host_attention,
+    host_collector,
+    resolve_backend,
+    runs_on_host,
+)
 from .moe import quantize_expert_layers
 from .packers import packer_for
 from .predicate import apply_predicate, model_predicate
@@ -216,6 +224,11 @@ class ModelWalker:
 
         With a ``checkpoint``, the state after each decoder block is saved to it, and a run
         finds there the blocks a previous (interrupted) run finished and continues after them."""
+        self._host = resolve_backend(self.backend) == "numpy"
+        with host_attention(model) if self._host else contextlib.nullcontext():
+            return self._run(model, tokens, checkpoint)
+
+    def _run(self, model: nn.Module, tokens: mx.array, checkpoint: Checkpoint | None) -> WalkResult:
         start = time.perf_counter()
         report = RunReport()
         plans = self.plan(model, report)
@@ -239,7 +252,6 @@ class ModelWalker:
         if standins is None:
             standins = mx.default_device() == mx.cpu or not mx.metal.is_available()
         self._final = [] if standins and needs_calibration else None
-        self._host = resolve_backend(self.backend) == "numpy"
         if needs_calibration:
             inputs, block_args = self._capture(model, blocks, block_paths, batches)
             if resumed is not None and resumed.next_block > 0:

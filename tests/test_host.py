@@ -94,17 +94,27 @@ def test_walk_with_numpy_backend_matches_mlx_backend(monkeypatch):
         return real(*a)
 
     monkeypatch.setattr(host, "linear_forward", counting)
+    real_attention = host.attention_numpy
+
+    def counting_attention(*a, **kw):
+        calls["attention"] += 1
+        return real_attention(*a, **kw)
+
+    monkeypatch.setattr(host, "attention_numpy", counting_attention)
     tokens = mx.random.randint(0, 256, (8, 48), key=mx.random.key(1))
     recipe = Recipe.uniform("gptq", bits=4, group_size=32)
     runs = {}
     for backend in ("mlx", "numpy"):
-        calls["forward"] = 0
+        calls["forward"] = calls["attention"] = 0
         model = _tiny_llama()
         runs[backend] = ModelWalker(recipe=recipe, batch_size=4, backend=backend).run(model, tokens)
-        runs[backend + "_calls"] = calls["forward"]
-    assert runs["mlx_calls"] == 0
-    # 7 linear layers per block, 2 blocks, 2 batches: collection and stand-in forward passes.
-    assert runs["numpy_calls"] == 2 * 7 * 2 * 2
+        runs[backend + "_calls"] = dict(calls)
+    assert runs["mlx_calls"] == {"forward": 0, "attention": 0}
+    # 7 linear layers and one attention per block, 2 blocks, 2 batches: collection and
+    # stand-in forward passes.
+    assert runs["numpy_calls"] == {"forward": 2 * 7 * 2 * 2, "attention": 2 * 2 * 2}
+    from mlx_lm.models import base, llama
+    assert llama.scaled_dot_product_attention is base.scaled_dot_product_attention  # put back
     ref = {r.path: r for r in runs["mlx"].report.layers}
     fast = runs["numpy"].report.layers
     assert [r.path for r in fast] == list(ref) and len(fast) == 16  # 14 + head + embedding
@@ -112,3 +122,73 @@ def test_walk_with_numpy_backend_matches_mlx_backend(monkeypatch):
         assert r.status == ref[r.path].status
         if r.hessian_error is not None:
             assert r.hessian_error == pytest.approx(ref[r.path].hessian_error, rel=1e-3)
+
+
+def _attention_reference(q, k, v, scale, keep):
+    """float64 ``softmax(scale q kᵀ) v`` over the keys ``keep (B, H, L, S)`` allows."""
+    q, k, v = (np.asarray(a, dtype=np.float64) for a in (q, k, v))
+    rep = q.shape[1] // k.shape[1]
+    k, v = np.repeat(k, rep, axis=1), np.repeat(v, rep, axis=1)
+    s = np.where(keep, scale * q @ np.swapaxes(k, -1, -2), -np.inf)
+    p = np.exp(s - s.max(axis=-1, keepdims=True))
+    return (p / p.sum(axis=-1, keepdims=True)) @ v
+
+
+@pytest.mark.parametrize("mask", ["none", "causal", "bool", "additive", "shorter-queries"])
+@pytest.mark.parametrize("chunk", [1 << 30, 100])
+def test_numpy_attention_matches_float64_reference_and_mlx(mask, chunk):
+    """Grouped-query attention with every mask form mlx-lm passes, in one chunk of scores and
+    in many: within float32 rounding of a float64 reference and of MLX's own kernel."""
+    from quantkit.kernels.attention import attention_numpy
+
+    rng = np.random.default_rng(0)
+    b, h, hk, s, d = 2, 6, 3, 29, 16
+    n_q = 7 if mask == "shorter-queries" else s
+    q = rng.standard_normal((b, h, n_q, d), dtype=np.float32)
+    k = rng.standard_normal((b, hk, s, d), dtype=np.float32)
+    v = rng.standard_normal((b, hk, s, d), dtype=np.float32)
+    keep = np.ones((b, h, n_q, s), dtype=bool)
+    arg = None
+    if mask in ("causal", "shorter-queries"):
+        arg = "causal"
+        keep = np.broadcast_to(np.tril(np.ones((n_q, s), dtype=bool), k=s - n_q), keep.shape)
+    elif mask == "bool":
+        arg = rng.random((n_q, s)) > 0.3
+        arg[:, 0] = True  # every query sees a key
+        keep = np.broadcast_to(arg, keep.shape)
+    elif mask == "additive":
+        arg = np.where(rng.random((b, 1, n_q, s)) > 0.3, 0.0, -np.inf).astype(np.float32)
+        arg[..., 0] = 0.0
+        keep = np.broadcast_to(arg == 0, keep.shape)
+    out = attention_numpy(q, k, v, 0.3, arg, chunk=chunk)
+    assert out.dtype == np.float32 and out.shape == (b, h, n_q, d)
+    np.testing.assert_allclose(out, _attention_reference(q, k, v, 0.3, keep), atol=2e-6)
+    mlx_mask = mx.array(arg) if isinstance(arg, np.ndarray) else arg
+    ref = mx.fast.scaled_dot_product_attention(mx.array(q), mx.array(k), mx.array(v), scale=0.3,
+                                               mask=mlx_mask)
+    np.testing.assert_allclose(out, np.array(ref), atol=2e-6)
+    with pytest.raises(ValueError, match="mask must be"):
+        attention_numpy(q, k, v, 0.3, "sliding")
+
+
+def test_host_attention_hands_other_cases_to_mlx_and_is_put_back_on_error():
+    """Inside ``host_attention`` a model's attention runs in NumPy only for float32 operands
+    without a cache; the model module's function is restored even when the body raises."""
+    from mlx_lm.models import base, llama
+    from mlx_lm.models.cache import KVCache
+
+    model = _tiny_llama()
+    x = mx.random.randint(0, 256, (2, 12), key=mx.random.key(2))
+    want = model(x)
+    with host.host_attention(model):
+        assert llama.scaled_dot_product_attention is not base.scaled_dot_product_attention
+        np.testing.assert_allclose(np.array(model(x)), np.array(want), atol=1e-4)
+        cache = [KVCache() for _ in model.layers]
+        np.testing.assert_allclose(np.array(model(x, cache=cache)), np.array(want), atol=1e-4)
+        q = mx.random.normal((1, 2, 4, 8)).astype(mx.bfloat16)
+        half = llama.scaled_dot_product_attention(q, q, q, cache=None, scale=1.0, mask=None)
+        assert half.dtype == mx.bfloat16  # handed to MLX: NumPy has no bfloat16
+    assert llama.scaled_dot_product_attention is base.scaled_dot_product_attention
+    with pytest.raises(RuntimeError), host.host_attention(model):
+        raise RuntimeError("boom")
+    assert llama.scaled_dot_product_attention is base.scaled_dot_product_attention
