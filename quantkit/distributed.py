@@ -235,17 +235,22 @@ def local_roots(layout: ShardLayout, collect: Callable[[list[int]], Stats]) -> d
     return dict(stack)
 
 
+def _tree_node(known: dict[Node, Stats], level: int, index: int) -> Stats | None:
+    """Node ``(level, index)`` of the shard tree, merged from the subtree roots in ``known``.
+
+    A module-level function, not a closure calling itself: such a closure is a reference cycle
+    holding ``known`` (a block's Hessians) until Python's cyclic collector happens to run."""
+    if (level, index) in known:
+        return known[level, index]
+    if level == 0:
+        return None  # a padding leaf beyond the last shard
+    return _merge_dicts(_tree_node(known, level - 1, 2 * index),
+                        _tree_node(known, level - 1, 2 * index + 1))
+
+
 def finish_tree(known: dict[Node, Stats], depth: int) -> Stats:
     """The root of the shard tree from the subtree roots in ``known`` (every rank's)."""
-
-    def node(level: int, index: int) -> Stats | None:
-        if (level, index) in known:
-            return known[level, index]
-        if level == 0:
-            return None  # a padding leaf beyond the last shard
-        return _merge_dicts(node(level - 1, 2 * index), node(level - 1, 2 * index + 1))
-
-    root = node(depth, 0) or {}
+    root = _tree_node(known, depth, 0) or {}
     mx.eval([s.h for s in root.values() if s is not None])
     return root
 

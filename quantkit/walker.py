@@ -142,11 +142,11 @@ class ModelWalker:
     #: Obey the model's ``quant_predicate`` (e.g. an 8-bit MoE router) where no explicit
     #: recipe rule matches; see :mod:`quantkit.predicate`.
     use_model_predicate: bool = True
-    #: While later blocks are calibrated, quantized layers run as dense layers holding their
-    #: dequantized weights (same values), swapped for the quantized layers after the last block
-    #: has run. Measured: MLX's CPU quantized matmul is ~30x slower than a dense one, and on an
-    #: H200 the quantized blocks' forward passes took 37 s of a Qwen3-8B run. Costs the packed
-    #: weights' memory (~1/4 of bf16) until then. ``None``: on, except on Apple GPUs (fast
+    #: While a block computes the next block's inputs, its quantized layers run as dense
+    #: layers holding their dequantized weights (same values), swapped for the quantized layers
+    #: right after. Measured: MLX's CPU quantized matmul is ~30x slower than a dense one, and on
+    #: an H200 the quantized blocks' forward passes took 37 s of a Qwen3-8B run. Costs one
+    #: block's dense weights beside its packed ones. ``None``: on, except on Apple GPUs (fast
     #: quantized matmul, unified memory).
     dense_standins: bool | None = None
     #: Compute backend of the calibration's dense arithmetic: the block's ``nn.Linear`` layers
@@ -288,12 +288,13 @@ class ModelWalker:
                 checkpoint.save(i, {k: dict(tree_flatten(m.parameters())) for k, m in done},
                                 [r for r in report.layers if r.block == i],
                                 inputs if needs_calibration else [])
+            # The block has produced the next block's inputs and never runs again (the layers
+            # outside the blocks are calibrated from the last block's stored outputs): its
+            # quantized layers replace its dense stand-ins now, so at most one block's
+            # stand-ins are ever held.
+            self._swap_standins(model)
 
         del inside  # the last block's plans
-        # The blocks' quantized layers replace their dense stand-ins now: the layers outside the
-        # blocks are calibrated from the last block's stored outputs, no block runs any more.
-        if self._final:
-            model.update_modules(tree_unflatten(self._final))
         self._final = None
         outside = list(plans.values())  # what is left: layers outside the decoder blocks
         stats = {}
@@ -427,7 +428,8 @@ class ModelWalker:
 
     def _install(self, model, plans: list[LayerPlan], new_modules: list[tuple[str, nn.Module]]):
         """Put the quantized layers in place: with dense stand-ins, copies of the original
-        layers holding the dequantized weights until the walk ends (see ``dense_standins``)."""
+        layers holding the dequantized weights until their block has run for the last time
+        (see ``dense_standins`` and :meth:`_swap_standins`)."""
         installed = new_modules
         if self._final is not None:
             self._final.extend(new_modules)
@@ -436,6 +438,12 @@ class ModelWalker:
                          for k, m in new_modules]
         if installed:
             model.update_modules(tree_unflatten(installed))
+
+    def _swap_standins(self, model) -> None:
+        """Replace the dense stand-ins installed so far by the quantized layers they stand for."""
+        if self._final:
+            model.update_modules(tree_unflatten(self._final))
+            self._final.clear()
 
     def _collect_sharded(self, model, plans, layout: ShardLayout, run_batch, run_reference=None
                          ) -> dict[str, HessianStats]:

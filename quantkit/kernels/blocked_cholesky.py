@@ -70,25 +70,40 @@ def _host_block_factor(a: mx.array) -> tuple[np.ndarray, np.ndarray]:
     return lower, _tri_inv_lower_numpy(lower)
 
 
+def _parts(a: mx.array, split: bool) -> tuple[mx.array, ...]:
+    """``a`` as the terms :func:`_product` multiplies: ``(a,)``, or with ``split`` a
+    bfloat16-exact high part and the float32 remainder. Elementwise, so the parts of a slice
+    are the slices of the parts."""
+    if not split:
+        return (a,)
+    hi = a.astype(mx.bfloat16).astype(mx.float32)
+    return hi, a - hi
+
+
+def _product(a: tuple[mx.array, ...], b: tuple[mx.array, ...]) -> mx.array:
+    """``a @ b`` of two operands given as :func:`_parts`."""
+    if len(a) == 1:
+        return a[0] @ b[0]
+    (a_hi, a_lo), (b_hi, b_lo) = a, b
+    return a_hi @ b_hi + ((a_hi @ b_lo + a_lo @ b_hi) + a_lo @ b_lo)
+
+
 def split_matmul(a: mx.array, b: mx.array) -> mx.array:
     """``a @ b`` to about 1e-6 relative in float32 on hardware that multiplies float32 in TF32
     (10-bit mantissa): each operand is split into a bfloat16-exact high part and a float32
     remainder, and the four partial products are summed (high parts multiply exactly)."""
-    a_hi = a.astype(mx.bfloat16).astype(mx.float32)
-    b_hi = b.astype(mx.bfloat16).astype(mx.float32)
-    a_lo, b_lo = a - a_hi, b - b_hi
-    return a_hi @ b_hi + ((a_hi @ b_lo + a_lo @ b_hi) + a_lo @ b_lo)
-
-
-def _matmul_for(a: mx.array, split: bool):
-    if split and a.dtype == mx.float32:
-        return split_matmul
-    return mx.matmul
+    return _product(_parts(a, True), _parts(b, True))
 
 
 def _t(a: mx.array) -> mx.array:
     """Transpose of the last two axes."""
     return a.swapaxes(-1, -2)
+
+
+def _blocks(n: int, block: int) -> tuple[list[int], list[int]]:
+    """Starts and sizes of the diagonal blocks of an ``n``-wide matrix."""
+    starts = list(range(0, n, block))
+    return starts, [min(block, n - s) for s in starts]
 
 
 def blocked_cholesky_mlx(
@@ -98,61 +113,83 @@ def blocked_cholesky_mlx(
     stack ``(..., n, n)``), in ``a``'s dtype.
 
     Returns the column panels of ``L`` (panel ``k`` is ``L[..., k·nb:, k·nb:(k+1)·nb]``) and the
-    inverses of the diagonal blocks ``L_kk⁻¹``, all arrays on the default device."""
+    inverses of the diagonal blocks ``L_kk⁻¹``, all arrays on the default device.
+
+    Memory: the trailing matrix is kept as its lower column panels (it is symmetric, and only
+    its lower part is read), each updated by its own product, so the panels of ``L`` and of the
+    trailing matrix together hold about ``n²/2`` values and a step's temporaries are one
+    panel's products (a full trailing update held several ``n²`` arrays at once)."""
     n = a.shape[-1]
     np_dtype = np.float64 if a.dtype == mx.float64 else np.float32
-    mm = _matmul_for(a, split)
+    split = split and a.dtype == mx.float32
+    starts, sizes = _blocks(n, block)
+    # cols[j]: A[..., s_j:, s_j:s_j+m_j] with every step so far applied.
+    cols: list[mx.array | None] = [a[..., s:, s : s + m] for s, m in zip(starts, sizes)]
     panels: list[mx.array] = []
     diag_inv: list[mx.array] = []
-    rest = a
-    for k in range(0, n, block):
-        m = min(block, n - k)
-        l11, l11_inv = _host_block_factor(rest[..., :m, :m])
+    for k, (s, m) in enumerate(zip(starts, sizes)):
+        col, cols[k] = cols[k], None
+        l11, l11_inv = _host_block_factor(col[..., :m, :m])
         l11_inv_mx = mx.array(l11_inv.astype(np_dtype))
         l11_mx = mx.array(l11.astype(np_dtype))
-        if k + m < n:
-            l21 = mm(rest[..., m:, :m], _t(l11_inv_mx))
-            rest = rest[..., m:, m:] - mm(l21, _t(l21))
+        if s + m < n:
+            l21 = _product(_parts(col[..., m:, :], split), _parts(_t(l11_inv_mx), split))
+            l21_parts = _parts(l21, split)
+            for j in range(k + 1, len(starts)):
+                off = starts[j] - s - m  # row of l21 where panel j's rows begin
+                rows = tuple(x[..., off:, :] for x in l21_parts)
+                cols_t = tuple(_t(x[..., off : off + sizes[j], :]) for x in l21_parts)
+                cols[j] = cols[j] - _product(rows, cols_t)
             panels.append(mx.concatenate([l11_mx, l21], axis=-2))
         else:
             panels.append(l11_mx)
         diag_inv.append(l11_inv_mx)
+        del col
         # The next diagonal block is read on the host: evaluating here keeps the graph short.
-        mx.eval(rest, panels[-1])
+        mx.eval(cols[k + 1 :], panels[-1])
     return panels, diag_inv
 
 
-def blocked_tri_inv_mlx(
-    panels: list[mx.array], diag_inv: list[mx.array], split: bool = False
+def blocked_inverse_factor_mlx(
+    panels: list[mx.array | None], diag_inv: list[mx.array], split: bool = False
 ) -> mx.array:
-    """``L⁻¹`` from :func:`blocked_cholesky_mlx`'s panels, by block rows:
-    ``X_i,:i = -L_ii⁻¹ (L_i,:i X_:i,:i)``. All matmuls on the default device."""
+    """``U = J L⁻¹ J`` (float32, contiguous) from :func:`blocked_cholesky_mlx`'s panels, one
+    block column ``X_:,j`` of ``X = L⁻¹`` at a time by forward substitution,
+    ``X_ij = -L_ii⁻¹ Σ_{j≤t<i} L_it X_tj``, the sums accumulated right-looking (``L_it`` for
+    every ``i > t`` is panel ``t``'s part below its diagonal block). All matmuls on the default
+    device.
+
+    Memory: each block column is written into ``U`` (allocated once) and dropped, and panel
+    ``j`` (read by block columns ``≤ j`` only) is released from ``panels`` once block column
+    ``j`` is done, so besides ``U`` the panels left and one block column are held."""
     sizes = [d.shape[-1] for d in diag_inv]
-    starts = np.cumsum([0, *sizes])
-    n = int(starts[-1])
-    mm = _matmul_for(diag_inv[0], split)
-    batch = [(0, 0)] * (diag_inv[0].ndim - 1)  # no padding of the leading axes and the rows
-    x_top: mx.array | None = None  # X[..., :k, :k], lower triangular
-    for i, (s, m) in enumerate(zip(starts[:-1], sizes, strict=True)):
-        s = int(s)
-        if i == 0:
-            row = diag_inv[0]
-        else:
-            # L[..., s:s+m, :s], gathered from the panels to the left.
-            l_row = mx.concatenate(
-                [p[..., s - int(starts[j]) : s - int(starts[j]) + m, :]
-                 for j, p in enumerate(panels[:i])],
-                axis=-1,
-            )
-            left = -mm(diag_inv[i], mm(l_row, x_top))
-            row = mx.concatenate([left, diag_inv[i]], axis=-1)
-        x_top = row if x_top is None else mx.concatenate(
-            [mx.pad(x_top, [*batch, (0, m)]), row], axis=-2
-        )
-        if i % 8 == 7:  # keep the lazy graph short; no host round-trip is needed here
-            mx.eval(x_top)
-    assert x_top is not None and x_top.shape[-2:] == (n, n)
-    return x_top
+    starts = [int(v) for v in np.cumsum([0, *sizes])]
+    n = starts[-1]
+    split = split and diag_inv[0].dtype == mx.float32
+    u = mx.zeros((*diag_inv[0].shape[:-2], n, n), dtype=mx.float32)
+    finite = mx.array(True)
+    nb = len(sizes)
+    dinv_parts = [_parts(d, split) for d in diag_inv]
+    for j in range(nb):
+        x_tj = diag_inv[j]  # X_jj
+        pieces = [x_tj]
+        acc = None  # Σ_{j≤t'≤t} L_it' X_t'j for the rows below block t
+        for t in range(j, nb - 1):
+            below = panels[t][..., sizes[t] :, :]  # type: ignore[index]
+            term = _product(_parts(below, split), _parts(x_tj, split))
+            acc = term if acc is None else acc[..., sizes[t] :, :] + term
+            x_tj = -_product(dinv_parts[t + 1], _parts(acc[..., : sizes[t + 1], :], split))
+            pieces.append(x_tj)
+        col = mx.concatenate(pieces, axis=-2) if len(pieces) > 1 else pieces[0]
+        s, m = starts[j], sizes[j]
+        u[..., : n - s, n - s - m : n - s] = col[..., ::-1, ::-1].astype(mx.float32)
+        finite = mx.logical_and(finite, mx.all(mx.isfinite(col)))
+        panels[j] = None  # block columns after j do not read panel j
+        del pieces, acc, x_tj, col
+        mx.eval(u, finite)
+    if not bool(finite.item()):
+        raise FactorizationError("inverse Hessian factor has NaN/Inf entries")
+    return u
 
 
 def blocked_factor_mlx(
@@ -166,19 +203,16 @@ def blocked_factor_mlx(
     Only ``block × block`` diagonal blocks travel to the host; everything else is matmuls in
     ``dtype``. MLX's CUDA backend multiplies float32 matrices in TF32 (relative error ~3e-4,
     measured on an H200; float64 is not supported on its GPU), too coarse for a factorization:
-    ``split`` (default: on a GPU) makes every float32 matmul a :func:`split_matmul`."""
+    ``split`` (default: on a GPU) makes every float32 matmul a :func:`split_matmul`.
+
+    Besides ``h_damped`` and the returned ``U`` it holds about ``n²/2`` values (the panels of
+    ``L``) plus one block column's temporaries."""
     if split is None:
         split = mx.default_device() != mx.cpu
     a = h_damped.astype(dtype)[..., ::-1, ::-1]
     panels, diag_inv = blocked_cholesky_mlx(a, block, split)
-    x = blocked_tri_inv_mlx(panels, diag_inv, split)
-    u = x[..., ::-1, ::-1].astype(mx.float32)
-    # A contiguous copy: later slicing of u should not carry the reversed strides around.
-    u = mx.contiguous(u) if hasattr(mx, "contiguous") else u + 0
-    mx.eval(u)
-    if not bool(mx.all(mx.isfinite(u)).item()):
-        raise FactorizationError("inverse Hessian factor has NaN/Inf entries")
-    return u
+    del a
+    return blocked_inverse_factor_mlx(panels, diag_inv, split)
 
 
 def prepare_hessians_mlx(h: mx.array, damping: float) -> tuple[mx.array, np.ndarray, np.ndarray]:
