@@ -15,8 +15,8 @@ Two implementations:
   factorized and inverted on the host in float64; then a blocked triangular inverse, again all
   matmuls. The host sees one ``nb × nb`` block at a time. MLX's GPUs have no float64 and its
   CUDA backend multiplies float32 in TF32, so on a GPU each matmul is a :func:`split_matmul`
-  (four TF32 products, ~1e-6 relative): 0.5 s for n = 12288 on an H200 with errors ~1e-5
-  against float64, where host LAPACK took 10.6 s.
+  (four TF32 products, ~1e-6 relative): 0.73 s for n = 12288 on an H200 with errors ~1e-5
+  against float64, where host LAPACK took 10.6–14.4 s.
 
 Both take one matrix ``(n, n)`` or a stack ``(..., n, n)`` (the experts of a MoE layer: one
 factorization of ``E`` matrices costs one pass of host round-trips instead of ``E``) and raise
