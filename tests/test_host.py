@@ -15,6 +15,13 @@ from quantkit.recipe import Recipe
 from quantkit.walker import ModelWalker
 
 ON_CPU = mx.default_device() == mx.cpu
+#: MLX's CUDA backend multiplies float32 matrices in TF32 (operands rounded to 10 mantissa bits,
+#: relative error ~3e-4 measured on an H200) while NumPy is exact float32 BLAS: comparisons of
+#: the host path with an MLX float32 matmul get this tolerance on such a GPU (measured there:
+#: at most 7.4e-4 on these layers' outputs).
+MM_TOL = 3e-3
+#: HostLinear (NumPy) against MLX's float32 matmul: float32 rounding on a CPU, TF32 on a GPU.
+MLX_MATMUL = dict(rtol=1e-5, atol=1e-5) if ON_CPU else dict(rtol=MM_TOL, atol=MM_TOL)
 
 
 @pytest.mark.parametrize("bias", [False, True])
@@ -25,7 +32,7 @@ def test_host_linear_matches_mlx_linear(bias):
     ref = layer(x)
     out = HostLinear(layer)(x)
     assert out.shape == ref.shape == (3, 7, 40) and out.dtype == mx.float32
-    np.testing.assert_allclose(np.array(out), np.array(ref), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.array(out), np.array(ref), **MLX_MATMUL)
     # The wrapper reads the layer's attributes and does not register parameters of its own.
     assert HostLinear(layer).weight is layer.weight
     names = {k for k, _ in tree_flatten(HostLinear(layer).parameters())}
@@ -38,8 +45,7 @@ def test_host_linear_reads_the_mlx_weight_without_copying():
     runner = HostLinear(layer)
     assert np.shares_memory(runner._weight_t, np.asarray(layer.weight))
     x = mx.random.normal((5, 32))
-    np.testing.assert_allclose(np.array(runner(x)), np.array(x @ layer.weight.T),
-                               rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.array(runner(x)), np.array(x @ layer.weight.T), **MLX_MATMUL)
 
 
 def test_host_collector_matches_dense_collector():
@@ -52,7 +58,12 @@ def test_host_collector_matches_dense_collector():
         fast.update(x.reshape(1, rows, 64))
     a, b = ref.stats(), fast.stats()
     assert a.n_tokens == b.n_tokens == 1346
-    np.testing.assert_allclose(np.array(b.h), np.array(a.h), rtol=1e-4, atol=1e-5)
+    if ON_CPU:
+        np.testing.assert_allclose(np.array(b.h), np.array(a.h), rtol=1e-4, atol=1e-5)
+    else:  # MLX's xᵀx is TF32: each term off by ~2⁻¹⁰ relative, so (Cauchy–Schwarz) an
+        # entry by at most ~1e-3·sqrt(h_ii·h_jj)
+        d = np.sqrt(np.diag(np.array(a.h)))
+        assert np.all(np.abs(np.array(b.h) - np.array(a.h)) <= MM_TOL * np.outer(d, d))
 
 
 def test_only_plain_float32_linears_and_dense_collectors_go_to_numpy():
@@ -85,7 +96,9 @@ def _tiny_llama():
 
 def test_walk_with_numpy_backend_matches_mlx_backend(monkeypatch):
     """The same walk with the block's linear layers and Hessians in NumPy and in MLX: every
-    layer calibrated through NumPy, the same layers quantized, errors equal to float32 noise."""
+    layer calibrated through NumPy, the same layers quantized, errors equal to float32 noise
+    (on a CUDA GPU, MLX's Hessians are TF32 products: GPTQ moves a few codes, errors agree to 2%,
+    as in test_speed_paths' walks)."""
     calls = {"forward": 0}
     real = host.linear_forward
 
@@ -121,7 +134,8 @@ def test_walk_with_numpy_backend_matches_mlx_backend(monkeypatch):
     for r in fast:
         assert r.status == ref[r.path].status
         if r.hessian_error is not None:
-            assert r.hessian_error == pytest.approx(ref[r.path].hessian_error, rel=1e-3)
+            assert r.hessian_error == pytest.approx(ref[r.path].hessian_error,
+                                                    rel=1e-3 if ON_CPU else 2e-2)
 
 
 def _attention_reference(q, k, v, scale, keep):
@@ -180,11 +194,14 @@ def test_host_attention_hands_other_cases_to_mlx_and_is_put_back_on_error():
     model = _tiny_llama()
     x = mx.random.randint(0, 256, (2, 12), key=mx.random.key(2))
     want = model(x)
+    # The logits of exact attention against MLX's: float32 noise on a CPU; on a CUDA GPU the
+    # model's TF32 matmuls carry the difference to ~1e-3 (measured on an H200: 1.2e-3 at most).
+    atol = 1e-4 if ON_CPU else 5e-3
     with host.host_attention(model):
         assert llama.scaled_dot_product_attention is not base.scaled_dot_product_attention
-        np.testing.assert_allclose(np.array(model(x)), np.array(want), atol=1e-4)
+        np.testing.assert_allclose(np.array(model(x)), np.array(want), atol=atol)
         cache = [KVCache() for _ in model.layers]
-        np.testing.assert_allclose(np.array(model(x, cache=cache)), np.array(want), atol=1e-4)
+        np.testing.assert_allclose(np.array(model(x, cache=cache)), np.array(want), atol=atol)
         q = mx.random.normal((1, 2, 4, 8)).astype(mx.bfloat16)
         half = llama.scaled_dot_product_attention(q, q, q, cache=None, scale=1.0, mask=None)
         assert half.dtype == mx.bfloat16  # handed to MLX: NumPy has no bfloat16

@@ -103,7 +103,10 @@ def test_collector_routes_rows_to_their_experts():
         r = all_rows[all_idx == e].astype(np.float64)
         assert st.expert_tokens[i] == len(r)
         ref = r.T @ r / max(len(r), 1)
-        np.testing.assert_allclose(np.array(st.h[i]), ref, atol=1e-5)
+        # The collector's xᵀx is an MLX float32 matmul: TF32 on a CUDA GPU (each term off by
+        # ~2⁻¹⁰ relative; measured on an H200: 4e-4 on entries up to ~2), float32 on a CPU.
+        atol = 1e-5 if not ON_GPU else 3e-3 * max(float(np.abs(ref).max()), 1.0)
+        np.testing.assert_allclose(np.array(st.h[i]), ref, atol=atol)
     assert st.expert_tokens[2] == 0 and np.all(np.isfinite(np.array(st.h)))
 
 
