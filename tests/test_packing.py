@@ -47,13 +47,21 @@ def test_packer_is_bit_exact_with_mx_quantize(bits, group_size, dtype):
     deq = mx.dequantize(*arrays, group_size=group_size, bits=bits, stream=mx.cpu)
     if dtype == mx.float32:
         assert mx.array_equal(deq, result.dequantized)
-    # On the default device (a CUDA GPU may fuse scale·q + bias into one FMA: float32 rounding
-    # apart), the same values to far less than a quantization step.
+    # On the default device, the same values: a CUDA GPU may fuse scale·q + bias into one FMA
+    # (float32 weights: rounding apart, far less than a quantization step) and, measured on an
+    # H200, dequantizes bfloat16 arrays in bfloat16 arithmetic (one bfloat16 ulp of the largest
+    # value apart, 4.9e-4 at 4 bits); at 1 bit its kernels return garbage (MLX 0.32.4), so there
+    # only the CPU check above applies.
+    if mx.default_device() != mx.cpu and bits == 1:
+        return
     here = mx.dequantize(*arrays, group_size=group_size, bits=bits, dtype=mx.float32)
     cpu = mx.dequantize(*arrays, group_size=group_size, bits=bits, dtype=mx.float32,
                         stream=mx.cpu)
     step = float(mx.abs(packed["scales"].astype(mx.float32)).min())
-    assert float(mx.abs(here - cpu).max()) <= 0.01 * step
+    tol = 0.01 * step
+    if mx.default_device() != mx.cpu and dtype == mx.bfloat16:
+        tol = 2**-6 * float(mx.abs(cpu).max())  # two bfloat16 ulps of the largest value
+    assert float(mx.abs(here - cpu).max()) <= tol
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4])
