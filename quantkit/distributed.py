@@ -230,7 +230,9 @@ def local_roots(layout: ShardLayout, collect: Callable[[list[int]], Stats]) -> d
         while stack and node[1] % 2 == 1 and stack[-1][0] == (node[0], node[1] - 1):
             stats = _merge_dicts(stack.pop()[1], stats)
             node = (node[0] + 1, node[1] // 2)
-            mx.eval([s.h for s in stats.values() if s is not None])
+            # Statistics without tokens stay unevaluated (lazy zeros): their merges are the
+            # identity, and a tree over more shards than batches holds many of them.
+            mx.eval([s.h for s in stats.values() if s is not None and s.n_tokens > 0])
         stack.append((node, stats))
     return dict(stack)
 
@@ -251,7 +253,7 @@ def _tree_node(known: dict[Node, Stats], level: int, index: int) -> Stats | None
 def finish_tree(known: dict[Node, Stats], depth: int) -> Stats:
     """The root of the shard tree from the subtree roots in ``known`` (every rank's)."""
     root = _tree_node(known, depth, 0) or {}
-    mx.eval([s.h for s in root.values() if s is not None])
+    mx.eval([s.h for s in root.values() if s is not None and s.n_tokens > 0])
     return root
 
 

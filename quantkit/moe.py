@@ -180,43 +180,61 @@ def quantize_expert(
 
 def quantize_expert_layers(
     plans: list[LayerPlan], collect: Collect, fallback: Quantizer, calibration_tokens: int,
-    distributed: Distributed | None = None,
+    distributed: Distributed | None = None, same_input: dict[str, str] | None = None,
 ) -> list[tuple[LayerPlan, nn.Module, list[LayerRecord]]]:
     """Calibrate and quantize the expert layers of one block, a batch of experts per forward
     pass (see the module docstring); ``calibration_tokens``: tokens each pass runs through the
     block. With ``distributed``, each rank solves its share of every batch's experts and the
-    results are exchanged (every rank returns the same layers). Returns, per plan, the
+    results are exchanged (every rank returns the same layers). ``same_input[path]``: the
+    layer called with the very same inputs as ``path`` (a ``SwitchGLU``'s up projection: its
+    gate projection), whose Hessians — and, for the same factor strategy, factors — ``path``
+    takes instead of collecting its own: the same values, once. Returns, per plan, the
     quantized layer and its records: the layer's own, then one per expert that did not get
     the recipe's strategy."""
     group = distributed if distributed is not None else Distributed()
+    source = {p.path: (same_input or {}).get(p.path, p.path) for p in plans}
     handlers = {p.path: cast(SwitchLinearHandler, p.handler) for p in plans}
     batches = {p.path: handlers[p.path].expert_batches(p.module) for p in plans}
-    weights = {p.path: p.handler.weight(p.module).astype(mx.float32) for p in plans}
     # Each expert is packed as soon as it is quantized: only the stored arrays are kept.
     packed: dict[str, dict[int, dict[str, mx.array]]] = {p.path: {} for p in plans}
     outcomes: dict[str, dict[int, ExpertOutcome]] = {p.path: {} for p in plans}
     layer_tokens: dict[str, int] = {}
     for r in range(max(len(b) for b in batches.values())):
         active = [p for p in plans if r < len(batches[p.path])]
+        collected = [p for p in active if source[p.path] == p.path]
         collectors: dict[str, HessianCollector] = {
-            p.path: handlers[p.path].collector(p.module, batches[p.path][r]) for p in active
+            p.path: handlers[p.path].collector(p.module, batches[p.path][r]) for p in collected
         }
-        collect(active, collectors)
-        stats = {p.path: cast(ExpertHessianStats, collectors.pop(p.path).stats()) for p in active}
+        collect(collected, collectors)
+        stats = {p.path: cast(ExpertHessianStats, collectors.pop(p.path).stats())
+                 for p in collected}
+        stats.update({p.path: stats[source[p.path]] for p in active})
         units = [(p, i) for p in active for i in range(len(stats[p.path].experts))]
         owners = group.share([expert_cost(p, stats[p.path], i, fallback, calibration_tokens)
                               for p, i in units])
         mine: list[Item] = []
-        for p in active:
+        mine_of = {p.path: [i for (q, i), owner in zip(units, owners, strict=True)
+                            if q is p and owner == group.rank] for p in active}
+        shared: dict[tuple, tuple[dict, float]] = {}  # factors of a Hessian, by strategy
+        for k, p in enumerate(active):
             layer_tokens[p.path] = stats[p.path].n_tokens
-            own = [i for (q, i), owner in zip(units, owners, strict=True)
-                   if q is p and owner == group.rank]
-            t0 = time.perf_counter()
-            factors = expert_factors(p, stats[p.path], calibration_tokens, own)
-            factor_s = (time.perf_counter() - t0) / max(1, len(factors))  # shared by its experts
+            own = mine_of[p.path]
+            key = (source[p.path], p.quantizer.factor_strategy())
+            users = [q for q in active[k:] if (source[q.path], q.quantizer.factor_strategy()) == key]
+            if key not in shared:
+                # Once for every layer of this batch taking this Hessian with this strategy.
+                t0 = time.perf_counter()
+                wanted = sorted({i for q in users for i in mine_of[q.path]})
+                factors = expert_factors(p, stats[p.path], calibration_tokens, wanted)
+                shared[key] = factors, time.perf_counter() - t0
+            factors, factor_s = shared[key] if len(users) > 1 else shared.pop(key)
+            share_of = sum(1 for q in users for i in mine_of[q.path] if i in factors)
+            factor_s /= max(1, share_of)  # shared by the experts it serves
             for i in own:
                 e = stats[p.path].experts[i]
-                result, outcome = quantize_expert(p, weights[p.path][e], stats[p.path], i,
+                # One expert's weight in float32 at a time (all of a layer's: GBs).
+                weight = p.handler.weight(p.module)[e].astype(mx.float32)
+                result, outcome = quantize_expert(p, weight, stats[p.path], i,
                                                   fallback, calibration_tokens, factors.get(i))
                 if i in factors:
                     outcome = attrs.evolve(outcome, time_s=outcome.time_s + factor_s)
@@ -224,6 +242,7 @@ def quantize_expert_layers(
                 outcome = attrs.evolve(outcome, rank=group.rank)
                 mine.append(({"path": p.path, "outcome": attrs.asdict(outcome)},
                              sorted(arrays.items())))
+            del factors  # a layer's factors go before the next Hessian's are computed
         del stats  # this batch's Hessians go here
         for items in group.exchange(mine, f"exchanging quantized experts of {active[0].path}"):
             for meta, arrays in items:

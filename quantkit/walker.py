@@ -21,6 +21,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
+from mlx_lm.models.switch_layers import SwitchGLU
 
 from .checkpoint import Checkpoint, ResumeState
 from .distributed import Distributed, ShardLayout
@@ -417,7 +418,8 @@ class ModelWalker:
 
         new_modules = []
         for p, module, records in quantize_expert_layers(
-                plans, collect, self.fallback, n_tokens, self.distributed):
+                plans, collect, self.fallback, n_tokens, self.distributed,
+                _same_input(model, plans)):
             for record in records:
                 record.block = block_index
                 report.add(record)
@@ -640,6 +642,22 @@ def _expert_shard_stats(model, walker: ModelWalker, active: list[LayerPlan],
             continue
         for i, e in enumerate(c.experts):
             out[f"{path}#{e}"] = HessianStats(h=c.h[i], n_tokens=int(c.counts[e].item()))
+    return out
+
+
+def _same_input(model: nn.Module, plans: list[LayerPlan]) -> dict[str, str]:
+    """``{up projection: gate projection}`` of every mlx-lm ``SwitchGLU`` whose two are both
+    in ``plans`` with equal handlers: ``SwitchGLU`` calls them with the very same ``x`` and
+    expert indices, so their Hessians are the same (see :func:`quantize_expert_layers`)."""
+    by_path = {p.path: p for p in plans}
+    parents = {path.rpartition(".")[0] for path in by_path}
+    glus = {k for k, m in model.named_modules() if k in parents and type(m) is SwitchGLU}
+    out = {}
+    for path, p in by_path.items():
+        parent, _, name = path.rpartition(".")
+        gate = by_path.get(f"{parent}.gate_proj")
+        if name == "up_proj" and parent in glus and gate is not None and gate.handler == p.handler:
+            out[path] = gate.path
     return out
 
 

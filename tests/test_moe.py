@@ -241,7 +241,8 @@ def test_batched_expert_factors_equal_per_expert_path(case, monkeypatch):
     monkeypatch.setattr(moe, "expert_factors", counting)
     batched = model()
     res_b = quantize_model(batched, tokens(2, 32), recipe, registry=registry)
-    assert calls == [3 if case == "starved" else 4] * 6  # one call per expert layer
+    # One call per Hessian: a SwitchGLU's up projection takes its gate projection's factors.
+    assert calls == [3 if case == "starved" else 4] * 4
     monkeypatch.setattr(moe, "expert_factors", lambda *a, **k: {})
     alone = model()
     res_a = quantize_model(alone, tokens(2, 32), recipe, registry=registry)
@@ -468,3 +469,33 @@ def test_apply_predicate_false_true_and_dict():
         QuantSpec(bits=4, group_size=32, mode="mxfp4"),
     )
     assert wanted == QuantSpec(bits=8, group_size=64, mode="affine") and "global_scale" in note
+
+
+@pytest.mark.parametrize("kind", ["qwen3_moe", "mixtral"])
+def test_up_projection_takes_the_gate_projections_hessians(kind, monkeypatch):
+    """A ``SwitchGLU`` calls its gate and up projections with the same inputs: collecting and
+    factorizing their Hessians once (the up projection takes the gate's) gives the bytes and
+    figures that collecting each layer's own does, with half the Hessians held."""
+    import quantkit.walker as walker
+
+    shared = []
+    same_input = walker._same_input
+
+    def spy(model, plans):
+        shared.append(same_input(model, plans))
+        return shared[-1]
+
+    outputs = []
+    for share in (True, False):
+        monkeypatch.setattr(walker, "_same_input", spy if share else lambda model, plans: {})
+        model = tiny_model(kind)
+        result = quantize_model(model, tokens(4, 16), RECIPE,
+                                registry=registry_with(expert_batch_size=2))
+        outputs.append((dict(tree_flatten(model.parameters())),
+                        [(r.path, r.expert, r.status, r.hessian_error, r.damping)
+                         for r in result.report.layers]))
+    assert all(len(s) == 1 and next(iter(s)).endswith(".up_proj") for s in shared), shared
+    (new, new_report), (old, old_report) = outputs
+    assert new_report == old_report
+    for k, v in new.items():
+        assert bool(mx.array_equal(v, old[k])), k
