@@ -24,7 +24,7 @@ from typing import Any
 import attrs
 
 from .blocks.base import OPTIMIZERS, TRANSFORMS, BlockOptimizer, BlockTransform
-from .errors import RecipeError, SpecError
+from .errors import PluginError, RecipeError, SpecError
 from .plugins import load_plugins
 from .quantizers import STRATEGIES, Quantizer, check_options_class, strategy_options
 from .specs import QuantSpec
@@ -182,7 +182,10 @@ class Recipe:
         if not isinstance(plugins_raw, list) or not all(isinstance(p, str) for p in plugins_raw):
             raise RecipeError(f"{source}: 'plugins' must be a list of module names or .py paths, "
                               f'e.g. plugins = ["my_methods", "plugins/mine.py"]')
-        plugins = load_plugins(plugins_raw, base)
+        try:
+            plugins = load_plugins(plugins_raw, base)
+        except PluginError as exc:
+            raise PluginError(f"{source}: {exc}") from None
         if not isinstance(raw.get("default", {}), Mapping):
             raise RecipeError(f"{source}: 'default' must be a table ([default])")
         default_raw = dict(raw.get("default", {}))
