@@ -228,6 +228,21 @@ def test_plain_recipes_keep_their_dict(tmp_path):
     assert set(Recipe().to_dict()) == {"default", "rules"}
 
 
+def test_a_mixed_precision_plan_keeps_plugins_and_block_methods(tmp_path):
+    from quantkit.mixed import _plan_recipe
+    from quantkit.specs import QuantSpec
+
+    _write_plugin(tmp_path / "mine.py")
+    base = Recipe.from_dict({"plugins": [str(tmp_path / "mine.py")],
+                             "default": {"strategy": "plain", "levels": [7]},
+                             "transform": [{"name": "nothing", "strength": 1.0}]})
+    planned = _plan_recipe(base, ["a.q_proj", "a.k_proj"],
+                           {"a.q_proj": QuantSpec(bits=3), "a.k_proj": QuantSpec(bits=3)})
+    assert planned.plugins == base.plugins and planned.transforms == base.transforms
+    assert planned.default.make_quantizer().levels == (7,) and planned.default.spec.bits == 3
+    assert Recipe.from_dict(planned.to_dict()) == planned
+
+
 def test_block_methods_change_the_checkpoint_fingerprint(tmp_path):
     _write_plugin(tmp_path / "mine.py")
     (tmp_path / "config.json").write_text("{}")
@@ -322,3 +337,19 @@ def test_cli_recipe_check_lists_methods_and_their_plugins(tmp_path):
     assert [(m["kind"], m["name"], m["plugin"]) for m in methods] == [
         ("strategy", "plain", str(path)), ("strategy", "rtn", "built-in"),
         ("transform", "nothing", str(path))]
+
+
+def test_every_rank_gets_every_plugin(tmp_path):
+    """--processes N restarts this command once per rank: each must load the same plugins."""
+    import typer
+
+    from quantkit.cli import _rank_argv
+
+    quantize = typer.main.get_command(app).commands["quantize"]
+    ctx = quantize.make_context("quantize", ["m", "-o", str(tmp_path / "o"), "--plugin", "a.py",
+                                             "--plugin", "pkg.mod", "--strategy", "plain",
+                                             "--processes", "2"])
+    argv = _rank_argv(ctx, 1, quiet=False)
+    i = argv.index("--plugin")
+    assert argv[i:i + 4] == ["--plugin", "a.py", "--plugin", "pkg.mod"]
+    assert argv[argv.index("--strategy") + 1] == "plain" and "--processes" not in argv
