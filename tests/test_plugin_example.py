@@ -86,3 +86,39 @@ def test_quantize_runs_the_plugins_block_methods(how, reports):
     (anywhere but ``settings``, which only repeats the recipe)."""
     ran = json.dumps({k: v for k, v in reports[how].items() if k != "settings"})
     assert "balance_columns" in ran and "block_error" in ran
+
+
+def test_the_example_transform_keeps_the_block_function_and_evens_columns():
+    """BalanceColumns.apply on a tiny llama block (what the pipeline will call): the block's
+    output is unchanged and the linears' input columns after each norm are more even."""
+    import mlx.core as mx
+    import numpy as np
+    from mlx_lm.models import llama
+
+    from quantkit.arch import arch_for
+    from quantkit.blocks import TRANSFORMS, BlockContext
+    from quantkit.plugins import load_plugin
+
+    load_plugin(str(PLUGIN))
+    model = llama.Model(llama.ModelArgs(model_type="llama", hidden_size=64, num_hidden_layers=1,
+                                        intermediate_size=128, num_attention_heads=4,
+                                        rms_norm_eps=1e-5, vocab_size=32))
+    block = model.layers[0]
+    mx.random.seed(1)
+    q = block.self_attn.q_proj
+    q.weight = q.weight * mx.random.uniform(0.1, 10.0, (64,))  # uneven input columns
+    x = [mx.random.normal((2, 16, 64))]
+
+    def spread(m) -> float:
+        cols = np.abs(np.array(m.weight)).max(axis=0)
+        return float(cols.max() / cols.min())
+
+    before, ref = spread(q), block(x[0], mask=None, cache=None)
+    ctx = BlockContext(index=0, path="model.layers.0", block=block, inputs=x,
+                       forward=lambda module, j: module(x[j], mask=None, cache=None),
+                       arch=arch_for("llama"))
+    figures = TRANSFORMS["balance_columns"](strength=0.5).apply(ctx)
+    assert figures == {"groups": 2}
+    np.testing.assert_allclose(np.array(block(x[0], mask=None, cache=None)), np.array(ref),
+                               rtol=1e-4, atol=1e-5)
+    assert spread(q) < before / 2
