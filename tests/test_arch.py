@@ -60,6 +60,17 @@ FAMILIES = [
         model_type="deepseek_v3", moe_intermediate_size=16, n_shared_experts=1,
         n_routed_experts=4, num_experts_per_tok=2, first_k_dense_replace=1, kv_lora_rank=16,
         q_lora_rank=16, qk_rope_head_dim=4, v_head_dim=8, qk_nope_head_dim=8, **_BASE)),
+    ("qwen2_moe", "qwen2_moe", dict(model_type="qwen2_moe", num_experts=4, num_experts_per_tok=2,
+                                    moe_intermediate_size=16, shared_expert_intermediate_size=24,
+                                    **_BASE)),
+    ("olmoe", "olmoe", dict(model_type="olmoe", num_experts=4, num_experts_per_tok=2, head_dim=8,
+                            **_BASE)),
+    ("glm4_moe", "glm4_moe", dict(
+        model_type="glm4_moe", max_position_embeddings=128, moe_intermediate_size=16,
+        norm_topk_prob=True, n_group=1, head_dim=8, topk_group=1, n_shared_experts=1,
+        n_routed_experts=4, routed_scaling_factor=1.0, num_experts_per_tok=2,
+        first_k_dense_replace=1, rope_scaling=None, use_qk_norm=True, tie_word_embeddings=False,
+        attention_bias=True, partial_rotary_factor=0.5, **_BASE)),
     ("deepseek_v3-no-q-lora", "deepseek_v3", dict(
         model_type="deepseek_v3", moe_intermediate_size=16, n_shared_experts=1,
         n_routed_experts=4, num_experts_per_tok=2, first_k_dense_replace=1, kv_lora_rank=16,

@@ -18,13 +18,17 @@ from typing import Any
 from ..errors import ModelLoadError
 from .deepseek_v3 import DEEPSEEK_V3
 from .gemma3 import GEMMA3, GEMMA3_TEXT
+from .glm4_moe import GLM4_MOE
 from .llama import LLAMA
 from .mixtral import MIXTRAL
+from .olmoe import OLMOE
 from .phi3 import PHI3
+from .qwen2_moe import QWEN2_MOE
 from .qwen3_moe import QWEN3_MOE
 from .spec import ArchSpec, ScaleGroup
 
-TABLES: tuple[ArchSpec, ...] = (LLAMA, MIXTRAL, QWEN3_MOE, GEMMA3_TEXT, GEMMA3, PHI3, DEEPSEEK_V3)
+TABLES: tuple[ArchSpec, ...] = (LLAMA, MIXTRAL, QWEN2_MOE, QWEN3_MOE, OLMOE, GEMMA3_TEXT, GEMMA3,
+                                PHI3, DEEPSEEK_V3, GLM4_MOE)
 
 ARCHITECTURES: dict[str, ArchSpec] = {t: spec for spec in TABLES for t in spec.model_types}
 
