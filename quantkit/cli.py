@@ -40,9 +40,29 @@ out = Console()
 err = Console(stderr=True)
 
 
-class Strategy(str, Enum):
-    gptq = "gptq"
-    rtn = "rtn"
+def _strategy_names() -> list[str]:
+    from .quantizers import STRATEGIES
+
+    return sorted(STRATEGIES)
+
+
+def _load_plugins(plugins: list[str] | None) -> None:
+    """Import the --plugin modules/files (their strategies and block methods register)."""
+    from .plugins import load_plugins
+
+    load_plugins(plugins or [])
+
+
+def _check_strategy(strategy: str | None) -> None:
+    """--strategy must name a registered strategy (checked once plugins are loaded)."""
+    names = _strategy_names()
+    if strategy is not None and strategy not in names:
+        fail(f"unknown strategy {strategy!r} (--strategy); known: {', '.join(names)} "
+             "(--plugin or a recipe's plugins add more)", 2)
+
+
+PLUGIN_HELP = ("Python module or .py file registering strategies, block transforms or optimizers "
+               "(repeatable)")
 
 
 class DType(str, Enum):
@@ -110,8 +130,9 @@ def quantize(
     output: Annotated[Path, typer.Option("--output", "-o", help="output model directory")],
     bits: Annotated[Optional[int], typer.Option(help="bits for the default rule [4]")] = None,
     group_size: Annotated[Optional[int], typer.Option(help="group size for the default rule [64]")] = None,
-    strategy: Annotated[Optional[Strategy], typer.Option(help="default strategy [gptq]")] = None,
+    strategy: Annotated[Optional[str], typer.Option(metavar="NAME", help="default strategy [gptq]: one of " + ", ".join(_strategy_names()) + ", or one a plugin registers")] = None,
     recipe: Annotated[Optional[Path], typer.Option(help="recipe TOML file")] = None,
+    plugin: Annotated[Optional[list[str]], typer.Option(metavar="MODULE_OR_FILE", help=PLUGIN_HELP)] = None,
     target_bpw: Annotated[Optional[float], typer.Option(help="choose per-layer bits/group sizes for this many bits per weight (writes OUTPUT/recipe.toml)")] = None,
     calibration: Annotated[Optional[Path], typer.Option(help="plain-text calibration file (default: offline built-in text)")] = None,
     num_samples: Annotated[int, typer.Option(help="calibration sequences")] = 128,
@@ -160,12 +181,12 @@ def quantize(
                                          on_timeout=_give_up)
             finally:
                 faulthandler.cancel_dump_traceback_later()
+        _load_plugins(plugin)
         base = Recipe.from_toml(recipe) if recipe else Recipe()
+        _check_strategy(strategy)
         if not recipe and strategy is None and bits is None and group_size is None:
             base = Recipe()  # GPTQ 4-bit, group 64
-        rec = base.with_default(
-            strategy=strategy.value if strategy else None, bits=bits, group_size=group_size
-        )
+        rec = base.with_default(strategy=strategy, bits=bits, group_size=group_size)
         plan = None
         if target_bpw is not None:
             from .mixed import plan_directory
@@ -190,6 +211,8 @@ def quantize(
             )
         if plan is not None:
             (result.out_dir / "recipe.toml").write_text(plan.to_toml())
+    except typer.Exit:  # a usage error raised by fail() above
+        raise
     except QuantkitError as exc:
         if debug:
             raise
@@ -262,6 +285,9 @@ def _rank_argv(ctx: typer.Context, rank: int, quiet: bool) -> list[str]:
         elif getattr(param, "is_flag", False):
             if value or param.secondary_opts:
                 args.append(param.opts[0] if value else param.secondary_opts[0])
+        elif isinstance(value, (list, tuple)):  # a repeatable option (--plugin)
+            for v in value:
+                args += [param.opts[0], str(v)]
         elif value is not None:
             args += [param.opts[0], str(value.value if isinstance(value, Enum) else value)]
     if rank > 0 or quiet:
@@ -314,34 +340,14 @@ def inspect(
     json_out: Annotated[bool, typer.Option("--json", help="print as JSON")] = False,
 ) -> None:
     """List each layer's quantization settings as mlx_lm.load will apply them."""
-    import mlx.core as mx
-    from mlx.utils import tree_flatten
+    from .inspection import quantized_layers
 
-    config_path = model_dir / "config.json"
-    if not config_path.is_file():
-        fail(f"{model_dir} has no config.json; pass a model directory")
     try:
-        config = json.loads(config_path.read_text())
-    except json.JSONDecodeError as exc:
-        fail(f"{config_path} is not valid JSON ({exc})")
-    q = config.get("quantization")
-    if not q:
-        fail(f"{model_dir} is not quantized (config.json has no 'quantization')")
-    shapes: dict[str, Any] = {}
-    for f in sorted(model_dir.glob("*.safetensors")):
-        for k, v in tree_flatten(mx.load(str(f))):  # type: ignore[str-unpack]
-            shapes[k] = v
-    layers = sorted({k.rsplit(".", 1)[0] for k in shapes if k.endswith(".scales")} |
-                    {k for k, v in q.items() if isinstance(v, (dict, bool))})
-    default = {k: q[k] for k in ("group_size", "bits", "mode") if k in q}
-    rows: list[dict[str, Any]] = []
-    for path in layers:
-        setting = q.get(path, default)
-        if setting is False:
-            rows.append({"path": path, "bits": None, "group_size": None, "mode": None, "quantized": False})
-        else:
-            rows.append({"path": path, "bits": setting.get("bits"), "group_size": setting.get("group_size"),
-                         "mode": setting.get("mode", "affine"), "quantized": True})
+        found = quantized_layers(model_dir)
+    except QuantkitError as exc:
+        fail(str(exc))
+        return
+    default, rows = found.default, found.layers
     if json_out:
         out.print_json(json.dumps({"default": default, "layers": rows}))
         return
@@ -538,69 +544,34 @@ recipe_app = typer.Typer(no_args_is_help=True, help="Validate a recipe and see w
 app.add_typer(recipe_app, name="recipe")
 
 
-def _rule_label(index: int | None, rule: Any) -> str:
-    return "default" if index is None else f"rule {index + 1} ({rule.match!r})"
-
-
 @recipe_app.command("check")
 def recipe_check(
     file: Annotated[Path, typer.Argument(help="recipe TOML file")],
     model: Annotated[Optional[Path], typer.Option(help="model directory: show which layers each rule matches")] = None,
+    plugin: Annotated[Optional[list[str]], typer.Option(metavar="MODULE_OR_FILE", help=PLUGIN_HELP)] = None,
     strict: Annotated[bool, typer.Option(help="exit with code 4 when a rule matches no layer")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="print only warnings and errors")] = False,
-    json_out: Annotated[bool, typer.Option("--json", help="print rules, layers and warnings as JSON")] = False,
+    json_out: Annotated[bool, typer.Option("--json", help="print rules, layers, methods and warnings as JSON")] = False,
 ) -> None:
     """Validate a recipe FILE; with --model, show which layers each rule matches.
 
-    Rules that match no layer, or only layers an earlier rule already took, are warned about."""
-    import mlx.nn as nn
-    from mlx.utils import tree_flatten
-
-    from .io import load_model
+    Rules that match no layer, or only layers an earlier rule already took, are warned about.
+    Lists the strategies, block transforms and optimizers the recipe uses, and their plugins."""
+    from .coverage import check_recipe
     from .recipe import Recipe
-    from .report import RunReport
-    from .walker import ModelWalker
 
     try:
+        _load_plugins(plugin)
         recipe = Recipe.from_toml(file)
+        checked = check_recipe(recipe, model)
     except QuantkitError as exc:
         fail(str(exc))
         return
-    rules = [{"index": i + 1, **rule.to_dict()} for i, rule in enumerate(recipe.rules)]
-    layers: list[dict[str, Any]] = []
-    warnings: list[str] = []
-    if model is not None:
-        try:
-            loaded, _, _ = load_model(model, lazy=True)
-            skipped = RunReport()
-            plans = ModelWalker(recipe=recipe).plan(loaded, skipped)
-        except QuantkitError as exc:
-            fail(str(exc))
-            return
-        for p in plans.values():
-            layers.append({"path": p.path, "rule": None if p.rule_index is None else p.rule_index + 1,
-                           "strategy": p.rule.strategy, "bits": p.spec.bits,
-                           "group_size": p.spec.group_size, "mode": p.spec.mode, "note": p.note})
-        for r in skipped.layers:
-            layers.append({"path": r.path, "rule": None if r.rule is None else r.rule + 1,
-                           "strategy": "skip", "bits": None, "group_size": None, "mode": None,
-                           "note": r.reason})
-        order = {p: n for n, (p, _) in enumerate(
-            tree_flatten(loaded.leaf_modules(), is_leaf=nn.Module.is_module))}
-        layers.sort(key=lambda d: order.get(d["path"], len(order)))
-        paths = [d["path"] for d in layers]
-        for i, rule in enumerate(recipe.rules):
-            matched = [p for p in paths if rule.matches(p)]
-            won = [d for d in layers if d["rule"] == i + 1]
-            rules[i]["layers"] = len(won)
-            if not matched:
-                warnings.append(f"{_rule_label(i, rule)} matches no layer of {model}")
-            elif not won:
-                warnings.append(f"{_rule_label(i, rule)} matches {len(matched)} layer(s), all "
-                                "taken by earlier rules (first match wins)")
+    rules, layers, warnings = checked.rules, checked.layers, checked.warnings
     if json_out:
         out.print_json(json.dumps({"recipe": str(file), "default": recipe.to_dict()["default"],
-                                   "rules": rules, "layers": layers, "warnings": warnings}))
+                                   "rules": rules, "layers": layers, "methods": checked.methods,
+                                   "warnings": warnings}))
     elif not quiet:
         table = Table(title=f"{file}: rules in order (the first match wins)", box=box.SIMPLE_HEAD)
         for col in ("#", "match", "strategy", "bits", "group", "mode", "options"):
@@ -620,6 +591,12 @@ def recipe_check(
                 cells.append(str(count) if count else "[yellow]0[/]")
             table.add_row(*cells)
         _wide().print(table)
+        mt = Table(title="methods the recipe uses", box=box.SIMPLE_HEAD)
+        for col in ("kind", "name", "class", "plugin"):
+            mt.add_column(col, no_wrap=col != "plugin")
+        for m in checked.methods:
+            mt.add_row(m["kind"], escape(m["name"]), escape(m["class"]), escape(m["plugin"]))
+        _wide().print(mt)
         if layers:
             lt = Table(title=f"layers of {model}", box=box.SIMPLE_HEAD)
             for col in ("layer", "rule", "strategy", "bits", "group", "mode", "note"):

@@ -38,3 +38,8 @@ class CheckpointError(QuantkitError):
 class DistributedError(QuantkitError):
     """A distributed run that cannot go on: a rank died, the network failed, or the process
     group does not fit the run (more processes than calibration shards)."""
+
+
+class PluginError(RecipeError):
+    """A plugin (``--plugin``, a recipe's ``plugins``) that cannot be loaded: a missing file or
+    module, an error while importing it, or a name it registers that is already taken."""

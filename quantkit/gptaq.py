@@ -18,7 +18,7 @@ import numpy as np
 
 from .hessian import DenseHessianCollector, HessianStats
 from .kernels.gptaq import asymmetry_matrix, gptaq_quantize
-from .quantizers import GPTQQuantizer, QuantResult, register_strategy
+from .quantizers import GPTQQuantizer, QuantResult, refuse_unsupported, register_strategy
 
 
 @attrs.frozen
@@ -70,12 +70,19 @@ class AsymmetricHessianCollector(DenseHessianCollector):
 class GPTAQQuantizer(GPTQQuantizer):
     """GPTAQ: GPTQ that matches the full-precision model's outputs (asymmetric calibration).
 
-    ``alpha`` scales the asymmetry correction (0 gives GPTQ); other options as for GPTQ."""
+    ``alpha`` scales the asymmetry correction (0 gives GPTQ); other options as for GPTQ,
+    except ``act_order``, ``static_groups``, ``scale_search`` and ``compute``, which its solve
+    does not honour: a recipe setting them is refused."""
 
     name: ClassVar[str] = "gptaq"
     needs_reference: ClassVar[bool] = True
+    unsupported_options: ClassVar[frozenset[str]] = frozenset(
+        {"act_order", "static_groups", "scale_search", "compute"})
 
     alpha: float = attrs.field(default=0.25, validator=attrs.validators.ge(0.0))
+
+    def __attrs_post_init__(self) -> None:
+        refuse_unsupported(self)
 
     def collector(self, handler, module):
         return AsymmetricHessianCollector(handler.weight(module).shape[-1])

@@ -464,7 +464,8 @@ def _plan_recipe(base: Recipe, plans: Sequence[str], specs: dict[str, QuantSpec]
                 entry["mode"] = spec.mode
         if len(entry) > 1:
             rules.append(entry)
-    return Recipe.from_dict({"default": default, "rules": rules})
+    kept = {k: v for k, v in base.to_dict().items() if k in ("plugins", "transform", "optimizer")}
+    return Recipe.from_dict({**kept, "default": default, "rules": rules})
 
 
 def _exact(path: str) -> str:

@@ -10,13 +10,14 @@ from __future__ import annotations
 import abc
 from collections.abc import Callable, Iterator
 from functools import partial
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 import attrs
 import mlx.core as mx
 import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
 
+from .errors import RecipeError
 from .hessian import HessianCollector, HessianStats
 from .inverse import DampedCholesky, EscalatingCholesky, InverseFactor, InverseStrategy
 from .kernels.floatfmt import float_pack, float_scales, gptq_quantize_float
@@ -36,7 +37,15 @@ from .specs import QuantSpec
 if TYPE_CHECKING:
     import mlx.nn as nn
 
-    from .registry import LayerHandler
+
+class CollectorSource(Protocol):
+    """What a quantizer needs of a layer handler (:class:`quantkit.registry.LayerHandler`):
+    the layer's weight and its default collector. A protocol, so that this module does not
+    import the registry (which imports quantizers)."""
+
+    def weight(self, module: nn.Module) -> mx.array: ...
+
+    def collector(self, module: nn.Module) -> HessianCollector: ...
 
 
 @attrs.frozen
@@ -77,7 +86,12 @@ class Quantizer(abc.ABC):
     #: walker then propagates a second, unquantized stream of block inputs).
     needs_reference: ClassVar[bool] = False
 
-    def collector(self, handler: LayerHandler, module: nn.Module) -> HessianCollector:
+    #: Options (attrs fields) a subclass inherits but does not honour: a recipe setting one is
+    #: refused at validation (see :func:`strategy_options`), and so is a non-default value
+    #: given in Python (:func:`refuse_unsupported`).
+    unsupported_options: ClassVar[frozenset[str]] = frozenset()
+
+    def collector(self, handler: CollectorSource, module: nn.Module) -> HessianCollector:
         """The collector that gathers what :meth:`quantize` needs: the layer handler's own by
         default. Override to gather more."""
         return handler.collector(module)
@@ -203,18 +217,56 @@ def group_params(
 STRATEGIES: dict[str, type[Quantizer]] = {}
 
 
+def _qualname(cls: type) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def check_options_class(cls: type, kind: str, decorator: str) -> None:
+    """A one-line :class:`RecipeError` unless ``cls`` is a frozen attrs class (its fields are
+    its recipe options; frozen, so instances are hashable configurations)."""
+    if not attrs.has(cls):
+        raise RecipeError(
+            f"{kind} class {_qualname(cls)} is not an attrs class: decorate it with "
+            f"@attrs.frozen (below @{decorator}); its fields are its recipe options")
+    if getattr(cls.__setattr__, "__name__", "") != "_frozen_setattrs":
+        raise RecipeError(
+            f"{kind} class {_qualname(cls)} is a mutable attrs class: use @attrs.frozen, not "
+            "@attrs.define (configurations are frozen; derive variants with attrs.evolve)")
+
+
 def register_strategy(cls: type[Quantizer]) -> type[Quantizer]:
-    """Class decorator: make ``cls`` available to recipes under ``cls.name``."""
-    if not cls.name:
-        raise ValueError(f"{cls.__name__} needs a non-empty class attribute `name`")
+    """Class decorator: make ``cls`` available to recipes under ``cls.name``. A name that is
+    already taken by another class is an error, never a silent replacement; so is a class that
+    is not ``@attrs.frozen``."""
+    if not isinstance(getattr(cls, "name", None), str) or not cls.name:
+        raise RecipeError(f"strategy class {_qualname(cls)} has no `name`; set "
+                          "name: ClassVar[str] = \"...\" on it")
+    taken = STRATEGIES.get(cls.name)
+    if taken is not None and taken is not cls:
+        raise RecipeError(f"strategy name {cls.name!r} of {_qualname(cls)} is already registered "
+                          f"by {_qualname(taken)}; choose another name")
+    check_options_class(cls, "strategy", "register_strategy")
     STRATEGIES[cls.name] = cls
     return cls
 
 
 def strategy_options(name: str) -> tuple[str, ...]:
-    """Option names (attrs fields) a registered strategy accepts in a recipe."""
+    """Option names (attrs fields) a registered strategy accepts in a recipe: its fields less
+    its ``unsupported_options``."""
     cls = STRATEGIES[name]
-    return tuple(f.name for f in attrs.fields(cls)) if attrs.has(cls) else ()
+    fields = tuple(f.name for f in attrs.fields(cls)) if attrs.has(cls) else ()
+    return tuple(f for f in fields if f not in cls.unsupported_options)
+
+
+def refuse_unsupported(quantizer: Quantizer) -> None:
+    """A one-line :class:`RecipeError` when ``quantizer`` has an unsupported option (see
+    :attr:`Quantizer.unsupported_options`) set to other than its default."""
+    cls = type(quantizer)
+    for f in attrs.fields(cls):  # type: ignore[arg-type]  # an attrs subclass
+        if f.name in cls.unsupported_options and getattr(quantizer, f.name) != f.default:
+            raise RecipeError(
+                f"strategy {cls.name!r} does not support option {f.name!r}; "
+                f"its options: {list(strategy_options(cls.name))}")
 
 
 @register_strategy

@@ -5,6 +5,11 @@ The first rule whose pattern matches a module path wins; paths no rule matches t
 not set them, and the default's strategy options when it names the same strategy. Patterns are
 globs on the dotted path (``model.layers.*.mlp.down_proj``) or regexes written ``re:<regex>``
 (matched against the whole path).
+
+A recipe may also name ``plugins`` (modules or ``.py`` files registering more strategies and
+block methods, loaded before the rest is validated) and whole-block methods run around each
+decoder block's solve: ``[[transform]]`` / ``[[optimizer]]`` tables, each a registered ``name``
+plus that class's options, in the order they run.
 """
 
 from __future__ import annotations
@@ -18,13 +23,17 @@ from typing import Any
 
 import attrs
 
-from .errors import RecipeError, SpecError
-from .quantizers import STRATEGIES, Quantizer, strategy_options
+from .blocks.base import OPTIMIZERS, TRANSFORMS, BlockOptimizer, BlockTransform
+from .errors import PluginError, RecipeError, SpecError
+from .plugins import load_plugins
+from .quantizers import STRATEGIES, Quantizer, check_options_class, strategy_options
 from .specs import QuantSpec
 
 SKIP = "skip"
 SPEC_KEYS = ("bits", "group_size", "mode")
 RULE_KEYS = ("match", "strategy", *SPEC_KEYS)
+#: Top-level keys of a recipe table (``transform`` / ``optimizer``: arrays of tables).
+TOP_KEYS = ("plugins", "default", "rules", "transform", "optimizer")
 
 
 def _compile(pattern: str) -> re.Pattern[str]:
@@ -88,25 +97,46 @@ class Recipe:
     # Which keys each rule set itself (the rest were inherited): kept so that
     # ``with_default`` can re-derive inherited values.
     _inherited: tuple[tuple[str, ...], ...] = attrs.field(default=(), repr=False, eq=False)
+    #: Plugins loaded for this recipe (module names; files as absolute paths).
+    plugins: tuple[str, ...] = ()
+    #: Block transforms, run in this order on each decoder block before its layers are solved.
+    transforms: tuple[BlockTransform, ...] = ()
+    #: Block optimizers, run in this order on each decoder block after its layers are solved.
+    optimizers: tuple[BlockOptimizer, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
+        """The recipe as plain data (what :meth:`from_dict` reads back; the checkpoint's
+        fingerprint). ``plugins``, ``transform`` and ``optimizer`` appear only when set."""
         default = self.default.to_dict()
         default.pop("match")
         rules = []
         for i, rule in enumerate(self.rules):
             d = rule.to_dict()
             own = self._inherited[i] if i < len(self._inherited) else tuple(d)
-            rules.append({k: v for k, v in d.items() if k in own})
-        return {"default": default, "rules": rules}
+            rules.append({k: _listed(v) for k, v in d.items() if k in own})
+        out: dict[str, Any] = {"default": {k: _listed(v) for k, v in default.items()},
+                               "rules": rules}
+        if self.plugins:
+            out["plugins"] = list(self.plugins)
+        if self.transforms:
+            out["transform"] = [method_to_dict(t) for t in self.transforms]
+        if self.optimizers:
+            out["optimizer"] = [method_to_dict(o) for o in self.optimizers]
+        return out
 
     def to_toml(self, header: str = "") -> str:
         """The recipe as TOML that :meth:`from_toml` reads back to an equal recipe; ``header``
         lines are written first as comments."""
         raw = self.to_dict()
         lines = [f"# {line}".rstrip() for line in header.splitlines()]
+        if "plugins" in raw:
+            lines += [_toml_pair("plugins", raw["plugins"]), ""]
         lines += ["[default]", *(_toml_pair(k, v) for k, v in raw["default"].items())]
         for rule in raw["rules"]:
             lines += ["", "[[rules]]", *(_toml_pair(k, v) for k, v in rule.items())]
+        for key in ("transform", "optimizer"):
+            for method in raw.get(key, []):
+                lines += ["", f"[[{key}]]", *(_toml_pair(k, v) for k, v in method.items())]
         return "\n".join(lines) + "\n"
 
     @classmethod
@@ -132,18 +162,30 @@ class Recipe:
             raise RecipeError(f"cannot read recipe file {path} ({exc.strerror or exc}); pass a TOML file") from None
         except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
             raise RecipeError(f"recipe {path} is not valid TOML ({exc}); fix the syntax") from None
-        return cls.from_dict(raw, source=str(path))
+        return cls.from_dict(raw, source=str(path), base=path.parent)
 
     @classmethod
     def from_dict(cls, raw: Mapping[str, Any], source: str = "recipe",
-                  _inherited: tuple[tuple[str, ...], ...] | None = None) -> Recipe:
+                  _inherited: tuple[tuple[str, ...], ...] | None = None,
+                  base: str | Path | None = None) -> Recipe:
+        """Validate ``raw`` (the TOML's tables). ``plugins`` are loaded first, relative file
+        paths taken from ``base`` (the recipe file's folder) or the working directory."""
         if not isinstance(raw, Mapping):
             raise RecipeError(f"{source}: a recipe must be a table with [default] and [[rules]], got {type(raw).__name__}")
-        unknown = set(raw) - {"default", "rules"}
+        unknown = set(raw) - set(TOP_KEYS)
         if unknown:
             raise RecipeError(
-                f"{source}: unknown top-level key {sorted(unknown)[0]!r}; use [default] and [[rules]]"
+                f"{source}: unknown top-level key {sorted(unknown)[0]!r}; use plugins = [...], "
+                "[default], [[rules]], [[transform]] and [[optimizer]]"
             )
+        plugins_raw = raw.get("plugins", [])
+        if not isinstance(plugins_raw, list) or not all(isinstance(p, str) for p in plugins_raw):
+            raise RecipeError(f"{source}: 'plugins' must be a list of module names or .py paths, "
+                              f'e.g. plugins = ["my_methods", "plugins/mine.py"]')
+        try:
+            plugins = load_plugins(plugins_raw, base)
+        except PluginError as exc:
+            raise PluginError(f"{source}: {exc}") from None
         if not isinstance(raw.get("default", {}), Mapping):
             raise RecipeError(f"{source}: 'default' must be a table ([default])")
         default_raw = dict(raw.get("default", {}))
@@ -164,19 +206,81 @@ class Recipe:
             merged = {k: v for k, v in r.items() if k in own}
             rules.append(_build_rule(merged, default, f"{where} ({r['match']!r})"))
             owned.append(tuple(merged))
-        return cls(default=default, rules=tuple(rules), inherited=tuple(owned))
+        transforms = _build_methods(raw.get("transform", []), TRANSFORMS, "transform",
+                                    "block transform", source)
+        optimizers = _build_methods(raw.get("optimizer", []), OPTIMIZERS, "optimizer",
+                                    "block optimizer", source)
+        return cls(default=default, rules=tuple(rules), inherited=tuple(owned), plugins=plugins,
+                   transforms=transforms, optimizers=optimizers)
+
+
+def method_to_dict(method: Any) -> dict[str, Any]:
+    """A block transform or optimizer as ``{"name": ..., option: value}``: the options that
+    differ from their defaults (so that :meth:`Recipe.from_dict` rebuilds an equal object)."""
+    out: dict[str, Any] = {"name": type(method).name}
+    for f in attrs.fields(type(method)):
+        value = getattr(method, f.name)
+        default = f.default
+        if isinstance(default, attrs.Factory):  # type: ignore[arg-type]
+            default = default.factory()
+        if value != default:
+            out[f.name] = _listed(value)
+    return out
+
+
+def _tupled(value: Any) -> Any:
+    """TOML arrays as tuples (frozen classes hold tuples, not lists)."""
+    return tuple(_tupled(v) for v in value) if isinstance(value, list) else value
+
+
+def _listed(value: Any) -> Any:
+    return [_listed(v) for v in value] if isinstance(value, tuple) else value
+
+
+def _build_methods(raw: Any, table: Mapping[str, type], key: str, kind: str,
+                   source: str) -> tuple[Any, ...]:
+    if not isinstance(raw, list):
+        raise RecipeError(f"{source}: '{key}' must be an array of tables ([[{key}]])")
+    out = []
+    for i, entry in enumerate(raw):
+        where = f"{source} {key} {i + 1}"
+        known = sorted(table)
+        if not isinstance(entry, Mapping):
+            raise RecipeError(f"{where}: must be a table with 'name' and options ([[{key}]])")
+        name = entry.get("name")
+        if not isinstance(name, str):
+            raise RecipeError(f"{where}: missing key 'name' (the {kind} to run; one of {known})")
+        if name not in table:
+            raise RecipeError(f"{where}: unknown {kind} {name!r} (key 'name'); use one of "
+                              f"{known} (or load the plugin defining it: plugins = [...])")
+        cls = table[name]
+        check_options_class(cls, kind, f"register_{key}")
+        options = [f.name for f in attrs.fields(cls)]
+        extra = sorted(set(entry) - {"name", *options})
+        if extra:
+            raise RecipeError(f"{where} ({name!r}): unknown key {extra[0]!r}; allowed keys: "
+                              f"{sorted(['name', *options])}")
+        try:
+            out.append(cls(**{k: _tupled(v) for k, v in entry.items() if k != "name"}))
+        except (TypeError, ValueError) as exc:
+            raise RecipeError(f"{where} ({name!r}): bad option value ({exc})") from None
+    return tuple(out)
 
 
 def _toml_pair(key: str, value: Any) -> str:
+    return f"{key} = {_toml_value(key, value)}"
+
+
+def _toml_value(key: str, value: Any) -> str:
     if isinstance(value, bool):
-        text = "true" if value else "false"
-    elif isinstance(value, (int, float)):
-        text = repr(value)
-    elif isinstance(value, str):
-        text = json.dumps(value)  # a JSON string is a valid TOML basic string
-    else:
-        raise RecipeError(f"recipe key {key!r}: cannot write a {type(value).__name__} to TOML")
-    return f"{key} = {text}"
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        return json.dumps(value)  # a JSON string is a valid TOML basic string
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml_value(key, v) for v in value) + "]"
+    raise RecipeError(f"recipe key {key!r}: cannot write a {type(value).__name__} to TOML")
 
 
 def _build_rule(raw: Mapping[str, Any], default: Rule | None, where: str) -> Rule:
@@ -199,6 +303,10 @@ def _build_rule(raw: Mapping[str, Any], default: Rule | None, where: str) -> Rul
             raise RecipeError(f"{where}: key {sorted(extra)[0]!r} has no meaning for strategy 'skip'")
         return Rule(match=pattern, strategy=SKIP)
     options = strategy_options(strategy)
+    unsupported = sorted((set(raw) - set(RULE_KEYS)) & STRATEGIES[strategy].unsupported_options)
+    if unsupported:
+        raise RecipeError(f"{where}: strategy {strategy!r} does not support option "
+                          f"{unsupported[0]!r}; its options: {sorted(options)}")
     unknown = set(raw) - set(RULE_KEYS) - set(options)
     if unknown:
         allowed = sorted({*RULE_KEYS, *options})
@@ -216,7 +324,7 @@ def _build_rule(raw: Mapping[str, Any], default: Rule | None, where: str) -> Rul
         key = "mode" if str(exc).startswith("mode") else str(exc).split("=")[0]
         raise RecipeError(f"{where}: key {key!r}: {exc}") from None
     inherited_opts = dict(default.options) if default is not None and default.strategy == strategy else {}
-    opts = {**inherited_opts, **{k: raw[k] for k in options if k in raw}}
+    opts = {**inherited_opts, **{k: _tupled(raw[k]) for k in options if k in raw}}
     rule = Rule(match=pattern, strategy=strategy, spec=spec, options=tuple(sorted(opts.items())))
     try:
         rule.make_quantizer()

@@ -21,11 +21,11 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
-from mlx_lm.models.switch_layers import SwitchGLU
 
+from .arch import decoder_blocks, shared_input_groups
 from .checkpoint import Checkpoint, ResumeState
 from .distributed import Distributed, ShardLayout
-from .errors import CheckpointError, FactorizationError, ModelLoadError, RecipeError
+from .errors import CheckpointError, FactorizationError, RecipeError
 from .hessian import HessianCollector, HessianStats
 from .host import (
     BACKENDS,
@@ -646,19 +646,12 @@ def _expert_shard_stats(model, walker: ModelWalker, active: list[LayerPlan],
 
 
 def _same_input(model: nn.Module, plans: list[LayerPlan]) -> dict[str, str]:
-    """``{up projection: gate projection}`` of every mlx-lm ``SwitchGLU`` whose two are both
-    in ``plans`` with equal handlers: ``SwitchGLU`` calls them with the very same ``x`` and
-    expert indices, so their Hessians are the same (see :func:`quantize_expert_layers`)."""
+    """``{layer: layer it reads the very same input of}`` among ``plans``, from the model's
+    architecture table (e.g. a ``SwitchGLU``'s up projection: its gate projection), where both
+    have equal handlers: their Hessians are the same (see :func:`quantize_expert_layers`)."""
     by_path = {p.path: p for p in plans}
-    parents = {path.rpartition(".")[0] for path in by_path}
-    glus = {k for k, m in model.named_modules() if k in parents and type(m) is SwitchGLU}
-    out = {}
-    for path, p in by_path.items():
-        parent, _, name = path.rpartition(".")
-        gate = by_path.get(f"{parent}.gate_proj")
-        if name == "up_proj" and parent in glus and gate is not None and gate.handler == p.handler:
-            out[path] = gate.path
-    return out
+    return {path: lead for path, lead in shared_input_groups(model, by_path).items()
+            if by_path[lead].handler == by_path[path].handler}
 
 
 def _load_expert_stats(collector, path: str, merged: dict[str, HessianStats]) -> None:
@@ -806,15 +799,7 @@ def _paired(passes, references, collectors, muted=()):
 
 
 def _decoder_blocks(model: nn.Module) -> list[nn.Module]:
-    layers = getattr(model, "layers", None)
-    if layers is None and "model" in model:
-        layers = getattr(model["model"], "layers", None)
-    if not layers:
-        raise ModelLoadError(
-            f"model class {type(model).__name__} exposes no decoder blocks (`layers`); "
-            "quantkit walks mlx-lm decoder models"
-        )
-    return list(layers)
+    return decoder_blocks(model)
 
 
 def _restore_dtypes(model: nn.Module, orig: dict[str, mx.Dtype]) -> None:

@@ -3,6 +3,9 @@ formats, and Hessian accumulation, each against a float64 NumPy reference."""
 
 from __future__ import annotations
 
+from typing import ClassVar
+
+import attrs
 import mlx.core as mx
 import numpy as np
 import pytest
@@ -300,10 +303,11 @@ def test_recipe_options_select_strategies_per_layer():
 _SINK: list = []
 
 
+@attrs.frozen
 class _Recorder(Quantizer):
     """Test-only strategy: keeps each layer's weight and Hessian, stores RTN."""
 
-    name = "_test_record"
+    name: ClassVar[str] = "_test_record"
 
     def quantize(self, weight, spec, stats, storage_dtype=mx.float32):
         _SINK.append((np.array(weight), np.array(stats.h)))
