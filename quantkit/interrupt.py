@@ -117,7 +117,7 @@ def handling(on_force: Callable[[int], None] = _default_force) -> Iterator[None]
         yield
         return
     handler = _handler(on_force)
-    previous = {s: signal.signal(s, handler) for s in SIGNALS}
+    previous = {s: signal.signal(s, handler) for s in _handled()}
     try:
         yield
     finally:
@@ -131,5 +131,11 @@ def install(on_force: Callable[[int], None] = _default_force) -> None:
     signal during start-up imports is honoured too)."""
     if threading.current_thread() is threading.main_thread():
         handler = _handler(on_force)
-        for s in SIGNALS:
+        for s in _handled():
             signal.signal(s, handler)
+
+
+def _handled() -> list[int]:
+    """The signals to handle: those not ignored. A shell starts background jobs with SIGINT
+    ignored (and ``nohup`` ignores SIGHUP): the convention is kept, as Python itself does."""
+    return [s for s in SIGNALS if signal.getsignal(s) is not signal.SIG_IGN]
