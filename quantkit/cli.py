@@ -687,7 +687,10 @@ def main() -> None:
         err.print(f"[bold red]error:[/] interrupted ({exc}) while starting; nothing was written",
                   highlight=False)
         sys.exit(exc.exit_code)
-    app()
+    try:
+        app()
+    finally:
+        interrupt.ignore()  # done: a signal while Python shuts down must not change the status
 
 
 if __name__ == "__main__":

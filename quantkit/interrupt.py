@@ -139,3 +139,12 @@ def _handled() -> list[int]:
     """The signals to handle: those not ignored. A shell starts background jobs with SIGINT
     ignored (and ``nohup`` ignores SIGHUP): the convention is kept, as Python itself does."""
     return [s for s in SIGNALS if signal.getsignal(s) is not signal.SIG_IGN]
+
+
+def ignore() -> None:
+    """Ignore SIGINT and SIGTERM from now on: the program's work is over (its output complete,
+    its exit status decided). Python puts the default handlers back while it shuts down, so a
+    signal then would end a finished run by that signal instead of its own exit status."""
+    if threading.current_thread() is threading.main_thread():
+        for s in SIGNALS:
+            signal.signal(s, signal.SIG_IGN)
