@@ -748,3 +748,42 @@ def test_inspect_and_report_bad_directories(quantize, stories_dir, tmp_path):
     report.rmdir()
     report.write_bytes(b"\xff\xfe not utf-8")
     assert "not a quantkit run report" in one_line_error(runner.invoke(app, ["report", str(broken)]))
+
+
+def test_library_refuses_unused_rules_before_any_calibration(stories_dir, stories_tokens):
+    """The validation pass is the library's, not only the CLI's: quantize_model refuses a rule
+    that takes no layer before any block is calibrated (no progress event but none)."""
+    from quantkit import RecipeError, load_model, quantize_model
+
+    model, _, _ = load_model(stories_dir)
+    events = []
+    recipe = Recipe.from_dict({"rules": [{"match": "*.v_prj", "bits": 8}]})
+    with pytest.raises(RecipeError, match=r"rule 1 \('\*\.v_prj'\) matches no layer"):
+        quantize_model(model, stories_tokens[0][:8, :64], recipe,
+                       progress=lambda event, info: events.append(event))
+    assert events == []
+
+
+def test_validation_helpers():
+    from quantkit.errors import describe
+    from quantkit.validate import launcher_environment
+
+    assert launcher_environment({}) is None
+    assert launcher_environment({"MLX_RANK": "0"}) == "MLX_RANK"
+    assert launcher_environment({"OMPI_COMM_WORLD_SIZE": "1"}) is None  # mpirun -np 1
+    assert launcher_environment({"PMI_SIZE": "4"}) == "PMI_SIZE"
+    assert describe(ValueError("Received 1 parameters not in model: \nmodel.x.weight.")) == \
+        "Received 1 parameters not in model: model.x.weight."
+    assert describe(TypeError("'bits' must be int", object(), int)) == "'bits' must be int"
+    assert describe(RuntimeError("")) == "RuntimeError"
+    assert len(describe(ValueError("x" * 1000), limit=50)) == 50
+
+
+def test_not_quantkit_output_reasons(tmp_path):
+    from quantkit.validate import not_quantkit_output
+
+    assert not_quantkit_output(tmp_path) is None  # empty
+    (tmp_path / "notes.txt").write_text("x")
+    assert "quantization_report.json" in not_quantkit_output(tmp_path)
+    _fake_quantkit_output(tmp_path / "q")
+    assert not_quantkit_output(tmp_path / "q") is None
