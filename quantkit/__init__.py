@@ -5,43 +5,14 @@ Subclass :class:`Quantizer`, :class:`HessianCollector`, :class:`Packer` or
 run everything with :func:`quantize_model` / :func:`quantize_directory` or the ``quantkit`` CLI.
 """
 
-from .api import DirectoryResult, quantize_directory, quantize_model
-from .calibration import builtin_text, calibration_tokens
-from .checkpoint import Checkpoint, DirectoryCheckpoint
-from .distributed import Distributed
-from .errors import (
-    CalibrationError,
-    CheckpointError,
-    DistributedError,
-    FactorizationError,
-    ModelLoadError,
-    OutputError,
-    PluginError,
-    QuantkitError,
-    RecipeError,
-    SpecError,
-)
-from .evaluate import perplexity
-from .gptaq import GPTAQQuantizer
-from .hessian import DenseHessianCollector, HessianCollector, HessianStats
-from .inverse import DampedCholesky, EscalatingCholesky, InverseFactor, InverseStrategy
-from .io import load_model, save_model
-from .mixed import MixedPlan, plan_mixed_precision
-from .packers import AffinePacker, FloatFormatPacker, Packer, packer_for
-from .quantizers import (
-    STRATEGIES,
-    GPTQQuantizer,
-    Quantizer,
-    QuantResult,
-    RTNQuantizer,
-    register_strategy,
-    round_to_nearest,
-)
-from .recipe import Recipe, Rule
-from .registry import DEFAULT_REGISTRY, LayerHandler, LayerRegistry
-from .report import LayerRecord, RunReport
-from .specs import QuantSpec
-from .walker import ModelWalker, WalkResult
+# ruff: noqa: F405 (the names in __all__ come from _exports, imported on first use)
+from typing import TYPE_CHECKING
+
+# The public names are imported on first use (PEP 562): ``import quantkit`` (and so the
+# ``quantkit`` command's start-up, which must install its signal handlers before MLX, mlx-lm
+# and transformers are imported; see quantkit.interrupt) costs nothing until a name is used.
+if TYPE_CHECKING:
+    from ._exports import *  # noqa: F403
 
 __version__ = "0.1.0"
 
@@ -56,3 +27,17 @@ __all__ = [
     "WalkResult", "builtin_text", "calibration_tokens", "load_model", "packer_for", "perplexity",
     "quantize_directory", "quantize_model", "register_strategy", "round_to_nearest", "save_model",
 ]
+
+
+def __getattr__(name: str):
+    if name not in __all__:
+        raise AttributeError(f"module 'quantkit' has no attribute {name!r}")
+    from . import _exports
+
+    values = {k: getattr(_exports, k) for k in __all__}
+    globals().update(values)
+    return values[name]
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})

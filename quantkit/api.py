@@ -21,6 +21,7 @@ from .quantizers import Quantizer, RTNQuantizer
 from .recipe import Recipe
 from .registry import DEFAULT_REGISTRY, LayerRegistry
 from .report import REPORT_NAME, RunReport
+from .validate import check_settings
 from .walker import ModelWalker, Progress, WalkResult
 
 
@@ -75,6 +76,7 @@ def quantize_directory(
     (each rank holds only its own calibration samples) and ``resume`` is refused."""
     from mlx_lm.utils import compute_bits_per_weight
 
+    check_settings(seed=seed)  # reliab: before any work
     distributed = distributed or Distributed()
     writer = distributed.rank == 0  # the only rank that touches the output path
     out_dir = check_output(out_dir, overwrite, model_dir) if writer else Path(out_dir).absolute()

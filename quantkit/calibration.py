@@ -14,6 +14,7 @@ import mlx.core as mx
 import numpy as np
 
 from .errors import CalibrationError
+from .validate import check_input_file
 
 DEFAULT_SOURCE = "builtin"
 
@@ -34,9 +35,7 @@ def read_text(source: str | Path | None) -> str:
     """Text of ``source``: a file path, or ``None``/``"builtin"`` for the offline default."""
     if source is None or str(source) == DEFAULT_SOURCE:
         return builtin_text()
-    path = Path(source)
-    if not path.is_file():
-        raise CalibrationError(f"calibration file {path} does not exist; check the path")
+    path = check_input_file(source, "calibration file", CalibrationError)  # reliab: dir, pipe, device
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError:

@@ -3,30 +3,46 @@
 Exit codes: 0 success; 1 a clear error about the input, the output path or a checkpoint (one
 line on stderr); 2 usage error; 3 an unexpected internal error (one line; ``--debug`` shows the
 traceback); 4 ``recipe check --strict`` found a rule that matches no layer (or
-only layers an earlier rule took); 130 interrupted (Ctrl-C or SIGTERM; the finished blocks are checkpointed, ``--resume`` goes on).
-With ``--processes N`` the launcher exits 1 when any rank fails, naming it.
+only layers an earlier rule took); 130 interrupted by Ctrl-C (SIGINT), 143 by SIGTERM (the
+finished blocks are checkpointed, ``--resume`` goes on). With ``--processes N`` the launcher
+exits 1 when any rank fails, naming it.
+
+Signals (see quantkit.interrupt and docs/reliability.md): when this module is the program, its
+first statements install handlers that only set a flag, before typer, rich, MLX or mlx-lm are
+imported; the library stops at its next check and the command ends with one line.
 """
 
 from __future__ import annotations
 
-import contextlib
-import faulthandler
-import json
 import os
-import signal
 import sys
-import time
-from enum import Enum
-from pathlib import Path
-from typing import Annotated, Any, Optional
 
-import typer
-from rich import box
-from rich.console import Console
-from rich.markup import escape
-from rich.table import Table
+from . import interrupt
 
-from .errors import QuantkitError
+
+def _force_exit(signum: int) -> None:
+    """A second Ctrl-C: end now (a half-written hidden directory is removed by the next run)."""
+    os.write(2, b"error: interrupted again; stopped at once\n")
+    os._exit(128 + signum)
+
+
+if __name__ == "__main__" or os.path.basename(sys.argv[0]) == "quantkit":
+    interrupt.install(_force_exit)  # the `quantkit` program: before the imports below
+
+import faulthandler  # noqa: E402
+import json  # noqa: E402
+import time  # noqa: E402
+from enum import Enum  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import Annotated, Any, Optional  # noqa: E402
+
+import typer  # noqa: E402
+from rich import box  # noqa: E402
+from rich.console import Console  # noqa: E402
+from rich.markup import escape  # noqa: E402
+from rich.table import Table  # noqa: E402
+
+from .errors import QuantkitError, describe  # noqa: E402
 
 app = typer.Typer(
     add_completion=False,
@@ -34,14 +50,14 @@ app = typer.Typer(
     help="Post-training weight quantization (GPTQ, RTN, recipes) for MLX language models.",
     epilog="Exit codes: 0 success, 1 bad input (one line on stderr), 2 usage error, "
            "3 internal error (--debug shows it), 4 recipe check --strict found warnings, "
-           "130 interrupted. Docs: docs/cli.md",
+           "130 interrupted (Ctrl-C), 143 stopped (SIGTERM). Docs: docs/cli.md",
 )
 out = Console()
 err = Console(stderr=True)
 
 
 def _strategy_names() -> list[str]:
-    from .quantizers import STRATEGIES
+    from .strategies import STRATEGIES
 
     return sorted(STRATEGIES)
 
@@ -79,8 +95,7 @@ class Backend(str, Enum):
 
 def internal_error(exc: BaseException) -> None:
     """An unexpected exception (a bug) as one line, exit code 3; ``--debug`` shows the traceback."""
-    lines = str(exc).strip().splitlines()
-    fail(f"internal error ({type(exc).__name__}: {lines[0] if lines else ''}); "
+    fail(f"internal error ({type(exc).__name__}: {describe(exc, 200)}); "
          "rerun with --debug for the traceback and report it", 3)
 
 
@@ -156,84 +171,61 @@ def quantize(
 
     Several processes (see docs/distributed.md): --processes N on one machine; on several
     machines, mlx.launch ... quantize ... --distributed. Either way rank 0 writes OUTPUT."""
-    from .api import quantize_directory
-    from .checkpoint import checkpoint_dir, read_progress
-    from .distributed import Distributed
-    from .recipe import Recipe
+    start = time.perf_counter()
+    from .launch import LAUNCHER_PID, follow_launcher
+    from .validate import check_settings, launcher_environment, removing_created_parents
 
     if processes < 1 or shards < 1:
         fail("--processes and --shards must be ≥ 1", 2)
-    if processes > 1 and not distributed:
-        _launch(ctx, processes, quiet or json_out)
-        return
-    start = time.perf_counter()
     if num_samples < 1 or seq_len < 2 or batch_size < 1:
         fail("--num-samples and --batch-size must be ≥ 1 and --seq-len ≥ 2", 2)
     try:
-        group = Distributed(num_shards=shards)
-        if distributed:
-            # Connecting gives up after --timeout with one line (SIGALRM interrupts it, see
-            # connect_to_other_ranks). Should a platform not interrupt it, faulthandler's C
-            # timer still ends the process a minute later (exit status 1, the stack on stderr).
-            faulthandler.dump_traceback_later(timeout + 60, exit=True)
-            try:
-                group = Distributed.init(strict=True, num_shards=shards, timeout_s=timeout,
-                                         on_timeout=_give_up)
-            finally:
-                faulthandler.cancel_dump_traceback_later()
-        _load_plugins(plugin)
-        base = Recipe.from_toml(recipe) if recipe else Recipe()
-        _check_strategy(strategy)
-        if not recipe and strategy is None and bits is None and group_size is None:
-            base = Recipe()  # GPTQ 4-bit, group 64
-        rec = base.with_default(strategy=strategy, bits=bits, group_size=group_size)
-        plan = None
-        if target_bpw is not None:
-            from .mixed import plan_directory
-
-            if group.size > 1:
-                fail("--target-bpw plans in one process; plan first, then run the written "
-                     "recipe with --recipe and --processes", 2)
-            with _ProgressView(enabled=not (quiet or json_out)) as view:
-                plan = plan_directory(
-                    model_dir, target_bpw, rec, calibration=calibration, num_samples=num_samples,
-                    seq_len=seq_len, seed=seed, dtype=dtype.value, batch_size=batch_size,
-                    progress=view,
-                )
-            rec = plan.recipe
-        with _ProgressView(enabled=not (quiet or json_out) and group.rank == 0) as view, \
-                _sigterm_as_interrupt():
-            result = quantize_directory(
-                model_dir, output, rec, calibration=calibration, num_samples=num_samples,
-                seq_len=seq_len, seed=seed, dtype=dtype.value, batch_size=batch_size,
-                overwrite=overwrite, resume=resume, checkpoint=checkpoint, progress=view,
-                distributed=group, backend=backend.value,
-            )
-        if plan is not None:
-            (result.out_dir / "recipe.toml").write_text(plan.to_toml())
-    except typer.Exit:  # a usage error raised by fail() above
-        raise
+        check_settings(seed=seed, target_bpw=target_bpw, timeout_s=timeout)
     except QuantkitError as exc:
-        if debug:
+        fail(str(exc), 2)
+    launched_by = launcher_environment()
+    if launched_by and not distributed:
+        fail(f"this process is one rank of a launched group ({launched_by} is set) but "
+             "--distributed is not given: add --distributed to the quantize command (or run it "
+             f"without the launcher, with {launched_by} unset)", 2)
+    ranked = distributed and os.environ.get(LAUNCHER_PID, "").isdigit()
+    if ranked:  # started by --processes: die with the launcher, let it report interruptions
+        follow_launcher(int(os.environ[LAUNCHER_PID]))
+    with interrupt.handling(_force_exit):
+        if processes > 1 and not distributed:
+            _launch(ctx, processes, quiet or json_out)
+            return
+        try:
+            with removing_created_parents(output):
+                result, plan, rank = _quantize(
+                    model_dir, output, recipe=recipe, plugin=plugin, bits=bits, group_size=group_size,
+                    strategy=strategy, target_bpw=target_bpw, calibration=calibration,
+                    num_samples=num_samples, seq_len=seq_len, seed=seed, dtype=dtype,
+                    batch_size=batch_size, backend=backend, overwrite=overwrite, resume=resume,
+                    checkpoint=checkpoint, quiet=quiet or json_out, distributed=distributed,
+                    shards=shards, timeout=timeout)
+        except KeyboardInterrupt as exc:
+            if debug:
+                raise
+            code = getattr(exc, "exit_code", 130)
+            if ranked:
+                raise typer.Exit(code) from None
+            fail(_interrupted(exc, output, checkpoint), code)
+            return
+        except QuantkitError as exc:
+            if debug:
+                raise
+            fail(str(exc))
+            return
+        except typer.Exit:
             raise
-        fail(str(exc))
-        return
-    except KeyboardInterrupt:
-        if debug:
-            raise
-        done = read_progress(checkpoint_dir(output)) if checkpoint else None
-        if done:
-            fail(f"interrupted; {done} finished blocks are checkpointed in {checkpoint_dir(output)}: "
-                 "rerun the same command with --resume to continue", 130)
-        fail(f"interrupted; nothing was written to {output}", 130)
-        return
-    except Exception as exc:  # a bug: one line, the traceback with --debug
-        if debug:
-            raise
-        internal_error(exc)
-        return
+        except Exception as exc:  # a bug: one line, the traceback with --debug
+            if debug:
+                raise
+            internal_error(exc)
+            return
     report = result.report
-    if group.rank != 0:
+    if rank != 0:
         return
     if json_out:
         out.print_json(json.dumps(report.to_dict()))
@@ -247,21 +239,69 @@ def quantize(
                   highlight=False)
 
 
-@contextlib.contextmanager
-def _sigterm_as_interrupt():
-    """Treat SIGTERM (``kill``, job schedulers, ``timeout``) like Ctrl-C: a clean, resumable stop."""
-    def handler(signum, frame):
-        raise KeyboardInterrupt
+def _quantize(model_dir, output, *, recipe, plugin, bits, group_size, strategy, target_bpw, calibration,
+              num_samples, seq_len, seed, dtype, batch_size, backend, overwrite, resume,
+              checkpoint, quiet, distributed, shards, timeout):
+    """The work of ``quantize`` in this process: ``(result, plan or None, rank)``."""
+    from .api import quantize_directory
+    from .distributed import Distributed
+    from .recipe import Recipe
 
-    try:
-        previous = signal.signal(signal.SIGTERM, handler)
-    except ValueError:  # not the main thread: leave signals alone
-        yield
-        return
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+    interrupt.check("imports")
+    group = Distributed(num_shards=shards)
+    if distributed:
+        # Connecting gives up after --timeout with one line (SIGALRM interrupts it, see
+        # connect_to_other_ranks). Should a platform not interrupt it, faulthandler's C
+        # timer still ends the process a minute later (exit status 1, the stack on stderr).
+        faulthandler.dump_traceback_later(timeout + 60, exit=True)
+        try:
+            group = Distributed.init(strict=True, num_shards=shards, timeout_s=timeout,
+                                     on_timeout=_give_up)
+        finally:
+            faulthandler.cancel_dump_traceback_later()
+    _load_plugins(plugin)
+    base = Recipe.from_toml(recipe) if recipe else Recipe()
+    _check_strategy(strategy)
+    if not recipe and strategy is None and bits is None and group_size is None:
+        base = Recipe()  # GPTQ 4-bit, group 64
+    rec = base.with_default(strategy=strategy, bits=bits, group_size=group_size)
+    plan = None
+    if target_bpw is not None:
+        from .mixed import plan_directory
+
+        if group.size > 1:
+            fail("--target-bpw plans in one process; plan first, then run the written "
+                 "recipe with --recipe and --processes", 2)
+        with _ProgressView(enabled=not quiet) as view:
+            plan = plan_directory(
+                model_dir, target_bpw, rec, calibration=calibration, num_samples=num_samples,
+                seq_len=seq_len, seed=seed, dtype=dtype.value, batch_size=batch_size,
+                progress=view,
+            )
+        rec = plan.recipe
+    with _ProgressView(enabled=not quiet and group.rank == 0) as view:
+        result = quantize_directory(
+            model_dir, output, rec, calibration=calibration, num_samples=num_samples,
+            seq_len=seq_len, seed=seed, dtype=dtype.value, batch_size=batch_size,
+            overwrite=overwrite, resume=resume, checkpoint=checkpoint, progress=view,
+            distributed=group, backend=backend.value,
+        )
+    if plan is not None:
+        (result.out_dir / "recipe.toml").write_text(plan.to_toml())
+    return result, plan, group.rank
+
+
+def _interrupted(exc: BaseException, output: Path, checkpoint: bool) -> str:
+    """The one line for a stopped run: which signal, and what is left (no output; the
+    checkpointed blocks, if any)."""
+    from .checkpoint import checkpoint_dir, read_progress
+
+    how = f"interrupted ({exc})" if isinstance(exc, interrupt.Interrupted) else "interrupted"
+    done = read_progress(checkpoint_dir(output)) if checkpoint else None
+    if done:
+        return (f"{how}; {done} finished blocks are checkpointed in {checkpoint_dir(output)}: "
+                "rerun the same command with --resume to continue")
+    return f"{how}; nothing was written to {output}"
 
 
 def _give_up(message: str) -> None:
@@ -303,8 +343,10 @@ def _launch(ctx: typer.Context, n: int, quiet: bool) -> None:
     start = time.perf_counter()
     try:
         result = launch_local(lambda rank: _rank_argv(ctx, rank, quiet), n)
-    except KeyboardInterrupt:
-        fail(f"interrupted; stopped every rank; nothing was written to {ctx.params['output']}", 130)
+    except KeyboardInterrupt as exc:
+        how = f"interrupted ({exc})" if isinstance(exc, interrupt.Interrupted) else "interrupted"
+        fail(f"{how}; stopped every rank; nothing was written to {ctx.params['output']}",
+             getattr(exc, "exit_code", 130))
         return
     if not result.ok:
         fail(f"distributed run failed: {result.describe()}; "
@@ -378,17 +420,30 @@ def eval_(
     debug: Annotated[bool, typer.Option(help="show full tracebacks")] = False,
 ) -> None:
     """Perplexity of MODEL_DIR on a text: exp of the mean next-token loss (lower is better)."""
+    from .errors import SettingsError
+    from .validate import check_input_file, check_settings
+
+    if num_samples < 1 or seq_len < 2 or batch_size < 1:
+        fail("--num-samples and --batch-size must be ≥ 1 and --seq-len ≥ 2", 2)
+    try:
+        check_settings(seed=seed)
+        if text is not None:
+            check_input_file(text, "text file")
+    except QuantkitError as exc:
+        fail(str(exc), 2 if isinstance(exc, SettingsError) else 1)
+    start = time.perf_counter()
+    with interrupt.handling(_force_exit):
+        _eval(model_dir, text, seq_len, num_samples, seed, batch_size, quiet, json_out, debug,
+              start)
+
+
+def _eval(model_dir, text, seq_len, num_samples, seed, batch_size, quiet, json_out, debug, start):
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
     from .calibration import make_batches, read_text, tokenize
     from .evaluate import perplexity
     from .io import load_model
 
-    if num_samples < 1 or seq_len < 2 or batch_size < 1:
-        fail("--num-samples and --batch-size must be ≥ 1 and --seq-len ≥ 2", 2)
-    if text is not None and not text.is_file():
-        fail(f"text file {text} does not exist; check the path")
-    start = time.perf_counter()
     try:
         model, tokenizer, config = load_model(model_dir, allow_quantized=True)
         ids = tokenize(tokenizer, read_text(text), max_tokens=num_samples * seq_len)
@@ -404,8 +459,11 @@ def eval_(
             raise
         fail(str(exc))
         return
-    except KeyboardInterrupt:
-        fail("interrupted", 130)
+    except KeyboardInterrupt as exc:
+        if debug:
+            raise
+        fail(f"interrupted ({exc})" if isinstance(exc, interrupt.Interrupted) else "interrupted",
+             getattr(exc, "exit_code", 130))
         return
     except Exception as exc:  # a bug: one line, the traceback with --debug
         if debug:
@@ -444,14 +502,18 @@ class SortBy(str, Enum):
 
 def _read_report(path: Path):
     from .report import REPORT_NAME, RunReport
+    from .validate import check_input_file
 
     directory = path.parent if path.is_file() else path
-    if not (directory / REPORT_NAME).is_file():
+    if not (directory / REPORT_NAME).exists():
         fail(f"{path} has no {REPORT_NAME}; pass a directory written by `quantkit quantize`")
     try:
+        check_input_file(directory / REPORT_NAME, "run report", fix="pass a directory written by `quantkit quantize`")
         return RunReport.read(directory)
-    except (json.JSONDecodeError, TypeError, KeyError, AttributeError) as exc:
-        fail(f"{directory / REPORT_NAME} is not a quantkit run report ({type(exc).__name__}: {exc})")
+    except QuantkitError as exc:
+        fail(str(exc))
+    except (ValueError, TypeError, KeyError, AttributeError) as exc:  # ValueError: JSON, UTF-8
+        fail(f"{directory / REPORT_NAME} is not a quantkit run report ({type(exc).__name__}: {describe(exc)})")
 
 
 def _wide() -> Console:
@@ -617,7 +679,18 @@ def recipe_check(
 
 
 def main() -> None:
-    app()
+    """The ``quantkit`` program: signal handlers first (see :mod:`quantkit.interrupt`)."""
+    interrupt.install(_force_exit)
+    try:
+        interrupt.check("imports")
+    except interrupt.Interrupted as exc:
+        err.print(f"[bold red]error:[/] interrupted ({exc}) while starting; nothing was written",
+                  highlight=False)
+        sys.exit(exc.exit_code)
+    try:
+        app()
+    finally:
+        interrupt.ignore()  # done: a signal while Python shuts down must not change the status
 
 
 if __name__ == "__main__":

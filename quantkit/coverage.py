@@ -13,9 +13,10 @@ from mlx.utils import tree_flatten
 
 from .io import load_model
 from .plugins import origin
-from .quantizers import STRATEGIES
 from .recipe import Recipe
 from .report import RunReport
+from .strategies import STRATEGIES
+from .validate import rule_warnings
 from .walker import ModelWalker
 
 
@@ -80,15 +81,10 @@ def check_recipe(recipe: Recipe, model_dir: str | Path | None = None) -> RecipeC
         order = {p: n for n, (p, _) in enumerate(
             tree_flatten(loaded.leaf_modules(), is_leaf=nn.Module.is_module))}
         layers.sort(key=lambda d: order.get(d["path"], len(order)))
-        paths = [d["path"] for d in layers]
-        for i, rule in enumerate(recipe.rules):
-            matched = [p for p in paths if rule.matches(p)]
-            won = [d for d in layers if d["rule"] == i + 1]
-            rules[i]["layers"] = len(won)
-            if not matched:
-                warnings.append(f"{rule_label(i, rule)} matches no layer of {model_dir}")
-            elif not won:
-                warnings.append(f"{rule_label(i, rule)} matches {len(matched)} layer(s), all "
-                                "taken by earlier rules (first match wins)")
+        for i in range(len(recipe.rules)):
+            rules[i]["layers"] = sum(1 for d in layers if d["rule"] == i + 1)
+        # The same check `quantize` refuses a recipe by (quantkit.validate.check_rules).
+        winners = {d["path"]: None if d["rule"] is None else d["rule"] - 1 for d in layers}
+        warnings = [w for _, w in rule_warnings(recipe, winners)]
     return RecipeCoverage(rules=rules, layers=layers, warnings=warnings,
                           methods=methods_used(recipe))

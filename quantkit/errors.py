@@ -43,3 +43,26 @@ class DistributedError(QuantkitError):
 class PluginError(RecipeError):
     """A plugin (``--plugin``, a recipe's ``plugins``) that cannot be loaded: a missing file or
     module, an error while importing it, or a name it registers that is already taken."""
+
+
+class SettingsError(QuantkitError, ValueError):
+    """A run setting that cannot be used (a negative seed, a non-finite target, a calibration
+    dtype too narrow for the model's values); the message names the option and a valid choice."""
+
+
+def describe(exc: BaseException, limit: int = 400) -> str:
+    """``exc`` as one line for a message: all of its text (not its first line: mlx-lm's "Received
+    1 parameters not in model: \\nNAME" names what matters on the second), whitespace collapsed,
+    cut at ``limit`` characters. attrs validators raise ``TypeError(message, Attribute(...), ...)``:
+    only the message is kept, not the repr of the other arguments."""
+    args: tuple = getattr(exc, "args", ())
+    text = args[0] if len(args) > 1 and isinstance(args[0], str) else str(exc)
+    if isinstance(exc, OSError) and exc.strerror and not text:
+        text = exc.strerror
+    text = " ".join(text.split()) or type(exc).__name__
+    return text if len(text) <= limit else text[: limit - 1].rstrip() + "…"
+
+
+class EvaluationError(QuantkitError, ArithmeticError):
+    """A model whose loss on the text is not a number, or so large that its perplexity
+    overflows: its outputs are broken (damaged weights, a failed quantization)."""

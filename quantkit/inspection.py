@@ -9,7 +9,8 @@ from typing import Any
 
 import attrs
 
-from .errors import ModelLoadError
+from .errors import ModelLoadError, describe
+from .validate import read_config
 
 
 @attrs.frozen
@@ -34,7 +35,8 @@ def tensor_names(model_dir: str | Path) -> list[str]:
                 size = int.from_bytes(fh.read(8), "little")
                 header = json.loads(fh.read(size))
         except (OSError, ValueError) as exc:
-            raise ModelLoadError(f"{f} is not a readable safetensors file ({exc})") from None
+            raise ModelLoadError(f"{f} is not a readable safetensors file ({describe(exc)}); it may "
+                                 "be truncated or corrupt") from None
         names += [k for k in header if k != "__metadata__"]
     return names
 
@@ -43,15 +45,9 @@ def quantized_layers(model_dir: str | Path) -> QuantizedLayers:
     """Each layer's quantization settings in ``model_dir`` as ``mlx_lm.load`` will apply them;
     a one-line :class:`ModelLoadError` for a directory that is not a quantized model."""
     model_dir = Path(model_dir)
-    config_path = model_dir / "config.json"
-    if not config_path.is_file():
-        raise ModelLoadError(f"{model_dir} has no config.json; pass a model directory")
-    try:
-        config = json.loads(config_path.read_text())
-    except json.JSONDecodeError as exc:
-        raise ModelLoadError(f"{config_path} is not valid JSON ({exc})") from None
+    config = read_config(model_dir)  # missing, not a file, unreadable, not a JSON object
     q = config.get("quantization")
-    if not q:
+    if not q or not isinstance(q, dict):
         raise ModelLoadError(f"{model_dir} is not quantized (config.json has no 'quantization')")
     names = tensor_names(model_dir)
     paths = sorted({k.rsplit(".", 1)[0] for k in names if k.endswith(".scales")} |

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import errno
 import glob
-import json
 import os
 import secrets
 import shutil
@@ -13,7 +12,9 @@ from typing import Any
 
 import mlx.nn as nn
 
-from .errors import ModelLoadError, OutputError
+from .errors import ModelLoadError, OutputError, describe
+from .interrupt import check
+from .validate import check_model_dir, not_quantkit_output
 
 #: Files copied from the source directory: tokenizer, chat template, generation settings.
 COPY_PATTERNS = ("*.json", "tokenizer.model", "*.tiktoken", "*.txt", "*.jinja", "*.py")
@@ -31,36 +32,23 @@ def load_model(
     from mlx_lm.utils import load_tokenizer
 
     path = Path(path)
-    if not path.is_dir():
-        raise ModelLoadError(f"model directory {path} does not exist; pass a local mlx-lm model dir")
-    config_path = path / "config.json"
-    if not config_path.is_file():
-        raise ModelLoadError(f"{path} has no config.json; pass an mlx-lm model directory")
-    try:
-        config = json.loads(config_path.read_text())
-    except json.JSONDecodeError as exc:
-        raise ModelLoadError(f"{config_path} is not valid JSON ({exc}); fix or re-download it") from None
-    if "model_type" not in config:
-        raise ModelLoadError(f"{config_path} has no 'model_type'; it is not an mlx-lm/HF model config")
-    if not list(path.glob("*.safetensors")):
-        raise ModelLoadError(f"{path} has no *.safetensors weights; convert the model first")
-    if config.get("quantization") and not allow_quantized:
-        raise ModelLoadError(f"{path} is already quantized; start from the full-precision model")
+    config = check_model_dir(path, allow_quantized)  # reliab: validation pass
     try:
         model, config = _load_model(path, lazy=lazy)
     except ValueError as exc:
-        msg = str(exc).splitlines()[0]
+        msg = describe(exc)
         if "not supported" in msg or "model_type" in msg:
             raise ModelLoadError(f"model_type {config['model_type']!r} is not supported by the installed mlx-lm ({msg})") from None
         raise ModelLoadError(f"cannot load {path}: {msg}") from None
     except Exception as exc:  # corrupt safetensors, shape mismatches, ...
-        msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        msg = describe(exc)
         raise ModelLoadError(f"cannot load weights from {path}: {msg}; the files may be truncated or corrupt") from None
+    check("load")  # reliab: a signal during loading
     _check_finite(model, path)
     try:
         tokenizer = load_tokenizer(path)
     except Exception as exc:
-        raise ModelLoadError(f"cannot load the tokenizer from {path}: {str(exc).splitlines()[0]}") from None
+        raise ModelLoadError(f"cannot load the tokenizer from {path}: {describe(exc)}") from None
     return model, tokenizer, config
 
 
@@ -83,8 +71,9 @@ def check_output(
 ) -> Path:
     """Fail fast, before any work, when ``out_dir`` cannot be (over)written. Returns it absolute.
 
-    ``--overwrite`` only ever replaces a directory that looks like a model (it holds a
-    ``config.json``) or is empty, and never the source model or a directory containing it."""
+    ``--overwrite`` only ever replaces a directory quantkit wrote (see
+    :func:`quantkit.validate.not_quantkit_output`) or an empty one, and never the source model or
+    a directory containing it."""
     out_dir = Path(out_dir).absolute()
     if source_dir is not None:
         src = Path(source_dir).resolve()
@@ -92,12 +81,14 @@ def check_output(
         if target == src or target in src.parents:
             raise OutputError(f"output directory {out_dir} would replace the model directory {source_dir}; choose another path")
     if out_dir.exists() or out_dir.is_symlink():
-        if not overwrite:
-            raise OutputError(f"output directory {out_dir} already exists; pass --overwrite or another path")
         if not out_dir.is_dir():
             raise OutputError(f"output path {out_dir} exists and is not a directory; remove it or choose another path")
-        if not (out_dir / "config.json").is_file() and any(out_dir.iterdir()):
-            raise OutputError(f"{out_dir} is not a model directory (no config.json); --overwrite only replaces model directories")
+        foreign = not_quantkit_output(out_dir)
+        if foreign is not None:
+            raise OutputError(f"output directory {out_dir} already exists and was not written by quantkit "
+                              f"({foreign}); --overwrite only replaces quantkit's own output: choose another path")
+        if not overwrite:
+            raise OutputError(f"output directory {out_dir} already exists; pass --overwrite or another path")
     parent = out_dir.parent
     try:
         parent.mkdir(parents=True, exist_ok=True)
@@ -140,6 +131,7 @@ def save_model(
         for name, text in (extra_files or {}).items():
             (tmp / name).write_text(text)
         _fsync_tree(tmp)
+        check("write")  # reliab: nothing appears after the user stopped the run
         _replace_dir(tmp, out_dir)
     except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -5,22 +5,40 @@ die, and while it waits it keeps a core busy. This launcher is for one machine: 
 ``n`` processes with ``MLX_RANK`` and ``MLX_HOSTFILE`` set for MLX's ring backend over
 127.0.0.1, polls them, and as soon as one fails stops the others (SIGTERM, then SIGKILL), so a
 dead rank ends the whole job instead of leaving its peers waiting. Data only: the CLI prints.
+
+Rank lifetime: ranks never outlive their launcher. Each rank runs in its own session (so a
+terminal's Ctrl-C reaches only the launcher, which stops the ranks itself, SIGTERM then SIGKILL,
+whole process groups); a launcher that is killed outright (SIGKILL, no chance to clean up)
+takes its ranks with it through :func:`follow_launcher`, which each rank calls at start-up
+(``QUANTKIT_LAUNCHER_PID`` names the launcher): on Linux the kernel's parent-death signal
+(``prctl(PR_SET_PDEATHSIG, SIGKILL)``), elsewhere a watchdog thread polling the parent pid. The
+hostfile directory ``quantkit-launch-PID-*`` in the temporary directory is removed on exit, and
+one left by a killed launcher is removed by the next launch.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Sequence
 from contextlib import ExitStack
 from pathlib import Path
 
 import attrs
+
+from .interrupt import check
+
+#: Set in every rank's environment: the launcher's process id (see :func:`follow_launcher`).
+LAUNCHER_PID = "QUANTKIT_LAUNCHER_PID"
+TEMP_PREFIX = "quantkit-launch-"
 
 
 @attrs.frozen
@@ -46,7 +64,9 @@ class LaunchResult:
         if self.failed_rank is None:
             return ""
         code = self.returncodes[self.failed_rank]
-        if code is not None and code < 0:
+        if code in (130, 143):
+            how = f"was interrupted ({signal.Signals(code - 128).name})"
+        elif code is not None and code < 0:
             try:
                 how = f"was killed by {signal.Signals(-code).name}"
             except ValueError:
@@ -81,16 +101,22 @@ def launch_local(
 ) -> LaunchResult:
     """Run ``command(rank)`` for ranks ``0..n-1`` on this machine, joined by the ring backend
     over 127.0.0.1. Returns when all succeeded, or right after one failed (the others are
-    stopped), or after ``timeout_s``. Never leaves a child running."""
+    stopped), or after ``timeout_s``. Never leaves a child running; a SIGINT or SIGTERM to the
+    launcher (see :mod:`quantkit.interrupt`) stops every rank and raises
+    :class:`~quantkit.interrupt.Interrupted`."""
     start = time.monotonic()
     procs: list[subprocess.Popen] = []
-    with tempfile.TemporaryDirectory(prefix="quantkit-launch-") as tmp:
+    remove_stale_launch_dirs()
+    with tempfile.TemporaryDirectory(prefix=f"{TEMP_PREFIX}{os.getpid()}-") as tmp:
         hostfile = write_hostfile(Path(tmp) / "hosts.json", n)
         base = dict(os.environ if env is None else env)
+        base[LAUNCHER_PID] = str(os.getpid())
         try:
             for rank in range(n):
+                check("launch")
                 child_env = {**base, "MLX_RANK": str(rank), "MLX_HOSTFILE": str(hostfile)}
-                procs.append(subprocess.Popen(list(command(rank)), env=child_env))
+                procs.append(subprocess.Popen(list(command(rank)), env=child_env,
+                                              start_new_session=True))
             failed, timed_out = _watch(procs, start, timeout_s, poll_s)
         finally:
             _stop(procs, grace_s)
@@ -110,18 +136,91 @@ def _watch(procs, start, timeout_s, poll_s) -> tuple[int | None, bool]:
             return None, False
         if timeout_s is not None and time.monotonic() - start > timeout_s:
             return None, True
+        check("watch")
         time.sleep(poll_s)
 
 
 def _stop(procs: list[subprocess.Popen], grace_s: float) -> None:
-    """SIGTERM every child still running, SIGKILL those still there after ``grace_s``."""
+    """SIGTERM every child still running, SIGKILL those still there after ``grace_s``; each
+    signal goes to the child's whole process group (it leads one: ``start_new_session``)."""
     for p in procs:
         if p.poll() is None:
-            p.terminate()
+            _signal_group(p, signal.SIGTERM)
     deadline = time.monotonic() + grace_s
     for p in procs:
         try:
-            p.wait(max(deadline - time.monotonic(), 0.01))
+            _wait(p, max(deadline - time.monotonic(), 0.01))
         except subprocess.TimeoutExpired:
-            p.kill()
-            p.wait()
+            _signal_group(p, signal.SIGKILL)
+            _wait(p, None)
+
+
+def _wait(p: subprocess.Popen, timeout: float | None) -> None:
+    """``p.wait(timeout)``, not cut short by a ``KeyboardInterrupt`` (a second Ctrl-C under
+    Python's default handler) so that no rank is left running."""
+    while True:
+        try:
+            p.wait(timeout)
+            return
+        except KeyboardInterrupt:
+            continue
+
+
+def _signal_group(p: subprocess.Popen, signum: int) -> None:
+    try:
+        os.killpg(p.pid, signum)
+    except (ProcessLookupError, PermissionError):
+        pass
+    except AttributeError:  # pragma: no cover - no process groups (Windows)
+        p.send_signal(signum)
+
+
+def remove_stale_launch_dirs(root: str | Path | None = None) -> list[Path]:
+    """Remove ``quantkit-launch-PID-*`` directories of launchers that no longer run (killed
+    before they could clean up). Returns what was removed."""
+    removed = []
+    for path in Path(root or tempfile.gettempdir()).glob(f"{TEMP_PREFIX}*"):
+        pid = path.name[len(TEMP_PREFIX):].split("-", 1)[0]
+        if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+_PR_SET_PDEATHSIG = 1
+
+
+def follow_launcher(pid: int, poll_s: float = 0.5) -> None:
+    """Make this process (a rank) die with launcher ``pid``: SIGKILL from the kernel when its
+    parent exits (Linux ``prctl``), else a daemon thread that kills this process once its parent
+    is no longer ``pid``. Ends the process at once if the launcher is already gone."""
+    armed = False
+    if sys.platform.startswith("linux"):
+        try:
+            import ctypes
+
+            libc = ctypes.CDLL(None, use_errno=True)
+            armed = libc.prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0) == 0
+        except (OSError, AttributeError):
+            armed = False
+    if os.getppid() != pid:  # the launcher died before the signal was armed
+        os._exit(128 + signal.SIGKILL)
+    if not armed:
+        threading.Thread(target=_watch_parent, args=(pid, poll_s), daemon=True,
+                         name="quantkit-follow-launcher").start()
+
+
+def _watch_parent(pid: int, poll_s: float) -> None:
+    while os.getppid() == pid:
+        time.sleep(poll_s)
+    os.kill(os.getpid(), signal.SIGKILL)

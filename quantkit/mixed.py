@@ -26,6 +26,7 @@ of the unquantized model.
 from __future__ import annotations
 
 import heapq
+import math
 import re
 from collections import Counter
 from collections.abc import Sequence
@@ -39,10 +40,12 @@ from mlx.utils import tree_flatten, tree_unflatten
 
 from .errors import FactorizationError, QuantkitError
 from .hessian import HessianStats
+from .interrupt import check
 from .quantizers import Quantizer
 from .recipe import Recipe
 from .registry import Wrapper
 from .specs import QuantSpec
+from .validate import check_settings
 from .walker import _DTYPES, LayerPlan, ModelWalker, Progress, _decoder_blocks, _restore_dtypes
 
 #: Candidate storage formats, from 2.25 to 8.5 bits per weight with 16-bit scales.
@@ -308,6 +311,7 @@ def output_fisher(model: nn.Module, tokens: mx.array, paths: Sequence[str],
     n_tokens = 0
     try:
         for i in range(0, tokens.shape[0], batch_size):
+            check("plan")  # reliab: a place to stop at every planning batch
             batch = tokens[i : i + batch_size]
             mx.eval(grad(mx.array(0.0), batch), [s[-1] for s in sums.values() if s])
             for s in sums.values():  # keep one running sum per layer
@@ -341,6 +345,14 @@ class Sensitivity:
     sensitivity: str
 
     def plan(self, target_bpw: float) -> MixedPlan:
+        check_settings(target_bpw=target_bpw)
+        cheapest = (self.fixed_bits + sum(min(c for c, _, _ in lo.options) for lo in self.layers)
+                    ) / self.total_params
+        if target_bpw < cheapest:
+            raise BudgetError(
+                f"--target-bpw {target_bpw:g} cannot be met: the smallest reachable is "
+                f"{math.ceil(cheapest * 1000) / 1000:.3f} bits per weight (every planned layer at its "
+                "cheapest candidate, the rest as it is); raise the target to at least that")
         specs = allocate(self.layers, target_bpw * self.total_params - self.fixed_bits)
         cost = {(lo.path, s): (c, e) for lo in self.layers for c, e, s in lo.options}
         used = self.fixed_bits + sum(cost[p, s][0] for p, s in specs.items())
@@ -484,6 +496,7 @@ def plan_directory(
     from .calibration import calibration_tokens
     from .io import load_model
 
+    check_settings(seed=seed, target_bpw=target_bpw)  # before any work
     model, tokenizer, _ = load_model(model_dir)
     tokens = calibration_tokens(tokenizer, calibration, num_samples, seq_len, seed)
     return plan_mixed_precision(model, tokens, target_bpw, candidates=candidates, recipe=recipe,

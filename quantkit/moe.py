@@ -52,6 +52,7 @@ import numpy as np
 from .distributed import Distributed, Item
 from .errors import FactorizationError
 from .hessian import ExpertHessianStats, HessianCollector
+from .interrupt import check
 from .inverse import InverseFactor
 from .packers import packer_for
 from .quantizers import Quantizer, QuantResult, hessian_figures
@@ -200,6 +201,7 @@ def quantize_expert_layers(
     outcomes: dict[str, dict[int, ExpertOutcome]] = {p.path: {} for p in plans}
     layer_tokens: dict[str, int] = {}
     for r in range(max(len(b) for b in batches.values())):
+        check("experts")  # reliab: a place to stop at every expert batch
         active = [p for p in plans if r < len(batches[p.path])]
         collected = [p for p in active if source[p.path] == p.path]
         collectors: dict[str, HessianCollector] = {

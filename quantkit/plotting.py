@@ -10,8 +10,9 @@ import re
 from pathlib import Path
 from typing import Any
 
-from .errors import QuantkitError
+from .errors import QuantkitError, describe
 from .report import LayerRecord, RunReport
+from .validate import check_output_file
 
 _BLOCK = re.compile(r"\.layers\.(\d+)\.")
 #: Colours by the last component of a layer path; anything else is grey.
@@ -74,7 +75,7 @@ def plot_report(report: RunReport, path: str | Path, *, top: int = 5, title: str
         raise QuantkitError(
             "drawing the plot needs matplotlib; install it with pip install 'quantkit[plot]'"
         ) from None
-    path = Path(path)
+    path = check_output_file(path, "plot", "pass a PNG file name")
     layers = _ordered(report)
     if not layers:
         raise QuantkitError("the run report lists no layers; nothing to plot")
@@ -172,6 +173,6 @@ def plot_report(report: RunReport, path: str | Path, *, top: int = 5, title: str
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fig.savefig(path, dpi=dpi, bbox_inches="tight")
-    except OSError as exc:
-        raise QuantkitError(f"cannot write {path} ({exc.strerror or exc}); choose a writable path") from None
+    except (OSError, ValueError) as exc:  # ValueError: a file name suffix matplotlib cannot write
+        raise QuantkitError(f"cannot write {path} ({describe(exc)}); choose a writable path") from None
     return path

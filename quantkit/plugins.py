@@ -23,7 +23,7 @@ from typing import Any
 
 from .blocks.base import OPTIMIZERS, TRANSFORMS
 from .errors import PluginError, QuantkitError
-from .quantizers import STRATEGIES
+from .strategies import STRATEGIES
 
 #: Loaded plugins: module name → the plugin as loaded (a module name, or a file's absolute path).
 LOADED: dict[str, str] = {}

@@ -24,10 +24,12 @@ from typing import Any
 import attrs
 
 from .blocks.base import OPTIMIZERS, TRANSFORMS, BlockOptimizer, BlockTransform
-from .errors import PluginError, RecipeError, SpecError
+from .errors import PluginError, RecipeError, SpecError, describe
 from .plugins import load_plugins
-from .quantizers import STRATEGIES, Quantizer, check_options_class, strategy_options
+from .quantizers import Quantizer, check_options_class, strategy_options
 from .specs import QuantSpec
+from .strategies import STRATEGIES
+from .validate import check_input_file
 
 SKIP = "skip"
 SPEC_KEYS = ("bits", "group_size", "mode")
@@ -153,7 +155,7 @@ class Recipe:
             import tomllib
         except ModuleNotFoundError:  # Python < 3.11
             import tomli as tomllib  # type: ignore[no-redef]
-        path = Path(path)
+        path = check_input_file(path, "recipe file", RecipeError, "pass a TOML file")
         try:
             raw = tomllib.loads(path.read_text())
         except FileNotFoundError:
@@ -329,5 +331,5 @@ def _build_rule(raw: Mapping[str, Any], default: Rule | None, where: str) -> Rul
     try:
         rule.make_quantizer()
     except (TypeError, ValueError) as exc:
-        raise RecipeError(f"{where}: bad option value for strategy {strategy!r} ({exc})") from None
+        raise RecipeError(f"{where}: bad option value for strategy {strategy!r} ({describe(exc)})") from None
     return rule

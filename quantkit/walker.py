@@ -35,6 +35,7 @@ from .host import (
     resolve_backend,
     runs_on_host,
 )
+from .interrupt import check
 from .moe import quantize_expert_layers
 from .packers import packer_for
 from .predicate import apply_predicate, model_predicate
@@ -48,6 +49,7 @@ from .registry import (
 )
 from .report import LayerRecord, RunReport
 from .specs import QuantSpec
+from .validate import check_packed, check_rules, plan_winners
 
 Progress = Callable[[str, dict[str, Any]], None]
 
@@ -160,6 +162,7 @@ class ModelWalker:
     _host_forward: bool = attrs.field(default=True, init=False, repr=False)
 
     def _emit(self, event: str, **info: Any) -> None:
+        check(event)  # reliab: every progress event is a place to stop (quantkit.interrupt)
         if self.progress is not None:
             self.progress(event, info)
 
@@ -236,6 +239,7 @@ class ModelWalker:
         if not plans:
             why = report.layers[0].reason if report.layers else "it has no layer with a registered handler"
             raise RecipeError(f"no layer of this model can be quantized ({why}); change the recipe or group size")
+        check_rules(self.recipe, plan_winners(plans, report.layers))  # reliab: no silent no-op rule
         orig_dtypes = {k: v.dtype for k, v in tree_flatten(model.parameters())}
         if self.dtype is not None:
             model.set_dtype(_DTYPES[self.dtype])
@@ -420,6 +424,7 @@ class ModelWalker:
         for p, module, records in quantize_expert_layers(
                 plans, collect, self.fallback, n_tokens, self.distributed,
                 _same_input(model, plans)):
+            check_packed(p.path, dict(tree_flatten(module.parameters())), self.dtype)  # reliab
             for record in records:
                 record.block = block_index
                 report.add(record)
@@ -601,6 +606,7 @@ class ModelWalker:
             record.relative_error = e / energy if energy > 0 else 0.0
         packed = parts[0] if len(parts) == 1 else {
             k: mx.concatenate([q[k] for q in parts]) for k in parts[0]}
+        check_packed(p.path, packed, self.dtype)  # reliab: no Inf/NaN written
         module = p.handler.build(p.module, packed, p.spec)
         mx.eval(module.parameters())
         record.time_s = time.perf_counter() - t0
@@ -622,6 +628,7 @@ class ModelWalker:
 
 def _forward(block: nn.Module, inputs: list[mx.array], args: list, j: int) -> mx.array:
     """Block ``block`` on local batch ``j``: its captured input and extra arguments."""
+    check("forward")  # reliab: a place to stop at every calibration batch
     return block(inputs[j], *args[j][0], **args[j][1])
 
 

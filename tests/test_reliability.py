@@ -137,7 +137,7 @@ def test_bad_recipe(quantize, stories_dir, tmp_path, toml, expected):
 
 def test_recipe_path_is_a_directory(quantize, stories_dir, tmp_path):
     line = one_line_error(quantize(stories_dir, tmp_path / "o", "--recipe", tmp_path))
-    assert "cannot read recipe file" in line
+    assert "recipe file" in line and "is a directory, not a file" in line
 
 
 def test_group_size_dividing_some_layers_is_reported(quantize, stories_dir, tmp_path):
@@ -203,30 +203,81 @@ def test_calibration_not_utf8_or_missing(stories_dir, tmp_path):
 
 # -- the output path ----------------------------------------------------------------------------
 
+def _fake_quantkit_output(out: Path, marker: str = "old") -> None:
+    """A directory that passes the ownership test: a run report, a config.json with
+    'quantization' and weights (the only kind --overwrite replaces)."""
+    out.mkdir()
+    (out / "config.json").write_text(json.dumps({"quantization": {"bits": 4}, "marker": marker}))
+    (out / "quantization_report.json").write_text("{}")
+    (out / "model.safetensors").write_bytes(b"x")
+
+
 def test_output_exists_needs_overwrite(quantize, stories_dir, tmp_path):
     out = tmp_path / "o"
-    out.mkdir()
-    (out / "config.json").write_text("{}")
+    _fake_quantkit_output(out)
+    before = (out / "config.json").read_text()
     assert "already exists; pass --overwrite" in one_line_error(quantize(stories_dir, out))
-    assert (out / "config.json").read_text() == "{}"
+    assert (out / "config.json").read_text() == before
     result = quantize(stories_dir, out, "--overwrite", "--strategy", "rtn")
     assert result.exit_code == 0, result.output
-    assert "quantization" in json.loads((out / "config.json").read_text())
+    assert "marker" not in json.loads((out / "config.json").read_text())
     assert not list(tmp_path.glob(".o.*"))  # no partial, old or checkpoint directory left
     umask = os.umask(0o022)
     os.umask(umask)
     assert (out.stat().st_mode & 0o777) == 0o777 & ~umask  # not mkdtemp's 0700
 
 
-def test_overwrite_refuses_non_model_dirs(quantize, stories_dir, tmp_path):
-    out = tmp_path / "home"
-    out.mkdir()
-    (out / "precious.txt").write_text("keep me")
-    line = one_line_error(quantize(stories_dir, out, "--overwrite"))
-    assert "not a model directory" in line
-    assert (out / "precious.txt").read_text() == "keep me"
+@pytest.mark.parametrize("kind", ["project", "model", "config-only", "no-quantization", "no-weights"])
+def test_overwrite_only_replaces_quantkit_output(quantize, stories_dir, tmp_path, kind):
+    """--overwrite replaces only a directory quantkit wrote; a project folder or another
+    (full-precision) model is refused, with or without --overwrite, and the refusal says why
+    and never suggests --overwrite."""
+    out = tmp_path / "dir"
+    if kind == "project":
+        out.mkdir()
+        (out / "precious.txt").write_text("keep me")
+        why = "no quantization_report.json"
+    elif kind == "model":  # another full-precision model: config.json and weights
+        shutil.copytree(stories_dir, out)
+        why = "no quantization_report.json"
+    elif kind == "config-only":
+        out.mkdir()
+        (out / "config.json").write_text("{}")
+        why = "no quantization_report.json"
+    else:
+        _fake_quantkit_output(out)
+        if kind == "no-quantization":
+            (out / "config.json").write_text("{}")
+            why = "no 'quantization' entry"
+        else:
+            (out / "model.safetensors").unlink()
+            why = "no *.safetensors"
+    before = sorted((p.name, p.read_bytes()) for p in out.iterdir() if p.is_file())
+    for extra in ([], ["--overwrite"]):
+        line = one_line_error(quantize(stories_dir, out, *extra))
+        assert "was not written by quantkit" in line and why in line, line
+        assert "pass --overwrite" not in line
+    assert sorted((p.name, p.read_bytes()) for p in out.iterdir() if p.is_file()) == before
+
+
+@pytest.mark.parametrize("overwrite", [[], ["--overwrite"]])
+def test_output_is_a_file(quantize, stories_dir, tmp_path, overwrite):
     (tmp_path / "file").write_text("x")
-    assert "is not a directory" in one_line_error(quantize(stories_dir, tmp_path / "file", "--overwrite"))
+    line = one_line_error(quantize(stories_dir, tmp_path / "file", *overwrite))
+    assert "is not a directory" in line and "--overwrite" not in line
+    assert (tmp_path / "file").read_text() == "x"
+
+
+def test_overwrite_replaces_quantkits_own_output(quantize, stories_dir, tmp_path):
+    out = tmp_path / "o"
+    assert quantize(stories_dir, out, "--strategy", "rtn").exit_code == 0
+    first = (out / "model.safetensors").read_bytes()
+    result = quantize(stories_dir, out, "--overwrite")  # gptq this time: other bytes
+    assert result.exit_code == 0, result.output
+    assert (out / "model.safetensors").read_bytes() != first
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert quantize(stories_dir, empty, "--overwrite", "--strategy", "rtn").exit_code == 0
 
 
 def test_output_is_the_model_dir(quantize, model_copy):
@@ -259,11 +310,11 @@ def test_disk_full_during_save(quantize, stories_dir, tmp_path, monkeypatch):
         assert not out.exists() and not list(tmp_path.glob(".o.partial-*"))
         assert checkpoint_dir(out).is_dir()  # every block is done: the rerun only saves
 
-        out.mkdir()
-        (out / "config.json").write_text('{"old": true}')
+        _fake_quantkit_output(out)
+        old = (out / "config.json").read_text()
         line = one_line_error(quantize(stories_dir, out, "--strategy", "rtn", "--overwrite", "--resume"))
         assert "no space left on device" in line
-        assert (out / "config.json").read_text() == '{"old": true}'
+        assert (out / "config.json").read_text() == old
         assert not list(tmp_path.glob(".o.partial-*")) and not list(tmp_path.glob(".o.old-*"))
 
     assert quantize(stories_dir, out, "--strategy", "rtn", "--overwrite", "--resume").exit_code == 0
@@ -358,8 +409,8 @@ def test_sigterm_is_a_clean_stop(quantize, stories_dir, tmp_path, monkeypatch):
 
     monkeypatch.setattr(ModelWalker, "_quantize_all", terminated)
     before = signal.getsignal(signal.SIGTERM)
-    line = one_line_error(quantize(stories_dir, tmp_path / "o"), code=130)
-    assert "2 finished blocks are checkpointed" in line
+    line = one_line_error(quantize(stories_dir, tmp_path / "o"), code=143)
+    assert "interrupted (SIGTERM); 2 finished blocks are checkpointed" in line
     assert signal.getsignal(signal.SIGTERM) is before
 
 
@@ -505,3 +556,234 @@ def test_dead_columns_of_a_real_model(tmp_path, tinystories_text):
     downs = [r for r in result.report.layers if r.path.endswith("down_proj")]
     assert downs and all(r.status == "quantized" and r.strategy == "gptq" for r in downs)
     assert all(r.hessian_error <= r.rtn_hessian_error * (1 + 1e-6) for r in downs)
+
+
+# -- second pass: silent no-ops, silent damage, and bad input that used to be an internal error ----
+
+def _eval(*args):
+    return runner.invoke(app, ["eval", *map(str, args), "--num-samples", "2", "--seq-len", "64"])
+
+
+@pytest.mark.parametrize("rules, expected", [
+    ([{"match": "*.q_prj", "bits": 8}], "rule 1 ('*.q_prj') matches no layer"),  # a typo
+    ([{"match": "*.q_proj", "bits": 8}, {"match": "model.layers.1.self_attn.q_proj", "bits": 3}],
+     "rule 2 ('model.layers.1.self_attn.q_proj') matches 1 layer(s), all taken by earlier rules (rule 1"),
+    ([{"match": "re:.*\\.lm_head", "strategy": "rtn"}], "matches no layer"),  # tied head
+])
+def test_recipe_rule_taking_no_layer_is_refused(quantize, stories_dir, tmp_path, rules, expected):
+    """A rule that takes no layer would silently lose the precision asked for: refused before
+    any calibration, naming the rule (recipe check lists the same)."""
+    from quantkit.recipe import Recipe
+
+    recipe = tmp_path / "r.toml"
+    recipe.write_text(Recipe.from_dict({"rules": rules}).to_toml())
+    line = one_line_error(quantize(stories_dir, tmp_path / "o", "--recipe", recipe))
+    assert expected in line and "recipe check" in line
+    assert no_leftovers(tmp_path, "o")
+
+
+def test_float16_overflow_is_refused_naming_the_layer(quantize, model_copy, tmp_path):
+    """Weights beyond float16's range (±65504) in --dtype float16: the packed scales would be
+    infinite. Refused, naming the layer and --dtype bfloat16; nothing written."""
+    weights = mx.load(str(model_copy / "model.safetensors"))
+    name = "model.layers.1.self_attn.q_proj.weight"
+    weights[name] = weights[name] * 1e6
+    mx.save_safetensors(str(model_copy / "model.safetensors"), weights)
+    line = one_line_error(quantize(model_copy, tmp_path / "o", "--dtype", "float16"))
+    assert "layer model.layers.1.self_attn" in line and "--dtype bfloat16" in line
+    assert "Inf/NaN" in line
+    assert not (tmp_path / "o").exists()
+    result = quantize(model_copy, tmp_path / "o", "--dtype", "bfloat16", "--strategy", "rtn",
+                      "--overwrite")  # discards the checkpoint of the refused run
+    assert result.exit_code == 0, result.output
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf", "0", "-2"])
+def test_target_bpw_not_a_positive_number(quantize, stories_dir, tmp_path, value):
+    line = one_line_error(quantize(stories_dir, tmp_path / "o", "--target-bpw", value), 2)
+    assert "--target-bpw" in line and "positive number" in line
+
+
+def test_infeasible_target_bpw_names_the_smallest_reachable(quantize, stories_dir, tmp_path):
+    line = one_line_error(quantize(stories_dir, tmp_path / "o", "--target-bpw", "1.0"))
+    assert "cannot be met: the smallest reachable is" in line and "bits per weight" in line
+    smallest = float(line.split("smallest reachable is ")[1].split()[0])
+    assert 1.0 < smallest < 16 and "-" not in line.split("reachable is")[1]
+    assert no_leftovers(tmp_path, "o")
+
+
+def test_negative_seed_or_timeout(quantize, stories_dir, tmp_path):
+    assert "--seed -1" in one_line_error(quantize(stories_dir, tmp_path / "o", "--seed", "-1"), 2)
+    assert "--seed -1" in one_line_error(_eval(stories_dir, "--seed", "-1"), 2)
+    for value in ("nan", "0", "-5"):
+        line = one_line_error(quantize(stories_dir, tmp_path / "o", "--timeout", value), 2)
+        assert "--timeout" in line and "positive number of seconds" in line
+    assert no_leftovers(tmp_path, "o")
+
+
+@pytest.mark.parametrize("kind", ["directory", "/dev/null", "fifo"])
+def test_calibration_path_that_is_not_a_file(quantize, stories_dir, tmp_path, kind):
+    """Not "does not exist": a directory, a device or a named pipe (reading a pipe would block)
+    is named for what it is — for quantize --calibration, eval --text and --recipe."""
+    if kind == "directory":
+        path, what = tmp_path / "texts", "is a directory"
+        path.mkdir()
+    elif kind == "/dev/null":
+        path, what = Path("/dev/null"), "is a character device"
+        if not path.exists():
+            pytest.skip("no /dev/null")
+    else:
+        if not hasattr(os, "mkfifo"):
+            pytest.skip("no named pipes here")
+        path, what = tmp_path / "pipe", "is a named pipe"
+        os.mkfifo(path)
+    line = one_line_error(quantize(stories_dir, tmp_path / "o", "--calibration", path))
+    assert f"calibration file {path} {what}, not a file" in line
+    assert f"{what}, not a file" in one_line_error(_eval(stories_dir, "--text", path))
+    assert f"recipe file {path} {what}" in one_line_error(
+        quantize(stories_dir, tmp_path / "o", "--recipe", path))
+    assert no_leftovers(tmp_path, "o")
+
+
+def test_model_config_problems_are_blamed_on_the_config(quantize, model_copy, tmp_path):
+    config = json.loads((model_copy / "config.json").read_text())
+    del config["hidden_size"]
+    (model_copy / "config.json").write_text(json.dumps(config))
+    line = one_line_error(quantize(model_copy, tmp_path / "o"))
+    assert "lacks 'hidden_size'" in line and "corrupt" not in line
+    (model_copy / "config.json").write_text("[1, 2]")
+    assert "holds a JSON list" in one_line_error(quantize(model_copy, tmp_path / "o"))
+    (model_copy / "config.json").unlink()
+    (model_copy / "config.json").mkdir()  # unreadable as a file (root ignores permissions)
+    line = one_line_error(quantize(model_copy, tmp_path / "o"))
+    assert "model config" in line and "is a directory" in line
+    line = one_line_error(quantize(model_copy / "tokenizer.json", tmp_path / "o"))
+    assert "is a file, not a directory" in line
+
+
+@pytest.mark.skipif(os.name != "posix" or os.geteuid() == 0,
+                    reason="permissions do not apply to root (the directory cases cover it)")
+def test_unreadable_files_are_permission_errors(quantize, model_copy, tmp_path):
+    (model_copy / "model.safetensors").chmod(0)
+    line = one_line_error(quantize(model_copy, tmp_path / "o"))
+    assert "permission denied" in line and "corrupt" not in line
+    (model_copy / "model.safetensors").chmod(0o644)
+    (model_copy / "config.json").chmod(0)
+    assert "permission denied" in one_line_error(quantize(model_copy, tmp_path / "o"))
+
+
+def test_weight_file_that_is_a_directory(quantize, model_copy, tmp_path):
+    (model_copy / "extra.safetensors").mkdir()
+    line = one_line_error(quantize(model_copy, tmp_path / "o"))
+    assert "weight file" in line and "is a directory" in line and "corrupt" not in line
+
+
+def test_mlx_lm_messages_are_not_cut(quantize, model_copy, tmp_path):
+    """mlx-lm's "Received 1 parameters not in model: " puts the names on the next line."""
+    weights = mx.load(str(model_copy / "model.safetensors"))
+    weights["model.layers.0.extra.weight"] = mx.zeros((4, 4))
+    mx.save_safetensors(str(model_copy / "model.safetensors"), weights)
+    line = one_line_error(quantize(model_copy, tmp_path / "o"))
+    assert "not in model" in line and "model.layers.0.extra.weight" in line
+
+
+def test_recipe_option_error_has_no_internal_repr(quantize, stories_dir, tmp_path):
+    recipe = tmp_path / "r.toml"
+    recipe.write_text('[default]\nstrategy = "gptq"\nscale_search = "fast"\n')
+    line = one_line_error(quantize(stories_dir, tmp_path / "o", "--recipe", recipe))
+    assert "'scale_search' must be in" in line and "Attribute(" not in line
+
+
+def test_eval_perplexity_overflow(model_copy, tmp_path):
+    """A model whose loss is beyond exp's range (here: final norm scaled by 1e4) is reported as
+    broken, not as an internal OverflowError."""
+    weights = mx.load(str(model_copy / "model.safetensors"))
+    weights["model.norm.weight"] = weights["model.norm.weight"] * 1e4
+    mx.save_safetensors(str(model_copy / "model.safetensors"), weights)
+    line = one_line_error(_eval(model_copy))
+    assert "perplexity is too large to represent" in line and "nats per token" in line
+
+
+def test_report_png_path_problems(quantize, stories_dir, tmp_path):
+    out = tmp_path / "o"
+    assert quantize(stories_dir, out, "--strategy", "rtn").exit_code == 0
+    plots = tmp_path / "plots"
+    plots.mkdir()
+    line = one_line_error(runner.invoke(app, ["report", str(out), "--png", str(plots)]))
+    assert "is a directory" in line and "report.png" in line
+    (tmp_path / "afile").write_text("x")
+    line = one_line_error(runner.invoke(app, ["report", str(out), "--png", str(tmp_path / "afile" / "p.png")]))
+    assert "is a file, not a directory" in line
+    line = one_line_error(runner.invoke(app, ["report", str(out), "--png", str(tmp_path / "p.xyz")]))
+    assert "cannot write" in line and "xyz" in line
+
+
+def test_failed_run_removes_the_parents_it_created(quantize, stories_dir, tmp_path):
+    out = tmp_path / "a" / "b" / "o"
+    one_line_error(quantize(stories_dir, out, "--calibration", tmp_path / "missing.txt"))
+    assert not (tmp_path / "a").exists()
+    (tmp_path / "a").mkdir()  # existing parents stay
+    one_line_error(quantize(stories_dir, out, "--calibration", tmp_path / "missing.txt"))
+    assert (tmp_path / "a").is_dir() and not (tmp_path / "a" / "b").exists()
+
+
+def test_inspect_and_report_bad_directories(quantize, stories_dir, tmp_path):
+    """Every command that reads a model or a report names the problem, never a traceback."""
+    out = tmp_path / "o"
+    assert quantize(stories_dir, out, "--strategy", "rtn").exit_code == 0
+    inspect = lambda d: runner.invoke(app, ["inspect", str(d)])  # noqa: E731
+    assert "is not quantized" in one_line_error(inspect(stories_dir))
+    assert "does not exist" in one_line_error(inspect(tmp_path / "nope"))
+    broken = tmp_path / "broken"
+    shutil.copytree(out, broken)
+    (broken / "model.safetensors").write_bytes(b"\0" * 16)
+    assert "truncated or corrupt" in one_line_error(inspect(broken))
+    (broken / "config.json").write_text('"text"')
+    assert "holds a JSON str" in one_line_error(inspect(broken))
+    report = broken / "quantization_report.json"
+    report.unlink()
+    report.mkdir()
+    line = one_line_error(runner.invoke(app, ["report", str(broken)]))
+    assert "run report" in line and "is a directory" in line
+    report.rmdir()
+    report.write_bytes(b"\xff\xfe not utf-8")
+    assert "not a quantkit run report" in one_line_error(runner.invoke(app, ["report", str(broken)]))
+
+
+def test_library_refuses_unused_rules_before_any_calibration(stories_dir, stories_tokens):
+    """The validation pass is the library's, not only the CLI's: quantize_model refuses a rule
+    that takes no layer before any block is calibrated (no progress event but none)."""
+    from quantkit import RecipeError, load_model, quantize_model
+
+    model, _, _ = load_model(stories_dir)
+    events = []
+    recipe = Recipe.from_dict({"rules": [{"match": "*.v_prj", "bits": 8}]})
+    with pytest.raises(RecipeError, match=r"rule 1 \('\*\.v_prj'\) matches no layer"):
+        quantize_model(model, stories_tokens[0][:8, :64], recipe,
+                       progress=lambda event, info: events.append(event))
+    assert events == []
+
+
+def test_validation_helpers():
+    from quantkit.errors import describe
+    from quantkit.validate import launcher_environment
+
+    assert launcher_environment({}) is None
+    assert launcher_environment({"MLX_RANK": "0"}) == "MLX_RANK"
+    assert launcher_environment({"OMPI_COMM_WORLD_SIZE": "1"}) is None  # mpirun -np 1
+    assert launcher_environment({"PMI_SIZE": "4"}) == "PMI_SIZE"
+    assert describe(ValueError("Received 1 parameters not in model: \nmodel.x.weight.")) == \
+        "Received 1 parameters not in model: model.x.weight."
+    assert describe(TypeError("'bits' must be int", object(), int)) == "'bits' must be int"
+    assert describe(RuntimeError("")) == "RuntimeError"
+    assert len(describe(ValueError("x" * 1000), limit=50)) == 50
+
+
+def test_not_quantkit_output_reasons(tmp_path):
+    from quantkit.validate import not_quantkit_output
+
+    assert not_quantkit_output(tmp_path) is None  # empty
+    (tmp_path / "notes.txt").write_text("x")
+    assert "quantization_report.json" in not_quantkit_output(tmp_path)
+    _fake_quantkit_output(tmp_path / "q")
+    assert not_quantkit_output(tmp_path / "q") is None
