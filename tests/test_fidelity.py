@@ -161,3 +161,49 @@ def test_other_tokenizer_is_refused(stories_dir, tinystories_text, tmp_path):
     assert result.exit_code == 1, result.output
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and "another tokenizer" in lines[0] and "Traceback" not in result.output
+
+
+def _png_text(path) -> dict[str, str]:
+    """The tEXt chunks of a PNG file (after checking its signature)."""
+    import struct
+
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    chunks, pos = {}, 8
+    while pos < len(data):
+        (length,), kind = struct.unpack(">I", data[pos : pos + 4]), data[pos + 4 : pos + 8]
+        body = data[pos + 8 : pos + 8 + length]
+        if kind == b"tEXt":
+            key, _, value = body.partition(b"\0")
+            chunks[key.decode("latin-1")] = value.decode("latin-1")
+        pos += 12 + length
+    assert kind == b"IEND"
+    return chunks
+
+
+def test_compare_three_variants(quantized_stories, stories_dir, tinystories_text, tmp_path):
+    pytest.importorskip("matplotlib")
+    gptq = tmp_path / "gptq4"
+    quantize_directory(stories_dir, gptq, Recipe.uniform("gptq", 4, 32), num_samples=4, seq_len=64,
+                       calibration=tinystories_text)
+    dirs = [str(quantized_stories[3]), str(quantized_stories[4]), str(gptq)]
+    common = ["compare", *dirs, "--reference", str(stories_dir), "--text", str(tinystories_text),
+              "--num-samples", "4", "--seq-len", "96"]
+    png = tmp_path / "kl.png"
+    shown = runner.invoke(app, [*common, "--png", str(png)])
+    assert shown.exit_code == 0, shown.output
+    table = " ".join(shown.stdout.split())
+    for d in dirs:
+        assert d in table
+    assert "KL mean" in table and "top-1" in table and "gptq ×" in table and "rtn ×" in table
+
+    got = runner.invoke(app, [*common, "--json"])
+    assert got.exit_code == 0, got.output
+    rows = {r["model"]: r for r in json.loads(got.stdout)["models"]}
+    assert set(rows) == set(dirs)
+    assert rows[dirs[0]]["kl_mean"] > rows[dirs[1]]["kl_mean"] > 0  # 3 bits diverge more than 4
+    drawn = json.loads(_png_text(png)["Description"])
+    assert {p["model"] for p in drawn} == set(dirs)
+    for p in drawn:
+        assert p["kl_mean"] == pytest.approx(rows[p["model"]]["kl_mean"], rel=1e-6)
+        assert p["bits_per_weight"] == pytest.approx(rows[p["model"]]["bits_per_weight"], rel=1e-6)
