@@ -190,6 +190,8 @@ def quantize(
             )
         if plan is not None:
             (result.out_dir / "recipe.toml").write_text(plan.to_toml())
+            if plan.annotate_report(result.report):  # each layer's output KL, where measured
+                result.report.write(result.out_dir)
     except QuantkitError as exc:
         if debug:
             raise
@@ -564,6 +566,7 @@ def compare(
 class SortBy(str, Enum):
     depth = "depth"
     error = "error"
+    kl = "kl"
 
 
 def _read_report(path: Path):
@@ -592,7 +595,7 @@ def report(
     out_dir: Annotated[Path, typer.Argument(help="directory written by `quantkit quantize`")],
     png: Annotated[Optional[Path], typer.Option(help="write a plot of error by layer and depth to this PNG file")] = None,
     top: Annotated[int, typer.Option(help="how many of the worst layers to highlight")] = 5,
-    sort: Annotated[SortBy, typer.Option(help="row order")] = SortBy.depth,
+    sort: Annotated[SortBy, typer.Option(help="row order: depth, error (relative output error) or kl (contribution to the output KL, where measured)")] = SortBy.depth,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="print nothing (with --png: only write the plot)")] = False,
     json_out: Annotated[bool, typer.Option("--json", help="print the layers and a summary as JSON")] = False,
 ) -> None:
@@ -603,6 +606,8 @@ def report(
 
     run = _read_report(out_dir)
     worst = worst_layers(run, top)
+    with_kl = [r for r in run.layers if r.output_kl is not None]
+    worst_kl = sorted(with_kl, key=lambda r: r.output_kl or 0.0, reverse=True)[: max(top, 0)]
     if png is not None:
         try:
             plot_report(run, png, top=top, title=str(out_dir))
@@ -614,6 +619,8 @@ def report(
         "layers": len(run.layers), "strategies": run.strategy_counts(),
         "bits_per_weight": run.bits_per_weight, "time_s": run.time_s,
         "worst": [r.path for r in worst],
+        "worst_by_output_kl": [r.path for r in worst_kl],
+        "output_kl_total": sum(r.output_kl or 0.0 for r in with_kl) if with_kl else None,
         "fallbacks": {r.path: r.reason for r in run.by_status("fallback")},
         "skipped": {r.path: r.reason for r in run.by_status("skipped")},
         "png": str(png) if png else None,
@@ -625,6 +632,8 @@ def report(
     rows = list(run.layers)
     if sort is SortBy.error:
         rows.sort(key=lambda r: -1.0 if r.relative_error is None else r.relative_error, reverse=True)
+    elif sort is SortBy.kl:
+        rows.sort(key=lambda r: -1.0 if r.output_kl is None else r.output_kl, reverse=True)
     else:
         rows.sort(key=lambda r: (layer_depth(r) is None, layer_depth(r) or 0))
     worst_paths = {r.path for r in worst}
@@ -632,7 +641,10 @@ def report(
                         f"{run.time_s:.1f} s)", box=box.SIMPLE_HEAD, pad_edge=False)
     table.add_column("layer", no_wrap=True)
     table.add_column("strategy", no_wrap=True)
-    for col in ("bits", "group", "mode", "tokens", "damping", "H-error", "rel.err", "vs RTN", "time s"):
+    cols = ["bits", "group", "mode", "tokens", "damping", "H-error", "rel.err", "vs RTN", "time s"]
+    if with_kl:
+        cols.insert(-1, "out KL")
+    for col in cols:
         table.add_column(col, justify="right", no_wrap=True)
     for r in rows:
         if r.status == "skipped":
@@ -644,14 +656,21 @@ def report(
         ratio = (r.hessian_error / r.rtn_hessian_error
                  if r.hessian_error is not None and r.rtn_hessian_error else None)
         style = "bold red" if r.path in worst_paths else None
-        table.add_row(escape(r.path), strategy, _fmt(r.bits, "d"), _fmt(r.group_size, "d"),
-                      r.mode or "-", _fmt(r.n_tokens, "d"), _fmt(r.damping, "g"), _fmt(r.hessian_error),
-                      _fmt(r.relative_error, ".2e"), _fmt(ratio, ".2f"), f"{r.time_s:.3f}",
-                      style=style)
+        cells = [escape(r.path), strategy, _fmt(r.bits, "d"), _fmt(r.group_size, "d"),
+                 r.mode or "-", _fmt(r.n_tokens, "d"), _fmt(r.damping, "g"), _fmt(r.hessian_error),
+                 _fmt(r.relative_error, ".2e"), _fmt(ratio, ".2f")]
+        if with_kl:
+            cells.append(_fmt(r.output_kl, ".2e"))
+        table.add_row(*cells, f"{r.time_s:.3f}", style=style)
     _wide().print(table)
     if worst:
         out.print("worst layers by relative output error: " + ", ".join(
             f"{escape(r.path)} ({r.relative_error:.4f})" for r in worst), highlight=False, soft_wrap=True)
+    if worst_kl:
+        out.print("worst layers by their contribution to the output KL (nats per token, that layer "
+                  "alone quantized): " + ", ".join(
+                      f"{escape(r.path)} ({r.output_kl:.4f})" for r in worst_kl),
+                  highlight=False, soft_wrap=True)
     for r in run.by_status("fallback"):
         out.print(f"[yellow]fell back to {r.strategy}[/] {escape(r.path)}: {escape(str(r.reason))}",
                   highlight=False, soft_wrap=True)

@@ -11,6 +11,8 @@ import re
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from .errors import QuantkitError
 from .report import LayerRecord, RunReport
 
@@ -229,7 +231,7 @@ def plot_comparison(rows: list[dict[str, Any]], path: str | Path, *, title: str 
     fig.tight_layout()
     # The drawn points, read back from the plot, in the PNG's text (for tools and tests).
     drawn = [{"model": str(r["model"]), "bits_per_weight": float(x), "kl_mean": float(y)}
-             for r, (x, y) in zip(shown, means.get_offsets().tolist())]
+             for r, (x, y) in zip(shown, np.asarray(means.get_offsets()).tolist())]
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fig.savefig(path, dpi=dpi, metadata={"Description": json.dumps(drawn)})

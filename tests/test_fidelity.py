@@ -207,3 +207,89 @@ def test_compare_three_variants(quantized_stories, stories_dir, tinystories_text
     for p in drawn:
         assert p["kl_mean"] == pytest.approx(rows[p["model"]]["kl_mean"], rel=1e-6)
         assert p["bits_per_weight"] == pytest.approx(rows[p["model"]]["bits_per_weight"], rel=1e-6)
+
+
+# -- KL sensitivity for --target-bpw, and the report's output KL ------------------------------
+
+
+@pytest.fixture(scope="module")
+def pad_dir():
+    from conftest import shared_path
+
+    return shared_path("models", "stories260K-pad192")
+
+
+def test_kl_probe_is_the_kl_of_the_model_with_one_layer_replaced(pad_dir, tinystories_text):
+    from quantkit.io import load_model
+    from quantkit.mixed import KLProbe
+
+    model, tok, _ = load_model(pad_dir)
+    tokens = make_batches(tokenize(tok, read_text(tinystories_text), 4 * 64), 4, 64, 0)
+    path = "model.layers.1.mlp.down_proj"
+    w = model.model.layers[1].mlp.down_proj.weight
+    probe = KLProbe(model, tokens, batch_size=3)
+    assert probe(path, w) == 0.0
+    packed = mx.quantize(w, group_size=64, bits=3)
+    w3 = mx.dequantize(*packed, group_size=64, bits=3)
+    got = probe(path, w3)
+    # independently: a second copy of the model with that weight, a full forward, float64 KL
+    other, _, _ = load_model(pad_dir)
+    other.model.layers[1].mlp.down_proj.weight = w3
+    p = np.asarray(model(tokens[:, :-1]).astype(mx.float32))
+    q = np.asarray(other(tokens[:, :-1]).astype(mx.float32))
+    kl, _, _, _ = _reference_stats(p, q, np.asarray(tokens[:, 1:]))
+    assert got == pytest.approx(kl.mean(), rel=1e-4) and got > 0
+    assert np.array_equal(np.asarray(model.model.layers[1].mlp.down_proj.weight), np.asarray(w))
+
+
+def test_kl_fast_equals_kl_where_measured_and_scales_the_rest(pad_dir, stories_tokens):
+    from quantkit.io import load_model
+    from quantkit.mixed import measure_sensitivity
+    from quantkit.specs import QuantSpec
+
+    model, _, _ = load_model(pad_dir)
+    calib, _ = stories_tokens
+    cands = [QuantSpec(3, 64), QuantSpec(4, 64), QuantSpec(5, 64)]
+    full = measure_sensitivity(model, calib[:4, :64], candidates=cands, sensitivity="kl",
+                               reference_bpw=4.5, fisher_samples=2)
+    fast = measure_sensitivity(model, calib[:4, :64], candidates=cands, sensitivity="kl-fast",
+                               reference_bpw=4.5, fisher_samples=2)
+    out = measure_sensitivity(model, calib[:4, :64], candidates=cands, sensitivity="output",
+                              reference_bpw=4.5, fisher_samples=2)
+    assert full.reference == fast.reference == QuantSpec(4, 64)
+    kl = {lo.path: {s: e for _, e, s in lo.options} for lo in full.layers}
+    est = {lo.path: {s: e for _, e, s in lo.options} for lo in fast.layers}
+    err = {lo.path: {s: e for _, e, s in lo.options} for lo in out.layers}
+    assert set(kl) == set(est) and len(kl) == 36
+    for path in kl:
+        ref = full.reference
+        assert est[path][ref] == pytest.approx(kl[path][ref], rel=1e-6)
+        for s in cands:
+            assert est[path][s] == pytest.approx(err[path][s] / err[path][ref] * kl[path][ref], rel=1e-6)
+            assert kl[path][s] > 0
+        assert kl[path][QuantSpec(3, 64)] > kl[path][QuantSpec(5, 64)]
+
+
+def test_target_bpw_records_each_layers_output_kl_in_the_report(pad_dir, tinystories_text, tmp_path):
+    out = tmp_path / "mixed"
+    result = runner.invoke(app, ["quantize", str(pad_dir), "-o", str(out), "--target-bpw", "4.3",
+                                 "--calibration", str(tinystories_text), "--num-samples", "4",
+                                 "--seq-len", "64", "-q"])
+    assert result.exit_code == 0, result.output
+    saved = json.loads((out / "quantization_report.json").read_text())
+    kls = {r["path"]: r["output_kl"] for r in saved["layers"]}
+    assert len(kls) == 36 and all(v is not None and v > 0 for v in kls.values())
+    assert saved["settings"]["output_kl"]["sensitivity"] == "kl-fast"
+
+    shown = runner.invoke(app, ["report", str(out), "--json", "--top", "3"])
+    assert shown.exit_code == 0, shown.output
+    summary = json.loads(shown.stdout)["summary"]
+    ranked = sorted(kls, key=kls.get, reverse=True)[:3]
+    assert summary["worst_by_output_kl"] == ranked
+    assert summary["output_kl_total"] == pytest.approx(sum(kls.values()))
+    table = runner.invoke(app, ["report", str(out), "--sort", "kl", "--top", "3"])
+    assert table.exit_code == 0 and "out KL" in table.stdout
+    text = " ".join(table.stdout.split())
+    assert f"contribution to the output KL (nats per token, that layer alone quantized): {ranked[0]}" in text
+    first_row = next(line for line in table.stdout.splitlines() if line.strip().startswith("model."))
+    assert first_row.split()[0] == ranked[0]
