@@ -500,6 +500,11 @@ def compare(
         fail("--num-samples and --batch-size must be ≥ 1 and --seq-len ≥ 2", 2)
     if text is not None and not text.is_file():
         fail(f"text file {text} does not exist; check the path")
+    if png is not None:
+        try:
+            import matplotlib  # noqa: F401  (checked before the models run, not after)
+        except ImportError:
+            fail("drawing the plot needs matplotlib; install it with pip install 'quantkit[plot]'")
     start = time.perf_counter()
     bar = Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                    TimeElapsedColumn(), console=err, transient=True, disable=quiet or json_out)
