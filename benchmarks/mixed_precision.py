@@ -3,15 +3,19 @@ uniform widths, on one model. Not a test; writes JSON and a PNG curve into bench
 
     python benchmarks/mixed_precision.py --model /tmp/smollm2-135m
 
-Perplexity is measured with quantized layers dequantized to float32 (same values, faster on
-CPU). Bits per weight are mlx-lm's ``compute_bits_per_weight`` of the stored model: every
+Perplexity and the output KL(float ‖ quantized) (mean and 99th percentile per next-token
+position, top-1 agreement; :func:`quantkit.evaluate.fidelity`) are measured on the evaluation
+text with quantized layers dequantized to float32 (same values, faster on CPU). Bits per weight are mlx-lm's ``compute_bits_per_weight`` of the stored model: every
 parameter byte (scales, biases, norms, embeddings, full-precision layers) over the number of
 weights. Each section appends to the JSON as it finishes, so a partial run keeps its results.
 
 Methods:
 - ``uniform-rtn`` / ``uniform-gptq``: every layer (embedding included) at one (bits, group).
 - ``quantkit-mixed``: :func:`quantkit.mixed.measure_sensitivity` once (Fisher-weighted GPTQ
-  errors), then one plan per target, quantized with GPTQ.
+  errors), then one plan per target, quantized with GPTQ; ``quantkit-mixed-kl`` /
+  ``quantkit-mixed-kl-fast``: the same with the KL sensitivity (``--sensitivities``). When
+  ``kl`` and another signal are measured in one run, their Spearman rank correlation is
+  written to the JSON (``rank_correlation``).
 - ``dynamic_quant``: mlx-lm's ``estimate_sensitivities`` + ``estimate_threshold`` on the same
   calibration tokens (no download), low/high = (b, 64)/(b+1, 64) around the target, quantized
   as mlx-lm does (round to nearest); ``dynamic_quant+gptq``: the same per-layer assignment
@@ -27,9 +31,11 @@ import time
 from pathlib import Path
 
 import mlx.core as mx
+import numpy as np
 
 from quantkit import Recipe, perplexity, quantize_model
 from quantkit.calibration import calibration_tokens
+from quantkit.evaluate import fidelity
 from quantkit.io import load_model
 from quantkit.mixed import measure_sensitivity
 from quantkit.specs import QuantSpec
@@ -40,12 +46,47 @@ UNIFORM = [(2, 64), (3, 128), (3, 64), (3, 32), (4, 128), (4, 64), (4, 32), (5, 
 CANDIDATES = [(2, 64), (3, 64), (3, 32), (4, 128), (4, 64), (4, 32), (5, 64), (6, 64)]
 
 
-def evaluate(model, tokens) -> float:
+def evaluate(model, tokens, reference=None) -> dict:
+    """Perplexity, and with a ``reference`` model the output KL to it and top-1 agreement."""
     from mlx_lm.utils import dequantize_model
 
     model = dequantize_model(model)
     model.set_dtype(mx.float32)
-    return perplexity(model, tokens, batch_size=4)
+    if reference is None:
+        return {"ppl": perplexity(model, tokens, batch_size=4)}
+    f = fidelity(model, reference, tokens, batch_size=4)
+    return {"ppl": f.perplexity, "kl": f.kl_mean, "kl_p99": f.kl_p99, "top1": f.top1_agreement}
+
+
+def _ranks(x: np.ndarray) -> np.ndarray:
+    order = np.argsort(x, kind="stable")
+    ranks = np.empty(len(x))
+    ranks[order] = np.arange(len(x))
+    for v in np.unique(x):  # ties share their mean rank
+        ranks[x == v] = ranks[x == v].mean()
+    return ranks
+
+
+def spearman(a, b) -> float:
+    ra, rb = _ranks(np.asarray(a, float)), _ranks(np.asarray(b, float))
+    return float(np.corrcoef(ra, rb)[0, 1])
+
+
+def rank_agreement(sens, ref) -> dict:
+    """Spearman correlation of two sensitivities: over every (layer, candidate) pair, and per
+    candidate across layers (median), and of each layer's error reduction from the lowest to
+    the next candidate (what the allocation trades)."""
+    a = {(lo.path, s): e for lo in sens.layers for _, e, s in lo.options}
+    b = {(lo.path, s): e for lo in ref.layers for _, e, s in lo.options}
+    keys = sorted(set(a) & set(b), key=str)
+    pooled = spearman([a[k] for k in keys], [b[k] for k in keys])
+    per_spec = []
+    for spec in sorted({k[1] for k in keys}, key=str):
+        ks = [k for k in keys if k[1] == spec]
+        if len(ks) > 2:
+            per_spec.append(spearman([a[k] for k in ks], [b[k] for k in ks]))
+    return {"pooled": pooled, "per_candidate_median": float(np.median(per_spec)),
+            "per_candidate": per_spec, "pairs": len(keys)}
 
 
 def bpw(model) -> float:
@@ -69,7 +110,7 @@ def main() -> None:
     ap.add_argument("--rtn-uniform", default="3:64,4:64", help="specs for uniform RTN")
     ap.add_argument("--dynamic-gptq", action=argparse.BooleanOptionalAction, default=True)
     ap.add_argument("--fisher-samples", type=int, default=16)
-    ap.add_argument("--sensitivities", default="fisher", help="fisher,output")
+    ap.add_argument("--sensitivities", default="fisher", help="comma-separated: fisher, output, kl, kl-fast, kl-grad")
     ap.add_argument("--mixed-strategy", default="gptq",
                     help="strategy of the planned layers (rtn: compare with dynamic_quant's RTN)")
     ap.add_argument("--sections", default="float,uniform,mixed,dynamic",
@@ -87,14 +128,16 @@ def main() -> None:
     def record(method: str, target, model, t0: float, **extra) -> None:
         row = {"method": method, "target_bpw": target, "bpw": bpw(model), "ppl": None,
                "quantize_s": round(time.perf_counter() - t0, 1), **extra}
-        row["ppl"] = evaluate(model, ev)
+        row.update(evaluate(model, ev, reference))
         results["runs"] = [r for r in results["runs"]
                            if (r["method"], r["target_bpw"]) != (method, target)] + [row]
         json_path.write_text(json.dumps(results, indent=2))
         print(f"{method:22s} target {target!s:6s} bpw {row['bpw']:.3f} ppl {row['ppl']:.3f} "
-              f"({row['quantize_s']} s)", flush=True)
+              f"KL {row.get('kl', float('nan')):.4f} ({row['quantize_s']} s)", flush=True)
 
     model, tok, _ = load_model(args.model)
+    reference, _, _ = load_model(args.model)
+    reference.set_dtype(mx.float32)
     calib = calibration_tokens(tok, args.calibration, args.num_samples, args.seq_len, seed=0)
     ev = calibration_tokens(tok, args.eval, args.eval_samples, args.eval_seq_len, seed=0)
     sections = args.sections.split(",")
@@ -114,6 +157,8 @@ def main() -> None:
                 record(f"uniform-{strategy}", f"{b}b g{g}", model, t0,
                        peak_memory_gb=mx.get_peak_memory() / 1e9)
 
+    measured = {}
+
     def run_mixed():
         for sensitivity in args.sensitivities.split(","):
             method = "quantkit-mixed" + ("" if sensitivity == "fisher" else f"-{sensitivity}") \
@@ -127,6 +172,12 @@ def main() -> None:
             measure_s = time.perf_counter() - t0
             print(f"sensitivity ({sensitivity}) measured in {measure_s:.0f} s", flush=True)
             results[f"{method}_measure_s"] = measure_s
+            measured[sensitivity] = sens
+            if "kl" in measured:
+                results.setdefault("rank_correlation", {}).update({
+                    f"{name} vs kl": rank_agreement(s, measured["kl"])
+                    for name, s in measured.items() if name != "kl"})
+                json_path.write_text(json.dumps(results, indent=2))
             for target in args.targets:
                 plan = sens.plan(target)
                 model, _, _ = load_model(args.model)
@@ -208,14 +259,20 @@ def main() -> None:
 
 def table(results) -> str:
     """The runs as a markdown table, by bits per weight."""
-    lines = ["| method | target | bits per weight | perplexity | quantize s | detail |",
-             "|---|---|---|---|---|---|"]
+    lines = ["| method | target | bits per weight | perplexity | KL mean | KL p99 | top-1 agree "
+             "| quantize s | detail |", "|---|---|---|---|---|---|---|---|---|"]
     for r in sorted(results["runs"], key=lambda r: (r["bpw"], r["method"]), reverse=True):
         detail = r.get("spread") or ({"low": r["low"], "high": r["high"], "n_high": r.get("n_high")}
                                      if "low" in r else "")
         lines.append(f"| {r['method']} | {r['target_bpw'] if r['target_bpw'] is not None else ''} "
-                     f"| {r['bpw']:.3f} | {r['ppl']:.2f} | {r['quantize_s']} | {detail} |")
+                     f"| {r['bpw']:.3f} | {r['ppl']:.2f} | {_f(r.get('kl'), '.4f')} "
+                     f"| {_f(r.get('kl_p99'), '.3f')} | {_f(r.get('top1'), '.3f')} "
+                     f"| {r['quantize_s']} | {detail} |")
     return "\n".join(lines) + "\n"
+
+
+def _f(v, spec: str) -> str:
+    return "" if v is None else format(v, spec)
 
 
 def plot(results, path: Path) -> None:
@@ -229,6 +286,8 @@ def plot(results, path: Path) -> None:
     floats = [r for r in runs if r["method"] == "float"]
     styles = {"uniform-rtn": "s:", "uniform-gptq": "o--", "uniform-gptaq": "x", "quantkit-mixed": "D-",
               "quantkit-mixed-output": "d:", "quantkit-mixed-rtn": "P-",
+              "quantkit-mixed-kl": "h-", "quantkit-mixed-kl-fast": "H--",
+              "quantkit-mixed-kl-rtn": "p-", "quantkit-mixed-kl-fast-rtn": "X--",
               "quantkit-mixed-rtn-plan+gptq": "*",
               "dynamic_quant": "^:", "dynamic_quant+gptq": "v-."}
     for method, style in styles.items():

@@ -288,6 +288,8 @@ def _quantize(model_dir, output, *, recipe, plugin, bits, group_size, strategy, 
         )
     if plan is not None:
         (result.out_dir / "recipe.toml").write_text(plan.to_toml())
+        if plan.annotate_report(result.report):  # each layer's output KL, where measured
+            result.report.write(result.out_dir)
     return result, plan, group.rank
 
 
@@ -411,15 +413,20 @@ def inspect(
 def eval_(
     model_dir: Annotated[Path, typer.Argument(help="mlx-lm model directory (quantized or not)")],
     text: Annotated[Optional[Path], typer.Option(help="plain-text file to measure on (default: offline built-in text)")] = None,
+    reference: Annotated[Optional[Path], typer.Option(help="float model directory to compare with: adds KL(reference ‖ model) mean and 99th percentile, top-1 agreement and the reference's perplexity")] = None,
     seq_len: Annotated[int, typer.Option(help="tokens per sequence")] = 512,
     num_samples: Annotated[int, typer.Option(help="sequences to measure")] = 64,
     seed: Annotated[int, typer.Option(help="seed for choosing the windows of the text")] = 0,
     batch_size: Annotated[int, typer.Option(help="sequences per forward pass")] = 8,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="print only the perplexity")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="print only the perplexity (with --reference: perplexity, KL mean, top-1 agreement)")] = False,
     json_out: Annotated[bool, typer.Option("--json", help="print the result as JSON")] = False,
     debug: Annotated[bool, typer.Option(help="show full tracebacks")] = False,
 ) -> None:
-    """Perplexity of MODEL_DIR on a text: exp of the mean next-token loss (lower is better)."""
+    """Perplexity of MODEL_DIR on a text: exp of the mean next-token loss (lower is better).
+
+    With --reference FLOAT_DIR, also its fidelity to the float model on the same windows: per
+    next-token position, KL(float ‖ model) (mean and 99th percentile, nats) and top-1 agreement
+    (share of positions where both models' most likely token is the same)."""
     from .errors import SettingsError
     from .validate import check_input_file, check_settings
 
@@ -433,23 +440,35 @@ def eval_(
         fail(str(exc), 2 if isinstance(exc, SettingsError) else 1)
     start = time.perf_counter()
     with interrupt.handling(_force_exit):
-        _eval(model_dir, text, seq_len, num_samples, seed, batch_size, quiet, json_out, debug,
-              start)
+        _eval(model_dir, text, reference, seq_len, num_samples, seed, batch_size, quiet, json_out,
+              debug, start)
 
 
-def _eval(model_dir, text, seq_len, num_samples, seed, batch_size, quiet, json_out, debug, start):
+def _eval(model_dir, text, reference, seq_len, num_samples, seed, batch_size, quiet, json_out, debug,
+          start):
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
     from .calibration import make_batches, read_text, tokenize
     from .evaluate import perplexity
     from .io import load_model
 
+    bar = Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                   TimeElapsedColumn(), console=err, transient=True, disable=quiet or json_out)
     try:
+        if reference is not None:
+            from .compare import compare_models
+
+            with bar:
+                task = bar.add_task("KL to the reference", total=None)
+                row = compare_models([model_dir], reference, text, num_samples=num_samples,
+                                     seq_len=seq_len, seed=seed, batch_size=batch_size,
+                                     progress=lambda _, done, total: bar.update(task, completed=done, total=total))[0]
+            _render_eval_reference(row, reference, text, seq_len, json_out, quiet,
+                                   time.perf_counter() - start)
+            return
         model, tokenizer, config = load_model(model_dir, allow_quantized=True)
         ids = tokenize(tokenizer, read_text(text), max_tokens=num_samples * seq_len)
         tokens = make_batches(ids, num_samples, seq_len, seed)
-        bar = Progress(TextColumn("perplexity"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-                       TimeElapsedColumn(), console=err, transient=True, disable=quiet or json_out)
         with bar:
             task = bar.add_task("perplexity", total=int(tokens.shape[0]))
             ppl = perplexity(model, tokens, batch_size,
@@ -492,12 +511,144 @@ def _eval(model_dir, text, seq_len, num_samples, seed, batch_size, quiet, json_o
                   highlight=False, soft_wrap=True)
 
 
+def _render_eval_reference(row, reference: Path, text: Optional[Path], seq_len: int,
+                           json_out: bool, quiet: bool, seconds: float) -> None:
+    f = row.fidelity
+    result = {**row.to_dict(), "reference": str(reference), "text": str(text or "builtin"),
+              "seq_len": seq_len, "time_s": seconds}
+    if json_out:
+        out.print_json(json.dumps(result))
+        return
+    if quiet:
+        out.print(f"{f.perplexity:.4f} {f.kl_mean:.6f} {f.top1_agreement:.4f}", highlight=False)
+        return
+    source = text.name if text else "the built-in text"
+    out.print(f"{escape(row.model)} against {escape(str(reference))}: {f.positions} next-token "
+              f"positions of {escape(source)} ({row.bits_per_weight:.2f} bits per weight, "
+              f"{seconds:.1f} s)", highlight=False, soft_wrap=True)
+    table = Table(box=box.SIMPLE_HEAD)
+    for col in ("", "model", "reference"):
+        table.add_column(col, justify="left" if not col else "right")
+    table.add_row("perplexity", f"{f.perplexity:.4f}", f"{f.reference_perplexity:.4f}")
+    table.add_row("KL(reference ‖ model) mean, nats", f"{f.kl_mean:.6f}", "0")
+    table.add_row("KL 99th percentile, nats", f"{f.kl_p99:.6f}", "0")
+    table.add_row("top-1 agreement", f"{f.top1_agreement:.4f}", "1")
+    _wide().print(table)
+
+
+# -- compare ------------------------------------------------------------------------------------
+
+
+@app.command()
+def compare(
+    model_dirs: Annotated[list[Path], typer.Argument(help="quantized model directories (any number)")],
+    reference: Annotated[Path, typer.Option(help="the float model they were quantized from")],
+    text: Annotated[Optional[Path], typer.Option(help="plain-text file to measure on (default: offline built-in text)")] = None,
+    png: Annotated[Optional[Path], typer.Option(help="write a plot of KL (log scale) against bits per weight to this PNG file")] = None,
+    seq_len: Annotated[int, typer.Option(help="tokens per sequence")] = 512,
+    num_samples: Annotated[int, typer.Option(help="sequences to measure")] = 64,
+    seed: Annotated[int, typer.Option(help="seed for choosing the windows of the text")] = 0,
+    batch_size: Annotated[int, typer.Option(help="sequences per forward pass")] = 8,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="print nothing (with --png: only write the plot)")] = False,
+    json_out: Annotated[bool, typer.Option("--json", help="print the rows as JSON")] = False,
+    debug: Annotated[bool, typer.Option(help="show full tracebacks")] = False,
+) -> None:
+    """Several quantized models against their float model on the same windows of a text: bits
+    per weight, size, perplexity, KL(float ‖ model) mean and 99th percentile, top-1 agreement
+    and the recipe of each; --png draws KL against bits per weight."""
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from .compare import compare_models
+    from .plotting import plot_comparison
+
+    if num_samples < 1 or seq_len < 2 or batch_size < 1:
+        fail("--num-samples and --batch-size must be ≥ 1 and --seq-len ≥ 2", 2)
+    from .errors import SettingsError
+    from .validate import check_input_file, check_output_file, check_settings
+
+    try:
+        check_settings(seed=seed)
+        if text is not None:
+            check_input_file(text, "text file")
+        if png is not None:
+            check_output_file(png, "the plot", "pass a PNG file name")
+    except QuantkitError as exc:
+        fail(str(exc), 2 if isinstance(exc, SettingsError) else 1)
+    if png is not None:
+        try:
+            import matplotlib  # noqa: F401  (checked before the models run, not after)
+        except ImportError:
+            fail("drawing the plot needs matplotlib; install it with pip install 'quantkit[plot]'")
+    start = time.perf_counter()
+    bar = Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                   TimeElapsedColumn(), console=err, transient=True, disable=quiet or json_out)
+    tasks: dict[str, Any] = {}
+
+    def progress(name: str, done: int, total: int) -> None:
+        if name not in tasks:
+            tasks[name] = bar.add_task(escape(name), total=total)
+        bar.update(tasks[name], completed=done)
+
+    try:
+        with bar, interrupt.handling(_force_exit):
+            rows = compare_models(model_dirs, reference, text, num_samples=num_samples,
+                                  seq_len=seq_len, seed=seed, batch_size=batch_size,
+                                  progress=progress)
+        if png is not None:
+            plot_comparison([r.to_dict() for r in rows], png,
+                            title=f"KL to {reference.name} on {text.name if text else 'the built-in text'}")
+    except QuantkitError as exc:
+        if debug:
+            raise
+        fail(str(exc))
+        return
+    except KeyboardInterrupt as exc:
+        if debug:
+            raise
+        how = f"interrupted ({exc})" if isinstance(exc, interrupt.Interrupted) else "interrupted"
+        fail(f"{how}; nothing was written", getattr(exc, "exit_code", 130))
+        return
+    except Exception as exc:  # a bug: one line, the traceback with --debug
+        if debug:
+            raise
+        internal_error(exc)
+        return
+    if quiet:
+        return
+    ref_ppl = rows[0].fidelity.reference_perplexity if rows else None
+    if json_out:
+        out.print_json(json.dumps({
+            "reference": str(reference), "reference_perplexity": ref_ppl,
+            "text": str(text or "builtin"), "num_samples": num_samples, "seq_len": seq_len,
+            "models": [r.to_dict() for r in rows], "png": str(png) if png else None,
+            "time_s": time.perf_counter() - start}))
+        return
+    source = text.name if text else "the built-in text"
+    positions = rows[0].fidelity.positions if rows else 0
+    out.print(f"against {escape(str(reference))} (perplexity {_fmt(ref_ppl, '.4f')}) on {positions} "
+              f"next-token positions of {escape(source)}", highlight=False, soft_wrap=True)
+    table = Table(box=box.SIMPLE_HEAD, pad_edge=False)
+    table.add_column("model", no_wrap=True)
+    for col in ("bits/weight", "size MB", "perplexity", "KL mean", "KL p99", "top-1"):
+        table.add_column(col, justify="right", no_wrap=True)
+    table.add_column("recipe")
+    for r in sorted(rows, key=lambda r: r.bits_per_weight):
+        f = r.fidelity
+        table.add_row(escape(r.model), f"{r.bits_per_weight:.3f}", f"{r.size_bytes / 1e6:.2f}",
+                      f"{f.perplexity:.4f}", f"{f.kl_mean:.4f}", f"{f.kl_p99:.3f}",
+                      f"{f.top1_agreement:.4f}", escape(r.recipe))
+    _wide().print(table)
+    if png is not None:
+        err.print(f"[bold green]wrote[/] {escape(str(png))}", highlight=False)
+
+
 # -- report -------------------------------------------------------------------------------------
 
 
 class SortBy(str, Enum):
     depth = "depth"
     error = "error"
+    kl = "kl"
 
 
 def _read_report(path: Path):
@@ -530,7 +681,7 @@ def report(
     out_dir: Annotated[Path, typer.Argument(help="directory written by `quantkit quantize`")],
     png: Annotated[Optional[Path], typer.Option(help="write a plot of error by layer and depth to this PNG file")] = None,
     top: Annotated[int, typer.Option(help="how many of the worst layers to highlight")] = 5,
-    sort: Annotated[SortBy, typer.Option(help="row order")] = SortBy.depth,
+    sort: Annotated[SortBy, typer.Option(help="row order: depth, error (relative output error) or kl (contribution to the output KL, where measured)")] = SortBy.depth,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="print nothing (with --png: only write the plot)")] = False,
     json_out: Annotated[bool, typer.Option("--json", help="print the layers and a summary as JSON")] = False,
 ) -> None:
@@ -541,6 +692,8 @@ def report(
 
     run = _read_report(out_dir)
     worst = worst_layers(run, top)
+    with_kl = [r for r in run.layers if r.output_kl is not None]
+    worst_kl = sorted(with_kl, key=lambda r: r.output_kl or 0.0, reverse=True)[: max(top, 0)]
     if png is not None:
         try:
             plot_report(run, png, top=top, title=str(out_dir))
@@ -552,6 +705,8 @@ def report(
         "layers": len(run.layers), "strategies": run.strategy_counts(),
         "bits_per_weight": run.bits_per_weight, "time_s": run.time_s,
         "worst": [r.path for r in worst],
+        "worst_by_output_kl": [r.path for r in worst_kl],
+        "output_kl_total": sum(r.output_kl or 0.0 for r in with_kl) if with_kl else None,
         "fallbacks": {r.path: r.reason for r in run.by_status("fallback")},
         "skipped": {r.path: r.reason for r in run.by_status("skipped")},
         "png": str(png) if png else None,
@@ -563,6 +718,8 @@ def report(
     rows = list(run.layers)
     if sort is SortBy.error:
         rows.sort(key=lambda r: -1.0 if r.relative_error is None else r.relative_error, reverse=True)
+    elif sort is SortBy.kl:
+        rows.sort(key=lambda r: -1.0 if r.output_kl is None else r.output_kl, reverse=True)
     else:
         rows.sort(key=lambda r: (layer_depth(r) is None, layer_depth(r) or 0))
     worst_paths = {r.path for r in worst}
@@ -570,7 +727,10 @@ def report(
                         f"{run.time_s:.1f} s)", box=box.SIMPLE_HEAD, pad_edge=False)
     table.add_column("layer", no_wrap=True)
     table.add_column("strategy", no_wrap=True)
-    for col in ("bits", "group", "mode", "tokens", "damping", "H-error", "rel.err", "vs RTN", "time s"):
+    cols = ["bits", "group", "mode", "tokens", "damping", "H-error", "rel.err", "vs RTN", "time s"]
+    if with_kl:
+        cols.insert(-1, "out KL")
+    for col in cols:
         table.add_column(col, justify="right", no_wrap=True)
     for r in rows:
         if r.status == "skipped":
@@ -582,14 +742,21 @@ def report(
         ratio = (r.hessian_error / r.rtn_hessian_error
                  if r.hessian_error is not None and r.rtn_hessian_error else None)
         style = "bold red" if r.path in worst_paths else None
-        table.add_row(escape(r.path), strategy, _fmt(r.bits, "d"), _fmt(r.group_size, "d"),
-                      r.mode or "-", _fmt(r.n_tokens, "d"), _fmt(r.damping, "g"), _fmt(r.hessian_error),
-                      _fmt(r.relative_error, ".2e"), _fmt(ratio, ".2f"), f"{r.time_s:.3f}",
-                      style=style)
+        cells = [escape(r.path), strategy, _fmt(r.bits, "d"), _fmt(r.group_size, "d"),
+                 r.mode or "-", _fmt(r.n_tokens, "d"), _fmt(r.damping, "g"), _fmt(r.hessian_error),
+                 _fmt(r.relative_error, ".2e"), _fmt(ratio, ".2f")]
+        if with_kl:
+            cells.append(_fmt(r.output_kl, ".2e"))
+        table.add_row(*cells, f"{r.time_s:.3f}", style=style)
     _wide().print(table)
     if worst:
         out.print("worst layers by relative output error: " + ", ".join(
             f"{escape(r.path)} ({r.relative_error:.4f})" for r in worst), highlight=False, soft_wrap=True)
+    if worst_kl:
+        out.print("worst layers by their contribution to the output KL (nats per token, that layer "
+                  "alone quantized): " + ", ".join(
+                      f"{escape(r.path)} ({r.output_kl:.4f})" for r in worst_kl),
+                  highlight=False, soft_wrap=True)
     for r in run.by_status("fallback"):
         out.print(f"[yellow]fell back to {r.strategy}[/] {escape(r.path)}: {escape(str(r.reason))}",
                   highlight=False, soft_wrap=True)

@@ -25,18 +25,19 @@ of the unquantized model.
 
 from __future__ import annotations
 
+import copy
 import heapq
 import math
 import re
 from collections import Counter
-from collections.abc import Sequence
-from typing import Any, ClassVar
+from collections.abc import Callable, Sequence
+from typing import Any, ClassVar, cast
 
 import attrs
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
-from mlx.utils import tree_flatten, tree_unflatten
+from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
 from .errors import FactorizationError, QuantkitError
 from .hessian import HessianStats
@@ -44,6 +45,7 @@ from .interrupt import check
 from .quantizers import Quantizer
 from .recipe import Recipe
 from .registry import Wrapper
+from .report import RunReport
 from .specs import QuantSpec
 from .validate import check_settings
 from .walker import _DTYPES, LayerPlan, ModelWalker, Progress, _decoder_blocks, _restore_dtypes
@@ -58,7 +60,11 @@ DEFAULT_CANDIDATES: tuple[QuantSpec, ...] = tuple(
 )
 
 
-SENSITIVITIES = ("fisher", "output")
+#: ``fisher``: Fisher-weighted output error; ``output``: plain output error; ``kl``: the model's
+#: output KL with one layer quantized at a time, at every candidate; ``kl-fast``: that KL at one
+#: candidate per layer, the others scaled by the layer's output errors; ``kl-grad``: a
+#: first-order estimate of that KL from one gradient of the KL taken in the low-bit model.
+SENSITIVITIES = ("fisher", "output", "kl", "kl-fast", "kl-grad")
 
 
 class BudgetError(QuantkitError, ValueError):
@@ -164,6 +170,30 @@ class MixedPlan:
     errors: dict[str, dict[str, float]]
     pinned: dict[str, QuantSpec]
     reference: QuantSpec
+    #: What ``errors`` are: with ``kl``/``kl-fast``/``kl-grad``, each layer's output KL (nats).
+    sensitivity: str = "fisher"
+
+    def output_kl(self) -> dict[str, float]:
+        """Per planned layer, its contribution to the output KL at the spec the plan gave it
+        (the model's KL to the float model with only that layer quantized, in nats per token;
+        ``kl-fast``: scaled from the spec it was measured at). Empty for other sensitivities."""
+        if not self.sensitivity.startswith("kl"):
+            return {}
+        return {p: self.errors[p][_label(s)] for p, s in self.specs.items()
+                if _label(s) in self.errors.get(p, {})}
+
+    def annotate_report(self, report: RunReport) -> int:
+        """Record :meth:`output_kl` in ``report``'s layer records (``output_kl``); returns how
+        many layers got a value."""
+        kl = self.output_kl()
+        n = 0
+        for r in report.layers:
+            if r.path in kl and r.expert is None:
+                r.output_kl = kl[r.path]
+                n += 1
+        report.settings["output_kl"] = {"sensitivity": self.sensitivity,
+                                        "layers": n, "total": sum(kl.values())}
+        return n
 
     def to_toml(self) -> str:
         spread = Counter(f"{s.bits}b g{s.group_size}" for s in self.specs.values())
@@ -184,6 +214,7 @@ class MixedPlan:
             "specs": {k: attrs.asdict(v) for k, v in self.specs.items()},
             "pinned": {k: attrs.asdict(v) for k, v in self.pinned.items()},
             "errors": self.errors, "recipe": self.recipe.to_dict(),
+            "sensitivity": self.sensitivity,
         }
 
 
@@ -213,6 +244,15 @@ class _ProfilingWalker(ModelWalker):
     weights: dict[str, np.ndarray] | None = None
     errors: dict[str, dict[QuantSpec, float]] = attrs.field(factory=dict)
     plans: dict[str, LayerPlan] = attrs.field(factory=dict)
+    #: ``(path, dequantized weight) -> output KL`` of the float model with that one layer
+    #: replaced (``None``: not measured); called at every candidate, or only at ``reference``
+    #: when ``kl_all`` is false.
+    kl_probe: Callable[[str, mx.array], float] | None = None
+    kl_all: bool = True
+    reference: QuantSpec | None = None
+    kl: dict[str, dict[QuantSpec, float]] = attrs.field(factory=dict)
+    #: Per layer, the gradient of the output KL in the low-bit model (``kl-grad``).
+    kl_grads: dict[str, np.ndarray] | None = None
 
     def plan(self, model, report=None):
         plans = super().plan(model, report)
@@ -241,8 +281,104 @@ class _ProfilingWalker(ModelWalker):
                 d = w64 - np.asarray(res.dequantized, dtype=np.float64)
                 rows = np.einsum("ij,ij->i", d @ h, d)
                 errs[spec] = float(rows.sum() if f is None else rows @ f)
+                if self.kl_probe is not None and (self.kl_all or spec == self._kl_spec(weight)):
+                    self.kl.setdefault(p.path, {})[spec] = self.kl_probe(p.path, res.dequantized)
+                if self.kl_grads is not None and p.path in self.kl_grads:
+                    # first order, linearised in the low-bit model: KL(Q_s) − KL(W) ≈ g·(Q_s − W)
+                    self.kl.setdefault(p.path, {})[spec] = float(np.sum(self.kl_grads[p.path] * -d))
             self.errors[p.path] = errs
         return super().quantize_layer(p, stats, result)
+
+    def _kl_spec(self, weight: mx.array) -> QuantSpec | None:
+        """The one candidate ``kl-fast`` measures a layer at: the reference, else the fitting
+        candidate closest to it in bits per weight."""
+        fits = [s for s in self.candidates if weight.shape[-1] % s.group_size == 0]
+        if not fits or self.reference is None:
+            return None
+        ref = self.reference
+        return min(fits, key=lambda s: (s != ref, abs(s.bits_per_weight(16) - ref.bits_per_weight(16))))
+
+
+class KLProbe:
+    """The output KL(float ‖ float with one layer's weight replaced), mean over the next-token
+    positions of ``tokens``. Holds its own copy of the model (``model`` is not touched) and the
+    float logits of every batch."""
+
+    def __init__(self, model: nn.Module, tokens: mx.array, batch_size: int = 4,
+                 dtype: mx.Dtype | None = mx.float32) -> None:
+        self.model = copy.deepcopy(model)
+        if dtype is not None:
+            self.model.set_dtype(dtype)
+        self.modules = dict(tree_flatten(self.model.leaf_modules(), is_leaf=nn.Module.is_module))
+        self.batches = [tokens[i : i + batch_size, :-1] for i in range(0, tokens.shape[0], batch_size)]
+        self.reference = [self.model(b) for b in self.batches]
+        mx.eval(self.reference)
+        self.calls = 0
+
+    def __call__(self, path: str, weight: mx.array) -> float:
+        from .evaluate import logit_stats
+
+        module = self.modules[path]
+        old = module.weight
+        module.weight = weight.astype(old.dtype)
+        try:
+            total, count = 0.0, 0
+            for batch, ref in zip(self.batches, self.reference):
+                kl = logit_stats(ref, self.model(batch))["kl"]
+                total += cast(float, mx.sum(kl).item())
+                count += kl.size
+        finally:
+            module.weight = old
+        self.calls += 1
+        return total / count
+
+
+def kl_gradients(model: nn.Module, tokens: mx.array, paths: Sequence[str],
+                 low: Sequence[QuantSpec], batch_size: int = 4,
+                 dtype: mx.Dtype | None = mx.float32) -> dict[str, np.ndarray]:
+    """Per layer in ``paths``, the gradient of the mean next-token KL(float ‖ low-bit model)
+    with respect to its weight, taken in the low-bit model: a copy of ``model`` with every
+    layer of ``paths`` rounded to nearest at the first spec of ``low`` its width allows (as
+    mlx-lm's ``dynamic_quant`` measures its sensitivities). ``model`` is not changed."""
+    ref = copy.deepcopy(model)
+    if dtype is not None:
+        ref.set_dtype(dtype)
+    q = copy.deepcopy(ref)
+    modules = dict(tree_flatten(q.leaf_modules(), is_leaf=nn.Module.is_module))
+    q.freeze()
+    used = []
+    for path in paths:
+        m = modules[path]
+        w = m.weight
+        spec = next((s for s in low if w.ndim == 2 and w.shape[-1] % s.group_size == 0), None)
+        if spec is None:
+            continue
+        packed = mx.quantize(w, group_size=spec.group_size, bits=spec.bits, mode=spec.mode)
+        m.weight = mx.dequantize(*packed, group_size=spec.group_size, bits=spec.bits,
+                                 mode=spec.mode).astype(w.dtype)
+        m.unfreeze(keys=["weight"], recurse=False)
+        used.append(path)
+
+    def loss(params, batch, target):
+        q.update(params)
+        logits = q(batch).astype(mx.float32)
+        log_q = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+        log_p = target - mx.logsumexp(target, axis=-1, keepdims=True)
+        return mx.sum(mx.exp(log_p) * (log_p - log_q))
+
+    grad = mx.grad(loss)
+    total: dict[str, Any] | None = None
+    count = 0
+    for i in range(0, tokens.shape[0], batch_size):
+        batch = tokens[i : i + batch_size, :-1]
+        target = ref(batch).astype(mx.float32)
+        g = grad(q.trainable_parameters(), batch, target)
+        total = g if total is None else tree_map(lambda a, b: a + b, total, g)
+        mx.eval(total)
+        count += batch.size
+    flat = dict(tree_flatten(total or {}))
+    return {p: np.asarray(flat[f"{p}.weight"], dtype=np.float64) / count
+            for p in used if f"{p}.weight" in flat}
 
 
 class _Shift(Wrapper):
@@ -361,14 +497,14 @@ class Sensitivity:
             target_bpw=target_bpw, bits_per_weight=used / self.total_params,
             predicted_error=sum(cost[p, s][1] for p, s in specs.items()), specs=specs,
             errors={lo.path: {_label(s): e for _, e, s in lo.options} for lo in self.layers},
-            pinned=self.pinned, reference=self.reference,
+            pinned=self.pinned, reference=self.reference, sensitivity=self.sensitivity,
         )
 
 
 def plan_mixed_precision(
     model: nn.Module, tokens: mx.array, target_bpw: float, *,
     candidates: Sequence[QuantSpec] = DEFAULT_CANDIDATES, recipe: Recipe | None = None,
-    sensitivity: str = "fisher", fisher_samples: int = 16, batch_size: int = 8,
+    sensitivity: str = "kl-fast", fisher_samples: int = 16, batch_size: int = 8,
     dtype: str | None = "float32", progress: Progress | None = None,
 ) -> MixedPlan:
     """Choose per-layer bits and group sizes for ``model`` meeting ``target_bpw``:
@@ -384,7 +520,7 @@ def plan_mixed_precision(
 def measure_sensitivity(
     model: nn.Module, tokens: mx.array, *,
     candidates: Sequence[QuantSpec] = DEFAULT_CANDIDATES, recipe: Recipe | None = None,
-    sensitivity: str = "fisher", fisher_samples: int = 16, batch_size: int = 8,
+    sensitivity: str = "kl-fast", fisher_samples: int = 16, batch_size: int = 8,
     dtype: str | None = "float32", progress: Progress | None = None,
     reference_bpw: float = 4.0,
 ) -> Sensitivity:
@@ -396,10 +532,18 @@ def measure_sensitivity(
     activation reaches keep the base spec and are counted at it. ``model`` is left as it was
     (the profiling walk's quantized layers are swapped back out).
 
-    ``sensitivity``: ``"fisher"`` (default) weights each output feature's error by the mean
+    ``sensitivity``: ``"kl-fast"`` is the default (it allocated best on stories260K-pad192,
+    docs/results-mixed.md). ``"fisher"`` weights each output feature's error by the mean
     squared gradient of the calibration loss with respect to it (:func:`output_fisher`, from
     the first ``fisher_samples`` sequences), so errors are second-order estimates of the loss
-    increase and comparable across layers; ``"output"`` sums the plain output errors."""
+    increase and comparable across layers; ``"output"`` sums the plain output errors;
+    ``"kl"`` measures the output KL(float ‖ model) on the first ``fisher_samples`` sequences
+    with only that layer quantized (:class:`KLProbe`), at every candidate (one forward pass of
+    those sequences per layer and candidate); ``"kl-fast"`` measures it at one candidate per
+    layer (the reference) and scales the layer's plain output errors to it; ``"kl-grad"`` takes
+    one gradient of that KL in the model rounded to nearest at the cheapest candidate
+    (:func:`kl_gradients`, as mlx-lm's ``dynamic_quant`` does) and predicts each candidate's
+    KL to first order, ``g·(Q_s(W) − W)`` (one backward pass in all)."""
     if sensitivity not in SENSITIVITIES:
         raise BudgetError(f"sensitivity {sensitivity!r} is unknown; use one of {list(SENSITIVITIES)}")
     base = recipe or Recipe()
@@ -413,7 +557,15 @@ def measure_sensitivity(
     walker = _ProfilingWalker(
         recipe=base.with_default(bits=reference.bits, group_size=reference.group_size),
         batch_size=batch_size, dtype=dtype, progress=progress, candidates=candidates,
+        reference=reference, kl_all=sensitivity == "kl",
     )
+    if sensitivity in ("kl", "kl-fast"):
+        walker.kl_probe = KLProbe(model, tokens[:fisher_samples],
+                                  dtype=None if dtype is None else _DTYPES[dtype])
+    if sensitivity == "kl-grad":
+        low = sorted(candidates, key=lambda s: (s.bits_per_weight(scale_bits), -s.group_size))
+        walker.kl_grads = kl_gradients(model, tokens[:fisher_samples], list(walker.plan(model)),
+                                       low, dtype=None if dtype is None else _DTYPES[dtype])
     if sensitivity == "fisher":
         paths = list(walker.plan(model))
         if dtype is not None:
@@ -437,6 +589,8 @@ def measure_sensitivity(
         weight = p.handler.weight(p.module)
         sbits = 8 * weight.dtype.size
         errs = walker.errors.get(path)
+        if errs and sensitivity in ("kl", "kl-fast", "kl-grad"):
+            errs = _kl_errors(errs, walker.kl.get(path, {}))
         if not errs:
             pinned[path] = base.resolve(path)[1].spec.fitted_to(weight.shape[-1]) or p.spec
             fixed_bits += storage_bits(pinned[path], weight.size, sbits)
@@ -447,6 +601,18 @@ def measure_sensitivity(
     return Sensitivity(layers=tuple(layers), fixed_bits=fixed_bits, total_params=total_params,
                        pinned=pinned, paths=tuple(walker.plans), base=base, reference=reference,
                        sensitivity=sensitivity)
+
+
+def _kl_errors(errors: dict[QuantSpec, float], kl: dict[QuantSpec, float]) -> dict[QuantSpec, float]:
+    """Per candidate, the layer's output KL: measured where it was, else the KL measured at one
+    candidate scaled by the ratio of the two candidates' output errors (``kl-fast``)."""
+    if not kl:
+        return {}
+    if len(kl) == len(errors):
+        return dict(kl)
+    (at, measured), = kl.items()
+    scale = measured / max(errors[at], 1e-30)
+    return {s: kl.get(s, e * scale) for s, e in errors.items()}
 
 
 def _plan_recipe(base: Recipe, plans: Sequence[str], specs: dict[str, QuantSpec]) -> Recipe:
@@ -489,7 +655,7 @@ def plan_directory(
     model_dir, target_bpw: float, recipe: Recipe | None = None, *, calibration=None,
     num_samples: int = 128, seq_len: int = 512, seed: int = 0, dtype: str | None = "float32",
     batch_size: int = 8, candidates: Sequence[QuantSpec] = DEFAULT_CANDIDATES,
-    sensitivity: str = "fisher", progress: Progress | None = None,
+    sensitivity: str = "kl-fast", progress: Progress | None = None,
 ) -> MixedPlan:
     """:func:`plan_mixed_precision` for a model directory, with the same calibration tokens
     :func:`quantkit.api.quantize_directory` draws for the same settings."""
@@ -517,7 +683,7 @@ def parse_candidates(text: str) -> tuple[QuantSpec, ...]:
 
 
 __all__ = [
-    "DEFAULT_CANDIDATES", "SENSITIVITIES", "BudgetError", "LayerOptions", "MixedPlan", "Sensitivity",
-    "allocate", "measure_sensitivity", "output_fisher",
+    "DEFAULT_CANDIDATES", "SENSITIVITIES", "BudgetError", "KLProbe", "LayerOptions", "MixedPlan", "Sensitivity",
+    "allocate", "kl_gradients", "measure_sensitivity", "output_fisher",
     "parse_candidates", "plan_directory", "plan_mixed_precision", "storage_bits",
 ]

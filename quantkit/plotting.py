@@ -6,9 +6,12 @@ PNG. matplotlib is optional: ``pip install 'quantkit[plot]'``.
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from .errors import QuantkitError, describe
 from .report import LayerRecord, RunReport
@@ -173,6 +176,66 @@ def plot_report(report: RunReport, path: str | Path, *, top: int = 5, title: str
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fig.savefig(path, dpi=dpi, bbox_inches="tight")
+    except (OSError, ValueError) as exc:  # ValueError: a file name suffix matplotlib cannot write
+        raise QuantkitError(f"cannot write {path} ({describe(exc)}); choose a writable path") from None
+    return path
+
+
+def plot_comparison(rows: list[dict[str, Any]], path: str | Path, *, title: str | None = None,
+                    dpi: int = 110) -> Path:
+    """Write a PNG of each model's mean KL to the float model (log scale) against its bits per
+    weight, every point labelled with the model's name (the last part of its path) and top-1
+    agreement; the 99th percentile of the KL drawn as a hollow marker above it. The points as
+    drawn are written into the PNG's ``Description`` text as JSON. ``rows``: dicts
+    with ``model``, ``bits_per_weight``, ``kl_mean``, ``kl_p99``, ``top1_agreement`` (as
+    :meth:`quantkit.compare.ModelRow.to_dict` gives)."""
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError:
+        raise QuantkitError(
+            "drawing the plot needs matplotlib; install it with pip install 'quantkit[plot]'"
+        ) from None
+    path = check_output_file(path, "the plot")
+    shown = [r for r in rows if r["kl_mean"] > 0]
+    if not shown:
+        raise QuantkitError("no model differs from the reference (every KL is 0); nothing to plot")
+    fig = Figure(figsize=(7.5, 4.8))
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    xs = [r["bits_per_weight"] for r in shown]
+    means = ax.scatter(xs, [r["kl_mean"] for r in shown], s=40, color="C0", zorder=3, label="KL mean")
+    ax.scatter(xs, [r["kl_p99"] for r in shown], s=40, facecolors="none", edgecolors="C3",
+               zorder=3, label="KL 99th percentile")
+    lo, hi = min(xs), max(xs)
+    near = 0.03 * max(hi - lo, 1.0)
+    placed: list[float] = []  # x of the labels already drawn: stack those that would overlap
+    for r in sorted(shown, key=lambda r: (r["bits_per_weight"], -r["kl_mean"])):
+        x = r["bits_per_weight"]
+        ax.plot([x] * 2, [r["kl_mean"], r["kl_p99"]], color="0.75", lw=1, zorder=1)
+        name = Path(str(r["model"])).name or str(r["model"])
+        k = sum(1 for p in placed if abs(p - x) < near)
+        placed.append(x)
+        ax.annotate(f"{name}: top-1 {r['top1_agreement']:.1%}", (x, r["kl_mean"]),
+                    xytext=(8, 2 - 13 * k), textcoords="offset points", fontsize=8, va="center",
+                    arrowprops={"arrowstyle": "-", "color": "0.6", "linewidth": 0.5} if k else None)
+    ax.set_yscale("log")
+    ys = [r["kl_mean"] for r in shown] + [r["kl_p99"] for r in shown if r["kl_p99"] > 0]
+    ax.set_ylim(min(ys) / 2.5, max(ys) * 1.8)
+    pad = max(0.25, 0.12 * (hi - lo))
+    ax.set_xlim(lo - pad, hi + 3 * pad)
+    ax.set_xlabel("bits per weight (mlx-lm compute_bits_per_weight)")
+    ax.set_ylabel("KL(float ‖ quantized), nats per token")
+    ax.set_title(title or "fidelity to the float model against size", fontsize=10)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8, loc="upper right")
+    fig.tight_layout()
+    # The drawn points, read back from the plot, in the PNG's text (for tools and tests).
+    drawn = [{"model": str(r["model"]), "bits_per_weight": float(x), "kl_mean": float(y)}
+             for r, (x, y) in zip(shown, np.asarray(means.get_offsets()).tolist())]
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(path, dpi=dpi, metadata={"Description": json.dumps(drawn)})
     except (OSError, ValueError) as exc:  # ValueError: a file name suffix matplotlib cannot write
         raise QuantkitError(f"cannot write {path} ({describe(exc)}); choose a writable path") from None
     return path

@@ -39,6 +39,10 @@ class LayerRecord:
     time_s: float = 0.0
     #: An expert layer: the process that quantized each of its experts, in expert order.
     expert_ranks: list[int] | None = None
+    #: The layer's contribution to the output KL(float ‖ model), nats per token: the KL of the
+    #: float model with only this layer quantized at its spec, as the ``--target-bpw`` KL
+    #: sensitivity pass measured it (``None``: not measured).
+    output_kl: float | None = None
 
 
 @attrs.define

@@ -90,7 +90,7 @@ def test_sensitive_layers_get_more_bits(pad_dir, stories_tokens):
     model, _, _ = load_model(pad_dir)
     calib, _ = stories_tokens
     before = {k: np.array(v) for k, v in tree_flatten(model.parameters())}
-    sens = measure_sensitivity(model, calib[:8], reference_bpw=4.5,
+    sens = measure_sensitivity(model, calib[:8], reference_bpw=4.5, sensitivity="fisher",
                                candidates=[QuantSpec(b, 64) for b in (2, 3, 4, 5, 6)])
     # the model is left as it was
     after = dict(tree_flatten(model.parameters()))
