@@ -11,8 +11,8 @@ import attrs
 import mlx.core as mx
 import mlx.nn as nn
 
-from .calibration import calibration_tokens
 from .checkpoint import Checkpoint, DirectoryCheckpoint, checkpoint_dir, fingerprint, read_progress
+from .data import Calibration, load_calibration
 from .distributed import Distributed
 from .errors import DistributedError, OutputError
 from .host import resolve_backend
@@ -54,15 +54,17 @@ class DirectoryResult:
 
 def quantize_directory(
     model_dir: str | Path, out_dir: str | Path, recipe: Recipe | None = None, *,
-    calibration: str | Path | None = None, num_samples: int = 128, seq_len: int = 512,
-    seed: int = 0, dtype: str | None = "float32", batch_size: int = 8,
+    calibration: Calibration | str | Path | list[str] | None = None, num_samples: int = 128,
+    seq_len: int = 512, seed: int = 0, dtype: str | None = "float32", batch_size: int = 8,
     overwrite: bool = False, resume: bool = False, checkpoint: bool = True,
     progress: Progress | None = None, distributed: Distributed | None = None,
     backend: str = "auto",
 ) -> DirectoryResult:
     """Load ``model_dir``, quantize it, write ``out_dir`` (config.json, safetensors, tokenizer
-    files, ``quantization_report.json``). ``calibration``: a text file, or ``None`` for the
-    offline default.
+    files, ``quantization_report.json``). ``calibration``: a text or JSONL file, a list of
+    ``PATH[:WEIGHT]`` (a mixture), a :class:`~quantkit.data.Calibration`, or ``None`` for the
+    offline default. Calibration warnings (see :func:`~quantkit.data.load_calibration`) go to
+    ``progress("warning", {"message": ...})`` and into the report.
 
     The output appears atomically (see :func:`quantkit.io.save_model`). With ``checkpoint``,
     the state after every decoder block is kept in ``.NAME.checkpoint`` beside ``out_dir``
@@ -88,8 +90,15 @@ def quantize_directory(
         with DirectoryCheckpoint(ckpt_path, {}) as stale:  # fails if a live run holds it
             stale.discard()
     recipe = recipe or Recipe()
+    calib = calibration if isinstance(calibration, Calibration) else \
+        Calibration.from_specs(calibration)  # a bad mixture spec fails before any loading
     model, tokenizer, config = load_model(model_dir)
-    tokens = calibration_tokens(tokenizer, calibration, num_samples, seq_len, seed)
+    data = load_calibration(tokenizer, calib, num_samples, seq_len, seed,
+                            max_positions=config.get("max_position_embeddings"))
+    tokens = data.tokens
+    for message in data.warnings:
+        if progress is not None and writer:
+            progress("warning", {"message": message})
     mx.random.seed(seed)
     ckpt = None
     if distributed.size > 1:
@@ -107,7 +116,8 @@ def quantize_directory(
         report = result.report
         report.bits_per_weight = float(compute_bits_per_weight(model))
         report.settings.update({
-            "source": str(model_dir), "calibration": str(calibration or "builtin"), "seed": seed,
+            "source": str(model_dir), "seed": seed, "calibration_data": data.to_report(),
+            "calibration": calib.describe(),
             "requested_samples": num_samples, "shards": distributed.num_shards,
         })
         config = dict(config)

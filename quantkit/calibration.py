@@ -3,7 +3,7 @@
 The default source needs no download: the Python documentation that ships inside every CPython
 installation (``pydoc_data.topics``: the language reference and library topics used by
 ``help()``), ~460 KB of English prose with code. Pass any plain-text file instead for better
-domain match.
+domain match; JSONL (text or chat messages) and mixtures are read by :mod:`quantkit.data`.
 """
 
 from __future__ import annotations
@@ -76,9 +76,12 @@ def make_batches(
 
 
 def calibration_tokens(
-    tokenizer, source: str | Path | None = None, num_samples: int = 128, seq_len: int = 512,
-    seed: int = 0,
+    tokenizer, source=None, num_samples: int = 128, seq_len: int = 512, seed: int = 0,
 ) -> mx.array:
-    """Everything above in one call: read, tokenize, cut into windows."""
-    ids = tokenize(tokenizer, read_text(source), max_tokens=None)
-    return make_batches(ids, num_samples, seq_len, seed)
+    """Everything in one call: read, tokenize, cut into samples. ``source``: a file path,
+    ``None``/``"builtin"``, a list of ``PATH[:WEIGHT]`` (a mixture) or a
+    :class:`~quantkit.data.Calibration` (see :func:`quantkit.data.load_calibration`, which
+    also returns what was used and any warnings)."""
+    from .data import load_calibration
+
+    return load_calibration(tokenizer, source, num_samples, seq_len, seed).tokens

@@ -89,6 +89,10 @@ class _ProgressView:
         self.bar.__exit__(*exc)
 
     def __call__(self, event: str, info: dict[str, Any]) -> None:
+        if event == "warning":  # shown even with --quiet: it is about the result
+            self.bar.console.print(f"[yellow]warning:[/] {escape(info['message'])}",
+                                   highlight=False, soft_wrap=True)
+            return
         if event == "resume":
             if self.enabled:
                 self.bar.console.print(f"resuming: {info['index'] + 1}/{info['total']} blocks "
@@ -113,7 +117,8 @@ def quantize(
     strategy: Annotated[Optional[Strategy], typer.Option(help="default strategy [gptq]")] = None,
     recipe: Annotated[Optional[Path], typer.Option(help="recipe TOML file")] = None,
     target_bpw: Annotated[Optional[float], typer.Option(help="choose per-layer bits/group sizes for this many bits per weight (writes OUTPUT/recipe.toml)")] = None,
-    calibration: Annotated[Optional[Path], typer.Option(help="plain-text calibration file (default: offline built-in text)")] = None,
+    calibration: Annotated[Optional[list[str]], typer.Option(help="calibration text: a plain-text or .jsonl file (rows {\"text\"} or chat {\"messages\"}); repeat as PATH:WEIGHT for a mixture (default: offline built-in text)")] = None,
+    pack: Annotated[bool, typer.Option("--pack", help="cut calibration samples anywhere in the joined documents (default: every sample starts at a document)")] = False,
     num_samples: Annotated[int, typer.Option(help="calibration sequences")] = 128,
     seq_len: Annotated[int, typer.Option(help="tokens per calibration sequence")] = 512,
     seed: Annotated[int, typer.Option(help="seed for choosing calibration windows")] = 0,
@@ -137,6 +142,7 @@ def quantize(
     machines, mlx.launch ... quantize ... --distributed. Either way rank 0 writes OUTPUT."""
     from .api import quantize_directory
     from .checkpoint import checkpoint_dir, read_progress
+    from .data import Calibration
     from .distributed import Distributed
     from .recipe import Recipe
 
@@ -149,6 +155,7 @@ def quantize(
     if num_samples < 1 or seq_len < 2 or batch_size < 1:
         fail("--num-samples and --batch-size must be ≥ 1 and --seq-len ≥ 2", 2)
     try:
+        calib = Calibration.from_specs(calibration, pack=pack)
         group = Distributed(num_shards=shards)
         if distributed:
             # Connecting gives up after --timeout with one line (SIGALRM interrupts it, see
@@ -175,7 +182,7 @@ def quantize(
                      "recipe with --recipe and --processes", 2)
             with _ProgressView(enabled=not (quiet or json_out)) as view:
                 plan = plan_directory(
-                    model_dir, target_bpw, rec, calibration=calibration, num_samples=num_samples,
+                    model_dir, target_bpw, rec, calibration=calib, num_samples=num_samples,
                     seq_len=seq_len, seed=seed, dtype=dtype.value, batch_size=batch_size,
                     progress=view,
                 )
@@ -183,7 +190,7 @@ def quantize(
         with _ProgressView(enabled=not (quiet or json_out) and group.rank == 0) as view, \
                 _sigterm_as_interrupt():
             result = quantize_directory(
-                model_dir, output, rec, calibration=calibration, num_samples=num_samples,
+                model_dir, output, rec, calibration=calib, num_samples=num_samples,
                 seq_len=seq_len, seed=seed, dtype=dtype.value, batch_size=batch_size,
                 overwrite=overwrite, resume=resume, checkpoint=checkpoint, progress=view,
                 distributed=group, backend=backend.value,
@@ -262,6 +269,9 @@ def _rank_argv(ctx: typer.Context, rank: int, quiet: bool) -> list[str]:
         elif getattr(param, "is_flag", False):
             if value or param.secondary_opts:
                 args.append(param.opts[0] if value else param.secondary_opts[0])
+        elif isinstance(value, (list, tuple)):  # a repeated option
+            for v in value:
+                args += [param.opts[0], str(v)]
         elif value is not None:
             args += [param.opts[0], str(value.value if isinstance(value, Enum) else value)]
     if rank > 0 or quiet:
