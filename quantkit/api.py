@@ -10,6 +10,7 @@ from typing import Any
 import attrs
 import mlx.core as mx
 import mlx.nn as nn
+from mlx_lm.models.switch_layers import SwitchLinear
 
 from .checkpoint import Checkpoint, DirectoryCheckpoint, checkpoint_dir, fingerprint, read_progress
 from .data import Calibration, load_calibration
@@ -58,7 +59,7 @@ def quantize_directory(
     seq_len: int = 512, seed: int = 0, dtype: str | None = "float32", batch_size: int = 8,
     overwrite: bool = False, resume: bool = False, checkpoint: bool = True,
     progress: Progress | None = None, distributed: Distributed | None = None,
-    backend: str = "auto",
+    backend: str = "auto", registry: LayerRegistry = DEFAULT_REGISTRY,
 ) -> DirectoryResult:
     """Load ``model_dir``, quantize it, write ``out_dir`` (config.json, safetensors, tokenizer
     files, ``quantization_report.json``). ``calibration``: a text or JSONL file, a list of
@@ -74,7 +75,10 @@ def quantize_directory(
 
     With ``distributed`` (a group of several processes), every rank calls this with the same
     arguments and rank 0 alone writes, once every rank has finished; checkpoints are not kept
-    (each rank holds only its own calibration samples) and ``resume`` is refused."""
+    (each rank holds only its own calibration samples) and ``resume`` is refused.
+
+    ``registry``: the layer handlers (e.g. a copy whose ``SwitchLinearHandler`` has
+    ``calibrate_all_experts``, see :func:`quantkit.experts.with_all_experts`)."""
     from mlx_lm.utils import compute_bits_per_weight
 
     distributed = distributed or Distributed()
@@ -108,11 +112,12 @@ def quantize_directory(
     elif checkpoint or resume:
         ckpt = DirectoryCheckpoint(ckpt_path, fingerprint(
             model_dir, tokens, recipe=recipe.to_dict(), dtype=dtype, batch_size=batch_size,
-            shards=distributed.num_shards, backend=resolve_backend(backend)))
+            shards=distributed.num_shards, backend=resolve_backend(backend),
+            **({"all_experts": True} if _all_experts(registry) else {})))
     with ckpt or contextlib.nullcontext(), _keep_only_progress(ckpt):
         result = quantize_model(model, tokens, recipe, batch_size=batch_size, dtype=dtype,
                                 progress=progress, checkpoint=ckpt, distributed=distributed,
-                                backend=backend)
+                                backend=backend, registry=registry)
         report = result.report
         report.bits_per_weight = float(compute_bits_per_weight(model))
         report.settings.update({
@@ -135,6 +140,11 @@ def quantize_directory(
         if ckpt is not None:
             ckpt.discard()
     return DirectoryResult(out_dir=out_dir, report=report, quantization=result.quantization)
+
+
+def _all_experts(registry: LayerRegistry) -> bool:
+    handler = registry.handler(SwitchLinear)
+    return bool(getattr(handler, "calibrate_all_experts", False))
 
 
 @contextlib.contextmanager

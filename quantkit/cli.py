@@ -125,6 +125,7 @@ def quantize(
     dtype: Annotated[DType, typer.Option(help="dtype calibration runs in")] = DType.float32,
     batch_size: Annotated[int, typer.Option(help="sequences per forward pass")] = 8,
     backend: Annotated[Backend, typer.Option(help="compute backend of calibration's linear layers and Hessians (auto: numpy on a CPU device, mlx otherwise)")] = Backend.auto,
+    moe_calibrate_all_experts: Annotated[bool, typer.Option("--moe-calibrate-all-experts", help="collect every expert's Hessian from every calibration token (the block output still follows the router): no expert starved")] = False,
     overwrite: Annotated[bool, typer.Option(help="replace an existing output directory (and discard a checkpoint)")] = False,
     resume: Annotated[bool, typer.Option(help="continue an interrupted run from its checkpoint (starts afresh when there is none)")] = False,
     checkpoint: Annotated[bool, typer.Option(help="checkpoint after every decoder block, so that --resume can continue")] = True,
@@ -156,6 +157,11 @@ def quantize(
         fail("--num-samples and --batch-size must be ≥ 1 and --seq-len ≥ 2", 2)
     try:
         calib = Calibration.from_specs(calibration, pack=pack)
+        registry_kw = {}
+        if moe_calibrate_all_experts:
+            from .experts import with_all_experts
+
+            registry_kw["registry"] = with_all_experts()
         group = Distributed(num_shards=shards)
         if distributed:
             # Connecting gives up after --timeout with one line (SIGALRM interrupts it, see
@@ -193,7 +199,7 @@ def quantize(
                 model_dir, output, rec, calibration=calib, num_samples=num_samples,
                 seq_len=seq_len, seed=seed, dtype=dtype.value, batch_size=batch_size,
                 overwrite=overwrite, resume=resume, checkpoint=checkpoint, progress=view,
-                distributed=group, backend=backend.value,
+                distributed=group, backend=backend.value, **registry_kw,
             )
         if plan is not None:
             (result.out_dir / "recipe.toml").write_text(plan.to_toml())

@@ -1,0 +1,125 @@
+"""Which offline default calibration text? Perplexity after GPTQ calibrated on each candidate.
+
+Not a test. For each model, quantizes with quantkit GPTQ (decoder linears at ``--bits`` /
+``--group-size``, the tied embedding at 8-bit RTN as in ``benchmarks/quality.py``) calibrated on
+each candidate text, then measures perplexity (dequantized to float32) on held-out texts that no
+candidate contains. Prints a table, writes ``benchmarks/results/calibration_default.json``.
+
+Candidates: ``builtin`` (CPython's ``pydoc_data.topics``, today's default), the first half of
+the TinyStories sample (the second half is an evaluation text), Tiny Shakespeare, Jane Austen,
+the packaged ``prose+code`` mixture (:mod:`quantkit.calibration`, if present) and any
+``--extra NAME=SPEC`` (``--calibration`` values, ``;``-separated for a mixture).
+
+Example (as run for docs/calibration.md; SmolLM2 converted first with
+../shared/tools/gguf_to_mlx.py)::
+
+    python benchmarks/calibration_default.py \\
+        pad192=../shared/models/stories260K-pad192:3:32 smollm2=/tmp/smollm2-135m:3:64 \\
+        --num-samples 32 --seq-len 256
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import mlx.core as mx
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+from quality import dequantized, recipe  # noqa: E402
+
+from quantkit import load_model, perplexity, quantize_model  # noqa: E402
+from quantkit.calibration import make_batches, read_text, tokenize  # noqa: E402
+from quantkit.data import load_calibration  # noqa: E402
+
+SHARED = REPO.parent / "shared"
+
+
+def candidates(tmp: Path, extra: list[str]) -> dict[str, list[str]]:
+    stories = read_text(SHARED / "text" / "tinystories_sample.txt")
+    first = tmp / "tinystories_first_half.txt"
+    first.write_text(stories[: len(stories) // 2])
+    out = {
+        "builtin (CPython docs)": ["builtin"],
+        "tinystories (1st half)": [str(first)],
+        "tinyshakespeare": [str(SHARED / "text" / "tinyshakespeare.txt")],
+        "jane_austen": [str(SHARED / "text" / "jane_austen.txt")],
+    }
+    for item in extra:
+        name, _, spec = item.partition("=")
+        out[name] = spec.split(";")
+    return out
+
+
+def eval_texts(tmp: Path) -> dict[str, str]:
+    stories = read_text(SHARED / "text" / "tinystories_sample.txt")
+    second = tmp / "tinystories_second_half.txt"
+    second.write_text(stories[len(stories) // 2 :])
+    return {"wikitext2": str(SHARED / "text" / "wikitext2_test.raw"), "tinystories-2nd": str(second)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("models", nargs="+", help="NAME=DIR:BITS:GROUP")
+    ap.add_argument("--num-samples", type=int, default=32)
+    ap.add_argument("--seq-len", type=int, default=256)
+    ap.add_argument("--eval-samples", type=int, default=32)
+    ap.add_argument("--extra", action="append", default=[], help="NAME=SPEC[;SPEC...]")
+    ap.add_argument("--only", action="append", default=[], help="run only these candidates")
+    ap.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "calibration_default.json"))
+    args = ap.parse_args()
+    tmp = Path(tempfile.mkdtemp(prefix="calib-default-"))
+    cands = candidates(tmp, args.extra)
+    if args.only:
+        cands = {k: v for k, v in cands.items() if k in args.only}
+    evals = eval_texts(tmp)
+    rows = []
+    for item in args.models:
+        name, _, rest = item.partition("=")
+        model_dir, bits, group = rest.rsplit(":", 2)
+        _, tokenizer, _ = load_model(model_dir)
+        eval_tokens = {k: make_batches(tokenize(tokenizer, read_text(v)), args.eval_samples,
+                                       args.seq_len, seed=1) for k, v in evals.items()}
+        model, _, _ = load_model(model_dir)
+        model.set_dtype(mx.float32)
+        base = {k: perplexity(model, t) for k, t in eval_tokens.items()}
+        rows.append({"model": name, "calibration": "float (unquantized)", **base, "time_s": 0.0})
+        print(f"{name}: float {base}", flush=True)
+        for cname, spec in cands.items():
+            model, _, _ = load_model(model_dir)
+            data = load_calibration(tokenizer, spec, args.num_samples, args.seq_len, seed=0)
+            t0 = time.perf_counter()
+            quantize_model(model, data.tokens, recipe("gptq", int(bits), int(group)))
+            seconds = time.perf_counter() - t0
+            q = dequantized(model)
+            ppl = {k: perplexity(q, t) for k, t in eval_tokens.items()}
+            rows.append({"model": name, "calibration": cname, "spec": spec, **ppl,
+                         "time_s": seconds, "bits": int(bits), "group_size": int(group)})
+            print(f"{name}: {cname}: {ppl} ({seconds:.1f} s)", flush=True)
+    result = {
+        "machine": platform.platform(), "processor": platform.processor(),
+        "calibration": f"{args.num_samples}x{args.seq_len} tokens, seed 0",
+        "evaluation": f"{args.eval_samples}x{args.seq_len} tokens, seed 1: " + ", ".join(evals),
+        "embedding": "8-bit RTN", "evaluated": "dequantized to float32", "rows": rows,
+    }
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=2))
+    print()
+    print(f"| model | calibration | {' | '.join(evals)} |")
+    print("|---|---|" + "---:|" * len(evals))
+    for r in rows:
+        print(f"| {r['model']} | {r['calibration']} | "
+              + " | ".join(f"{r[k]:.3f}" for k in evals) + " |")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
