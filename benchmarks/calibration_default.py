@@ -29,6 +29,9 @@ import time
 from pathlib import Path
 
 import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+from mlx.utils import tree_flatten, tree_unflatten
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -39,8 +42,40 @@ from quality import dequantized, recipe  # noqa: E402
 from quantkit import load_model, perplexity, quantize_model  # noqa: E402
 from quantkit.calibration import make_batches, read_text, tokenize  # noqa: E402
 from quantkit.data import load_calibration  # noqa: E402
+from quantkit.host import HostLinear, host_attention  # noqa: E402
+from quantkit.registry import Wrapper  # noqa: E402
 
 SHARED = REPO.parent / "shared"
+
+
+class _HostHead(Wrapper):
+    """A tied embedding whose output-head product runs in NumPy (the biggest matmul)."""
+
+    def __init__(self, module: nn.Embedding) -> None:
+        super().__init__(module)
+        w = module.weight.astype(mx.float32)
+        mx.eval(w)
+        self._weight_t = np.asarray(w).T
+
+    def __call__(self, x):
+        return self.module(x)
+
+    def as_linear(self, x):
+        rows = np.asarray(x.astype(mx.float32).reshape(-1, x.shape[-1]))
+        return mx.array(rows @ self._weight_t).reshape(*x.shape[:-1], -1)
+
+
+def host_ppl(model: nn.Module, evals: dict) -> dict[str, float]:
+    """Perplexity with the float32 linear layers, attention and tied head computed by NumPy
+    (MLX's Linux CPU wheel multiplies with reference BLAS; same numbers to float32 rounding)."""
+    swaps = [(k, HostLinear(m)) for k, m in tree_flatten(model.leaf_modules(), is_leaf=nn.Module.is_module)
+             if type(m) is nn.Linear]
+    embed = model.model.embed_tokens
+    if type(embed) is nn.Embedding:
+        swaps.append(("model.embed_tokens", _HostHead(embed)))
+    model.update_modules(tree_unflatten(swaps))
+    with host_attention(model):
+        return {k: perplexity(model, t) for k, t in evals.items()}
 
 
 def candidates(tmp: Path, extra: list[str]) -> dict[str, list[str]]:
@@ -72,6 +107,7 @@ def main() -> None:
     ap.add_argument("--num-samples", type=int, default=32)
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--eval-samples", type=int, default=32)
+    ap.add_argument("--seeds", type=int, default=1, help="calibration seeds to average over")
     ap.add_argument("--extra", action="append", default=[], help="NAME=SPEC[;SPEC...]")
     ap.add_argument("--only", action="append", default=[], help="run only these candidates")
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "calibration_default.json"))
@@ -90,23 +126,26 @@ def main() -> None:
                                        args.seq_len, seed=1) for k, v in evals.items()}
         model, _, _ = load_model(model_dir)
         model.set_dtype(mx.float32)
-        base = {k: perplexity(model, t) for k, t in eval_tokens.items()}
-        rows.append({"model": name, "calibration": "float (unquantized)", **base, "time_s": 0.0})
+        base = host_ppl(model, eval_tokens)
+        rows.append({"model": name, "calibration": "float (unquantized)", **base})
         print(f"{name}: float {base}", flush=True)
         for cname, spec in cands.items():
-            model, _, _ = load_model(model_dir)
-            data = load_calibration(tokenizer, spec, args.num_samples, args.seq_len, seed=0)
-            t0 = time.perf_counter()
-            quantize_model(model, data.tokens, recipe("gptq", int(bits), int(group)))
-            seconds = time.perf_counter() - t0
-            q = dequantized(model)
-            ppl = {k: perplexity(q, t) for k, t in eval_tokens.items()}
+            runs = []
+            for seed in range(args.seeds):
+                model, _, _ = load_model(model_dir)
+                data = load_calibration(tokenizer, spec, args.num_samples, args.seq_len, seed=seed)
+                t0 = time.perf_counter()
+                quantize_model(model, data.tokens, recipe("gptq", int(bits), int(group)))
+                seconds = time.perf_counter() - t0
+                runs.append(host_ppl(dequantized(model), eval_tokens))
+                print(f"{name}: {cname} seed {seed}: {runs[-1]} ({seconds:.1f} s)", flush=True)
+            ppl = {k: float(np.mean([r[k] for r in runs])) for k in evals}
             rows.append({"model": name, "calibration": cname, "spec": spec, **ppl,
-                         "time_s": seconds, "bits": int(bits), "group_size": int(group)})
-            print(f"{name}: {cname}: {ppl} ({seconds:.1f} s)", flush=True)
+                         "per_seed": runs, "bits": int(bits), "group_size": int(group)})
     result = {
         "machine": platform.platform(), "processor": platform.processor(),
-        "calibration": f"{args.num_samples}x{args.seq_len} tokens, seed 0",
+        "calibration": f"{args.num_samples}x{args.seq_len} tokens, seeds 0..{args.seeds - 1} "
+                       "(perplexities are the mean over seeds)",
         "evaluation": f"{args.eval_samples}x{args.seq_len} tokens, seed 1: " + ", ".join(evals),
         "embedding": "8-bit RTN", "evaluated": "dequantized to float32", "rows": rows,
     }

@@ -110,7 +110,7 @@ class _ProgressView:
 @app.command()
 def quantize(
     ctx: typer.Context,
-    model_dir: Annotated[Path, typer.Argument(help="mlx-lm model directory (full precision)")],
+    model_dir: Annotated[str, typer.Argument(help="mlx-lm model directory (full precision), or a Hugging Face repo id (org/name)")],
     output: Annotated[Path, typer.Option("--output", "-o", help="output model directory")],
     bits: Annotated[Optional[int], typer.Option(help="bits for the default rule [4]")] = None,
     group_size: Annotated[Optional[int], typer.Option(help="group size for the default rule [64]")] = None,
@@ -145,6 +145,7 @@ def quantize(
     from .checkpoint import checkpoint_dir, read_progress
     from .data import Calibration
     from .distributed import Distributed
+    from .hub import resolve_model
     from .recipe import Recipe
 
     if processes < 1 or shards < 1:
@@ -156,6 +157,7 @@ def quantize(
     if num_samples < 1 or seq_len < 2 or batch_size < 1:
         fail("--num-samples and --batch-size must be ≥ 1 and --seq-len ≥ 2", 2)
     try:
+        model_path = resolve_model(model_dir)
         calib = Calibration.from_specs(calibration, pack=pack)
         registry_kw = {}
         if moe_calibrate_all_experts:
@@ -188,7 +190,7 @@ def quantize(
                      "recipe with --recipe and --processes", 2)
             with _ProgressView(enabled=not (quiet or json_out)) as view:
                 plan = plan_directory(
-                    model_dir, target_bpw, rec, calibration=calib, num_samples=num_samples,
+                    model_path, target_bpw, rec, calibration=calib, num_samples=num_samples,
                     seq_len=seq_len, seed=seed, dtype=dtype.value, batch_size=batch_size,
                     progress=view,
                 )
@@ -196,7 +198,7 @@ def quantize(
         with _ProgressView(enabled=not (quiet or json_out) and group.rank == 0) as view, \
                 _sigterm_as_interrupt():
             result = quantize_directory(
-                model_dir, output, rec, calibration=calib, num_samples=num_samples,
+                model_path, output, rec, calibration=calib, num_samples=num_samples,
                 seq_len=seq_len, seed=seed, dtype=dtype.value, batch_size=batch_size,
                 overwrite=overwrite, resume=resume, checkpoint=checkpoint, progress=view,
                 distributed=group, backend=backend.value, **registry_kw,
@@ -326,25 +328,33 @@ def _print_summary(report, out_dir: Path, seconds: float) -> None:
 
 @app.command()
 def inspect(
-    model_dir: Annotated[Path, typer.Argument(help="quantized model directory")],
+    model_dir: Annotated[str, typer.Argument(help="quantized model directory, or a Hugging Face repo id (org/name)")],
     json_out: Annotated[bool, typer.Option("--json", help="print as JSON")] = False,
 ) -> None:
     """List each layer's quantization settings as mlx_lm.load will apply them."""
     import mlx.core as mx
     from mlx.utils import tree_flatten
 
-    config_path = model_dir / "config.json"
+    from .hub import resolve_model
+
+    try:
+        model_path = resolve_model(model_dir)
+    except QuantkitError as exc:
+        fail(str(exc))
+        return
+
+    config_path = model_path / "config.json"
     if not config_path.is_file():
-        fail(f"{model_dir} has no config.json; pass a model directory")
+        fail(f"{model_path} has no config.json; pass a model directory")
     try:
         config = json.loads(config_path.read_text())
     except json.JSONDecodeError as exc:
         fail(f"{config_path} is not valid JSON ({exc})")
     q = config.get("quantization")
     if not q:
-        fail(f"{model_dir} is not quantized (config.json has no 'quantization')")
+        fail(f"{model_path} is not quantized (config.json has no 'quantization')")
     shapes: dict[str, Any] = {}
-    for f in sorted(model_dir.glob("*.safetensors")):
+    for f in sorted(model_path.glob("*.safetensors")):
         for k, v in tree_flatten(mx.load(str(f))):  # type: ignore[str-unpack]
             shapes[k] = v
     layers = sorted({k.rsplit(".", 1)[0] for k in shapes if k.endswith(".scales")} |
@@ -361,7 +371,7 @@ def inspect(
     if json_out:
         out.print_json(json.dumps({"default": default, "layers": rows}))
         return
-    table = Table(title=f"{model_dir}  (default: {default})")
+    table = Table(title=f"{model_path}  (default: {default})")
     for col in ("layer", "bits", "group", "mode"):
         table.add_column(col)
     for r in rows:
@@ -377,7 +387,7 @@ def inspect(
 
 @app.command("eval")
 def eval_(
-    model_dir: Annotated[Path, typer.Argument(help="mlx-lm model directory (quantized or not)")],
+    model_dir: Annotated[str, typer.Argument(help="mlx-lm model directory (quantized or not), or a Hugging Face repo id (org/name)")],
     text: Annotated[Optional[Path], typer.Option(help="plain-text file to measure on (default: offline built-in text)")] = None,
     seq_len: Annotated[int, typer.Option(help="tokens per sequence")] = 512,
     num_samples: Annotated[int, typer.Option(help="sequences to measure")] = 64,
@@ -392,6 +402,7 @@ def eval_(
 
     from .calibration import make_batches, read_text, tokenize
     from .evaluate import perplexity
+    from .hub import resolve_model
     from .io import load_model
 
     if num_samples < 1 or seq_len < 2 or batch_size < 1:
@@ -400,7 +411,8 @@ def eval_(
         fail(f"text file {text} does not exist; check the path")
     start = time.perf_counter()
     try:
-        model, tokenizer, config = load_model(model_dir, allow_quantized=True)
+        model_path = resolve_model(model_dir)
+        model, tokenizer, config = load_model(model_path, allow_quantized=True)
         ids = tokenize(tokenizer, read_text(text), max_tokens=num_samples * seq_len)
         tokens = make_batches(ids, num_samples, seq_len, seed)
         bar = Progress(TextColumn("perplexity"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
