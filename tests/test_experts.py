@@ -87,3 +87,40 @@ def test_block_output_follows_the_router(starved_moe, tokens):
         assert stats.expert_tokens == (n, n)  # experts 2 and 3: every token
         assert stats.routed_rows == 2 * n
         assert np.array_equal(np.asarray(c.routed), np.bincount(top, minlength=4))
+
+
+def test_two_processes_all_experts_and_a_mixture_write_the_same_bytes(
+        starved_moe, tinystories_text, tmp_path):
+    """``--processes 2`` forwards the repeated ``--calibration`` and the all-experts flag to
+    the ranks, and the merged routed/all-experts counts give the same output as one process."""
+    import hashlib
+    import json
+    import os
+
+    from quantkit.api import quantize_directory
+    from quantkit.distributed import Distributed
+
+    if not mx.distributed.is_available():
+        pytest.skip("this MLX build has no distributed backend")
+    shakespeare = shared_path("text", "tinyshakespeare.txt")
+    mixture = [f"{tinystories_text}:0.5", f"{shakespeare}:0.5"]
+    quantize_directory(starved_moe, tmp_path / "one", Recipe.uniform("gptq", 4, 32),
+                       calibration=mixture, num_samples=8, seq_len=64,
+                       distributed=Distributed(num_shards=2), registry=with_all_experts())
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(Path(__file__).resolve().parents[1]),
+                                                       os.environ.get("PYTHONPATH", "")]))
+    args = ["--bits", "4", "--group-size", "32", "--num-samples", "8", "--seq-len", "64",
+            "--shards", "2", "--timeout", "60", "--quiet", "--moe-calibrate-all-experts",
+            "--calibration", mixture[0], "--calibration", mixture[1], "--processes", "2"]
+    two = subprocess.run([sys.executable, "-m", "quantkit.cli", "quantize", str(starved_moe),
+                          "-o", str(tmp_path / "two"), *args], env=env, capture_output=True,
+                         text=True, timeout=120)
+    assert two.returncode == 0, two.stderr
+    digest = [hashlib.sha256((tmp_path / d / "model.safetensors").read_bytes()).hexdigest()
+              for d in ("one", "two")]
+    assert digest[0] == digest[1]
+    report = json.loads((tmp_path / "two" / "quantization_report.json").read_text())
+    assert [s["samples"] for s in report["settings"]["calibration_data"]["sources"]] == [4, 4]
+    experts = [r for r in report["layers"] if r["layer_class"] == "SwitchLinear"]
+    assert experts and all(r["n_tokens"] == 2 * r["routed_tokens"] for r in experts)
+    assert not [r for r in report["layers"] if r["expert"] is not None]
