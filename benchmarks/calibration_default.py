@@ -5,17 +5,20 @@ Not a test. For each model, quantizes with quantkit GPTQ (decoder linears at ``-
 each candidate text, then measures perplexity (dequantized to float32) on held-out texts that no
 candidate contains. Prints a table, writes ``benchmarks/results/calibration_default.json``.
 
-Candidates: ``builtin`` (CPython's ``pydoc_data.topics``, today's default), the first half of
-the TinyStories sample (the second half is an evaluation text), Tiny Shakespeare, Jane Austen,
-the packaged ``prose+code`` mixture (:mod:`quantkit.calibration`, if present) and any
-``--extra NAME=SPEC`` (``--calibration`` values, ``;``-separated for a mixture).
+Candidates: ``builtin-pydoc`` (CPython's ``pydoc_data.topics``, the default until this
+measurement), ``builtin-austen`` (the packaged 360 KB of *Pride and Prejudice*, the default
+since), the first half of the TinyStories sample (the second half is an evaluation text), Tiny
+Shakespeare, Jane Austen's six novels, and any ``--extra NAME=SPEC`` (``--calibration`` values,
+``;``-separated for a mixture). ``--only NAME`` restricts the run to some candidates.
 
 Example (as run for docs/calibration.md; SmolLM2 converted first with
 ../shared/tools/gguf_to_mlx.py)::
 
-    python benchmarks/calibration_default.py \\
-        pad192=../shared/models/stories260K-pad192:3:32 smollm2=/tmp/smollm2-135m:3:64 \\
-        --num-samples 32 --seq-len 256
+    python benchmarks/calibration_default.py pad192=../shared/models/stories260K-pad192:3:32 \\
+        --num-samples 32 --seq-len 256 --eval-samples 32 --seeds 3 \\
+        --extra "builtin+austen=builtin-pydoc:0.5;PP150KB:0.5" --out .../calibration_default_pad192.json
+    python benchmarks/calibration_default.py smollm2=/tmp/smollm2-135m:3:64 \\
+        --num-samples 32 --seq-len 256 --eval-samples 16 --out .../calibration_default_smollm2.json
 """
 
 from __future__ import annotations
@@ -83,7 +86,8 @@ def candidates(tmp: Path, extra: list[str]) -> dict[str, list[str]]:
     first = tmp / "tinystories_first_half.txt"
     first.write_text(stories[: len(stories) // 2])
     out = {
-        "builtin (CPython docs)": ["builtin"],
+        "builtin-pydoc (CPython docs)": ["builtin-pydoc"],
+        "builtin-austen (360 KB, the default)": ["builtin-austen"],
         "tinystories (1st half)": [str(first)],
         "tinyshakespeare": [str(SHARED / "text" / "tinyshakespeare.txt")],
         "jane_austen": [str(SHARED / "text" / "jane_austen.txt")],

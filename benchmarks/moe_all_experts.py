@@ -4,8 +4,9 @@ Not a test. Part ``ppl``: on ``stories260K-moe4`` and its ``--starve`` variant (
 temporary directory by ``../shared/tools/make_moe_fixture.py``), GPTQ 4-bit g32 (tied embedding
 6-bit RTN, as ``benchmarks/moe.py``) calibrated on Tiny Shakespeare (first 64×256 windows) with
 routed-only statistics (the default) and with every token sent through every expert; perplexity
-on TinyStories (first 128×256 windows), quantization time, MLX peak memory, experts that fell
-back for lack of tokens. Part ``shape``: a random-weight Qwen3-MoE model of the
+on TinyStories (first 128×256 windows: no token there picks the starved expert either), quantization time, MLX peak memory, experts that fell
+back for lack of tokens; also perplexity on WikiText-2 (first 128×256 windows), where some
+tokens do reach the starved expert. Part ``shape``: a random-weight Qwen3-MoE model of the
 Qwen3-30B-A3B shape (hidden 2048, 128 experts, top 8, expert width 768; ``--layers`` of its 48
 decoder blocks): time and peak memory of both modes (random weights: no perplexity).
 
@@ -38,6 +39,7 @@ from quantkit.experts import with_all_experts  # noqa: E402
 from quantkit.io import load_model  # noqa: E402
 
 SHARED = REPO.parent / "shared"
+EVALS = {"tinystories": "tinystories_sample.txt", "wikitext2": "wikitext2_test.raw"}
 MODES = {"routed only": DEFAULT_REGISTRY, "all experts": with_all_experts()}
 
 
@@ -73,11 +75,13 @@ def ppl_rows(args) -> list[dict]:
         _, tokenizer, _ = load_model(path)
         cal = first_windows(tokenize(tokenizer, read_text(SHARED / "text" / "tinyshakespeare.txt")),
                             args.num_samples, args.seq_len)
-        ev = first_windows(tokenize(tokenizer, read_text(SHARED / "text" / "tinystories_sample.txt")),
-                           args.eval_samples, args.seq_len)
+        evs = {k: first_windows(tokenize(tokenizer, read_text(SHARED / "text" / f)),
+                                args.eval_samples, args.seq_len)
+               for k, f in EVALS.items()}
         model, _, _ = load_model(path)
         model.set_dtype(mx.float32)
-        rows.append({"model": name, "mode": "float", "ppl": perplexity(model, ev)})
+        rows.append({"model": name, "mode": "float",
+                     "ppl": {k: perplexity(model, ev) for k, ev in evs.items()}})
         for mode, registry in MODES.items():
             best = None
             for _ in range(args.repeats):
@@ -85,7 +89,8 @@ def ppl_rows(args) -> list[dict]:
                 model.set_dtype(mx.float32)
                 report, seconds, peak = timed_quantize(model, cal, recipe, registry)
                 best = seconds if best is None else min(best, seconds)
-            rows.append({"model": name, "mode": mode, "ppl": perplexity(model, ev),
+            rows.append({"model": name, "mode": mode,
+                         "ppl": {k: perplexity(model, ev) for k, ev in evs.items()},
                          "time_s": best, "peak_mb": peak, "fallback_experts": fallbacks(report)})
             print(rows[-1], flush=True)
     return rows
@@ -148,10 +153,12 @@ def main() -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"machine": platform.platform(), "args": vars(args), "rows": rows},
                               indent=2))
-    print("\n| model | calibration | perplexity | time s | peak MB | fallback experts |")
-    print("|---|---|---:|---:|---:|---:|")
+    print("\n| model | calibration | ppl " + " | ppl ".join(EVALS)
+          + " | time s | peak MB | fallback experts |")
+    print("|---|---|" + "---:|" * (len(EVALS) + 3))
     for r in rows:
-        ppl = f"{r['ppl']:.3f}" if "ppl" in r else "-"
+        ppl = " | ".join(f"{r['ppl'][k]:.3f}" for k in EVALS) if "ppl" in r else \
+            " | ".join("-" for _ in EVALS)
         t = f"{r['time_s']:.1f}" if "time_s" in r else "-"
         peak = f"{r['peak_mb']:.0f}" if "peak_mb" in r else "-"
         print(f"| {r['model']} | {r['mode']} | {ppl} | {t} | {peak} | {r.get('fallback_experts', '-')} |")

@@ -1,7 +1,9 @@
 """Calibration data from several sources: plain text, JSONL (``text`` or chat ``messages``),
 mixtures by share of tokens, and the warnings a run should show and record.
 
-A source is ``"builtin"`` (the offline default text, see :mod:`quantkit.calibration`) or a file:
+A source is a built-in text (``builtin``: the offline default; ``builtin-austen``,
+``builtin-pydoc``: see :mod:`quantkit.calibration`; these names always mean the built-in texts,
+write ``./builtin`` for a file of that name) or a file:
 a file whose name ends in ``.jsonl`` is read as JSON Lines, one document per row, each row
 ``{"text": "..."}`` or ``{"messages": [{"role": ..., "content": ...}, ...]}`` (rendered with the
 tokenizer's chat template, :meth:`apply_chat_template`); any other file is one plain-text
@@ -42,21 +44,20 @@ import attrs
 import mlx.core as mx
 import numpy as np
 
+from .calibration import DEFAULT_SOURCE, builtin_name
 from .errors import CalibrationError
-
-BUILTIN = "builtin"
 
 
 @attrs.frozen
 class Source:
-    """One calibration source: a file path or ``"builtin"``, and its weight in a mixture."""
+    """One calibration source: a file path or a built-in text's name, and its weight."""
 
     path: str
     weight: float = 1.0
 
     @property
     def is_builtin(self) -> bool:
-        return self.path == BUILTIN
+        return builtin_name(self.path) is not None
 
     @property
     def format(self) -> str:
@@ -66,15 +67,15 @@ class Source:
 def parse_source(spec: str) -> Source:
     """``PATH`` or ``PATH:WEIGHT`` as given to ``--calibration``.
 
-    The rule: a spec that names an existing file (or ``builtin``) as a whole is that file with
-    weight 1, so a path containing ``:`` works; otherwise, when the part before the last ``:``
-    names an existing file (or is ``builtin``), the part after it is the weight, a number ≥ 0;
+    The rule: a spec that is a built-in text's name or an existing file as a whole is that
+    source with weight 1, so a path containing ``:`` works; otherwise, when the part before the
+    last ``:`` is one, the part after it is the weight, a number ≥ 0;
     otherwise the file does not exist."""
     spec = str(spec)
-    if spec == BUILTIN or _exists(spec):
-        return Source(spec)
+    if builtin_name(spec) or _exists(spec):
+        return Source(builtin_name(spec) or spec)
     head, sep, tail = spec.rpartition(":")
-    if sep and head and (head == BUILTIN or _exists(head)):
+    if sep and head and (builtin_name(head) or _exists(head)):
         try:
             weight = float(tail)
         except ValueError:
@@ -83,7 +84,7 @@ def parse_source(spec: str) -> Source:
             raise CalibrationError(
                 f"mixture weight {tail!r} of {head} is not a positive number; "
                 f"write e.g. {head}:0.5")
-        return Source(head, weight)
+        return Source(builtin_name(head) or head, weight)
     raise CalibrationError(f"calibration file {spec} does not exist; check the path "
                            "(a mixture entry is PATH:WEIGHT)")
 
@@ -96,7 +97,7 @@ def _exists(path: str) -> bool:
 class Calibration:
     """What to calibrate on: sources (a mixture when several) and how documents are cut."""
 
-    sources: tuple[Source, ...] = (Source(BUILTIN),)
+    sources: tuple[Source, ...] = (Source(builtin_name(DEFAULT_SOURCE) or DEFAULT_SOURCE),)
     pack: bool = False
 
     @classmethod
@@ -106,7 +107,7 @@ class Calibration:
             specs = []
         elif isinstance(specs, (str, Path)):
             specs = [str(specs)]
-        sources = tuple(parse_source(str(s)) for s in specs) or (Source(BUILTIN),)
+        sources = tuple(parse_source(str(s)) for s in specs) or cls().sources
         return cls(sources, pack)
 
     def describe(self) -> str:
@@ -136,7 +137,7 @@ def read_documents(source: Source, tokenizer) -> list[np.ndarray]:
     from .calibration import builtin_text, read_text
 
     if source.is_builtin:
-        return [_encode(tokenizer, builtin_text())]
+        return [_encode(tokenizer, builtin_text(source.path))]
     if source.format == "text":
         return [_encode(tokenizer, read_text(source.path))]
     path = Path(source.path)

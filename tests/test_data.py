@@ -74,7 +74,8 @@ def test_source_spec_rule(tmp_path):
     assert parse_source(f"{plain}:0.25") == Source(str(plain), 0.25)
     assert parse_source(str(colon)) == Source(str(colon), 1.0)
     assert parse_source(f"{colon}:2") == Source(str(colon), 2.0)
-    assert parse_source("builtin:3") == Source("builtin", 3.0)
+    assert parse_source("builtin:3") == Source("builtin-austen", 3.0)  # the default's name
+    assert parse_source("builtin-pydoc") == Source("builtin-pydoc", 1.0)
     for bad in ("abc", "-1", "nan", "inf", ""):
         with pytest.raises(CalibrationError, match="is not a positive number"):
             parse_source(f"{plain}:{bad}")
@@ -291,3 +292,16 @@ def test_calibration_warnings_on_stderr_and_in_report(stories_dir, tinystories_t
         str(tinystories_text), "--num-samples", "4", "--seq-len", "64", "--bits", "4",
         "--group-size", "32", "-q"])
     assert quiet.exit_code == 0 and "warning" not in quiet.stderr
+
+
+def test_builtin_texts_are_offline_and_named(stories_tokenizer):
+    from quantkit.calibration import austen_text, builtin_text, pydoc_text, read_text
+
+    prose = austen_text()
+    assert prose.startswith("PRIDE AND PREJUDICE") and 300_000 < len(prose) < 400_000
+    assert builtin_text() == read_text(None) == read_text("builtin") == prose
+    assert read_text("builtin-pydoc") == pydoc_text() != prose
+    default = load_calibration(stories_tokenizer, None, 4, 64)
+    assert [s["source"] for s in default.sources] == ["builtin-austen"]
+    assert np.array_equal(np.asarray(default.tokens),
+                          np.asarray(load_calibration(stories_tokenizer, "builtin", 4, 64).tokens))
