@@ -231,7 +231,8 @@ def _cli_error(model_dir, tmp_path, extra) -> str:
     ('{"text": "a fine row"}\n\n{"prompt": "x"}\n', 'bad.jsonl line 3 has neither "text"'),
     ('["a list"]\n', 'line 1 has neither "text"'),
     ('{"messages": "hello"}\n', "line 1: messages must be a non-empty list"),
-    ("\n\n", "has no rows"),
+    ("\n\n", "is empty"),
+    ('\n{"text": ""}\n', "fewer than one sequence of 16"),
     ('{"text": "short"}\n', "fewer than one sequence of 16"),
 ])
 def test_bad_jsonl(stories_dir, tmp_path, content, expected):
