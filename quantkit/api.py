@@ -10,9 +10,10 @@ from typing import Any
 import attrs
 import mlx.core as mx
 import mlx.nn as nn
+from mlx_lm.models.switch_layers import SwitchLinear
 
-from .calibration import calibration_tokens
 from .checkpoint import Checkpoint, DirectoryCheckpoint, checkpoint_dir, fingerprint, read_progress
+from .data import Calibration, load_calibration
 from .distributed import Distributed
 from .errors import DistributedError, OutputError
 from .host import resolve_backend
@@ -55,15 +56,17 @@ class DirectoryResult:
 
 def quantize_directory(
     model_dir: str | Path, out_dir: str | Path, recipe: Recipe | None = None, *,
-    calibration: str | Path | None = None, num_samples: int = 128, seq_len: int = 512,
-    seed: int = 0, dtype: str | None = "float32", batch_size: int = 8,
+    calibration: Calibration | str | Path | list[str] | None = None, num_samples: int = 128,
+    seq_len: int = 512, seed: int = 0, dtype: str | None = "float32", batch_size: int = 8,
     overwrite: bool = False, resume: bool = False, checkpoint: bool = True,
     progress: Progress | None = None, distributed: Distributed | None = None,
-    backend: str = "auto",
+    backend: str = "auto", registry: LayerRegistry = DEFAULT_REGISTRY,
 ) -> DirectoryResult:
     """Load ``model_dir``, quantize it, write ``out_dir`` (config.json, safetensors, tokenizer
-    files, ``quantization_report.json``). ``calibration``: a text file, or ``None`` for the
-    offline default.
+    files, ``quantization_report.json``). ``calibration``: a text or JSONL file, a list of
+    ``PATH[:WEIGHT]`` (a mixture), a :class:`~quantkit.data.Calibration`, or ``None`` for the
+    offline default. Calibration warnings (see :func:`~quantkit.data.load_calibration`) go to
+    ``progress("warning", {"message": ...})`` and into the report.
 
     The output appears atomically (see :func:`quantkit.io.save_model`). With ``checkpoint``,
     the state after every decoder block is kept in ``.NAME.checkpoint`` beside ``out_dir``
@@ -73,7 +76,10 @@ def quantize_directory(
 
     With ``distributed`` (a group of several processes), every rank calls this with the same
     arguments and rank 0 alone writes, once every rank has finished; checkpoints are not kept
-    (each rank holds only its own calibration samples) and ``resume`` is refused."""
+    (each rank holds only its own calibration samples) and ``resume`` is refused.
+
+    ``registry``: the layer handlers (e.g. a copy whose ``SwitchLinearHandler`` has
+    ``calibrate_all_experts``, see :func:`quantkit.experts.with_all_experts`)."""
     from mlx_lm.utils import compute_bits_per_weight
 
     check_settings(seed=seed)  # reliab: before any work
@@ -90,8 +96,15 @@ def quantize_directory(
         with DirectoryCheckpoint(ckpt_path, {}) as stale:  # fails if a live run holds it
             stale.discard()
     recipe = recipe or Recipe()
+    calib = calibration if isinstance(calibration, Calibration) else \
+        Calibration.from_specs(calibration)  # a bad mixture spec fails before any loading
     model, tokenizer, config = load_model(model_dir)
-    tokens = calibration_tokens(tokenizer, calibration, num_samples, seq_len, seed)
+    data = load_calibration(tokenizer, calib, num_samples, seq_len, seed,
+                            max_positions=config.get("max_position_embeddings"))
+    tokens = data.tokens
+    for message in data.warnings:
+        if progress is not None and writer:
+            progress("warning", {"message": message})
     mx.random.seed(seed)
     ckpt = None
     if distributed.size > 1:
@@ -101,15 +114,17 @@ def quantize_directory(
     elif checkpoint or resume:
         ckpt = DirectoryCheckpoint(ckpt_path, fingerprint(
             model_dir, tokens, recipe=recipe.to_dict(), dtype=dtype, batch_size=batch_size,
-            shards=distributed.num_shards, backend=resolve_backend(backend)))
+            shards=distributed.num_shards, backend=resolve_backend(backend),
+            **({"all_experts": True} if _all_experts(registry) else {})))
     with ckpt or contextlib.nullcontext(), _keep_only_progress(ckpt):
         result = quantize_model(model, tokens, recipe, batch_size=batch_size, dtype=dtype,
                                 progress=progress, checkpoint=ckpt, distributed=distributed,
-                                backend=backend)
+                                backend=backend, registry=registry)
         report = result.report
         report.bits_per_weight = float(compute_bits_per_weight(model))
         report.settings.update({
-            "source": str(model_dir), "calibration": str(calibration or "builtin"), "seed": seed,
+            "source": str(model_dir), "seed": seed, "calibration_data": data.to_report(),
+            "calibration": calib.describe(),
             "requested_samples": num_samples, "shards": distributed.num_shards,
         })
         config = dict(config)
@@ -127,6 +142,11 @@ def quantize_directory(
         if ckpt is not None:
             ckpt.discard()
     return DirectoryResult(out_dir=out_dir, report=report, quantization=result.quantization)
+
+
+def _all_experts(registry: LayerRegistry) -> bool:
+    handler = registry.handler(SwitchLinear)
+    return bool(getattr(handler, "calibrate_all_experts", False))
 
 
 @contextlib.contextmanager

@@ -1,13 +1,18 @@
 """Calibration data: text → ``(num_samples, seq_len)`` token batches, offline by default.
 
-The default source needs no download: the Python documentation that ships inside every CPython
-installation (``pydoc_data.topics``: the language reference and library topics used by
-``help()``), ~460 KB of English prose with code. Pass any plain-text file instead for better
-domain match.
+The default source needs no download: ``builtin-austen``, the first 360 KB of Jane Austen's
+*Pride and Prejudice* (1813, public domain), shipped gzipped in the package (131 KB). It
+replaced ``builtin-pydoc`` — the Python documentation inside every CPython installation
+(``pydoc_data.topics``, ~460 KB of English prose with code), still available by that name —
+after measurement: see docs/calibration.md. ``builtin`` names the default. Pass any plain-text
+file instead for better domain match; JSONL (text or chat messages) and mixtures are read by
+:mod:`quantkit.data`.
 """
 
 from __future__ import annotations
 
+import gzip
+from importlib import resources
 from pathlib import Path
 
 import mlx.core as mx
@@ -17,25 +22,50 @@ from .errors import CalibrationError
 from .validate import check_input_file
 
 DEFAULT_SOURCE = "builtin"
+#: What ``builtin`` (and no ``--calibration``) means.
+DEFAULT_BUILTIN = "builtin-austen"
 
 
-def builtin_text() -> str:
-    """The offline default calibration text (Python's bundled documentation topics)."""
+def pydoc_text() -> str:
+    """Python's bundled documentation topics (the text behind ``help()``)."""
     try:
         from pydoc_data.topics import topics
     except ImportError as exc:  # pragma: no cover - stripped-down Python builds
         raise CalibrationError(
-            "this Python has no pydoc_data module for the built-in calibration text; "
+            "this Python has no pydoc_data module for the builtin-pydoc calibration text; "
             "pass --calibration FILE"
         ) from exc
     return "\n\n".join(topics[k] for k in sorted(topics))
 
 
+def austen_text() -> str:
+    """The first 360 KB of *Pride and Prejudice* (public domain), shipped in the package."""
+    data = resources.files("quantkit").joinpath("texts", "pride_and_prejudice.txt.gz").read_bytes()
+    return gzip.decompress(data).decode("utf-8")
+
+
+#: The offline texts by name.
+BUILTIN_TEXTS = {"builtin-austen": austen_text, "builtin-pydoc": pydoc_text}
+
+
+def builtin_name(source: str) -> str | None:
+    """The canonical name of a built-in text (``builtin`` is the default's), else ``None``."""
+    if source == DEFAULT_SOURCE:
+        return DEFAULT_BUILTIN
+    return source if source in BUILTIN_TEXTS else None
+
+
+def builtin_text(name: str = DEFAULT_SOURCE) -> str:
+    """A built-in calibration text: the offline default, or one named in :data:`BUILTIN_TEXTS`."""
+    return BUILTIN_TEXTS[builtin_name(name) or DEFAULT_BUILTIN]()
+
+
 def read_text(source: str | Path | None) -> str:
-    """Text of ``source``: a file path, or ``None``/``"builtin"`` for the offline default."""
-    if source is None or str(source) == DEFAULT_SOURCE:
-        return builtin_text()
-    path = check_input_file(source, "calibration file", CalibrationError)  # reliab: dir, pipe, device
+    """Text of ``source``: a file path, ``None``/``"builtin"`` for the offline default, or the
+    name of another built-in text (``builtin-pydoc``)."""
+    if source is None or builtin_name(str(source)):
+        return builtin_text(DEFAULT_SOURCE if source is None else str(source))
+    path = check_input_file(source, "calibration file", CalibrationError)  # a directory, pipe, device
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError:
@@ -75,9 +105,12 @@ def make_batches(
 
 
 def calibration_tokens(
-    tokenizer, source: str | Path | None = None, num_samples: int = 128, seq_len: int = 512,
-    seed: int = 0,
+    tokenizer, source=None, num_samples: int = 128, seq_len: int = 512, seed: int = 0,
 ) -> mx.array:
-    """Everything above in one call: read, tokenize, cut into windows."""
-    ids = tokenize(tokenizer, read_text(source), max_tokens=None)
-    return make_batches(ids, num_samples, seq_len, seed)
+    """Everything in one call: read, tokenize, cut into samples. ``source``: a file path,
+    ``None``/``"builtin"``, a list of ``PATH[:WEIGHT]`` (a mixture) or a
+    :class:`~quantkit.data.Calibration` (see :func:`quantkit.data.load_calibration`, which
+    also returns what was used and any warnings)."""
+    from .data import load_calibration
+
+    return load_calibration(tokenizer, source, num_samples, seq_len, seed).tokens

@@ -124,6 +124,10 @@ class _ProgressView:
         self.bar.__exit__(*exc)
 
     def __call__(self, event: str, info: dict[str, Any]) -> None:
+        if event == "warning":  # shown even with --quiet: it is about the result
+            self.bar.console.print(f"[yellow]warning:[/] {escape(info['message'])}",
+                                   highlight=False, soft_wrap=True)
+            return
         if event == "resume":
             if self.enabled:
                 self.bar.console.print(f"resuming: {info['index'] + 1}/{info['total']} blocks "
@@ -141,7 +145,7 @@ class _ProgressView:
 @app.command()
 def quantize(
     ctx: typer.Context,
-    model_dir: Annotated[Path, typer.Argument(help="mlx-lm model directory (full precision)")],
+    model_dir: Annotated[str, typer.Argument(help="mlx-lm model directory (full precision), or a Hugging Face repo id (org/name)")],
     output: Annotated[Path, typer.Option("--output", "-o", help="output model directory")],
     bits: Annotated[Optional[int], typer.Option(help="bits for the default rule [4]")] = None,
     group_size: Annotated[Optional[int], typer.Option(help="group size for the default rule [64]")] = None,
@@ -149,13 +153,15 @@ def quantize(
     recipe: Annotated[Optional[Path], typer.Option(help="recipe TOML file")] = None,
     plugin: Annotated[Optional[list[str]], typer.Option(metavar="MODULE_OR_FILE", help=PLUGIN_HELP)] = None,
     target_bpw: Annotated[Optional[float], typer.Option(help="choose per-layer bits/group sizes for this many bits per weight (writes OUTPUT/recipe.toml)")] = None,
-    calibration: Annotated[Optional[Path], typer.Option(help="plain-text calibration file (default: offline built-in text)")] = None,
+    calibration: Annotated[Optional[list[str]], typer.Option(help="calibration text: a plain-text or .jsonl file (rows {\"text\"} or chat {\"messages\"}); repeat as PATH:WEIGHT for a mixture (default: offline built-in text)")] = None,
+    pack: Annotated[bool, typer.Option("--pack", help="cut calibration samples anywhere in the joined documents (default: every sample starts at a document)")] = False,
     num_samples: Annotated[int, typer.Option(help="calibration sequences")] = 128,
     seq_len: Annotated[int, typer.Option(help="tokens per calibration sequence")] = 512,
     seed: Annotated[int, typer.Option(help="seed for choosing calibration windows")] = 0,
     dtype: Annotated[DType, typer.Option(help="dtype calibration runs in")] = DType.float32,
     batch_size: Annotated[int, typer.Option(help="sequences per forward pass")] = 8,
     backend: Annotated[Backend, typer.Option(help="compute backend of calibration's linear layers and Hessians (auto: numpy on a CPU device, mlx otherwise)")] = Backend.auto,
+    moe_calibrate_all_experts: Annotated[bool, typer.Option("--moe-calibrate-all-experts", help="collect every expert's Hessian from every calibration token (the block output still follows the router): no expert starved")] = False,
     overwrite: Annotated[bool, typer.Option(help="replace an existing output directory (and discard a checkpoint)")] = False,
     resume: Annotated[bool, typer.Option(help="continue an interrupted run from its checkpoint (starts afresh when there is none)")] = False,
     checkpoint: Annotated[bool, typer.Option(help="checkpoint after every decoder block, so that --resume can continue")] = True,
@@ -199,8 +205,8 @@ def quantize(
             with removing_created_parents(output):
                 result, plan, rank = _quantize(
                     model_dir, output, recipe=recipe, plugin=plugin, bits=bits, group_size=group_size,
-                    strategy=strategy, target_bpw=target_bpw, calibration=calibration,
-                    num_samples=num_samples, seq_len=seq_len, seed=seed, dtype=dtype,
+                    strategy=strategy, target_bpw=target_bpw, calibration=calibration, pack=pack,
+                    moe_calibrate_all_experts=moe_calibrate_all_experts, num_samples=num_samples, seq_len=seq_len, seed=seed, dtype=dtype,
                     batch_size=batch_size, backend=backend, overwrite=overwrite, resume=resume,
                     checkpoint=checkpoint, quiet=quiet or json_out, distributed=distributed,
                     shards=shards, timeout=timeout)
@@ -240,14 +246,23 @@ def quantize(
 
 
 def _quantize(model_dir, output, *, recipe, plugin, bits, group_size, strategy, target_bpw, calibration,
-              num_samples, seq_len, seed, dtype, batch_size, backend, overwrite, resume,
+              pack, moe_calibrate_all_experts, num_samples, seq_len, seed, dtype, batch_size, backend, overwrite, resume,
               checkpoint, quiet, distributed, shards, timeout):
     """The work of ``quantize`` in this process: ``(result, plan or None, rank)``."""
     from .api import quantize_directory
+    from .data import Calibration
     from .distributed import Distributed
+    from .hub import resolve_model
     from .recipe import Recipe
 
     interrupt.check("imports")
+    model_dir = resolve_model(model_dir)
+    calib = Calibration.from_specs(calibration, pack=pack)
+    registry_kw = {}
+    if moe_calibrate_all_experts:
+        from .experts import with_all_experts
+
+        registry_kw["registry"] = with_all_experts()
     group = Distributed(num_shards=shards)
     if distributed:
         # Connecting gives up after --timeout with one line (SIGALRM interrupts it, see
@@ -274,17 +289,17 @@ def _quantize(model_dir, output, *, recipe, plugin, bits, group_size, strategy, 
                  "recipe with --recipe and --processes", 2)
         with _ProgressView(enabled=not quiet) as view:
             plan = plan_directory(
-                model_dir, target_bpw, rec, calibration=calibration, num_samples=num_samples,
+                model_dir, target_bpw, rec, calibration=calib, num_samples=num_samples,
                 seq_len=seq_len, seed=seed, dtype=dtype.value, batch_size=batch_size,
                 progress=view,
             )
         rec = plan.recipe
     with _ProgressView(enabled=not quiet and group.rank == 0) as view:
         result = quantize_directory(
-            model_dir, output, rec, calibration=calibration, num_samples=num_samples,
+            model_dir, output, rec, calibration=calib, num_samples=num_samples,
             seq_len=seq_len, seed=seed, dtype=dtype.value, batch_size=batch_size,
             overwrite=overwrite, resume=resume, checkpoint=checkpoint, progress=view,
-            distributed=group, backend=backend.value,
+            distributed=group, backend=backend.value, **registry_kw,
         )
     if plan is not None:
         (result.out_dir / "recipe.toml").write_text(plan.to_toml())
@@ -380,14 +395,16 @@ def _print_summary(report, out_dir: Path, seconds: float) -> None:
 
 @app.command()
 def inspect(
-    model_dir: Annotated[Path, typer.Argument(help="quantized model directory")],
+    model_dir: Annotated[str, typer.Argument(help="quantized model directory, or a Hugging Face repo id (org/name)")],
     json_out: Annotated[bool, typer.Option("--json", help="print as JSON")] = False,
 ) -> None:
     """List each layer's quantization settings as mlx_lm.load will apply them."""
+    from .hub import resolve_model
     from .inspection import quantized_layers
 
     try:
-        found = quantized_layers(model_dir)
+        model_path = resolve_model(model_dir)
+        found = quantized_layers(model_path)
     except QuantkitError as exc:
         fail(str(exc))
         return
@@ -395,7 +412,7 @@ def inspect(
     if json_out:
         out.print_json(json.dumps({"default": default, "layers": rows}))
         return
-    table = Table(title=f"{model_dir}  (default: {default})")
+    table = Table(title=f"{model_path}  (default: {default})")
     for col in ("layer", "bits", "group", "mode"):
         table.add_column(col)
     for r in rows:
@@ -411,7 +428,7 @@ def inspect(
 
 @app.command("eval")
 def eval_(
-    model_dir: Annotated[Path, typer.Argument(help="mlx-lm model directory (quantized or not)")],
+    model_dir: Annotated[str, typer.Argument(help="mlx-lm model directory (quantized or not), or a Hugging Face repo id (org/name)")],
     text: Annotated[Optional[Path], typer.Option(help="plain-text file to measure on (default: offline built-in text)")] = None,
     reference: Annotated[Optional[Path], typer.Option(help="float model directory to compare with: adds KL(reference ‖ model) mean and 99th percentile, top-1 agreement and the reference's perplexity")] = None,
     seq_len: Annotated[int, typer.Option(help="tokens per sequence")] = 512,
@@ -450,6 +467,7 @@ def _eval(model_dir, text, reference, seq_len, num_samples, seed, batch_size, qu
 
     from .calibration import make_batches, read_text, tokenize
     from .evaluate import perplexity
+    from .hub import resolve_model
     from .io import load_model
 
     bar = Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
@@ -460,13 +478,13 @@ def _eval(model_dir, text, reference, seq_len, num_samples, seed, batch_size, qu
 
             with bar:
                 task = bar.add_task("KL to the reference", total=None)
-                row = compare_models([model_dir], reference, text, num_samples=num_samples,
+                row = compare_models([resolve_model(model_dir)], resolve_model(reference), text, num_samples=num_samples,
                                      seq_len=seq_len, seed=seed, batch_size=batch_size,
                                      progress=lambda _, done, total: bar.update(task, completed=done, total=total))[0]
             _render_eval_reference(row, reference, text, seq_len, json_out, quiet,
                                    time.perf_counter() - start)
             return
-        model, tokenizer, config = load_model(model_dir, allow_quantized=True)
+        model, tokenizer, config = load_model(resolve_model(model_dir), allow_quantized=True)
         ids = tokenize(tokenizer, read_text(text), max_tokens=num_samples * seq_len)
         tokens = make_batches(ids, num_samples, seq_len, seed)
         with bar:

@@ -73,6 +73,9 @@ class ExpertHessianStats(HessianStats):
 
     experts: tuple[int, ...] = ()
     expert_tokens: tuple[int, ...] = ()
+    #: Rows the model's own router sent to the layer (all experts): ``n_tokens``, unless the
+    #: statistics were collected with every token sent to every expert.
+    routed_rows: int | None = None
 
     def expert(self, i: int) -> HessianStats:
         """The :class:`HessianStats` of ``experts[i]``."""
@@ -93,11 +96,16 @@ class PerExpertHessianCollector(HessianCollector):
     ``indices (N·k,)``). Only the Hessians of ``experts`` are held, so a layer with many experts
     can be collected a batch of experts at a time; token counts are kept for all experts.
     ``shared=True`` accumulates every row into one Hessian (mlx-lm's way), for comparison.
+
+    ``all_experts=True``: the layer is called (by :class:`~quantkit.experts.AllExpertsCalibration`)
+    once with every token sent to every expert of ``experts`` — those rows make the Hessians and
+    ``expert_tokens`` — and once with the model's own routing, which :meth:`count_routed` only
+    counts (``routed_rows``).
     """
 
     def __init__(
         self, in_features: int, num_experts: int, experts: range | None = None,
-        shared: bool = False,
+        shared: bool = False, all_experts: bool = False,
     ) -> None:
         self.num_experts = num_experts
         self.experts = range(num_experts) if experts is None else experts
@@ -107,6 +115,16 @@ class PerExpertHessianCollector(HessianCollector):
         n_h = 1 if shared else len(self.experts)
         self.h = mx.zeros((n_h, in_features, in_features), dtype=mx.float32)
         self.counts = mx.zeros((num_experts,), dtype=mx.int32)
+        self.all_experts = all_experts
+        self.routed = mx.zeros((num_experts,), dtype=mx.int32)  # with all_experts only
+
+    def count_routed(self, x: mx.array, indices: mx.array) -> None:
+        """Count the rows the model's own routing sends to each expert (no statistics)."""
+        batch = mx.broadcast_shapes(x.shape[:-2], indices.shape)
+        rows = x.shape[-2]
+        idx = mx.broadcast_to(indices, batch).reshape(-1).astype(mx.int32)
+        if idx.size:
+            self.routed = self.routed + rows * mx.zeros_like(self.routed).at[idx].add(1)
 
     def update(self, x: mx.array, indices: mx.array) -> None:  # type: ignore[override]
         batch = mx.broadcast_shapes(x.shape[:-2], indices.shape)
@@ -136,15 +154,22 @@ class PerExpertHessianCollector(HessianCollector):
 
     def stats(self) -> ExpertHessianStats:
         counts = [int(c) for c in np.asarray(self.counts)]
+        n_tokens = sum(counts)
+        routed = n_tokens
+        if self.all_experts:
+            # Every expert of the layer takes every token (the batches' experts alike).
+            n_tokens = max(counts) * self.num_experts
+            routed = int(np.asarray(self.routed).sum())
         return ExpertHessianStats(
             h=self.h,
-            n_tokens=sum(counts),
+            n_tokens=n_tokens,
             experts=tuple(self.experts),
             expert_tokens=tuple(counts[e] for e in self.experts),
+            routed_rows=routed,
         )
 
     def arrays(self) -> list[mx.array]:
-        return [self.h, self.counts]
+        return [self.h, self.counts, self.routed]
 
 
 def _prod(shape) -> int:

@@ -200,6 +200,7 @@ def quantize_expert_layers(
     packed: dict[str, dict[int, dict[str, mx.array]]] = {p.path: {} for p in plans}
     outcomes: dict[str, dict[int, ExpertOutcome]] = {p.path: {} for p in plans}
     layer_tokens: dict[str, int] = {}
+    routed_rows: dict[str, int | None] = {}
     for r in range(max(len(b) for b in batches.values())):
         check("experts")  # reliab: a place to stop at every expert batch
         active = [p for p in plans if r < len(batches[p.path])]
@@ -220,6 +221,7 @@ def quantize_expert_layers(
         shared: dict[tuple, tuple[dict, float]] = {}  # factors of a Hessian, by strategy
         for k, p in enumerate(active):
             layer_tokens[p.path] = stats[p.path].n_tokens
+            routed_rows[p.path] = stats[p.path].routed_rows
             own = mine_of[p.path]
             key = (source[p.path], p.quantizer.factor_strategy())
             users = [q for q in active[k:] if (source[q.path], q.quantizer.factor_strategy()) == key]
@@ -256,8 +258,9 @@ def quantize_expert_layers(
         experts = sorted(packed[p.path])
         module = p.handler.build(p.module, _stack([packed[p.path].pop(e) for e in experts]), p.spec)
         mx.eval(module.parameters())
-        out.append((p, module, _records(p, [outcomes[p.path][e] for e in experts],
-                                        layer_tokens[p.path])))
+        records = _records(p, [outcomes[p.path][e] for e in experts], layer_tokens[p.path])
+        records[0].routed_tokens = routed_rows[p.path]
+        out.append((p, module, records))
     return out
 
 

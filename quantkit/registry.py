@@ -51,9 +51,13 @@ class SwitchLinearCatcher(Wrapper):
     def __init__(self, module: nn.Module, collector: PerExpertHessianCollector) -> None:
         super().__init__(module)
         self.collector = collector
+        self.routed_only = False  # set by AllExpertsCalibration: count the rows, no statistics
 
     def __call__(self, x: mx.array, indices: mx.array, sorted_indices: bool = False) -> mx.array:
-        self.collector.update(x, indices)
+        if self.routed_only:
+            self.collector.count_routed(x, indices)
+        else:
+            self.collector.update(x, indices)
         return self.module(x, indices, sorted_indices=sorted_indices)
 
 
@@ -123,6 +127,11 @@ class SwitchLinearHandler(LayerHandler):
     is GPTQModel's.
     ``shared_hessian``: use one Hessian over all experts' rows, as mlx-lm's GPTQ does (for
     comparison; wrong for experts that see different tokens).
+    ``calibrate_all_experts``: collect each expert's Hessian from *every* calibration token
+    sent through it (statistics only), while the block's output still follows the model's own
+    top-k routing, so no expert is starved (llm-compressor's ``moe_calibrate_all_experts``; see
+    :mod:`quantkit.experts`). Costs one extra pass of each expert batch's experts over all
+    tokens.
     """
 
     per_expert: ClassVar[bool] = True
@@ -131,6 +140,7 @@ class SwitchLinearHandler(LayerHandler):
     min_token_share: float = attrs.field(default=0.005, validator=attrs.validators.ge(0.0))
     starved: Quantizer = attrs.field(factory=RTNQuantizer)
     shared_hessian: bool = False
+    calibrate_all_experts: bool = False
 
     def num_experts(self, module: nn.Module) -> int:
         return self.weight(module).shape[0]
@@ -142,7 +152,8 @@ class SwitchLinearHandler(LayerHandler):
 
     def collector(self, module, experts: range | None = None):
         w = self.weight(module)
-        return PerExpertHessianCollector(w.shape[-1], w.shape[0], experts, self.shared_hessian)
+        return PerExpertHessianCollector(w.shape[-1], w.shape[0], experts, self.shared_hessian,
+                                         self.calibrate_all_experts)
 
     def catcher(self, module, collector):
         return SwitchLinearCatcher(module, collector)
@@ -160,6 +171,10 @@ class LayerRegistry:
 
     def get(self, module: nn.Module) -> LayerHandler | None:
         return self._handlers.get(type(module))
+
+    def handler(self, cls: type) -> LayerHandler | None:
+        """The handler registered for exactly ``cls``."""
+        return self._handlers.get(cls)
 
     def __contains__(self, cls: type) -> bool:
         return cls in self._handlers

@@ -28,6 +28,10 @@ class LayerRecord:
     reason: str | None = None
     n_params: int = 0
     n_tokens: int | None = None
+    #: An expert layer: the rows the model's router sent it (over all experts). ``n_tokens`` is
+    #: the same, or, calibrated on every token (``calibrate_all_experts``), every token once
+    #: per expert.
+    routed_tokens: int | None = None
     hessian_error: float | None = None
     relative_error: float | None = None
     rtn_hessian_error: float | None = None

@@ -26,6 +26,7 @@ from .arch import decoder_blocks, shared_input_groups
 from .checkpoint import Checkpoint, ResumeState
 from .distributed import Distributed, ShardLayout
 from .errors import CheckpointError, FactorizationError, RecipeError
+from .experts import AllExpertsCalibration, experts_parents
 from .hessian import HessianCollector, HessianStats
 from .host import (
     BACKENDS,
@@ -401,10 +402,14 @@ class ModelWalker:
                         collectors: dict[str, HessianCollector], forward) -> None:
         catchers = [(p.path, p.handler.catcher(p.module, collectors[p.path])) for p in wanted]
         model.update_modules(tree_unflatten(catchers))
+        every = experts_parents(model, [p.path for p in wanted
+                                        if getattr(p.handler, "calibrate_all_experts", False)])
         try:
+            model.update_modules(tree_unflatten([(k, AllExpertsCalibration(m, k)) for k, m in every]))
             for _ in forward():
                 mx.eval([c.arrays() for c in collectors.values()])
         finally:
+            model.update_modules(tree_unflatten(every))
             model.update_modules(tree_unflatten([(p.path, p.module) for p in wanted]))
 
     def _quantize_experts(self, model, plans: list[LayerPlan], layout: ShardLayout, run_batch,
@@ -644,6 +649,12 @@ def _expert_shard_stats(model, walker: ModelWalker, active: list[LayerPlan],
         counts = c.counts.astype(mx.float32)
         rows = int(mx.sum(c.counts).item())
         out[f"{path}#counts"] = HessianStats(h=counts / max(rows, 1), n_tokens=rows)
+        routed_counts = getattr(c, "routed", None)
+        if getattr(c, "all_experts", False) and routed_counts is not None:
+            # the rows the router sent, beside the all-experts rows
+            routed = int(mx.sum(routed_counts).item())
+            out[f"{path}#routed"] = HessianStats(
+                h=routed_counts.astype(mx.float32) / max(routed, 1), n_tokens=routed)
         if c.shared:
             out[f"{path}#shared"] = HessianStats(h=c.h[0], n_tokens=rows)
             continue
@@ -665,6 +676,9 @@ def _load_expert_stats(collector, path: str, merged: dict[str, HessianStats]) ->
     """Put the merged statistics back into ``collector`` (its Hessians and token counts)."""
     total = merged[f"{path}#counts"]
     collector.counts = mx.round(total.h * total.n_tokens).astype(mx.int32)
+    if f"{path}#routed" in merged:
+        routed = merged[f"{path}#routed"]
+        collector.routed = mx.round(routed.h * routed.n_tokens).astype(mx.int32)
     if collector.shared:
         collector.h = merged[f"{path}#shared"].h[None]
     else:

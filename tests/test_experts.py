@@ -1,0 +1,126 @@
+"""Every expert calibrated (quantkit.experts): no starved expert, the router's outputs kept."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from conftest import shared_path
+from mlx.utils import tree_unflatten
+
+from quantkit import Recipe, load_model, quantize_model
+from quantkit.calibration import make_batches, read_text, tokenize
+from quantkit.experts import AllExpertsCalibration, with_all_experts
+from quantkit.registry import DEFAULT_REGISTRY, SwitchLinearHandler
+
+SWITCH = ("gate_proj", "up_proj", "down_proj")
+
+
+@pytest.fixture(scope="session")
+def starved_moe(tmp_path_factory) -> Path:
+    """stories260K-moe4 rebuilt with ``--starve``: expert 3's router row points away from the
+    mean router input."""
+    dense = shared_path("models", "stories260K-pad192")
+    out = tmp_path_factory.mktemp("moe") / "moe4-starved"
+    subprocess.run([sys.executable, str(dense.parent.parent / "tools" / "make_moe_fixture.py"),
+                    str(dense), str(out), "--starve"], check=True, capture_output=True)
+    return out
+
+
+@pytest.fixture(scope="module")
+def tokens(starved_moe, tinystories_text):
+    _, tokenizer, _ = load_model(starved_moe)
+    return make_batches(tokenize(tokenizer, read_text(tinystories_text)), 8, 128, seed=0)
+
+
+def run(model_dir, tokens, registry):
+    model, _, _ = load_model(model_dir)
+    return quantize_model(model, tokens, Recipe.uniform("gptq", 4, 32), registry=registry).report
+
+
+def test_starve_starves_and_all_experts_feeds_every_expert(starved_moe, tokens):
+    n = tokens.size
+    routed = run(starved_moe, tokens, DEFAULT_REGISTRY)
+    starved = [r for r in routed.layers if r.expert is not None]
+    # --starve works: expert 3 gets no TinyStories token in some layer, and falls back.
+    assert starved and {r.expert for r in starved} == {3}
+    assert any(r.n_tokens == 0 for r in starved)
+    every = run(starved_moe, tokens, with_all_experts())
+    assert [r for r in every.layers if r.status == "fallback" or r.expert is not None] == []
+    experts = [r for r in every.layers if r.layer_class == "SwitchLinear"]
+    assert len(experts) == 15
+    for r in experts:  # 4 experts, top-2: every token once per expert; the router's 2 per token
+        assert (r.n_tokens, r.routed_tokens) == (4 * n, 2 * n), r.path
+    for r in (r for r in routed.layers if r.layer_class == "SwitchLinear" and r.expert is None):
+        assert r.n_tokens == r.routed_tokens == 2 * n
+
+
+def test_block_output_follows_the_router(starved_moe, tokens):
+    """With the all-experts wrapper in place, the MoE block returns exactly what it returns
+    without it, while each expert's collector sees every token."""
+    model, _, _ = load_model(starved_moe)
+    model.set_dtype(mx.float32)
+    block = model.model.layers[0]
+    x = model.model.embed_tokens(tokens[:4])
+    expected = block(x, mask="causal")
+    mx.eval(expected)
+    handler = SwitchLinearHandler(expert_batch_size=2, calibrate_all_experts=True)
+    moe = block.block_sparse_moe.switch_mlp
+    originals = {name: moe[name] for name in SWITCH}
+    collectors = {name: handler.collector(m, range(2, 4)) for name, m in originals.items()}
+    moe.update_modules(tree_unflatten([(k, handler.catcher(originals[k], collectors[k]))
+                                       for k in SWITCH]))
+    block.block_sparse_moe.update_modules({"switch_mlp": AllExpertsCalibration(moe)})
+    got = block(x, mask="causal")
+    mx.eval(got, [c.arrays() for c in collectors.values()])
+    assert mx.array_equal(got, expected).item()
+    n = x.shape[0] * x.shape[1]
+    gate = block.block_sparse_moe.gate(block.post_attention_layernorm(
+        x + block.self_attn(block.input_layernorm(x), mask="causal")))
+    top = np.asarray(mx.argpartition(-gate, kth=1, axis=-1)[..., :2]).reshape(-1)
+    for c in collectors.values():
+        stats = c.stats()
+        assert stats.expert_tokens == (n, n)  # experts 2 and 3: every token
+        assert stats.routed_rows == 2 * n
+        assert np.array_equal(np.asarray(c.routed), np.bincount(top, minlength=4))
+
+
+def test_two_processes_all_experts_and_a_mixture_write_the_same_bytes(
+        starved_moe, tinystories_text, tmp_path):
+    """``--processes 2`` forwards the repeated ``--calibration`` and the all-experts flag to
+    the ranks, and the merged routed/all-experts counts give the same output as one process."""
+    import hashlib
+    import json
+    import os
+
+    from quantkit.api import quantize_directory
+    from quantkit.distributed import Distributed
+
+    if not mx.distributed.is_available():
+        pytest.skip("this MLX build has no distributed backend")
+    shakespeare = shared_path("text", "tinyshakespeare.txt")
+    mixture = [f"{tinystories_text}:0.5", f"{shakespeare}:0.5"]
+    quantize_directory(starved_moe, tmp_path / "one", Recipe.uniform("gptq", 4, 32),
+                       calibration=mixture, num_samples=8, seq_len=64,
+                       distributed=Distributed(num_shards=2), registry=with_all_experts())
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(Path(__file__).resolve().parents[1]),
+                                                       os.environ.get("PYTHONPATH", "")]))
+    args = ["--bits", "4", "--group-size", "32", "--num-samples", "8", "--seq-len", "64",
+            "--shards", "2", "--timeout", "60", "--quiet", "--moe-calibrate-all-experts",
+            "--calibration", mixture[0], "--calibration", mixture[1], "--processes", "2"]
+    two = subprocess.run([sys.executable, "-m", "quantkit.cli", "quantize", str(starved_moe),
+                          "-o", str(tmp_path / "two"), *args], env=env, capture_output=True,
+                         text=True, timeout=120)
+    assert two.returncode == 0, two.stderr
+    digest = [hashlib.sha256((tmp_path / d / "model.safetensors").read_bytes()).hexdigest()
+              for d in ("one", "two")]
+    assert digest[0] == digest[1]
+    report = json.loads((tmp_path / "two" / "quantization_report.json").read_text())
+    assert [s["samples"] for s in report["settings"]["calibration_data"]["sources"]] == [4, 4]
+    experts = [r for r in report["layers"] if r["layer_class"] == "SwitchLinear"]
+    assert experts and all(r["n_tokens"] == 2 * r["routed_tokens"] for r in experts)
+    assert not [r for r in report["layers"] if r["expert"] is not None]
