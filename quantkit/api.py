@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -12,11 +13,20 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from .calibration import calibration_tokens
-from .checkpoint import Checkpoint, DirectoryCheckpoint, checkpoint_dir, fingerprint, read_progress
+from .checkpoint import (
+    BlockFiles,
+    Checkpoint,
+    DirectoryCheckpoint,
+    checkpoint_dir,
+    fingerprint,
+    holds_blocks,
+    read_progress,
+)
 from .distributed import Distributed
 from .errors import DistributedError, OutputError
 from .host import resolve_backend
-from .io import check_output, load_model, save_model
+from .io import block_staging_dir, check_output, load_model, save_streamed
+from .pipeline.source import scan_weights
 from .quantizers import Quantizer, RTNQuantizer
 from .recipe import Recipe
 from .registry import DEFAULT_REGISTRY, LayerRegistry
@@ -60,15 +70,17 @@ def quantize_directory(
     progress: Progress | None = None, distributed: Distributed | None = None,
     backend: str = "auto",
 ) -> DirectoryResult:
-    """Load ``model_dir``, quantize it, write ``out_dir`` (config.json, safetensors, tokenizer
-    files, ``quantization_report.json``). ``calibration``: a text file, or ``None`` for the
-    offline default.
+    """Quantize ``model_dir`` into ``out_dir`` (config.json, safetensors shards in mlx-lm's
+    layout, tokenizer files, ``quantization_report.json``), streaming: the weights are read
+    lazily, one decoder block at a time, and each finished block is written out and dropped, so
+    memory does not grow with the model's depth. ``calibration``: a text file, or ``None`` for
+    the offline default.
 
-    The output appears atomically (see :func:`quantkit.io.save_model`). With ``checkpoint``,
-    the state after every decoder block is kept in ``.NAME.checkpoint`` beside ``out_dir``
-    (removed once the output is written); ``resume`` continues from it, with a byte-identical
-    result. Without ``resume`` an existing checkpoint is an error unless ``overwrite``, which
-    discards it.
+    The output appears atomically (see :func:`quantkit.io.save_streamed`). With ``checkpoint``,
+    the finished blocks' files are kept in ``.NAME.checkpoint`` beside ``out_dir`` (removed once
+    the output is written; see :mod:`quantkit.checkpoint`); ``resume`` continues from them, with
+    a byte-identical result, and is a no-op when ``out_dir`` already holds the finished output.
+    Without ``resume`` an existing checkpoint is an error unless ``overwrite``, which discards it.
 
     With ``distributed`` (a group of several processes), every rank calls this with the same
     arguments and rank 0 alone writes, once every rank has finished; checkpoints are not kept
@@ -77,62 +89,96 @@ def quantize_directory(
 
     distributed = distributed or Distributed()
     writer = distributed.rank == 0  # the only rank that touches the output path
-    out_dir = check_output(out_dir, overwrite, model_dir) if writer else Path(out_dir).absolute()
     ckpt_path = checkpoint_dir(out_dir)
+    if writer and resume and not ckpt_path.exists():
+        finished = _finished_output(out_dir, model_dir)
+        if finished is not None:  # --resume after the run completed: nothing left to do
+            return finished
+    out_dir = check_output(out_dir, overwrite, model_dir) if writer else Path(out_dir).absolute()
     if writer and ckpt_path.exists() and not resume:
-        done = read_progress(ckpt_path)
-        if done and not overwrite:
+        if holds_blocks(ckpt_path) and not overwrite:
+            done = read_progress(ckpt_path)
+            what = f"{done} blocks done" if done is not None else "its progress.json is unreadable"
             raise OutputError(
-                f"an interrupted run left a checkpoint in {ckpt_path} ({done} blocks done); "
+                f"an interrupted run left a checkpoint in {ckpt_path} ({what}); "
                 "pass --resume to continue it or --overwrite to start over")
         with DirectoryCheckpoint(ckpt_path, {}) as stale:  # fails if a live run holds it
             stale.discard()
     recipe = recipe or Recipe()
-    model, tokenizer, config = load_model(model_dir)
+    keep = checkpoint or resume
+    if distributed.size > 1 and resume:
+        raise DistributedError("--resume is not supported with several processes yet; "
+                               "resume in one process or start over with --overwrite")
+    # The weights stay on disk until a block uses them; one streaming pass over the files
+    # checks them for NaN/Inf and, for a checkpoint's fingerprint, hashes their bytes.
+    model, tokenizer, config = load_model(model_dir, lazy=True, check_finite=False)
+    digests = scan_weights(model_dir, digest=keep and distributed.size == 1)
     tokens = calibration_tokens(tokenizer, calibration, num_samples, seq_len, seed)
     mx.random.seed(seed)
-    ckpt = None
-    if distributed.size > 1:
-        if resume:
-            raise DistributedError("--resume is not supported with several processes yet; "
-                                   "resume in one process or start over with --overwrite")
-    elif checkpoint or resume:
-        ckpt = DirectoryCheckpoint(ckpt_path, fingerprint(
-            model_dir, tokens, recipe=recipe.to_dict(), dtype=dtype, batch_size=batch_size,
-            shards=distributed.num_shards, backend=resolve_backend(backend)))
-    with ckpt or contextlib.nullcontext(), _keep_only_progress(ckpt):
-        result = quantize_model(model, tokens, recipe, batch_size=batch_size, dtype=dtype,
-                                progress=progress, checkpoint=ckpt, distributed=distributed,
-                                backend=backend)
-        report = result.report
-        report.bits_per_weight = float(compute_bits_per_weight(model))
-        report.settings.update({
-            "source": str(model_dir), "calibration": str(calibration or "builtin"), "seed": seed,
-            "requested_samples": num_samples, "shards": distributed.num_shards,
-        })
-        config = dict(config)
-        config["quantization"] = result.quantization
-        distributed.barrier("waiting for every rank to finish")
-        if writer:
-            try:
-                save_model(out_dir, model, config, model_dir, overwrite=overwrite,
-                           extra_files={REPORT_NAME: json.dumps(report.to_dict(), indent=2)})
-            except OutputError as exc:
-                if ckpt is None:
-                    raise
-                raise OutputError(f"{exc}; the quantized blocks are kept in {ckpt_path}: "
-                                  "rerun with --resume once fixed") from None
-        if ckpt is not None:
-            ckpt.discard()
+    ckpt: DirectoryCheckpoint | None = None
+    store: Checkpoint | None = None
+    staging: Path | None = None
+    if writer and distributed.size == 1 and keep:
+        ckpt = store = DirectoryCheckpoint(ckpt_path, fingerprint(
+            model_dir, tokens, weight_digests=digests, recipe=recipe.to_dict(), dtype=dtype,
+            batch_size=batch_size, shards=distributed.num_shards, backend=resolve_backend(backend)))
+    elif writer:
+        staging = block_staging_dir(out_dir)
+        store = BlockFiles(staging)
+    try:
+        with ckpt or contextlib.nullcontext(), _keep_only_progress(ckpt):
+            result = quantize_model(model, tokens, recipe, batch_size=batch_size, dtype=dtype,
+                                    progress=progress, checkpoint=store, distributed=distributed,
+                                    backend=backend)
+            report = result.report
+            report.bits_per_weight = float(compute_bits_per_weight(model))
+            report.settings.update({
+                "source": str(model_dir), "calibration": str(calibration or "builtin"), "seed": seed,
+                "requested_samples": num_samples, "shards": distributed.num_shards,
+            })
+            config = dict(config)
+            config["quantization"] = result.quantization
+            distributed.barrier("waiting for every rank to finish")
+            if writer:
+                assert store is not None
+                try:
+                    save_streamed(out_dir, model, config, model_dir, store.files(),
+                                  keep_blocks=ckpt is not None, overwrite=overwrite,
+                                  extra_files={REPORT_NAME: json.dumps(report.to_dict(), indent=2)})
+                except OutputError as exc:
+                    if ckpt is None:
+                        raise
+                    raise OutputError(f"{exc}; the quantized blocks are kept in {ckpt_path}: "
+                                      "rerun with --resume once fixed") from None
+            if ckpt is not None:
+                ckpt.discard()
+    finally:
+        if staging is not None:
+            shutil.rmtree(staging, ignore_errors=True)
     return DirectoryResult(out_dir=out_dir, report=report, quantization=result.quantization)
+
+
+def _finished_output(out_dir: str | Path, model_dir: str | Path) -> DirectoryResult | None:
+    """The result a finished earlier run wrote to ``out_dir`` from ``model_dir`` (``None``
+    when ``out_dir`` is not such an output)."""
+    out_dir = Path(out_dir).absolute()
+    try:
+        report = RunReport.read(out_dir)
+        quantization = json.loads((out_dir / "config.json").read_text())["quantization"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if report.settings.get("source") != str(model_dir):
+        return None
+    return DirectoryResult(out_dir=out_dir, report=report, quantization=quantization)
 
 
 @contextlib.contextmanager
 def _keep_only_progress(ckpt: DirectoryCheckpoint | None):
-    """On failure, keep the checkpoint only if it holds a finished block."""
+    """On failure, remove the checkpoint only if this run made it and finished no block in it:
+    a checkpoint holding blocks is never deleted on its own (only ``--overwrite`` does)."""
     try:
         yield
     except BaseException:
-        if ckpt is not None and read_progress(ckpt.path) is None:
+        if ckpt is not None and ckpt.created and ckpt.committed == 0:
             ckpt.discard()
         raise

@@ -37,6 +37,7 @@ from .host import (
 )
 from .moe import quantize_expert_layers
 from .packers import packer_for
+from .pipeline.shards import final_arrays, reload_lazily
 from .predicate import apply_predicate, model_predicate
 from .quantizers import Quantizer, QuantResult, RTNQuantizer, hessian_figures
 from .recipe import Recipe, Rule
@@ -255,8 +256,6 @@ class ModelWalker:
         self._final = [] if standins and needs_calibration else None
         if needs_calibration:
             inputs, block_args = self._capture(model, blocks, block_paths, batches)
-            if resumed is not None and resumed.next_block > 0:
-                inputs = resumed.inputs
         # Full-precision block inputs, for strategies that compare them with the quantized ones.
         ref_inputs = list(inputs) if needs_calibration and any(
             p.quantizer.needs_reference for p in plans.values()) else None
@@ -267,6 +266,13 @@ class ModelWalker:
             # Plans are dropped once their block is done: with them go the original layers.
             inside = [plans.pop(k) for k in list(plans) if k.startswith(bpath + ".")]
             if resumed is not None and i < resumed.next_block:
+                # A finished block: its quantized layers come from its file, and it computes
+                # the next block's inputs exactly as it did in the run that wrote it.
+                self._install(model, inside, _from_file(inside, resumed.files[i]))
+                if needs_calibration:
+                    inputs = [self._eval(block(x, *a, **kw)) for x, (a, kw) in zip(inputs, block_args[i])]
+                self._swap_standins(model)
+                reload_lazily(model, resumed.files[i])
                 continue
             self._runners.clear()
             self._emit("block", index=i, total=len(blocks), path=bpath)
@@ -285,15 +291,19 @@ class ModelWalker:
                 )
             if needs_calibration:
                 inputs = [self._eval(block(x, *a, **kw)) for x, (a, kw) in zip(inputs, block_args[i])]
-            if checkpoint is not None:
-                checkpoint.save(i, {k: dict(tree_flatten(m.parameters())) for k, m in done},
-                                [r for r in report.layers if r.block == i],
-                                inputs if needs_calibration else [])
             # The block has produced the next block's inputs and never runs again (the layers
             # outside the blocks are calibrated from the last block's stored outputs): its
             # quantized layers replace its dense stand-ins now, so at most one block's
             # stand-ins are ever held.
             self._swap_standins(model)
+            self._runners.clear()
+            del done
+            if checkpoint is not None:
+                # Written out, the block's arrays become lazy loads of its file: the memory a
+                # run holds does not grow with the number of blocks.
+                path = checkpoint.save(i, final_arrays(block, bpath, orig_dtypes),
+                                       [r for r in report.layers if r.block == i])
+                reload_lazily(model, path)
 
         del inside  # the last block's plans
         self._final = None
@@ -501,20 +511,12 @@ class ModelWalker:
 
     def _resume(self, model, plans: dict[str, LayerPlan], report: RunReport,
                 checkpoint: Checkpoint | None, n_blocks: int) -> ResumeState | None:
-        """Put back the layers and records of the blocks ``checkpoint`` holds."""
+        """The finished blocks ``checkpoint`` holds (their records go into ``report``)."""
         state = checkpoint.load() if checkpoint is not None else None
         if state is None:
             return None
         if state.next_block > n_blocks:
             raise CheckpointError(f"checkpoint holds {state.next_block} blocks, the model has {n_blocks}")
-        modules = []
-        for path, params in state.layers.items():
-            p = plans.get(path)
-            if p is None:
-                raise CheckpointError(f"checkpoint holds layer {path}, which this run does not quantize")
-            modules.append((path, p.handler.build(p.module, params, p.spec)))
-        if modules:
-            model.update_modules(tree_unflatten(modules))
         for record in state.records:
             report.add(record)
         self._emit("resume", index=state.next_block - 1, total=n_blocks)
@@ -623,6 +625,28 @@ class ModelWalker:
 def _forward(block: nn.Module, inputs: list[mx.array], args: list, j: int) -> mx.array:
     """Block ``block`` on local batch ``j``: its captured input and extra arguments."""
     return block(inputs[j], *args[j][0], **args[j][1])
+
+
+def _from_file(plans: list[LayerPlan], path) -> list[tuple[str, nn.Module]]:
+    """The quantized layers of ``plans`` rebuilt from a finished block's file, their scales and
+    biases in the dtype the walk packs them in (float32 for affine: exact, the stored values
+    were rounded to the stored dtype when they were computed)."""
+    arrays = mx.load(str(path))
+    out = []
+    for p in plans:
+        dtype = mx.float32 if p.spec.mode == "affine" else p.storage_dtype
+        packed = {}
+        for key in ("weight", "scales", "biases"):
+            value = arrays.get(f"{p.path}.{key}")
+            if value is None:
+                continue
+            if key != "weight" and value.dtype != mx.uint8 and mx.issubdtype(value.dtype, mx.floating):
+                value = value.astype(dtype)
+            packed[key] = value
+        if "scales" not in packed:
+            raise CheckpointError(f"checkpoint file {path} does not hold the quantized layer {p.path}")
+        out.append((p.path, p.handler.build(p.module, packed, p.spec)))
+    return out
 
 
 def _expert_shard_stats(model, walker: ModelWalker, active: list[LayerPlan],

@@ -1,0 +1,120 @@
+"""The source model's weight files, read once as a byte stream: a NaN/Inf check tensor by
+tensor and (optionally) a sha256 of every file's bytes — without materialising the model.
+
+The model itself is loaded lazily (``mlx_lm``'s ``lazy=True``): its arrays are read from disk
+only when a block first uses them. Checking finiteness on those arrays would evaluate — and keep
+— every weight; reading the files here keeps one chunk in memory at a time."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import struct
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import ModelLoadError
+
+#: Bytes read at a time (a tensor is checked in pieces of at most this size).
+CHUNK_BYTES = 16 * 2**20
+
+#: safetensors dtype → (unsigned view, exponent mask): a value is NaN/Inf iff its exponent
+#: bits are all ones.
+_FLOATS = {
+    "F64": (np.uint64, np.uint64(0x7FF0000000000000)),
+    "F32": (np.uint32, np.uint32(0x7F800000)),
+    "F16": (np.uint16, np.uint16(0x7C00)),
+    "BF16": (np.uint16, np.uint16(0x7F80)),
+}
+
+
+def weight_files(model_dir: Path) -> list[Path]:
+    return sorted(f for f in Path(model_dir).glob("*.safetensors") if f.is_file())
+
+
+def scan_weights(model_dir: str | Path, *, digest: bool = False) -> dict[str, str]:
+    """Read every ``*.safetensors`` of ``model_dir`` once. Raises :class:`ModelLoadError` naming
+    the first tensor holding NaN/Inf, or a file that is truncated or not safetensors. Returns
+    ``{file name: sha256 of its bytes}`` when ``digest`` (else ``{}``)."""
+    out = {}
+    for f in weight_files(Path(model_dir)):
+        h = _scan_file(f, digest)
+        if h is not None:
+            out[f.name] = h
+    return out
+
+
+def _corrupt(f: Path, why: str) -> ModelLoadError:
+    return ModelLoadError(f"cannot load weights from {f.parent}: {f.name} {why}; the files may be "
+                          "truncated or corrupt")
+
+
+def _scan_file(f: Path, digest: bool) -> str | None:
+    h = hashlib.sha256() if digest else None
+    size = f.stat().st_size
+    with open(f, "rb") as fh:
+        head = fh.read(8)
+        if len(head) < 8:
+            raise _corrupt(f, "has no safetensors header")
+        (n,) = struct.unpack("<Q", head)
+        if n > size - 8 or n > 100 * 2**20:
+            raise _corrupt(f, "has an impossible header size")
+        raw = fh.read(n)
+        try:
+            header = json.loads(raw)
+        except ValueError:
+            raise _corrupt(f, "has an unreadable header") from None
+        if h is not None:
+            h.update(head)
+            h.update(raw)
+        if not isinstance(header, dict):
+            raise _corrupt(f, "has an unreadable header")
+        tensors = []
+        for name, info in header.items():
+            if name == "__metadata__":
+                continue
+            try:
+                lo, hi = (int(v) for v in info["data_offsets"])
+                tensors.append((lo, hi, name, str(info["dtype"])))
+            except (KeyError, TypeError, ValueError):
+                raise _corrupt(f, f"describes tensor {name} badly") from None
+        tensors.sort()
+        pos = 0
+        body = 8 + n
+        for lo, hi, name, dtype in tensors:
+            if hi < lo or body + hi > size:
+                raise _corrupt(f, f"ends before tensor {name}")
+            if lo > pos:  # padding between tensors: only hashed
+                _read(fh, lo - pos, h)
+                pos = lo
+            kind = _FLOATS.get(dtype)
+            bad = 0
+            remaining = hi - max(lo, pos)
+            step = CHUNK_BYTES
+            if kind is not None:
+                step -= step % np.dtype(kind[0]).itemsize
+            while remaining > 0:
+                chunk = _read(fh, min(step, remaining), h)
+                remaining -= len(chunk)
+                if kind is not None:
+                    bits = np.frombuffer(chunk, dtype=kind[0])
+                    bad += int(np.count_nonzero((bits & kind[1]) == kind[1]))
+            pos = max(pos, hi)
+            if bad:
+                raise ModelLoadError(
+                    f"weight {name} in {f.parent} has {bad} NaN/Inf values; the checkpoint is "
+                    "corrupt or was saved after a diverged training step")
+        if h is not None:
+            while chunk := fh.read(CHUNK_BYTES):
+                h.update(chunk)
+    return None if h is None else h.hexdigest()
+
+
+def _read(fh, n: int, h) -> bytes:
+    data = fh.read(n)
+    if len(data) < n:
+        raise _corrupt(Path(fh.name), "is shorter than its header says")
+    if h is not None:
+        h.update(data)
+    return data
