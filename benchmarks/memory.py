@@ -38,7 +38,6 @@ TIME = "/usr/bin/time"
 def build_model(path: Path, blocks: int, hidden: int, mlp: int, vocab: int, dtype: str) -> int:
     """A random llama saved as an mlx-lm model directory; returns its weights' bytes."""
     import mlx.core as mx
-    from mlx.utils import tree_flatten
     from mlx_lm.models.llama import Model, ModelArgs
     from mlx_lm.utils import save_config, save_model
 
