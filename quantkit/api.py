@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import shutil
+import time
 from pathlib import Path
 from typing import Any
 
@@ -111,9 +112,13 @@ def quantize_directory(
                                "resume in one process or start over with --overwrite")
     # The weights stay on disk until a block uses them; one streaming pass over the files
     # checks them for NaN/Inf and, for a checkpoint's fingerprint, hashes their bytes.
-    model, tokenizer, config = load_model(model_dir, lazy=True, check_finite=False)
-    digests = scan_weights(model_dir, digest=keep and distributed.size == 1)
-    tokens = calibration_tokens(tokenizer, calibration, num_samples, seq_len, seed)
+    phases: dict[str, float] = {}
+    with _timed(phases, "load"):
+        model, tokenizer, config = load_model(model_dir, lazy=True, check_finite=False)
+    with _timed(phases, "check"):
+        digests = scan_weights(model_dir, digest=keep and distributed.size == 1)
+    with _timed(phases, "tokenize"):
+        tokens = calibration_tokens(tokenizer, calibration, num_samples, seq_len, seed)
     mx.random.seed(seed)
     ckpt: DirectoryCheckpoint | None = None
     store: Checkpoint | None = None
@@ -131,6 +136,7 @@ def quantize_directory(
                                     progress=progress, checkpoint=store, distributed=distributed,
                                     backend=backend)
             report = result.report
+            report.phases = {**phases, **report.phases}
             report.bits_per_weight = float(compute_bits_per_weight(model))
             report.settings.update({
                 "source": str(model_dir), "calibration": str(calibration or "builtin"), "seed": seed,
@@ -142,9 +148,11 @@ def quantize_directory(
             if writer:
                 assert store is not None
                 try:
+                    t0 = time.perf_counter()
                     save_streamed(out_dir, model, config, model_dir, store.files(),
                                   keep_blocks=ckpt is not None, overwrite=overwrite,
                                   extra_files={REPORT_NAME: json.dumps(report.to_dict(), indent=2)})
+                    report.phases["write"] = report.phases.get("write", 0.0) + time.perf_counter() - t0
                 except OutputError as exc:
                     if ckpt is None:
                         raise
@@ -170,6 +178,15 @@ def _finished_output(out_dir: str | Path, model_dir: str | Path) -> DirectoryRes
     if report.settings.get("source") != str(model_dir):
         return None
     return DirectoryResult(out_dir=out_dir, report=report, quantization=quantization)
+
+
+@contextlib.contextmanager
+def _timed(phases: dict[str, float], name: str):
+    t0 = time.perf_counter()
+    try:
+        yield
+    finally:
+        phases[name] = phases.get(name, 0.0) + time.perf_counter() - t0
 
 
 @contextlib.contextmanager

@@ -142,11 +142,27 @@ def merge_stats(a: HessianStats | None, b: HessianStats | None) -> HessianStats 
 
 
 def _merge_dicts(a: Stats | None, b: Stats | None) -> Stats | None:
+    """Merge two subtrees' statistics, consuming them: entry by entry, each merge evaluated
+    and its inputs released before the next, so a merge holds one layer's temporaries on top
+    of its inputs (not every layer's). Entries that are one object in both (layers reading the
+    same input) are merged once and stay one object."""
     if a is None:
         return b
     if b is None:
         return a
-    return {k: merge_stats(a[k], b[k]) for k in a}
+    out: Stats = {}
+    done: dict[tuple[int, int], HessianStats | None] = {}
+    for k in list(a):
+        x, y = a.pop(k), b.pop(k)
+        key = (id(x), id(y))
+        if key not in done:
+            merged = merge_stats(x, y)
+            if merged is not None and merged is not x and merged is not y:
+                mx.eval(merged.h)
+            done[key] = merged
+        out[k] = done[key]
+        del x, y
+    return out
 
 
 def _cost(plan: LayerPlan) -> float:

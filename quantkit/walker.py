@@ -159,6 +159,16 @@ class ModelWalker:
     _host: bool = attrs.field(default=False, init=False, repr=False)
     _runners: dict = attrs.field(factory=dict, init=False, repr=False)
     _host_forward: bool = attrs.field(default=True, init=False, repr=False)
+    _phases: dict[str, float] = attrs.field(factory=dict, init=False, repr=False)
+
+    @contextlib.contextmanager
+    def _phase(self, name: str) -> Iterator[None]:
+        """Add the wall time of the ``with`` body to phase ``name`` of the report."""
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self._phases[name] = self._phases.get(name, 0.0) + time.perf_counter() - t0
 
     def _emit(self, event: str, **info: Any) -> None:
         if self.progress is not None:
@@ -232,6 +242,7 @@ class ModelWalker:
 
     def _run(self, model: nn.Module, tokens: mx.array, checkpoint: Checkpoint | None) -> WalkResult:
         start = time.perf_counter()
+        self._phases = {}
         report = RunReport()
         plans = self.plan(model, report)
         if not plans:
@@ -255,7 +266,8 @@ class ModelWalker:
             standins = mx.default_device() == mx.cpu or not mx.metal.is_available()
         self._final = [] if standins and needs_calibration else None
         if needs_calibration:
-            inputs, block_args = self._capture(model, blocks, block_paths, batches)
+            with self._phase("calibrate"):
+                inputs, block_args = self._capture(model, blocks, block_paths, batches)
         # Full-precision block inputs, for strategies that compare them with the quantized ones.
         ref_inputs = list(inputs) if needs_calibration and any(
             p.quantizer.needs_reference for p in plans.values()) else None
@@ -268,29 +280,34 @@ class ModelWalker:
             if resumed is not None and i < resumed.next_block:
                 # A finished block: its quantized layers come from its file, and it computes
                 # the next block's inputs exactly as it did in the run that wrote it.
-                self._install(model, inside, _from_file(inside, resumed.files[i]))
-                if needs_calibration:
-                    inputs = [self._eval(block(x, *a, **kw)) for x, (a, kw) in zip(inputs, block_args[i])]
-                self._swap_standins(model)
-                reload_lazily(model, resumed.files[i])
+                with self._phase("resume"):
+                    self._install(model, inside, _from_file(inside, resumed.files[i]))
+                    if needs_calibration:
+                        inputs = [self._eval(block(x, *a, **kw))
+                                  for x, (a, kw) in zip(inputs, block_args[i])]
+                    self._swap_standins(model)
+                    reload_lazily(model, resumed.files[i])
                 continue
             self._runners.clear()
             self._emit("block", index=i, total=len(blocks), path=bpath)
-            stats = self._collect_sharded(
-                model, inside, layout, partial(_forward, block, inputs, block_args[i]),
-                None if ref_inputs is None else partial(_forward, block, ref_inputs, block_args[i]),
-            ) if needs_calibration else {}
-            if ref_inputs is not None:
-                ref_inputs = [self._eval(block(x, *a, **kw)) for x, (a, kw) in zip(ref_inputs, block_args[i])]
-            done = self._quantize_all(model, [p for p in inside if not p.per_expert], stats, report, i)
-            experts = [p for p in inside if p.per_expert]
-            if experts:
-                done += self._quantize_experts(
-                    model, experts, layout, partial(_forward, block, inputs, block_args[i]),
-                    report, i, tokens.size,
-                )
+            with self._phase("calibrate"):
+                stats = self._collect_sharded(
+                    model, inside, layout, partial(_forward, block, inputs, block_args[i]),
+                    None if ref_inputs is None else partial(_forward, block, ref_inputs, block_args[i]),
+                ) if needs_calibration else {}
+                if ref_inputs is not None:
+                    ref_inputs = [self._eval(block(x, *a, **kw)) for x, (a, kw) in zip(ref_inputs, block_args[i])]
+            with self._phase("solve"):
+                done = self._quantize_all(model, [p for p in inside if not p.per_expert], stats, report, i)
+                experts = [p for p in inside if p.per_expert]
+                if experts:
+                    done += self._quantize_experts(
+                        model, experts, layout, partial(_forward, block, inputs, block_args[i]),
+                        report, i, tokens.size,
+                    )
             if needs_calibration:
-                inputs = [self._eval(block(x, *a, **kw)) for x, (a, kw) in zip(inputs, block_args[i])]
+                with self._phase("calibrate"):
+                    inputs = [self._eval(block(x, *a, **kw)) for x, (a, kw) in zip(inputs, block_args[i])]
             # The block has produced the next block's inputs and never runs again (the layers
             # outside the blocks are calibrated from the last block's stored outputs): its
             # quantized layers replace its dense stand-ins now, so at most one block's
@@ -301,21 +318,25 @@ class ModelWalker:
             if checkpoint is not None:
                 # Written out, the block's arrays become lazy loads of its file: the memory a
                 # run holds does not grow with the number of blocks.
-                path = checkpoint.save(i, final_arrays(block, bpath, orig_dtypes),
-                                       [r for r in report.layers if r.block == i])
-                reload_lazily(model, path)
+                with self._phase("write"):
+                    path = checkpoint.save(i, final_arrays(block, bpath, orig_dtypes),
+                                           [r for r in report.layers if r.block == i])
+                    reload_lazily(model, path)
 
         del inside  # the last block's plans
         self._final = None
         outside = list(plans.values())  # what is left: layers outside the decoder blocks
         stats = {}
         if needs_calibration and any(p.needs_stats for p in outside):
-            stats = self._collect_outside(model, blocks, block_paths, outside, batches, inputs, layout)
-        self._quantize_all(model, outside, stats, report, None)
+            with self._phase("calibrate"):
+                stats = self._collect_outside(model, blocks, block_paths, outside, batches, inputs, layout)
+        with self._phase("solve"):
+            self._quantize_all(model, outside, stats, report, None)
         _restore_dtypes(model, orig_dtypes)
         quantization = self._config(report)
         report.time_s = time.perf_counter() - start
         report.world_size = self.distributed.size
+        report.phases = dict(self._phases)
         report.settings = {"recipe": self.recipe.to_dict(), "num_samples": int(tokens.shape[0]),
                            "seq_len": int(tokens.shape[1]), "calibration_dtype": self.dtype}
         try:
