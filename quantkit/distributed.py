@@ -337,6 +337,12 @@ class Distributed:
             mx.eval(y)
         return y
 
+    def sum(self, x: mx.array, what: str = "summing a block method's figures") -> mx.array:
+        """``x`` summed over every rank, in rank order (the same bytes on every rank)."""
+        if self.size == 1:
+            return x
+        return self._gather(x, what).sum(axis=0)
+
     def barrier(self, what: str) -> None:
         """Wait until every rank gets here (a failed rank raises :class:`DistributedError`)."""
         if self.size > 1:

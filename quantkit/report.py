@@ -55,6 +55,9 @@ class RunReport:
     #: finished blocks' outputs), ``write`` (block shards; the final assembly is added to the
     #: returned report, after the report file was written).
     phases: dict[str, float] = attrs.field(factory=dict)
+    #: What each block transform and optimizer reported: ``{"block", "kind" ("transform" or
+    #: "optimizer"), "name", "figures"}`` in the order they ran.
+    block_methods: list[dict[str, Any]] = attrs.field(factory=list)
 
     def add(self, record: LayerRecord) -> None:
         self.layers.append(record)

@@ -23,6 +23,8 @@ import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
 from mlx_lm.models.switch_layers import SwitchGLU
 
+from .arch import ArchSpec, arch_for
+from .blocks.base import BlockContext
 from .checkpoint import Checkpoint, ResumeState
 from .distributed import Distributed, ShardLayout
 from .errors import CheckpointError, FactorizationError, ModelLoadError, RecipeError
@@ -274,6 +276,11 @@ class ModelWalker:
         if ref_inputs is not None and (self.distributed.size > 1 or resumed is not None):
             raise RecipeError("strategies that need full-precision inputs (gptaq) run in one "
                               "process without --resume; use gptq for distributed or resumed runs")
+        transforms = tuple(getattr(self.recipe, "transforms", ()) or ())
+        optimizers = tuple(getattr(self.recipe, "optimizers", ()) or ())
+        if (transforms or optimizers) and not needs_calibration:
+            raise RecipeError("block transforms and optimizers need calibration data; use a "
+                              "strategy that calibrates (e.g. gptq), not only rtn")
         for i, (block, bpath) in enumerate(zip(blocks, block_paths)):
             # Plans are dropped once their block is done: with them go the original layers.
             inside = [plans.pop(k) for k in list(plans) if k.startswith(bpath + ".")]
@@ -281,6 +288,10 @@ class ModelWalker:
                 # A finished block: its quantized layers come from its file, and it computes
                 # the next block's inputs exactly as it did in the run that wrote it.
                 with self._phase("resume"):
+                    # Its other parameters (norms, kept layers) come from the file too: block
+                    # transforms may have changed them.
+                    _float_params_from_file(model, inside, resumed.files[i], bpath,
+                                            _DTYPES.get(self.dtype or ""))
                     self._install(model, inside, _from_file(inside, resumed.files[i]))
                     if needs_calibration:
                         inputs = [self._eval(block(x, *a, **kw))
@@ -290,6 +301,16 @@ class ModelWalker:
                 continue
             self._runners.clear()
             self._emit("block", index=i, total=len(blocks), path=bpath)
+            ctx = None
+            if transforms or optimizers:
+                ctx = self._context(model, i, bpath, block, inputs, block_args[i])
+            for t in transforms:  # before statistics: they see the transformed weights
+                self._record_method(report, i, "transform", t, t.apply(ctx))
+                _rebind(model, inside)
+            targets = None
+            if optimizers:  # the float block's outputs, before its layers are replaced
+                with self._phase("calibrate"):
+                    targets = [self._eval(block(x, *a, **kw)) for x, (a, kw) in zip(inputs, block_args[i])]
             with self._phase("calibrate"):
                 stats = self._collect_sharded(
                     model, inside, layout, partial(_forward, block, inputs, block_args[i]),
@@ -305,6 +326,12 @@ class ModelWalker:
                         model, experts, layout, partial(_forward, block, inputs, block_args[i]),
                         report, i, tokens.size,
                     )
+            if optimizers:
+                with self._phase("optimize"):
+                    self._optimize(model, report, attrs.evolve(
+                        ctx, float_layers={p.path[len(bpath) + 1:]: p.module for p in inside}),
+                        inside, optimizers, targets)
+                del targets
             if needs_calibration:
                 with self._phase("calibrate"):
                     inputs = [self._eval(block(x, *a, **kw)) for x, (a, kw) in zip(inputs, block_args[i])]
@@ -344,6 +371,42 @@ class ModelWalker:
         except AttributeError:  # older MLX
             report.peak_memory_gb = None
         return WalkResult(model=model, quantization=quantization, report=report)
+
+    # -- block methods ----------------------------------------------------------------------
+
+    def _context(self, model, index: int, path: str, block, inputs, args) -> BlockContext:
+        """The :class:`BlockContext` of block ``index`` (its inputs, forward, architecture table
+        and a sum over every rank)."""
+        model_type = getattr(model, "model_type", None) or getattr(
+            getattr(model, "args", None), "model_type", "unknown")
+        try:
+            arch = arch_for(model_type)
+        except ModelLoadError:
+            if getattr(self.recipe, "transforms", ()):
+                raise  # transforms need the table: a one-line error naming the model type
+            arch = ArchSpec(model_types=(model_type,))  # optimizers only: no table needed
+        return BlockContext(
+            index=index, path=path, block=block, inputs=inputs,
+            forward=lambda module, j: module(inputs[j], *args[j][0], **args[j][1]),
+            arch=arch, reduce=self.distributed.sum, seed=index,
+        )
+
+    def _record_method(self, report: RunReport, index: int, kind: str, method, figures) -> None:
+        entry = {"block": index, "kind": kind, "name": getattr(method, "name", type(method).__name__),
+                 "figures": dict(figures or {})}
+        report.block_methods.append(entry)
+        self._emit(kind, **entry)
+
+    def _optimize(self, model, report: RunReport, ctx: BlockContext, inside: list[LayerPlan],
+                  optimizers, targets) -> None:
+        """Run the optimizers on the block's quantized layers (dense stand-ins put aside), then
+        put stand-ins of the optimized layers back for the block's last forward pass."""
+        self._swap_standins(model)
+        for o in optimizers:
+            self._record_method(report, ctx.index, "optimizer", o, o.optimize(ctx, targets))
+        if self._final is not None:
+            current = dict(model.named_modules())
+            self._install(model, inside, [(p.path, current[p.path]) for p in inside])
 
     def _runner(self, module: nn.Module) -> nn.Module:
         """What computes ``module``'s outputs during calibration: a :class:`HostLinear` (made
@@ -646,6 +709,30 @@ class ModelWalker:
 def _forward(block: nn.Module, inputs: list[mx.array], args: list, j: int) -> mx.array:
     """Block ``block`` on local batch ``j``: its captured input and extra arguments."""
     return block(inputs[j], *args[j][0], **args[j][1])
+
+
+def _rebind(model: nn.Module, plans: list[LayerPlan]) -> None:
+    """Point ``plans`` at the model's current layers (a transform may have swapped some)."""
+    current = dict(model.named_modules())
+    for p in plans:
+        p.module = current[p.path]
+
+
+def _float_params_from_file(model: nn.Module, plans: list[LayerPlan], path, prefix: str,
+                            dtype: mx.Dtype | None) -> None:
+    """Put the parameters of a finished block's file that are not quantized layers' into the
+    model, in the calibration ``dtype`` (exactly the values the run used, unless a block
+    transform changed them in a dtype the output rounds)."""
+    quantized = tuple(p.path + "." for p in plans)
+    updates = []
+    for name, value in mx.load(str(path)).items():
+        if not name.startswith(prefix + ".") or name.startswith(quantized):
+            continue
+        if dtype is not None and mx.issubdtype(value.dtype, mx.floating):
+            value = value.astype(dtype)
+        updates.append((name, value))
+    if updates:
+        model.update(tree_unflatten(updates))
 
 
 def _from_file(plans: list[LayerPlan], path) -> list[tuple[str, nn.Module]]:
