@@ -127,3 +127,22 @@ def test_sharded_source_gives_the_same_output(fixture, tmp_path):
     a = quantize_directory(src, tmp_path / "a", RECIPE, **kw)
     b = quantize_directory(split, tmp_path / "b", RECIPE, **kw)
     assert tensor_digest(a.out_dir) == tensor_digest(b.out_dir)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
+def test_finite_scan_finds_every_nan_and_inf(dtype, tmp_path):
+    from quantkit.errors import ModelLoadError
+    from quantkit.pipeline.source import scan_weights
+
+    w = mx.random.normal((64, 48), key=mx.random.key(0)).astype(getattr(mx, dtype))
+    bad = mx.array([float("nan"), float("inf"), -float("inf")]).astype(w.dtype)
+    flat = mx.concatenate([w.reshape(-1)[:-3], bad]).reshape(64, 48)
+    mx.save_safetensors(str(tmp_path / "ok.safetensors"), {"a": w, "b": w[:3]})
+    assert scan_weights(tmp_path) == {}
+    digests = scan_weights(tmp_path, digest=True)
+    import hashlib
+
+    assert digests == {"ok.safetensors": hashlib.sha256((tmp_path / "ok.safetensors").read_bytes()).hexdigest()}
+    mx.save_safetensors(str(tmp_path / "z.safetensors"), {"m.weight": flat})
+    with pytest.raises(ModelLoadError, match="weight m.weight in .* has 3 NaN/Inf values"):
+        scan_weights(tmp_path)
