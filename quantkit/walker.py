@@ -39,18 +39,17 @@ from .host import (
 )
 from .moe import quantize_expert_layers
 from .packers import packer_for
+from .pipeline.plan import LayerPlan, layer_cost
 from .pipeline.shards import final_arrays, reload_lazily
 from .predicate import apply_predicate, model_predicate
 from .quantizers import Quantizer, QuantResult, RTNQuantizer, hessian_figures
-from .recipe import Recipe, Rule
+from .recipe import Recipe
 from .registry import (
     DEFAULT_REGISTRY,
-    LayerHandler,
     LayerRegistry,
     Wrapper,
 )
 from .report import LayerRecord, RunReport
-from .specs import QuantSpec
 
 Progress = Callable[[str, dict[str, Any]], None]
 
@@ -92,29 +91,6 @@ class _Replay(Wrapper):
         out = self.outputs[self.calls]
         self.calls += 1
         return out
-
-
-@attrs.define
-class LayerPlan:
-    path: str
-    module: nn.Module
-    handler: LayerHandler
-    rule_index: int | None
-    rule: Rule
-    spec: QuantSpec
-    quantizer: Quantizer
-    storage_dtype: mx.Dtype
-    note: str | None = None
-
-    @property
-    def needs_stats(self) -> bool:
-        """Calibrated in the block's shared forward pass (expert layers have their own)."""
-        return self.quantizer.needs_hessian and not self.handler.per_expert
-
-    @property
-    def per_expert(self) -> bool:
-        """Calibrated one Hessian per expert, in expert-batch passes (see quantkit.moe)."""
-        return self.quantizer.needs_hessian and self.handler.per_expert
 
 
 @attrs.define
@@ -567,7 +543,8 @@ class ModelWalker:
 
     def _quantize_all(self, model, plans, stats, report, block_index) -> list[tuple[str, nn.Module]]:
         """Quantize this rank's share of ``plans``; every rank installs all of them."""
-        owners = self.distributed.assign(plans)
+        owners = dict(zip([p.path for p in plans],
+                          self.distributed.share([layer_cost(p) for p in plans]), strict=True))
         rank = self.distributed.rank
         done = {}
         for group in _solve_groups(plans, stats):
@@ -583,7 +560,7 @@ class ModelWalker:
                 record.time_s += joint_s / len(group)
                 record.block, record.rank = block_index, rank
                 done[p.path] = (module, record)
-        done = self.distributed.exchange_layers(plans, done, owners)
+        done = self._exchange_layers(plans, done, owners)
         new_modules = []
         for p in plans:
             module, record = done[p.path]
@@ -592,6 +569,30 @@ class ModelWalker:
             new_modules.append((p.path, module))
         self._install(model, plans, new_modules)
         return new_modules
+
+    def _exchange_layers(self, plans: list[LayerPlan], done: dict[str, tuple[nn.Module, LayerRecord]],
+                         owners: dict[str, int]) -> dict[str, tuple[nn.Module, LayerRecord]]:
+        """Every rank's quantized layers on every rank: ``done`` holds this rank's own."""
+        group = self.distributed
+        if group.size == 1:
+            return done
+        mine = [({"path": p.path, "record": attrs.asdict(done[p.path][1])},
+                 tree_flatten(done[p.path][0].parameters()))
+                for p in plans if owners[p.path] == group.rank]
+        by_path = {p.path: p for p in plans}
+        out = dict(done)
+        for r, items in enumerate(group.exchange(mine, "exchanging quantized layers")):
+            if r == group.rank:
+                continue
+            for meta, params in items:
+                p = by_path[meta["path"]]
+                module = p.handler.build(p.module, {k: v for k, v in params if "." not in k}, p.spec)
+                nested = [(k, v) for k, v in params if "." in k]
+                if nested:
+                    module.update(tree_unflatten(nested))
+                mx.eval(module.parameters())
+                out[p.path] = (module, LayerRecord(**meta["record"]))
+        return out
 
     def _resume(self, model, plans: dict[str, LayerPlan], report: RunReport,
                 checkpoint: Checkpoint | None, n_blocks: int) -> ResumeState | None:
