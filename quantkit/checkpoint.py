@@ -241,7 +241,8 @@ class DirectoryCheckpoint(BlockFiles):
                 "the same model, calibration, seed and recipe, or pass --overwrite to start over")
         if len(blocks) != next_block:
             raise self._damaged(f"progress.json lists {len(blocks)} blocks but says {next_block} are done")
-        files, records = [], []
+        files: list[Path] = []
+        records: list[LayerRecord] = []
         for i, entry in enumerate(blocks):
             try:
                 name, sha = str(entry["file"]), str(entry["sha256"])

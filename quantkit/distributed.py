@@ -146,7 +146,7 @@ def _merge_dicts(a: Stats | None, b: Stats | None) -> Stats | None:
     if b is None:
         return a
     out: Stats = {}
-    done: dict[tuple[int, int], HessianStats | None] = {}
+    done: dict[tuple[int, int], Any] = {}
     for k in list(a):
         x, y = a.pop(k), b.pop(k)
         key = (id(x), id(y))

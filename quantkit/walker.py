@@ -303,6 +303,7 @@ class ModelWalker:
                         report, i, tokens.size,
                     )
             if optimizers:
+                assert ctx is not None
                 with self._phase("optimize"):
                     self._optimize(model, report, attrs.evolve(
                         ctx, float_layers={p.path[len(bpath) + 1:]: p.module for p in inside}),

@@ -16,7 +16,7 @@ import os
 import shutil
 import struct
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -61,8 +61,9 @@ def final_arrays(module: nn.Module, prefix: str, dtypes: dict[str, mx.Dtype]) ->
     """``module``'s parameters keyed by full path (``prefix.name``) in the dtypes the output
     stores: each parameter's original dtype (``dtypes``), and for the scales and biases of a
     quantized layer, the dtype of the weight it replaced."""
-    out = {}
-    for name, value in tree_flatten(module.parameters()):
+    out: dict[str, mx.array] = {}
+    flat: list[tuple[str, mx.array]] = tree_flatten(module.parameters())  # type: ignore[assignment]
+    for name, value in flat:
         path = f"{prefix}.{name}" if prefix else name
         base, _, leaf = path.rpartition(".")
         target = dtypes.get(path)
@@ -77,7 +78,8 @@ def final_arrays(module: nn.Module, prefix: str, dtypes: dict[str, mx.Dtype]) ->
 def reload_lazily(model: nn.Module, path: Path) -> None:
     """Replace the model's arrays held in the file ``path`` by lazy loads of it: their memory is
     freed, and they are read again only if used."""
-    model.update(tree_unflatten(list(mx.load(str(path)).items())))
+    arrays = cast(dict[str, mx.array], mx.load(str(path)))
+    model.update(tree_unflatten(list(arrays.items())))
 
 
 def tensor_names(path: Path) -> dict[str, int]:
