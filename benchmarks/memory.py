@@ -64,7 +64,8 @@ def timed(cmd: list[str], code: Path) -> dict[str, float]:
     env = dict(os.environ, PYTHONPATH=str(code), OPENBLAS_NUM_THREADS=os.environ.get(
         "OPENBLAS_NUM_THREADS", "1"))
     start = time.perf_counter()
-    proc = subprocess.run([TIME, "-v", *cmd], env=env, capture_output=True, text=True)
+    # cwd=code: ``python -m`` puts the working directory first on sys.path.
+    proc = subprocess.run([TIME, "-v", *cmd], env=env, cwd=code, capture_output=True, text=True)
     wall = time.perf_counter() - start
     if proc.returncode != 0:
         raise SystemExit(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
