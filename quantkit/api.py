@@ -27,7 +27,7 @@ from .distributed import Distributed
 from .errors import DistributedError, OutputError
 from .host import resolve_backend
 from .io import block_staging_dir, check_output, load_model, save_streamed
-from .pipeline.source import scan_weights
+from .pipeline.source import Background, hash_weights, scan_weights
 from .quantizers import Quantizer, RTNQuantizer
 from .recipe import Recipe
 from .registry import DEFAULT_REGISTRY, LayerRegistry
@@ -116,7 +116,7 @@ def quantize_directory(
     with _timed(phases, "load"):
         model, tokenizer, config = load_model(model_dir, lazy=True, check_finite=False)
     with _timed(phases, "check"):
-        digests = scan_weights(model_dir, digest=keep and distributed.size == 1)
+        scan_weights(model_dir)
     with _timed(phases, "tokenize"):
         tokens = calibration_tokens(tokenizer, calibration, num_samples, seq_len, seed)
     mx.random.seed(seed)
@@ -124,9 +124,19 @@ def quantize_directory(
     store: Checkpoint | None = None
     staging: Path | None = None
     if writer and distributed.size == 1 and keep:
-        ckpt = store = DirectoryCheckpoint(ckpt_path, fingerprint(
-            model_dir, tokens, weight_digests=digests, recipe=recipe.to_dict(), dtype=dtype,
-            batch_size=batch_size, shards=distributed.num_shards, backend=resolve_backend(backend)))
+        # The weights' sha256s (the fingerprint covers their content): computed now when a
+        # checkpoint is to be verified, else on a thread beside the first block's work (the
+        # fingerprint is first needed when block 0 is committed).
+        if resume and holds_blocks(ckpt_path):
+            with _timed(phases, "check"):
+                digests = hash_weights(model_dir)
+            hashes = lambda: digests  # noqa: E731
+        else:
+            hashes = Background(lambda: hash_weights(model_dir)).result
+        settings = dict(recipe=recipe.to_dict(), dtype=dtype, batch_size=batch_size,
+                        shards=distributed.num_shards, backend=resolve_backend(backend))
+        ckpt = store = DirectoryCheckpoint(ckpt_path, lambda: fingerprint(
+            model_dir, tokens, weight_digests=hashes(), **settings))
     elif writer:
         staging = block_staging_dir(out_dir)
         store = BlockFiles(staging)

@@ -35,6 +35,7 @@ import hashlib
 import json
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -153,9 +154,13 @@ class DirectoryCheckpoint(BlockFiles):
     :class:`CheckpointError` when the directory belongs to a run with another fingerprint, or
     when any of its files is not what was written."""
 
-    def __init__(self, path: str | Path, fingerprint: dict[str, Any]) -> None:
+    def __init__(self, path: str | Path,
+                 fingerprint: dict[str, Any] | Callable[[], dict[str, Any]]) -> None:
         super().__init__(path)
-        self.fingerprint = _jsonable(fingerprint)
+        #: The run's fingerprint, or a function computing it (e.g. waiting for the weights'
+        #: hashes, computed in the background): then ``meta.json`` is written at the first
+        #: commit, and ``load`` waits for it.
+        self._fingerprint = fingerprint if callable(fingerprint) else _jsonable(fingerprint)
         self._lock_fd: int | None = None
         self._blocks: list[dict[str, str]] = []
         #: This run made the directory (so it may remove it when it committed nothing).
@@ -170,7 +175,8 @@ class DirectoryCheckpoint(BlockFiles):
             self.created = not self.path.exists()
             self.path.mkdir(parents=True, exist_ok=True)
             self._lock()
-            if not (self.path / "meta.json").exists() and not (self.path / "progress.json").exists():
+            if (not callable(self._fingerprint) and not (self.path / "meta.json").exists()
+                    and not (self.path / "progress.json").exists()):
                 self._write_text("meta.json", self._meta_text())
         except OSError as exc:
             self._unlock()
@@ -185,6 +191,12 @@ class DirectoryCheckpoint(BlockFiles):
         """Delete the checkpoint (after the output was written, or on --overwrite)."""
         self._unlock()
         shutil.rmtree(self.path, ignore_errors=True)
+
+    @property
+    def fingerprint(self) -> dict[str, Any]:
+        if callable(self._fingerprint):
+            self._fingerprint = _jsonable(self._fingerprint())
+        return self._fingerprint
 
     def _meta_text(self) -> str:
         return json.dumps({"version": FORMAT_VERSION, "fingerprint": self.fingerprint}, indent=1)
@@ -270,6 +282,8 @@ class DirectoryCheckpoint(BlockFiles):
     def save(self, block, arrays, records) -> Path:
         name, rname = block_file_name(block), f"block-{block:04d}.json"
         try:
+            if not self._blocks and not (self.path / "progress.json").exists():
+                self._write_text("meta.json", self._meta_text())  # a fresh run's first commit
             sha = write_arrays(self.path / name, arrays)
             rtext = json.dumps([attrs.asdict(r) for r in records])
             self._write_text(rname, rtext)

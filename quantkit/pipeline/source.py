@@ -10,7 +10,10 @@ from __future__ import annotations
 import hashlib
 import json
 import struct
+import threading
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -123,3 +126,34 @@ def _read(fh, n: int, h) -> bytes:
     if h is not None:
         h.update(data)
     return data
+
+
+def hash_weights(model_dir: str | Path) -> dict[str, str]:
+    """``{file name: sha256 of its bytes}`` of every ``*.safetensors`` of ``model_dir``."""
+    from .shards import file_sha256
+
+    return {f.name: file_sha256(f) for f in weight_files(Path(model_dir))}
+
+
+class Background:
+    """``fn()`` computed on a daemon thread (hashing releases the GIL, so it overlaps the
+    calibration); :meth:`result` waits for it and re-raises its exception."""
+
+    def __init__(self, fn: Callable[[], Any]) -> None:
+        self._value: Any = None
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, args=(fn,), daemon=True,
+                                         name="quantkit-hash")
+        self._thread.start()
+
+    def _run(self, fn: Callable[[], Any]) -> None:
+        try:
+            self._value = fn()
+        except BaseException as exc:  # handed to the caller of result()
+            self._error = exc
+
+    def result(self) -> Any:
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        return self._value
