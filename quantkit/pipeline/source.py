@@ -49,7 +49,11 @@ def scan_weights(model_dir: str | Path, *, digest: bool = False) -> dict[str, st
     ``{file name: sha256 of its bytes}`` when ``digest`` (else ``{}``)."""
     out = {}
     for f in weight_files(Path(model_dir)):
-        h = _scan_file(f, digest)
+        try:
+            h = _scan_file(f, digest)
+        except OSError as exc:  # unreadable (permissions), a directory named *.safetensors, ...
+            why = (exc.strerror or type(exc).__name__).lower()
+            raise ModelLoadError(f"cannot read weight file {f}: {why}; check the file") from None
         if h is not None:
             out[f.name] = h
     return out
