@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import json
+import shutil
+import time
 from pathlib import Path
 from typing import Any
 
@@ -12,12 +14,21 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.models.switch_layers import SwitchLinear
 
-from .checkpoint import Checkpoint, DirectoryCheckpoint, checkpoint_dir, fingerprint, read_progress
+from .checkpoint import (
+    BlockFiles,
+    Checkpoint,
+    DirectoryCheckpoint,
+    checkpoint_dir,
+    fingerprint,
+    holds_blocks,
+    read_progress,
+)
 from .data import Calibration, load_calibration
 from .distributed import Distributed
 from .errors import DistributedError, OutputError
 from .host import resolve_backend
-from .io import check_output, load_model, save_model
+from .io import block_staging_dir, check_output, load_model, save_streamed
+from .pipeline.source import Background, hash_weights, scan_weights
 from .quantizers import Quantizer, RTNQuantizer
 from .recipe import Recipe
 from .registry import DEFAULT_REGISTRY, LayerRegistry
@@ -62,17 +73,19 @@ def quantize_directory(
     progress: Progress | None = None, distributed: Distributed | None = None,
     backend: str = "auto", registry: LayerRegistry = DEFAULT_REGISTRY,
 ) -> DirectoryResult:
-    """Load ``model_dir``, quantize it, write ``out_dir`` (config.json, safetensors, tokenizer
-    files, ``quantization_report.json``). ``calibration``: a text or JSONL file, a list of
-    ``PATH[:WEIGHT]`` (a mixture), a :class:`~quantkit.data.Calibration`, or ``None`` for the
+    """Quantize ``model_dir`` into ``out_dir`` (config.json, safetensors shards in mlx-lm's
+    layout, tokenizer files, ``quantization_report.json``), streaming: the weights are read
+    lazily, one decoder block at a time, and each finished block is written out and dropped, so
+    memory does not grow with the model's depth. ``calibration``: a text or JSONL file, a list
+    of ``PATH[:WEIGHT]`` (a mixture), a :class:`~quantkit.data.Calibration`, or ``None`` for the
     offline default. Calibration warnings (see :func:`~quantkit.data.load_calibration`) go to
     ``progress("warning", {"message": ...})`` and into the report.
 
-    The output appears atomically (see :func:`quantkit.io.save_model`). With ``checkpoint``,
-    the state after every decoder block is kept in ``.NAME.checkpoint`` beside ``out_dir``
-    (removed once the output is written); ``resume`` continues from it, with a byte-identical
-    result. Without ``resume`` an existing checkpoint is an error unless ``overwrite``, which
-    discards it.
+    The output appears atomically (see :func:`quantkit.io.save_streamed`). With ``checkpoint``,
+    the finished blocks' files are kept in ``.NAME.checkpoint`` beside ``out_dir`` (removed once
+    the output is written; see :mod:`quantkit.checkpoint`); ``resume`` continues from them, with
+    a byte-identical result, and is a no-op when ``out_dir`` already holds the finished output.
+    Without ``resume`` an existing checkpoint is an error unless ``overwrite``, which discards it.
 
     With ``distributed`` (a group of several processes), every rank calls this with the same
     arguments and rank 0 alone writes, once every rank has finished; checkpoints are not kept
@@ -85,63 +98,113 @@ def quantize_directory(
     check_settings(seed=seed)  # reliab: before any work
     distributed = distributed or Distributed()
     writer = distributed.rank == 0  # the only rank that touches the output path
-    out_dir = check_output(out_dir, overwrite, model_dir) if writer else Path(out_dir).absolute()
     ckpt_path = checkpoint_dir(out_dir)
+    if writer and resume and not ckpt_path.exists():
+        finished = _finished_output(out_dir, model_dir)
+        if finished is not None:  # --resume after the run completed: nothing left to do
+            return finished
+    out_dir = check_output(out_dir, overwrite, model_dir) if writer else Path(out_dir).absolute()
     if writer and ckpt_path.exists() and not resume:
-        done = read_progress(ckpt_path)
-        if done and not overwrite:
+        if holds_blocks(ckpt_path) and not overwrite:
+            done = read_progress(ckpt_path)
+            what = f"{done} blocks done" if done is not None else "its progress.json is unreadable"
             raise OutputError(
-                f"an interrupted run left a checkpoint in {ckpt_path} ({done} blocks done); "
+                f"an interrupted run left a checkpoint in {ckpt_path} ({what}); "
                 "pass --resume to continue it or --overwrite to start over")
         with DirectoryCheckpoint(ckpt_path, {}) as stale:  # fails if a live run holds it
             stale.discard()
     recipe = recipe or Recipe()
+    keep = checkpoint or resume
     calib = calibration if isinstance(calibration, Calibration) else \
         Calibration.from_specs(calibration)  # a bad mixture spec fails before any loading
-    model, tokenizer, config = load_model(model_dir)
-    data = load_calibration(tokenizer, calib, num_samples, seq_len, seed,
-                            max_positions=config.get("max_position_embeddings"))
-    tokens = data.tokens
+    if distributed.size > 1 and resume:
+        raise DistributedError("--resume is not supported with several processes yet; "
+                               "resume in one process or start over with --overwrite")
+    # The weights stay on disk until a block uses them; one streaming pass over the files
+    # checks them for NaN/Inf and, for a checkpoint's fingerprint, hashes their bytes.
+    phases: dict[str, float] = {}
+    with _timed(phases, "load"):
+        model, tokenizer, config = load_model(model_dir, lazy=True, check_finite=False)
+    with _timed(phases, "check"):
+        scan_weights(model_dir)
+    with _timed(phases, "tokenize"):
+        data = load_calibration(tokenizer, calib, num_samples, seq_len, seed,
+                                max_positions=config.get("max_position_embeddings"))
+        tokens = data.tokens
     for message in data.warnings:
         if progress is not None and writer:
             progress("warning", {"message": message})
     mx.random.seed(seed)
-    ckpt = None
-    if distributed.size > 1:
-        if resume:
-            raise DistributedError("--resume is not supported with several processes yet; "
-                                   "resume in one process or start over with --overwrite")
-    elif checkpoint or resume:
-        ckpt = DirectoryCheckpoint(ckpt_path, fingerprint(
-            model_dir, tokens, recipe=recipe.to_dict(), dtype=dtype, batch_size=batch_size,
-            shards=distributed.num_shards, backend=resolve_backend(backend),
-            **({"all_experts": True} if _all_experts(registry) else {})))
-    with ckpt or contextlib.nullcontext(), _keep_only_progress(ckpt):
-        result = quantize_model(model, tokens, recipe, batch_size=batch_size, dtype=dtype,
-                                progress=progress, checkpoint=ckpt, distributed=distributed,
-                                backend=backend, registry=registry)
-        report = result.report
-        report.bits_per_weight = float(compute_bits_per_weight(model))
-        report.settings.update({
-            "source": str(model_dir), "seed": seed, "calibration_data": data.to_report(),
-            "calibration": calib.describe(),
-            "requested_samples": num_samples, "shards": distributed.num_shards,
-        })
-        config = dict(config)
-        config["quantization"] = result.quantization
-        distributed.barrier("waiting for every rank to finish")
-        if writer:
-            try:
-                save_model(out_dir, model, config, model_dir, overwrite=overwrite,
-                           extra_files={REPORT_NAME: json.dumps(report.to_dict(), indent=2)})
-            except OutputError as exc:
-                if ckpt is None:
-                    raise
-                raise OutputError(f"{exc}; the quantized blocks are kept in {ckpt_path}: "
-                                  "rerun with --resume once fixed") from None
-        if ckpt is not None:
-            ckpt.discard()
+    ckpt: DirectoryCheckpoint | None = None
+    store: Checkpoint | None = None
+    staging: Path | None = None
+    if writer and distributed.size == 1 and keep:
+        # The weights' sha256s (the fingerprint covers their content): computed now when a
+        # checkpoint is to be verified, else on a thread beside the first block's work (the
+        # fingerprint is first needed when block 0 is committed).
+        if resume and holds_blocks(ckpt_path):
+            with _timed(phases, "check"):
+                digests = hash_weights(model_dir)
+            hashes = lambda: digests  # noqa: E731
+        else:
+            hashes = Background(lambda: hash_weights(model_dir)).result
+        settings = dict(recipe=recipe.to_dict(), dtype=dtype, batch_size=batch_size,
+                        shards=distributed.num_shards, backend=resolve_backend(backend),
+                        **({"all_experts": True} if _all_experts(registry) else {}))
+        ckpt = store = DirectoryCheckpoint(ckpt_path, lambda: fingerprint(
+            model_dir, tokens, weight_digests=hashes(), **settings))
+    elif writer:
+        staging = block_staging_dir(out_dir)
+        store = BlockFiles(staging)
+    try:
+        with ckpt or contextlib.nullcontext(), _keep_only_progress(ckpt):
+            result = quantize_model(model, tokens, recipe, batch_size=batch_size, dtype=dtype,
+                                    progress=progress, checkpoint=store, distributed=distributed,
+                                    backend=backend, registry=registry)
+            report = result.report
+            report.phases = {**phases, **report.phases}
+            report.bits_per_weight = float(compute_bits_per_weight(model))
+            report.settings.update({
+                "source": str(model_dir), "seed": seed, "calibration_data": data.to_report(),
+                "calibration": calib.describe(),
+                "requested_samples": num_samples, "shards": distributed.num_shards,
+            })
+            config = dict(config)
+            config["quantization"] = result.quantization
+            distributed.barrier("waiting for every rank to finish")
+            if writer:
+                assert store is not None
+                try:
+                    t0 = time.perf_counter()
+                    save_streamed(out_dir, model, config, model_dir, store.files(),
+                                  keep_blocks=ckpt is not None, overwrite=overwrite,
+                                  extra_files={REPORT_NAME: json.dumps(report.to_dict(), indent=2)})
+                    report.phases["write"] = report.phases.get("write", 0.0) + time.perf_counter() - t0
+                except OutputError as exc:
+                    if ckpt is None:
+                        raise
+                    raise OutputError(f"{exc}; the quantized blocks are kept in {ckpt_path}: "
+                                      "rerun with --resume once fixed") from None
+            if ckpt is not None:
+                ckpt.discard()
+    finally:
+        if staging is not None:
+            shutil.rmtree(staging, ignore_errors=True)
     return DirectoryResult(out_dir=out_dir, report=report, quantization=result.quantization)
+
+
+def _finished_output(out_dir: str | Path, model_dir: str | Path) -> DirectoryResult | None:
+    """The result a finished earlier run wrote to ``out_dir`` from ``model_dir`` (``None``
+    when ``out_dir`` is not such an output)."""
+    out_dir = Path(out_dir).absolute()
+    try:
+        report = RunReport.read(out_dir)
+        quantization = json.loads((out_dir / "config.json").read_text())["quantization"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if report.settings.get("source") != str(model_dir):
+        return None
+    return DirectoryResult(out_dir=out_dir, report=report, quantization=quantization)
 
 
 def _all_experts(registry: LayerRegistry) -> bool:
@@ -150,11 +213,21 @@ def _all_experts(registry: LayerRegistry) -> bool:
 
 
 @contextlib.contextmanager
+def _timed(phases: dict[str, float], name: str):
+    t0 = time.perf_counter()
+    try:
+        yield
+    finally:
+        phases[name] = phases.get(name, 0.0) + time.perf_counter() - t0
+
+
+@contextlib.contextmanager
 def _keep_only_progress(ckpt: DirectoryCheckpoint | None):
-    """On failure, keep the checkpoint only if it holds a finished block."""
+    """On failure, remove the checkpoint only if this run made it and finished no block in it:
+    a checkpoint holding blocks is never deleted on its own (only ``--overwrite`` does)."""
     try:
         yield
     except BaseException:
-        if ckpt is not None and read_progress(ckpt.path) is None:
+        if ckpt is not None and ckpt.created and ckpt.committed == 0:
             ckpt.discard()
         raise

@@ -1,24 +1,31 @@
-"""Resumable runs: the walker's state after each finished decoder block.
+"""Where finished blocks go: output shards that are also the checkpoint of a resumable run.
 
-After block ``i`` the walker hands a :class:`Checkpoint` the quantized parameters of that block's
-layers, their report records and the inputs of block ``i + 1`` (what the quantized block
-produced). :meth:`Checkpoint.load` gives back everything up to the last finished block, so a new
-process continues from there and ends with exactly the arrays an uninterrupted run produces.
+After block ``i`` the walker hands a :class:`Checkpoint` the block's tensors (every parameter
+under the block's path, in the dtypes the output stores) and its layers' report records. The
+checkpoint writes them as one safetensors file, which becomes shard ``i + 1`` of the output
+(see :mod:`quantkit.pipeline.shards`), and the walker replaces the block's arrays by lazy loads
+of that file. Nothing else is saved: on resume, the next block's inputs are recomputed by
+running the finished (quantized) blocks on the calibration tokens, exactly as the first run
+computed them, so the result is byte-identical.
 
-:class:`DirectoryCheckpoint` keeps this in a hidden sibling of the output directory,
+:class:`BlockFiles` keeps the files in a directory and cannot be resumed (``--no-checkpoint``).
+:class:`DirectoryCheckpoint` keeps them in a hidden sibling of the output directory,
 ``.NAME.checkpoint/``::
 
-    meta.json                 format version + fingerprint of the run (model, tokens, recipe...)
-    block-0003.safetensors    quantized parameters of block 3's layers, keyed by parameter path
+    meta.json                 format version + fingerprint of the run (model bytes, tokens, recipe...)
+    block-0003.safetensors    block 3's tensors (the output's shard 4)
     block-0003.json           report records of block 3's layers
-    inputs-0003.safetensors   inputs of block 4, one array per calibration batch
-    progress.json             {"next_block": 4, "inputs": "inputs-0003.safetensors"}
+    progress.json             {"next_block": 4, "meta_sha256": ..., "blocks": [{"file", "sha256",
+                              "records", "records_sha256"} per finished block]}
     lock                      held (flock) by the run using the checkpoint
 
 Every file is written under a temporary name and renamed into place; ``progress.json`` is
 renamed last and is the commit point, so a run killed at any instant (even ``kill -9``) leaves
-either the previous block's state or the new one. Files of blocks after ``next_block`` are
-leftovers of an interrupted write and are ignored.
+either the previous block's state or the new one. Before a resume, every file ``progress.json``
+names is checked against the sha256 recorded when it was written, and ``meta.json`` against
+its recorded hash: an edited, damaged or rolled-back checkpoint is refused with one line, and
+never deleted (only ``--overwrite`` discards a checkpoint). Files of blocks after
+``next_block`` are leftovers of an interrupted write and are ignored.
 """
 
 from __future__ import annotations
@@ -28,6 +35,7 @@ import hashlib
 import json
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -36,36 +44,37 @@ import mlx.core as mx
 
 from .errors import CheckpointError
 from .io import write_failure
+from .pipeline.shards import block_file_name, file_sha256, write_arrays
 from .report import LayerRecord
 
-FORMAT_VERSION = 1
-
-#: Quantized parameters of finished layers: ``{module path: {parameter name: array}}``.
-LayerParams = dict[str, dict[str, mx.array]]
+FORMAT_VERSION = 2
 
 
 @attrs.define
 class ResumeState:
-    """What the walker needs to continue: blocks ``< next_block`` are finished."""
+    """What the walker needs to continue: blocks ``< next_block`` are finished, their tensors in
+    ``files`` (verified), their layers' ``records``."""
 
     next_block: int
-    inputs: list[mx.array]
-    layers: LayerParams
+    files: list[Path]
     records: list[LayerRecord]
 
 
 class Checkpoint(abc.ABC):
-    """Where the walker keeps its state between blocks."""
+    """Where the walker puts each finished block."""
 
     @abc.abstractmethod
     def load(self) -> ResumeState | None:
-        """The state after the last finished block, or ``None`` to start from block 0."""
+        """The finished blocks of an earlier run, or ``None`` to start from block 0."""
 
     @abc.abstractmethod
-    def save(self, block: int, layers: LayerParams, records: list[LayerRecord],
-             inputs: list[mx.array]) -> None:
-        """Record that ``block`` is finished: its layers' parameters and records, and the
-        inputs of the next block. Must be atomic: after a crash ``load`` sees all or none."""
+    def save(self, block: int, arrays: dict[str, mx.array], records: list[LayerRecord]) -> Path:
+        """Record that ``block`` is finished: write its tensors and records; return the file
+        holding the tensors. Atomic: after a crash ``load`` sees all or none."""
+
+    @abc.abstractmethod
+    def files(self) -> list[Path]:
+        """The block files, in block order (those loaded, then those saved)."""
 
 
 def checkpoint_dir(out_dir: str | Path) -> Path:
@@ -74,12 +83,16 @@ def checkpoint_dir(out_dir: str | Path) -> Path:
     return out_dir.parent / f".{out_dir.name}.checkpoint"
 
 
-def fingerprint(model_dir: str | Path, tokens: mx.array, **settings: Any) -> dict[str, Any]:
-    """What must match for a checkpoint to be resumed: the model's config and weight files,
-    the calibration tokens (text, sample choice and seed) and the run's ``settings``."""
+def fingerprint(model_dir: str | Path, tokens: mx.array, *,
+                weight_digests: dict[str, str] | None = None, **settings: Any) -> dict[str, Any]:
+    """What must match for a checkpoint to be resumed: the model's config and the content of
+    its weight files (``weight_digests``: ``{file name: sha256}``, see
+    :func:`quantkit.pipeline.source.scan_weights`; sizes only when not given), the calibration
+    tokens (text, sample choice and seed) and the run's ``settings``."""
     model_dir = Path(model_dir)
     files = sorted(
-        (f.name, f.stat().st_size) for f in model_dir.glob("*.safetensors") if f.is_file()
+        (f.name, f.stat().st_size, (weight_digests or {}).get(f.name))
+        for f in model_dir.glob("*.safetensors") if f.is_file()
     )
     config = (model_dir / "config.json").read_bytes()
     tok = mx.array(tokens).astype(mx.int32)
@@ -98,27 +111,73 @@ def read_progress(path: str | Path) -> int | None:
         return None
 
 
-class DirectoryCheckpoint(Checkpoint):
+def holds_blocks(path: str | Path) -> bool:
+    """Whether the checkpoint directory ``path`` holds anything of a finished block (a
+    ``progress.json``, readable or not, or a block file)."""
+    path = Path(path)
+    return (path / "progress.json").exists() or any(path.glob("block-*.safetensors"))
+
+
+class BlockFiles(Checkpoint):
+    """Block files in ``directory``, no resume (``--no-checkpoint``)."""
+
+    def __init__(self, directory: str | Path) -> None:
+        self.path = Path(directory)
+        self._files: list[Path] = []
+
+    def load(self) -> ResumeState | None:
+        return None
+
+    def files(self) -> list[Path]:
+        return list(self._files)
+
+    def save(self, block, arrays, records) -> Path:
+        path = self.path / block_file_name(block)
+        try:
+            write_arrays(path, arrays)
+        except (OSError, RuntimeError) as exc:  # MLX's writer raises RuntimeError on a full disk
+            raise self._write_error(block, exc) from None
+        self._files.append(path)
+        return path
+
+    def _write_error(self, block: int, exc: BaseException) -> CheckpointError:
+        return CheckpointError(
+            f"writing block {block} into {self.path} failed ({write_failure(exc, self.path)}); "
+            "free disk space and rerun")
+
+
+class DirectoryCheckpoint(BlockFiles):
     """A checkpoint kept in one directory (see the module docstring for its layout).
 
     Use as a context manager: entering creates the directory, writes ``meta.json`` and takes an
     exclusive lock, so two runs never share a checkpoint. ``load`` raises
-    :class:`CheckpointError` when the directory belongs to a run with another fingerprint."""
+    :class:`CheckpointError` when the directory belongs to a run with another fingerprint, or
+    when any of its files is not what was written."""
 
-    def __init__(self, path: str | Path, fingerprint: dict[str, Any]) -> None:
-        self.path = Path(path)
-        self.fingerprint = _jsonable(fingerprint)
+    def __init__(self, path: str | Path,
+                 fingerprint: dict[str, Any] | Callable[[], dict[str, Any]]) -> None:
+        super().__init__(path)
+        #: The run's fingerprint, or a function computing it (e.g. waiting for the weights'
+        #: hashes, computed in the background): then ``meta.json`` is written at the first
+        #: commit, and ``load`` waits for it.
+        self._fingerprint = fingerprint if callable(fingerprint) else _jsonable(fingerprint)
         self._lock_fd: int | None = None
+        self._blocks: list[dict[str, str]] = []
+        #: This run made the directory (so it may remove it when it committed nothing).
+        self.created = False
+        #: Blocks this run committed.
+        self.committed = 0
 
     # -- lifetime ---------------------------------------------------------------------------
 
     def __enter__(self) -> DirectoryCheckpoint:
         try:
+            self.created = not self.path.exists()
             self.path.mkdir(parents=True, exist_ok=True)
             self._lock()
-            if not (self.path / "meta.json").exists():
-                self._write_text("meta.json", json.dumps(
-                    {"version": FORMAT_VERSION, "fingerprint": self.fingerprint}, indent=1))
+            if (not callable(self._fingerprint) and not (self.path / "meta.json").exists()
+                    and not (self.path / "progress.json").exists()):
+                self._write_text("meta.json", self._meta_text())
         except OSError as exc:
             self._unlock()
             raise CheckpointError(f"cannot write the checkpoint {self.path} ({exc.strerror or exc}); "
@@ -129,9 +188,18 @@ class DirectoryCheckpoint(Checkpoint):
         self._unlock()
 
     def discard(self) -> None:
-        """Delete the checkpoint (after the output was written)."""
+        """Delete the checkpoint (after the output was written, or on --overwrite)."""
         self._unlock()
         shutil.rmtree(self.path, ignore_errors=True)
+
+    @property
+    def fingerprint(self) -> dict[str, Any]:
+        if callable(self._fingerprint):
+            self._fingerprint = _jsonable(self._fingerprint())
+        return self._fingerprint
+
+    def _meta_text(self) -> str:
+        return json.dumps({"version": FORMAT_VERSION, "fingerprint": self.fingerprint}, indent=1)
 
     def _lock(self) -> None:
         try:
@@ -156,76 +224,89 @@ class DirectoryCheckpoint(Checkpoint):
     # -- the Checkpoint interface -------------------------------------------------------------
 
     def load(self) -> ResumeState | None:
-        meta_path = self.path / "meta.json"
         if not (self.path / "progress.json").exists():
             return None
         try:
-            meta = json.loads(meta_path.read_text())
             progress = json.loads((self.path / "progress.json").read_text())
             next_block = int(progress["next_block"])
+            blocks = list(progress["blocks"])
+            meta_sha = str(progress["meta_sha256"])
         except (OSError, ValueError, KeyError, TypeError) as exc:
-            raise self._damaged(exc) from None
-        if meta.get("version") != FORMAT_VERSION:
+            raise self._damaged(f"progress.json: {_first_line(exc)}") from None
+        try:
+            meta_bytes = (self.path / "meta.json").read_bytes()
+            meta = json.loads(meta_bytes)
+        except (OSError, ValueError) as exc:
+            raise self._damaged(f"meta.json: {_first_line(exc)}") from None
+        if not isinstance(meta, dict) or meta.get("version") != FORMAT_VERSION:
+            version = meta.get("version") if isinstance(meta, dict) else None
             raise CheckpointError(
-                f"checkpoint {self.path} has format version {meta.get('version')!r}, this quantkit "
-                f"writes {FORMAT_VERSION}; start over with --overwrite")
+                f"checkpoint {self.path} has format version {version!r}, this quantkit "
+                f"writes {FORMAT_VERSION}; delete it or pass --overwrite to start over")
+        if hashlib.sha256(meta_bytes).hexdigest() != meta_sha:
+            raise self._damaged("meta.json is not the one its blocks were made with")
         differs = _first_difference(meta.get("fingerprint", {}), self.fingerprint)
         if differs is not None:
             differs = _SETTING_NAMES.get(differs.split(".")[0], differs)
             raise CheckpointError(
                 f"checkpoint {self.path} was made by a run with a different {differs}; rerun with "
                 "the same model, calibration, seed and recipe, or pass --overwrite to start over")
-        layers: LayerParams = {}
+        if len(blocks) != next_block:
+            raise self._damaged(f"progress.json lists {len(blocks)} blocks but says {next_block} are done")
+        files: list[Path] = []
         records: list[LayerRecord] = []
-        try:
-            for i in range(next_block):
-                for key, value in mx.load(str(self.path / f"block-{i:04d}.safetensors")).items():
-                    module, _, name = key.partition(":")
-                    layers.setdefault(module, {})[name] = value
-                raw = json.loads((self.path / f"block-{i:04d}.json").read_text())
-                records.extend(LayerRecord(**r) for r in raw)
-            inputs: list[mx.array] = []
-            if progress.get("inputs"):
-                saved = mx.load(str(self.path / progress["inputs"]))
-                inputs = [saved[str(b)] for b in range(len(saved))]
-        except (OSError, ValueError, KeyError, TypeError, RuntimeError) as exc:
-            raise self._damaged(exc) from None
-        mx.eval(inputs, [list(v.values()) for v in layers.values()])
-        return ResumeState(next_block=next_block, inputs=inputs, layers=layers, records=records)
+        for i, entry in enumerate(blocks):
+            try:
+                name, sha = str(entry["file"]), str(entry["sha256"])
+                rname, rsha = str(entry["records"]), str(entry["records_sha256"])
+            except (KeyError, TypeError) as exc:
+                raise self._damaged(f"progress.json: block {i}: {_first_line(exc)}") from None
+            if name != block_file_name(i):
+                raise self._damaged(f"progress.json names {name} for block {i}")
+            for fname, expected in ((name, sha), (rname, rsha)):
+                try:
+                    actual = file_sha256(self.path / fname)
+                except OSError as exc:
+                    raise self._damaged(f"{fname}: {exc.strerror or exc}") from None
+                if actual != expected:
+                    raise self._damaged(f"{fname} does not match the sha256 recorded when it was written")
+            try:
+                records.extend(LayerRecord(**r) for r in json.loads((self.path / rname).read_text()))
+            except (OSError, ValueError, TypeError) as exc:
+                raise self._damaged(f"{rname}: {_first_line(exc)}") from None
+            files.append(self.path / name)
+        self._blocks = blocks
+        self._files = list(files)
+        return ResumeState(next_block=next_block, files=files, records=records)
 
-    def save(self, block, layers, records, inputs) -> None:
+    def save(self, block, arrays, records) -> Path:
+        name, rname = block_file_name(block), f"block-{block:04d}.json"
         try:
-            params = {f"{m}:{k}": v for m, ps in layers.items() for k, v in ps.items()}
-            self._write_arrays(f"block-{block:04d}.safetensors", params)
-            self._write_text(f"block-{block:04d}.json",
-                             json.dumps([attrs.asdict(r) for r in records]))
-            inputs_name = None
-            if inputs:
-                inputs_name = f"inputs-{block:04d}.safetensors"
-                self._write_arrays(inputs_name, {str(b): x for b, x in enumerate(inputs)})
-            previous = self._inputs_name()
-            self._write_text("progress.json",
-                             json.dumps({"next_block": block + 1, "inputs": inputs_name}))
-            if previous and previous != inputs_name:
-                (self.path / previous).unlink(missing_ok=True)
+            if not self._blocks and not (self.path / "progress.json").exists():
+                self._write_text("meta.json", self._meta_text())  # a fresh run's first commit
+            sha = write_arrays(self.path / name, arrays)
+            rtext = json.dumps([attrs.asdict(r) for r in records])
+            self._write_text(rname, rtext)
+            entry = {"file": name, "sha256": sha, "records": rname,
+                     "records_sha256": hashlib.sha256(rtext.encode()).hexdigest()}
+            meta_sha = file_sha256(self.path / "meta.json")
+            self._write_text("progress.json", json.dumps({
+                "next_block": block + 1, "meta_sha256": meta_sha, "blocks": [*self._blocks, entry]}))
         except (OSError, RuntimeError) as exc:  # MLX's writer raises RuntimeError on a full disk
             raise CheckpointError(
                 f"writing the checkpoint {self.path} failed after block {block} "
                 f"({write_failure(exc, self.path)}); free disk space, then rerun with --resume "
                 "or pass --no-checkpoint") from None
+        self._blocks.append(entry)
+        self._files.append(self.path / name)
+        self.committed += 1
+        return self.path / name
 
     # -- files --------------------------------------------------------------------------------
 
-    def _inputs_name(self) -> str | None:
-        try:
-            return json.loads((self.path / "progress.json").read_text()).get("inputs")
-        except (OSError, ValueError):
-            return None
-
-    def _damaged(self, exc: BaseException) -> CheckpointError:
-        why = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        return CheckpointError(f"checkpoint {self.path} is damaged ({why}); delete it or pass "
-                               "--overwrite to start over")
+    def _damaged(self, why: str) -> CheckpointError:
+        return CheckpointError(f"checkpoint {self.path} is damaged or was edited ({why}); "
+                               f"delete {self.path} or pass --overwrite to start over")
 
     def _write_text(self, name: str, text: str) -> None:
         tmp = self.path / f".tmp-{name}"
@@ -233,16 +314,6 @@ class DirectoryCheckpoint(Checkpoint):
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, self.path / name)
-
-    def _write_arrays(self, name: str, arrays: dict[str, mx.array]) -> None:
-        tmp = self.path / f".tmp-{name}"  # ends in .safetensors: MLX appends nothing
-        mx.save_safetensors(str(tmp), arrays)
-        fd = os.open(tmp, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
         os.replace(tmp, self.path / name)
 
 
@@ -253,6 +324,11 @@ _SETTING_NAMES = {
     "dtype": "--dtype",
     "batch_size": "--batch-size",
 }
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def _jsonable(value: Any) -> Any:

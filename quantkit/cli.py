@@ -163,8 +163,8 @@ def quantize(
     backend: Annotated[Backend, typer.Option(help="compute backend of calibration's linear layers and Hessians (auto: numpy on a CPU device, mlx otherwise)")] = Backend.auto,
     moe_calibrate_all_experts: Annotated[bool, typer.Option("--moe-calibrate-all-experts", help="collect every expert's Hessian from every calibration token (the block output still follows the router): no expert starved")] = False,
     overwrite: Annotated[bool, typer.Option(help="replace an existing output directory (and discard a checkpoint)")] = False,
-    resume: Annotated[bool, typer.Option(help="continue an interrupted run from its checkpoint (starts afresh when there is none)")] = False,
-    checkpoint: Annotated[bool, typer.Option(help="checkpoint after every decoder block, so that --resume can continue")] = True,
+    resume: Annotated[bool, typer.Option(help="continue an interrupted run from its checkpoint (starts afresh when there is none; a no-op on a finished output)")] = False,
+    checkpoint: Annotated[bool, typer.Option(help="keep every finished block's shard as a checkpoint, so that --resume can continue")] = True,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress or summary")] = False,
     json_out: Annotated[bool, typer.Option("--json", help="print the run report as JSON")] = False,
     debug: Annotated[bool, typer.Option(help="show full tracebacks")] = False,
@@ -245,6 +245,23 @@ def quantize(
                   highlight=False)
 
 
+def _return_freed_memory() -> None:
+    """glibc raises its mmap threshold to the size of the largest block freed (up to 32 MB), so
+    a block's activations, weights and Hessians, once freed, stay in the heap as reusable but
+    resident memory. A fixed 128 KiB threshold gives such buffers back to the system when freed:
+    measured on a 4-block hidden-1024 llama (benchmarks/memory.py), the resident memory between
+    blocks went from ~400 MB to ~180 MB. A process setting, so the CLI's, not the library's."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, 128 * 1024)  # M_MMAP_THRESHOLD (fixes it: no dynamic raising)
+    except (OSError, AttributeError):  # not glibc
+        pass
+
+
 def _quantize(model_dir, output, *, recipe, plugin, bits, group_size, strategy, target_bpw, calibration,
               pack, moe_calibrate_all_experts, num_samples, seq_len, seed, dtype, batch_size, backend, overwrite, resume,
               checkpoint, quiet, distributed, shards, timeout):
@@ -256,6 +273,7 @@ def _quantize(model_dir, output, *, recipe, plugin, bits, group_size, strategy, 
     from .recipe import Recipe
 
     interrupt.check("imports")
+    _return_freed_memory()
     model_dir = resolve_model(model_dir)
     calib = Calibration.from_specs(calibration, pack=pack)
     registry_kw = {}

@@ -11,12 +11,13 @@ questions, each a hook the walker calls:
   subtrees it owns locally, the roots are exchanged with ``all_gather`` and every rank finishes
   the same tree. The floating-point operations are the same for any world size, so 1, 2 or 4
   processes produce byte-identical Hessians — and so byte-identical output;
-* who quantizes which layer (:meth:`Distributed.assign`) or which expert of a MoE layer
-  (:meth:`Distributed.share`, called by :mod:`quantkit.moe`) and how the results reach everyone
-  (:meth:`Distributed.exchange`): units of work are dealt out by estimated cost, each rank
-  quantizes its own, and the packed arrays plus their report figures travel to every rank
-  with ``all_gather`` (padded to equal sizes: the ring backend has no point-to-point transfer
+* which rank does which unit of work (:meth:`Distributed.share`, given the units' estimated
+  costs: the walker's layers, :mod:`quantkit.moe`'s experts) and how the results reach everyone
+  (:meth:`Distributed.exchange`: JSON-able metadata with named arrays, sent to every rank with
+  ``all_gather``, padded to equal sizes: the ring backend has no point-to-point transfer
   except between neighbours). Every rank then installs the full quantized block.
+
+This module knows nothing about quantization: costs and items are handed to it.
 
 With no launcher ``mx.distributed.init()`` gives a group of size 1 and the same code runs with
 no communication. Collectives run at ``mx.eval``; every rank issues them in the same order.
@@ -38,19 +39,13 @@ import signal
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import attrs
 import mlx.core as mx
-import mlx.nn as nn
-from mlx.utils import tree_flatten, tree_unflatten
 
 from .errors import DistributedError
 from .hessian import HessianStats
-from .report import LayerRecord
-
-if TYPE_CHECKING:  # pragma: no cover
-    from .walker import LayerPlan
 
 #: ``(level, index)`` of a node in the binary tree over shards; leaves are level 0.
 Node = tuple[int, int]
@@ -142,19 +137,27 @@ def merge_stats(a: HessianStats | None, b: HessianStats | None) -> HessianStats 
 
 
 def _merge_dicts(a: Stats | None, b: Stats | None) -> Stats | None:
+    """Merge two subtrees' statistics, consuming them: entry by entry, each merge evaluated
+    and its inputs released before the next, so a merge holds one layer's temporaries on top
+    of its inputs (not every layer's). Entries that are one object in both (layers reading the
+    same input) are merged once and stay one object."""
     if a is None:
         return b
     if b is None:
         return a
-    return {k: merge_stats(a[k], b[k]) for k in a}
-
-
-def _cost(plan: LayerPlan) -> float:
-    """Rough cost of quantizing one layer: GPTQ's column loop, ``out·in²`` per matrix, when it
-    uses a Hessian (the ``in³`` factorization runs in LAPACK and weighs less); ``out·in``
-    without (round to nearest)."""
-    w = plan.handler.weight(plan.module)
-    return float(w.size * w.shape[-1] if plan.needs_stats else w.size)
+    out: Stats = {}
+    done: dict[tuple[int, int], Any] = {}
+    for k in list(a):
+        x, y = a.pop(k), b.pop(k)
+        key = (id(x), id(y))
+        if key not in done:
+            merged = merge_stats(x, y)
+            if merged is not None and merged is not x and merged is not y:
+                mx.eval(merged.h)
+            done[key] = merged
+        out[k] = done[key]
+        del x, y
+    return out
 
 
 def connect_to_other_ranks(backend: str = "any", strict: bool = False,
@@ -321,6 +324,12 @@ class Distributed:
             mx.eval(y)
         return y
 
+    def sum(self, x: mx.array, what: str = "summing a block method's figures") -> mx.array:
+        """``x`` summed over every rank, in rank order (the same bytes on every rank)."""
+        if self.size == 1:
+            return x
+        return self._gather(x, what).sum(axis=0)
+
     def barrier(self, what: str) -> None:
         """Wait until every rank gets here (a failed rank raises :class:`DistributedError`)."""
         if self.size > 1:
@@ -395,10 +404,6 @@ class Distributed:
             load[r] += costs[i]
         return owner
 
-    def assign(self, plans: Sequence[LayerPlan]) -> dict[str, int]:
-        """Layer path → the rank that quantizes it (:meth:`share` by estimated GPTQ cost)."""
-        return {p.path: r for p, r in zip(plans, self.share([_cost(p) for p in plans]))}
-
     def exchange(self, items: list[Item], what: str) -> list[list[Item]]:
         """Every rank's ``items`` (JSON-able metadata with named arrays), indexed by rank; this
         rank's own are returned as given. One ``all_gather`` of the payload sizes, then the
@@ -419,31 +424,6 @@ class Distributed:
                     parts[r].append(got[r, : lengths[r] - start])
         return [items if r == self.rank else list(_decode(mx.concatenate(parts[r])))
                 for r in range(self.size)]
-
-    def exchange_layers(
-        self, plans: Sequence[LayerPlan], done: dict[str, tuple[nn.Module, LayerRecord]],
-        owners: dict[str, int],
-    ) -> dict[str, tuple[nn.Module, LayerRecord]]:
-        """Every rank's quantized layers on every rank: ``done`` holds this rank's own."""
-        if self.size == 1:
-            return done
-        mine = [({"path": p.path, "record": attrs.asdict(done[p.path][1])},
-                 tree_flatten(done[p.path][0].parameters()))
-                for p in plans if owners[p.path] == self.rank]
-        by_path = {p.path: p for p in plans}
-        out = dict(done)
-        for r, items in enumerate(self.exchange(mine, "exchanging quantized layers")):
-            if r == self.rank:
-                continue
-            for meta, params in items:
-                p = by_path[meta["path"]]
-                module = p.handler.build(p.module, {k: v for k, v in params if "." not in k}, p.spec)
-                nested = [(k, v) for k, v in params if "." in k]
-                if nested:
-                    module.update(tree_unflatten(nested))
-                mx.eval(module.parameters())
-                out[p.path] = (module, LayerRecord(**meta["record"]))
-        return out
 
 
 def _encode(items: list[Item]) -> mx.array:

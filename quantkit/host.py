@@ -97,10 +97,18 @@ class HostHessianCollector(HessianCollector):
 
     def update(self, x: mx.array) -> None:
         rows = np.asarray(x.astype(mx.float32).reshape(-1, x.shape[-1]))
+        if isinstance(self.h, mx.array):  # updated after stats(): back to a NumPy copy
+            self.h = np.array(self.h)
         self.h, self.n_tokens = accumulate_hessian(self.h, self.n_tokens, rows)
 
     def stats(self) -> HessianStats:
-        return HessianStats(h=mx.array(self.h), n_tokens=self.n_tokens)
+        if self.n_tokens == 0:
+            # Lazy zeros (never evaluated: a shard without tokens merges as the identity),
+            # not a copy of the NumPy zeros: a tree over more shards than batches holds many.
+            return HessianStats(h=mx.zeros(self.h.shape, mx.float32), n_tokens=0)
+        if not isinstance(self.h, mx.array):
+            self.h = mx.array(self.h)  # the MLX copy replaces the NumPy array (not both held)
+        return HessianStats(h=self.h, n_tokens=self.n_tokens)
 
 
 def host_collector(collector: HessianCollector) -> HessianCollector:

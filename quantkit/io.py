@@ -22,12 +22,16 @@ NOT_COPIED = {"config.json", "model.safetensors.index.json", "quantization_repor
 
 
 def load_model(
-    path: str | Path, *, allow_quantized: bool = False, lazy: bool = False
+    path: str | Path, *, allow_quantized: bool = False, lazy: bool = False,
+    check_finite: bool = True,
 ) -> tuple[nn.Module, Any, dict[str, Any]]:
     """``(model, tokenizer, config)`` from a local mlx-lm model directory (never downloads).
 
     ``allow_quantized``: accept an already quantized directory (for evaluation);
-    ``lazy``: do not read the weights until they are used (for planning)."""
+    ``lazy``: do not read the weights until they are used (quantization streams them block by
+    block; mlx-lm's sharded layout and a model's ``sanitize`` work lazily too);
+    ``check_finite``: refuse NaN/Inf weights, checked from the files a chunk at a time (see
+    :func:`quantkit.pipeline.source.scan_weights`), never by evaluating the model."""
     from mlx_lm.utils import load_model as _load_model
     from mlx_lm.utils import load_tokenizer
 
@@ -43,27 +47,16 @@ def load_model(
     except Exception as exc:  # corrupt safetensors, shape mismatches, ...
         msg = describe(exc)
         raise ModelLoadError(f"cannot load weights from {path}: {msg}; the files may be truncated or corrupt") from None
-    check("load")  # reliab: a signal during loading
-    _check_finite(model, path)
+    check("load")  # a signal during loading
+    if check_finite:
+        from .pipeline.source import scan_weights
+
+        scan_weights(path)
     try:
         tokenizer = load_tokenizer(path)
     except Exception as exc:
         raise ModelLoadError(f"cannot load the tokenizer from {path}: {describe(exc)}") from None
     return model, tokenizer, config
-
-
-def _check_finite(model: nn.Module, path: Path) -> None:
-    """Refuse weights holding NaN/Inf: calibration through them gives NaN Hessians everywhere."""
-    import mlx.core as mx
-    from mlx.utils import tree_flatten
-
-    for name, value in tree_flatten(model.parameters()):
-        if mx.issubdtype(value.dtype, mx.floating) and not mx.all(mx.isfinite(value)).item():
-            bad = int(mx.sum(~mx.isfinite(value)).item())
-            raise ModelLoadError(
-                f"weight {name} in {path} has {bad} NaN/Inf values; the checkpoint is corrupt "
-                "or was saved after a diverged training step"
-            )
 
 
 def check_output(
@@ -140,6 +133,61 @@ def save_model(
                               "was written — free disk space or choose another path") from None
         raise
     return out_dir
+
+
+def save_streamed(
+    out_dir: str | Path, model: nn.Module, config: dict[str, Any], source_dir: str | Path,
+    blocks: list[Path], *, keep_blocks: bool, extra_files: dict[str, str] | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Like :func:`save_model`, for a model whose decoder blocks were already written, one file
+    each (``blocks``, in block order, see :mod:`quantkit.pipeline.shards`): those files become
+    the output's first shards (hard-linked when ``keep_blocks``, else moved) and the model's
+    other tensors the last one. Atomic in the same way."""
+    from mlx.utils import tree_flatten
+    from mlx_lm.utils import save_config
+
+    from .pipeline.shards import assemble, tensor_names
+
+    out_dir = check_output(out_dir, overwrite, source_dir)
+    parent = out_dir.parent
+    remove_stale(parent, out_dir.name)
+    try:
+        tmp = _make_hidden_dir(parent, out_dir.name, "partial")
+    except OSError as exc:
+        raise OutputError(f"cannot write to {parent} ({_why(exc)}); choose a writable output path") from None
+    try:
+        written = {name for f in blocks for name in tensor_names(f)}
+        rest = {k: v for k, v in tree_flatten(model.parameters()) if k not in written}
+        assemble(tmp, blocks, rest, model, keep_blocks=keep_blocks)
+        del rest
+        save_config(dict(config), config_path=tmp / "config.json")
+        for pattern in COPY_PATTERNS:
+            for src in sorted(Path(source_dir).glob(pattern)):
+                if src.is_file() and src.name not in NOT_COPIED:
+                    shutil.copyfile(src, tmp / src.name)
+        for name, text in (extra_files or {}).items():
+            (tmp / name).write_text(text)
+        _fsync_tree(tmp)
+        _replace_dir(tmp, out_dir)
+    except BaseException as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(exc, Exception) and not isinstance(exc, OutputError):
+            raise OutputError(f"writing {out_dir} failed ({write_failure(exc, parent)}); nothing "
+                              "was written — free disk space or choose another path") from None
+        raise
+    return out_dir
+
+
+def block_staging_dir(out_dir: str | Path) -> Path:
+    """A new hidden ``.NAME.partial-PID-XXXX`` beside ``out_dir`` for the block files of a run
+    without checkpoint (removed as a stale partial if the run is killed)."""
+    out_dir = Path(out_dir).absolute()
+    try:
+        return _make_hidden_dir(out_dir.parent, out_dir.name, "partial")
+    except OSError as exc:
+        raise OutputError(f"cannot write to {out_dir.parent} ({_why(exc)}); choose a writable "
+                          "output path") from None
 
 
 # -- helpers for atomic directories --------------------------------------------------------

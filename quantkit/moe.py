@@ -42,7 +42,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterable
-from typing import TYPE_CHECKING, cast
+from typing import cast
 
 import attrs
 import mlx.core as mx
@@ -55,15 +55,13 @@ from .hessian import ExpertHessianStats, HessianCollector
 from .interrupt import check
 from .inverse import InverseFactor
 from .packers import packer_for
+from .pipeline.plan import LayerPlan
 from .quantizers import Quantizer, QuantResult, hessian_figures
 from .registry import SwitchLinearHandler
 from .report import LayerRecord
 
-if TYPE_CHECKING:
-    from .walker import LayerPlan
-
 #: Runs the block's calibration forward with ``collectors`` (keyed by path) on ``plans``.
-Collect = Callable[[list["LayerPlan"], dict[str, HessianCollector]], None]
+Collect = Callable[[list[LayerPlan], dict[str, HessianCollector]], None]
 
 
 @attrs.frozen

@@ -57,6 +57,15 @@ class RunReport:
     time_s: float = 0.0
     world_size: int = 1
     peak_memory_gb: float | None = None
+    #: Wall seconds by phase of the job: ``load``, ``check`` (NaN/Inf scan and weight hashes),
+    #: ``tokenize``, ``calibrate`` (forward passes and statistics), ``solve`` (quantizing
+    #: layers; expert layers include their own calibration passes), ``resume`` (recomputing
+    #: finished blocks' outputs), ``write`` (block shards; the final assembly is added to the
+    #: returned report, after the report file was written).
+    phases: dict[str, float] = attrs.field(factory=dict)
+    #: What each block transform and optimizer reported: ``{"block", "kind" ("transform" or
+    #: "optimizer"), "name", "figures"}`` in the order they ran.
+    block_methods: list[dict[str, Any]] = attrs.field(factory=list)
 
     def add(self, record: LayerRecord) -> None:
         self.layers.append(record)

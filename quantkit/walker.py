@@ -22,10 +22,11 @@ import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
 
-from .arch import decoder_blocks, shared_input_groups
+from .arch import ArchSpec, arch_for, decoder_blocks, shared_input_groups
+from .blocks.base import BlockContext
 from .checkpoint import Checkpoint, ResumeState
 from .distributed import Distributed, ShardLayout
-from .errors import CheckpointError, FactorizationError, RecipeError
+from .errors import CheckpointError, FactorizationError, ModelLoadError, RecipeError
 from .experts import AllExpertsCalibration, experts_parents
 from .hessian import HessianCollector, HessianStats
 from .host import (
@@ -39,17 +40,17 @@ from .host import (
 from .interrupt import check
 from .moe import quantize_expert_layers
 from .packers import packer_for
+from .pipeline.plan import LayerPlan, layer_cost
+from .pipeline.shards import final_arrays, reload_lazily
 from .predicate import apply_predicate, model_predicate
 from .quantizers import Quantizer, QuantResult, RTNQuantizer, hessian_figures
-from .recipe import Recipe, Rule
+from .recipe import Recipe
 from .registry import (
     DEFAULT_REGISTRY,
-    LayerHandler,
     LayerRegistry,
     Wrapper,
 )
 from .report import LayerRecord, RunReport
-from .specs import QuantSpec
 from .validate import check_packed, check_rules, plan_winners
 
 Progress = Callable[[str, dict[str, Any]], None]
@@ -92,29 +93,6 @@ class _Replay(Wrapper):
         out = self.outputs[self.calls]
         self.calls += 1
         return out
-
-
-@attrs.define
-class LayerPlan:
-    path: str
-    module: nn.Module
-    handler: LayerHandler
-    rule_index: int | None
-    rule: Rule
-    spec: QuantSpec
-    quantizer: Quantizer
-    storage_dtype: mx.Dtype
-    note: str | None = None
-
-    @property
-    def needs_stats(self) -> bool:
-        """Calibrated in the block's shared forward pass (expert layers have their own)."""
-        return self.quantizer.needs_hessian and not self.handler.per_expert
-
-    @property
-    def per_expert(self) -> bool:
-        """Calibrated one Hessian per expert, in expert-batch passes (see quantkit.moe)."""
-        return self.quantizer.needs_hessian and self.handler.per_expert
 
 
 @attrs.define
@@ -161,6 +139,16 @@ class ModelWalker:
     _host: bool = attrs.field(default=False, init=False, repr=False)
     _runners: dict = attrs.field(factory=dict, init=False, repr=False)
     _host_forward: bool = attrs.field(default=True, init=False, repr=False)
+    _phases: dict[str, float] = attrs.field(factory=dict, init=False, repr=False)
+
+    @contextlib.contextmanager
+    def _phase(self, name: str) -> Iterator[None]:
+        """Add the wall time of the ``with`` body to phase ``name`` of the report."""
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self._phases[name] = self._phases.get(name, 0.0) + time.perf_counter() - t0
 
     def _emit(self, event: str, **info: Any) -> None:
         check(event)  # reliab: every progress event is a place to stop (quantkit.interrupt)
@@ -235,6 +223,7 @@ class ModelWalker:
 
     def _run(self, model: nn.Module, tokens: mx.array, checkpoint: Checkpoint | None) -> WalkResult:
         start = time.perf_counter()
+        self._phases = {}
         report = RunReport()
         plans = self.plan(model, report)
         if not plans:
@@ -259,58 +248,103 @@ class ModelWalker:
             standins = mx.default_device() == mx.cpu or not mx.metal.is_available()
         self._final = [] if standins and needs_calibration else None
         if needs_calibration:
-            inputs, block_args = self._capture(model, blocks, block_paths, batches)
-            if resumed is not None and resumed.next_block > 0:
-                inputs = resumed.inputs
+            with self._phase("calibrate"):
+                inputs, block_args = self._capture(model, blocks, block_paths, batches)
         # Full-precision block inputs, for strategies that compare them with the quantized ones.
         ref_inputs = list(inputs) if needs_calibration and any(
             p.quantizer.needs_reference for p in plans.values()) else None
         if ref_inputs is not None and (self.distributed.size > 1 or resumed is not None):
             raise RecipeError("strategies that need full-precision inputs (gptaq) run in one "
                               "process without --resume; use gptq for distributed or resumed runs")
+        transforms = tuple(getattr(self.recipe, "transforms", ()) or ())
+        optimizers = tuple(getattr(self.recipe, "optimizers", ()) or ())
+        if (transforms or optimizers) and not needs_calibration:
+            raise RecipeError("block transforms and optimizers need calibration data; use a "
+                              "strategy that calibrates (e.g. gptq), not only rtn")
         for i, (block, bpath) in enumerate(zip(blocks, block_paths)):
             # Plans are dropped once their block is done: with them go the original layers.
             inside = [plans.pop(k) for k in list(plans) if k.startswith(bpath + ".")]
             if resumed is not None and i < resumed.next_block:
+                # A finished block: its quantized layers come from its file, and it computes
+                # the next block's inputs exactly as it did in the run that wrote it.
+                with self._phase("resume"):
+                    # Its other parameters (norms, kept layers) come from the file too: block
+                    # transforms may have changed them.
+                    _float_params_from_file(model, inside, resumed.files[i], bpath,
+                                            _DTYPES.get(self.dtype or ""))
+                    self._install(model, inside, _from_file(inside, resumed.files[i]))
+                    if needs_calibration:
+                        inputs = [self._eval(block(x, *a, **kw))
+                                  for x, (a, kw) in zip(inputs, block_args[i])]
+                    self._swap_standins(model)
+                    reload_lazily(model, resumed.files[i])
                 continue
             self._runners.clear()
             self._emit("block", index=i, total=len(blocks), path=bpath)
-            stats = self._collect_sharded(
-                model, inside, layout, partial(_forward, block, inputs, block_args[i]),
-                None if ref_inputs is None else partial(_forward, block, ref_inputs, block_args[i]),
-            ) if needs_calibration else {}
-            if ref_inputs is not None:
-                ref_inputs = [self._eval(block(x, *a, **kw)) for x, (a, kw) in zip(ref_inputs, block_args[i])]
-            done = self._quantize_all(model, [p for p in inside if not p.per_expert], stats, report, i)
-            experts = [p for p in inside if p.per_expert]
-            if experts:
-                done += self._quantize_experts(
-                    model, experts, layout, partial(_forward, block, inputs, block_args[i]),
-                    report, i, tokens.size,
-                )
+            ctx = None
+            if transforms or optimizers:
+                ctx = self._context(model, i, bpath, block, inputs, block_args[i])
+            for t in transforms:  # before statistics: they see the transformed weights
+                self._record_method(report, i, "transform", t, t.apply(ctx))
+                _rebind(model, inside)
+            targets = None
+            if optimizers:  # the float block's outputs, before its layers are replaced
+                with self._phase("calibrate"):
+                    targets = [self._eval(block(x, *a, **kw)) for x, (a, kw) in zip(inputs, block_args[i])]
+            with self._phase("calibrate"):
+                stats = self._collect_sharded(
+                    model, inside, layout, partial(_forward, block, inputs, block_args[i]),
+                    None if ref_inputs is None else partial(_forward, block, ref_inputs, block_args[i]),
+                ) if needs_calibration else {}
+                if ref_inputs is not None:
+                    ref_inputs = [self._eval(block(x, *a, **kw)) for x, (a, kw) in zip(ref_inputs, block_args[i])]
+            with self._phase("solve"):
+                done = self._quantize_all(model, [p for p in inside if not p.per_expert], stats, report, i)
+                experts = [p for p in inside if p.per_expert]
+                if experts:
+                    done += self._quantize_experts(
+                        model, experts, layout, partial(_forward, block, inputs, block_args[i]),
+                        report, i, tokens.size,
+                    )
+            if optimizers:
+                assert ctx is not None
+                with self._phase("optimize"):
+                    self._optimize(model, report, attrs.evolve(
+                        ctx, float_layers={p.path[len(bpath) + 1:]: p.module for p in inside}),
+                        inside, optimizers, targets)
+                del targets
             if needs_calibration:
-                inputs = [self._eval(block(x, *a, **kw)) for x, (a, kw) in zip(inputs, block_args[i])]
-            if checkpoint is not None:
-                checkpoint.save(i, {k: dict(tree_flatten(m.parameters())) for k, m in done},
-                                [r for r in report.layers if r.block == i],
-                                inputs if needs_calibration else [])
+                with self._phase("calibrate"):
+                    inputs = [self._eval(block(x, *a, **kw)) for x, (a, kw) in zip(inputs, block_args[i])]
             # The block has produced the next block's inputs and never runs again (the layers
             # outside the blocks are calibrated from the last block's stored outputs): its
             # quantized layers replace its dense stand-ins now, so at most one block's
             # stand-ins are ever held.
             self._swap_standins(model)
+            self._runners.clear()
+            del done
+            if checkpoint is not None:
+                # Written out, the block's arrays become lazy loads of its file: the memory a
+                # run holds does not grow with the number of blocks.
+                with self._phase("write"):
+                    path = checkpoint.save(i, final_arrays(block, bpath, orig_dtypes),
+                                           [r for r in report.layers if r.block == i])
+                    reload_lazily(model, path)
 
         del inside  # the last block's plans
         self._final = None
         outside = list(plans.values())  # what is left: layers outside the decoder blocks
         stats = {}
         if needs_calibration and any(p.needs_stats for p in outside):
-            stats = self._collect_outside(model, blocks, block_paths, outside, batches, inputs, layout)
-        self._quantize_all(model, outside, stats, report, None)
+            with self._phase("calibrate"):
+                stats = self._collect_outside(model, blocks, block_paths, outside, batches, inputs, layout)
+        with self._phase("solve"):
+            self._quantize_all(model, outside, stats, report, None)
         _restore_dtypes(model, orig_dtypes)
         quantization = self._config(report)
         report.time_s = time.perf_counter() - start
         report.world_size = self.distributed.size
+        report.phases = dict(self._phases)
         report.settings = {"recipe": self.recipe.to_dict(), "num_samples": int(tokens.shape[0]),
                            "seq_len": int(tokens.shape[1]), "calibration_dtype": self.dtype}
         try:
@@ -318,6 +352,42 @@ class ModelWalker:
         except AttributeError:  # older MLX
             report.peak_memory_gb = None
         return WalkResult(model=model, quantization=quantization, report=report)
+
+    # -- block methods ----------------------------------------------------------------------
+
+    def _context(self, model, index: int, path: str, block, inputs, args) -> BlockContext:
+        """The :class:`BlockContext` of block ``index`` (its inputs, forward, architecture table
+        and a sum over every rank)."""
+        model_type = getattr(model, "model_type", None) or getattr(
+            getattr(model, "args", None), "model_type", "unknown")
+        try:
+            arch = arch_for(model_type)
+        except ModelLoadError:
+            if getattr(self.recipe, "transforms", ()):
+                raise  # transforms need the table: a one-line error naming the model type
+            arch = ArchSpec(model_types=(model_type,))  # optimizers only: no table needed
+        return BlockContext(
+            index=index, path=path, block=block, inputs=inputs,
+            forward=lambda module, j: module(inputs[j], *args[j][0], **args[j][1]),
+            arch=arch, reduce=self.distributed.sum, seed=index,
+        )
+
+    def _record_method(self, report: RunReport, index: int, kind: str, method, figures) -> None:
+        entry = {"block": index, "kind": kind, "name": getattr(method, "name", type(method).__name__),
+                 "figures": dict(figures or {})}
+        report.block_methods.append(entry)
+        self._emit(kind, **entry)
+
+    def _optimize(self, model, report: RunReport, ctx: BlockContext, inside: list[LayerPlan],
+                  optimizers, targets) -> None:
+        """Run the optimizers on the block's quantized layers (dense stand-ins put aside), then
+        put stand-ins of the optimized layers back for the block's last forward pass."""
+        self._swap_standins(model)
+        for o in optimizers:
+            self._record_method(report, ctx.index, "optimizer", o, o.optimize(ctx, targets))
+        if self._final is not None:
+            current = dict(model.named_modules())
+            self._install(model, inside, [(p.path, current[p.path]) for p in inside])
 
     def _runner(self, module: nn.Module) -> nn.Module:
         """What computes ``module``'s outputs during calibration: a :class:`HostLinear` (made
@@ -483,7 +553,8 @@ class ModelWalker:
 
     def _quantize_all(self, model, plans, stats, report, block_index) -> list[tuple[str, nn.Module]]:
         """Quantize this rank's share of ``plans``; every rank installs all of them."""
-        owners = self.distributed.assign(plans)
+        owners = dict(zip([p.path for p in plans],
+                          self.distributed.share([layer_cost(p) for p in plans]), strict=True))
         rank = self.distributed.rank
         done = {}
         for group in _solve_groups(plans, stats):
@@ -499,7 +570,7 @@ class ModelWalker:
                 record.time_s += joint_s / len(group)
                 record.block, record.rank = block_index, rank
                 done[p.path] = (module, record)
-        done = self.distributed.exchange_layers(plans, done, owners)
+        done = self._exchange_layers(plans, done, owners)
         new_modules = []
         for p in plans:
             module, record = done[p.path]
@@ -509,22 +580,38 @@ class ModelWalker:
         self._install(model, plans, new_modules)
         return new_modules
 
+    def _exchange_layers(self, plans: list[LayerPlan], done: dict[str, tuple[nn.Module, LayerRecord]],
+                         owners: dict[str, int]) -> dict[str, tuple[nn.Module, LayerRecord]]:
+        """Every rank's quantized layers on every rank: ``done`` holds this rank's own."""
+        group = self.distributed
+        if group.size == 1:
+            return done
+        mine = [({"path": p.path, "record": attrs.asdict(done[p.path][1])},
+                 tree_flatten(done[p.path][0].parameters()))
+                for p in plans if owners[p.path] == group.rank]
+        by_path = {p.path: p for p in plans}
+        out = dict(done)
+        for r, items in enumerate(group.exchange(mine, "exchanging quantized layers")):
+            if r == group.rank:
+                continue
+            for meta, params in items:
+                p = by_path[meta["path"]]
+                module = p.handler.build(p.module, {k: v for k, v in params if "." not in k}, p.spec)
+                nested = [(k, v) for k, v in params if "." in k]
+                if nested:
+                    module.update(tree_unflatten(nested))
+                mx.eval(module.parameters())
+                out[p.path] = (module, LayerRecord(**meta["record"]))
+        return out
+
     def _resume(self, model, plans: dict[str, LayerPlan], report: RunReport,
                 checkpoint: Checkpoint | None, n_blocks: int) -> ResumeState | None:
-        """Put back the layers and records of the blocks ``checkpoint`` holds."""
+        """The finished blocks ``checkpoint`` holds (their records go into ``report``)."""
         state = checkpoint.load() if checkpoint is not None else None
         if state is None:
             return None
         if state.next_block > n_blocks:
             raise CheckpointError(f"checkpoint holds {state.next_block} blocks, the model has {n_blocks}")
-        modules = []
-        for path, params in state.layers.items():
-            p = plans.get(path)
-            if p is None:
-                raise CheckpointError(f"checkpoint holds layer {path}, which this run does not quantize")
-            modules.append((path, p.handler.build(p.module, params, p.spec)))
-        if modules:
-            model.update_modules(tree_unflatten(modules))
         for record in state.records:
             report.add(record)
         self._emit("resume", index=state.next_block - 1, total=n_blocks)
@@ -635,6 +722,52 @@ def _forward(block: nn.Module, inputs: list[mx.array], args: list, j: int) -> mx
     """Block ``block`` on local batch ``j``: its captured input and extra arguments."""
     check("forward")  # reliab: a place to stop at every calibration batch
     return block(inputs[j], *args[j][0], **args[j][1])
+
+
+def _rebind(model: nn.Module, plans: list[LayerPlan]) -> None:
+    """Point ``plans`` at the model's current layers (a transform may have swapped some)."""
+    current = dict(model.named_modules())
+    for p in plans:
+        p.module = current[p.path]
+
+
+def _float_params_from_file(model: nn.Module, plans: list[LayerPlan], path, prefix: str,
+                            dtype: mx.Dtype | None) -> None:
+    """Put the parameters of a finished block's file that are not quantized layers' into the
+    model, in the calibration ``dtype`` (exactly the values the run used, unless a block
+    transform changed them in a dtype the output rounds)."""
+    quantized = tuple(p.path + "." for p in plans)
+    updates = []
+    for name, value in mx.load(str(path)).items():
+        if not name.startswith(prefix + ".") or name.startswith(quantized):
+            continue
+        if dtype is not None and mx.issubdtype(value.dtype, mx.floating):
+            value = value.astype(dtype)
+        updates.append((name, value))
+    if updates:
+        model.update(tree_unflatten(updates))
+
+
+def _from_file(plans: list[LayerPlan], path) -> list[tuple[str, nn.Module]]:
+    """The quantized layers of ``plans`` rebuilt from a finished block's file, their scales and
+    biases in the dtype the walk packs them in (float32 for affine: exact, the stored values
+    were rounded to the stored dtype when they were computed)."""
+    arrays = mx.load(str(path))
+    out = []
+    for p in plans:
+        dtype = mx.float32 if p.spec.mode == "affine" else p.storage_dtype
+        packed = {}
+        for key in ("weight", "scales", "biases"):
+            value = arrays.get(f"{p.path}.{key}")
+            if value is None:
+                continue
+            if key != "weight" and value.dtype != mx.uint8 and mx.issubdtype(value.dtype, mx.floating):
+                value = value.astype(dtype)
+            packed[key] = value
+        if "scales" not in packed:
+            raise CheckpointError(f"checkpoint file {path} does not hold the quantized layer {p.path}")
+        out.append((p.path, p.handler.build(p.module, packed, p.spec)))
+    return out
 
 
 def _expert_shard_stats(model, walker: ModelWalker, active: list[LayerPlan],

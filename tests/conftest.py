@@ -38,3 +38,12 @@ def stories_tokens(stories_dir, tinystories_text):
     ids = tokenize(tokenizer, read_text(tinystories_text))
     half = len(ids) // 2
     return make_batches(ids[:half], 64, 256, seed=0), make_batches(ids[half:], 64, 256, seed=1)
+
+
+def weight_bytes(out_dir: Path) -> dict[str, bytes]:
+    """The bytes of an output's weight files (its safetensors shards and their index), by name:
+    two outputs are byte-identical when these are equal."""
+    out_dir = Path(out_dir)
+    files = sorted(out_dir.glob("*.safetensors")) + sorted(out_dir.glob("*.safetensors.index.json"))
+    assert files, f"{out_dir} holds no weights"
+    return {f.name: f.read_bytes() for f in files}

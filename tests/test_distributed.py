@@ -18,6 +18,7 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 import pytest
+from conftest import weight_bytes
 
 from quantkit import Recipe, quantize_directory
 from quantkit.distributed import (
@@ -140,8 +141,7 @@ def test_two_ranks_in_small_slices_write_the_same_bytes(stories_dir, tinystories
         2, timeout_s=JOB_TIMEOUT, env=_env(),
     )
     assert result.ok, result.describe()
-    assert _digest(tmp_path / "one" / "model.safetensors") == \
-        _digest(tmp_path / "two" / "model.safetensors")
+    assert weight_bytes(tmp_path / "one") == weight_bytes(tmp_path / "two")
 
 
 def test_two_ranks_on_the_moe_fixture_write_the_same_bytes(stories_dir, tinystories_text, tmp_path):
@@ -157,8 +157,7 @@ def test_two_ranks_on_the_moe_fixture_write_the_same_bytes(stories_dir, tinystor
                        distributed=Distributed(num_shards=4))
     two = _run_cli(["quantize", str(src), "-o", str(tmp_path / "two"), *args, "--processes", "2"])
     assert two.returncode == 0, two.stderr
-    assert _digest(tmp_path / "one" / "model.safetensors") == \
-        _digest(tmp_path / "two" / "model.safetensors")
+    assert weight_bytes(tmp_path / "one") == weight_bytes(tmp_path / "two")
     report = json.loads((tmp_path / "two" / "quantization_report.json").read_text())
     assert report["world_size"] == 2
     ranks = {r["rank"] for r in report["layers"] if r["status"] != "skipped"}
@@ -347,4 +346,4 @@ def test_same_result_in_process_with_size_one_group(stories_dir, tinystories_tex
     b = quantize_directory(stories_dir, tmp_path / "b", Recipe.uniform("gptq", 4, 32),
                            distributed=Distributed.init(), **kw)
     assert a.report.world_size == b.report.world_size == 1
-    assert _digest(a.out_dir / "model.safetensors") == _digest(b.out_dir / "model.safetensors")
+    assert weight_bytes(a.out_dir) == weight_bytes(b.out_dir)

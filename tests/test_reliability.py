@@ -14,6 +14,7 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 import pytest
+from conftest import weight_bytes
 from typer.testing import CliRunner
 
 from quantkit import (
@@ -296,15 +297,15 @@ def test_output_not_writable(quantize, stories_dir, tmp_path):
 def test_disk_full_during_save(quantize, stories_dir, tmp_path, monkeypatch):
     """The writer runs out of space half-way: nothing appears, the temp dir is removed, and an
     existing output survives untouched."""
-    import mlx_lm.utils
+    import quantkit.pipeline.shards
 
-    def full_disk(path, model, **kw):
-        (Path(path) / "model.safetensors").write_bytes(b"\0" * 1000)
+    def full_disk(directory, *args, **kw):
+        (Path(directory) / "model-00001-of-00006.safetensors").write_bytes(b"\0" * 1000)
         raise OSError(errno.ENOSPC, "No space left on device")
 
     out = tmp_path / "o"
     with monkeypatch.context() as m:
-        m.setattr(mlx_lm.utils, "save_model", full_disk)
+        m.setattr(quantkit.pipeline.shards, "assemble", full_disk)
         line = one_line_error(quantize(stories_dir, out, "--strategy", "rtn"))
         assert "no space left on device" in line and "rerun with --resume" in line
         assert not out.exists() and not list(tmp_path.glob(".o.partial-*"))
@@ -324,19 +325,20 @@ def test_disk_full_during_save(quantize, stories_dir, tmp_path, monkeypatch):
 
 @pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full (Linux)")
 def test_disk_full_in_mlx_writer(quantize, stories_dir, tmp_path, monkeypatch):
-    """The real writers on a full disk: model.safetensors (and later a checkpoint file) is a
-    link to /dev/full, where every write fails with ENOSPC; MLX reports it as RuntimeError."""
-    import mlx_lm.utils
+    """The real writers on a full disk: the last output shard (and later a checkpoint file) is
+    a link to /dev/full, where every write fails with ENOSPC; MLX reports it as RuntimeError."""
+    import quantkit.pipeline.shards as shards
 
-    real_save = mlx_lm.utils.save_model
+    real_assemble = shards.assemble
 
-    def save_into_full_disk(path, model, **kw):
-        (Path(path) / "model.safetensors").symlink_to("/dev/full")
-        return real_save(path, model, **kw)
+    def assemble_into_full_disk(directory, blocks, *args, **kw):
+        n = len(blocks) + 1
+        (Path(directory) / shards.shard_name(n, n)).symlink_to("/dev/full")
+        return real_assemble(directory, blocks, *args, **kw)
 
     out = tmp_path / "o"
     with monkeypatch.context() as m:
-        m.setattr(mlx_lm.utils, "save_model", save_into_full_disk)
+        m.setattr(shards, "assemble", assemble_into_full_disk)
         line = one_line_error(quantize(stories_dir, out, "--strategy", "rtn", "--no-checkpoint"))
     assert "Unable to write" in line and "is the disk full?" in line
     assert no_leftovers(tmp_path, "o")
@@ -389,7 +391,7 @@ def test_ctrl_c_is_clean_and_resumable(quantize, stories_dir, tmp_path, monkeypa
 
     result = quantize(stories_dir, out, "--resume")
     assert result.exit_code == 0, result.output
-    assert (out / "model.safetensors").read_bytes() == (ref / "model.safetensors").read_bytes()
+    assert weight_bytes(out) == weight_bytes(ref)
     assert (out / "config.json").read_bytes() == (ref / "config.json").read_bytes()
     report = json.loads((out / "quantization_report.json").read_text())
     assert [r["path"] for r in report["layers"]] == \

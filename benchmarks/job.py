@@ -1,0 +1,163 @@
+"""Whole-job benchmark (not a test): what a user runs, ``quantkit quantize DIR -o OUT``, end to
+end on a model directory written to disk, beside the in-memory core (``quantize_model`` on the
+loaded model) and mlx-lm's ``gptq_quantize`` (via ``benchmarks/speed.py --skip-quantkit``).
+
+The CLI runs twice in the same session, with the defaults (checkpointing on) and with
+``--no-checkpoint``: their ratio is the checkpoint's cost (target ≤ 1.10×). The job's phases
+(load, check, tokenize, calibrate, solve, resume, write) come from the run report.
+
+Models are speed.py's random-weight shapes saved with mlx-lm, with the stories260K tokenizer
+(ids < 512 fit every vocabulary); the calibration text is ``../shared/text/wikitext2_test.raw``.
+
+    OPENBLAS_NUM_THREADS=1 python benchmarks/job.py                       # tiny-llama, CPU
+    source .devwhl/setup.sh .devwhl && python benchmarks/job.py --model qwen3-0.6b \\
+        --samples 128 --seq-len 512                                        # the GPU machine
+
+Prints a table; writes benchmarks/results/job_<model>_<samples>x<seq-len>_<device>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import mlx.core as mx
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+from speed import DTYPES, MODELS, build  # noqa: E402
+
+SHARED = Path(os.environ.get("QUANTKIT_SHARED", REPO.parent / "shared"))
+TEXT = SHARED / "text" / "wikitext2_test.raw"
+
+
+def save_dir(path: Path, model_name: str, layers: int | None, dtype: str, seed: int) -> float:
+    """The random model written as an mlx-lm directory; returns its weights' GB."""
+    from mlx_lm.utils import save_config, save_model
+
+    model, cfg = build(model_name, layers, dtype, seed)
+    path.mkdir(parents=True)
+    save_model(path, model, donate_model=True)
+    save_config(dict(cfg, torch_dtype=dtype), config_path=path / "config.json")
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copyfile(SHARED / "models" / "stories260K" / name, path / name)
+    return sum(f.stat().st_size for f in path.glob("*.safetensors")) / 1e9
+
+
+def cli_job(model_dir: Path, out: Path, args, *extra: str) -> dict:
+    cmd = [sys.executable, "-m", "quantkit.cli", "quantize", str(model_dir), "-o", str(out),
+           "--calibration", str(TEXT), "--num-samples", str(args.samples), "--seq-len",
+           str(args.seq_len), "--batch-size", str(args.batch_size), "--bits", str(args.bits),
+           "--group-size", str(args.group_size), "--json", *extra]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    wall = time.perf_counter() - t0
+    if proc.returncode != 0:
+        raise SystemExit(f"quantize failed ({proc.returncode}): {proc.stderr[-3000:]}")
+    report = json.loads(proc.stdout)
+    shutil.rmtree(out, ignore_errors=True)
+    return {"wall_s": wall, "phases_s": report.get("phases", {}), "walk_s": report["time_s"]}
+
+
+def core(model_dir: Path, args) -> dict:
+    """``quantize_model`` on the model loaded in memory (what speed.py times)."""
+    from quantkit import Recipe, calibration_tokens, quantize_model
+    from quantkit.io import load_model
+
+    model, tokenizer, _ = load_model(model_dir)
+    tokens = calibration_tokens(tokenizer, TEXT, args.samples, args.seq_len, 0)
+    mx.eval(tokens)
+    recipe = Recipe.uniform("gptq", bits=args.bits, group_size=args.group_size)
+    t0 = time.perf_counter()
+    quantize_model(model, tokens, recipe, batch_size=args.batch_size,
+                   dtype=None if args.calib_dtype == "model" else args.calib_dtype)
+    mx.eval(model.parameters())
+    return {"seconds": time.perf_counter() - t0}
+
+
+def mlx_lm(args) -> dict:
+    with tempfile.NamedTemporaryFile(suffix=".json") as f:
+        cmd = [sys.executable, str(REPO / "benchmarks" / "speed.py"), "--skip-quantkit",
+               "--model", args.model, "--samples", str(args.samples), "--seq-len",
+               str(args.seq_len), "--batch-size", str(args.batch_size), "--bits", str(args.bits),
+               "--group-size", str(args.group_size), "--dtype", args.dtype,
+               "--mlx-lm-timeout", str(args.mlx_lm_timeout), "--json", f.name]
+        if args.layers:
+            cmd += ["--layers", str(args.layers)]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0:
+            return {"status": f"failed ({proc.returncode})", "stderr": proc.stderr[-2000:]}
+        return json.loads(Path(f.name).read_text()).get("mlx_lm", {})
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--model", default="tiny-llama", choices=sorted(MODELS))
+    p.add_argument("--layers", type=int, default=None)
+    p.add_argument("--samples", type=int, default=32)
+    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--bits", type=int, default=4)
+    p.add_argument("--group-size", type=int, default=64)
+    p.add_argument("--dtype", default=None, choices=sorted(DTYPES),
+                   help="weight dtype of the model dir (default: float32 on CPU, bfloat16 on a GPU)")
+    p.add_argument("--calib-dtype", default=None, help="core's calibration dtype (as the CLI's default)")
+    p.add_argument("--mlx-lm-timeout", type=float, default=600.0, help="0: skip mlx-lm")
+    p.add_argument("--skip-core", action="store_true")
+    p.add_argument("--json", type=Path, default=None)
+    args = p.parse_args()
+    on_cpu = mx.default_device() == mx.cpu
+    args.dtype = args.dtype or ("float32" if on_cpu else "bfloat16")
+    args.calib_dtype = args.calib_dtype or "float32"
+    device = "cpu" if on_cpu else "gpu"
+    row: dict = {"model": args.model, "layers": args.layers, "samples": args.samples,
+                 "seq_len": args.seq_len, "dtype": args.dtype, "device": str(mx.default_device()),
+                 "mlx": mx.__version__, "machine": platform.platform(), "cpus": os.cpu_count(),
+                 "loadavg_start": os.getloadavg()}
+    with tempfile.TemporaryDirectory(prefix="quantkit-job-") as tmp:
+        model_dir = Path(tmp) / "model"
+        row["weights_gb"] = save_dir(model_dir, args.model, args.layers, args.dtype, 0)
+        row["cli"] = cli_job(model_dir, Path(tmp) / "out", args)
+        row["cli_no_checkpoint"] = cli_job(model_dir, Path(tmp) / "out", args, "--no-checkpoint")
+        if not args.skip_core:
+            row["core"] = core(model_dir, args)
+    if args.mlx_lm_timeout > 0:
+        row["mlx_lm"] = mlx_lm(args)
+    row["loadavg_end"] = os.getloadavg()
+    row["checkpoint_ratio"] = row["cli"]["wall_s"] / row["cli_no_checkpoint"]["wall_s"]
+
+    print(f"{args.model} ({row['weights_gb']:.2f} GB {args.dtype}), {args.samples}×{args.seq_len} "
+          f"tokens, {row['device']}")
+    print(f"{'run':34s} {'seconds':>8s}")
+    print(f"{'quantkit quantize (defaults)':34s} {row['cli']['wall_s']:8.2f}")
+    print(f"{'quantkit quantize --no-checkpoint':34s} {row['cli_no_checkpoint']['wall_s']:8.2f}")
+    if "core" in row:
+        print(f"{'quantize_model (in memory)':34s} {row['core']['seconds']:8.2f}")
+    if "mlx_lm" in row:
+        ml = row["mlx_lm"].get("seconds")
+        print(f"{'mlx-lm gptq_quantize':34s} {ml if ml is None else f'{ml:8.2f}'}")
+        if ml:
+            row["speedup_vs_mlx_lm"] = ml / row["cli"]["wall_s"]
+    print("phases of the default CLI run: " + ", ".join(
+        f"{k} {v:.2f}" for k, v in row["cli"]["phases_s"].items()))
+    print(f"checkpoint cost: defaults / --no-checkpoint = {row['checkpoint_ratio']:.3f}x")
+    path = args.json or REPO / "benchmarks" / "results" / (
+        f"job_{args.model}_{args.samples}x{args.seq_len}_{device}.json")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(row, indent=1))
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
