@@ -21,6 +21,7 @@ import contextlib
 import sys
 from collections.abc import Iterator
 from functools import partial
+from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -92,7 +93,8 @@ class HostHessianCollector(HessianCollector):
     """:class:`~quantkit.hessian.DenseHessianCollector` computed with NumPy (float32)."""
 
     def __init__(self, in_features: int) -> None:
-        self.h = np.zeros((in_features, in_features), dtype=np.float32)
+        #: NumPy while accumulating; the MLX copy once :meth:`stats` was called.
+        self.h: Any = np.zeros((in_features, in_features), dtype=np.float32)
         self.n_tokens = 0
 
     def update(self, x: mx.array) -> None:
