@@ -67,7 +67,11 @@ def cli_job(model_dir: Path, out: Path, args, *extra: str) -> dict:
         raise SystemExit(f"quantize failed ({proc.returncode}): {proc.stderr[-3000:]}")
     report = json.loads(proc.stdout)
     shutil.rmtree(out, ignore_errors=True)
-    return {"wall_s": wall, "phases_s": report.get("phases", {}), "walk_s": report["time_s"]}
+    errors = [r["relative_error"] for r in report.get("layers", [])
+              if r.get("relative_error") is not None]
+    return {"wall_s": wall, "phases_s": report.get("phases", {}), "walk_s": report["time_s"],
+            "peak_memory_gb": report.get("peak_memory_gb"),
+            "mean_relative_error": sum(errors) / len(errors) if errors else None}
 
 
 def core(model_dir: Path, args) -> dict:
@@ -115,6 +119,10 @@ def main() -> None:
     p.add_argument("--calib-dtype", default=None, help="core's calibration dtype (as the CLI's default)")
     p.add_argument("--mlx-lm-timeout", type=float, default=600.0, help="0: skip mlx-lm")
     p.add_argument("--skip-core", action="store_true")
+    p.add_argument("--warmup", action="store_true",
+                   help="run the CLI once untimed first (MLX's CUDA backend compiles kernels on first use)")
+    p.add_argument("--bf16-calibration", action="store_true",
+                   help="also time the CLI with --dtype bfloat16 and compare its error figures")
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args()
     on_cpu = mx.default_device() == mx.cpu
@@ -128,8 +136,12 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="quantkit-job-") as tmp:
         model_dir = Path(tmp) / "model"
         row["weights_gb"] = save_dir(model_dir, args.model, args.layers, args.dtype, 0)
+        if args.warmup:
+            cli_job(model_dir, Path(tmp) / "out", args)
         row["cli"] = cli_job(model_dir, Path(tmp) / "out", args)
         row["cli_no_checkpoint"] = cli_job(model_dir, Path(tmp) / "out", args, "--no-checkpoint")
+        if args.bf16_calibration:
+            row["cli_bf16"] = cli_job(model_dir, Path(tmp) / "out", args, "--dtype", "bfloat16")
         if not args.skip_core:
             row["core"] = core(model_dir, args)
     if args.mlx_lm_timeout > 0:
@@ -142,6 +154,8 @@ def main() -> None:
     print(f"{'run':34s} {'seconds':>8s}")
     print(f"{'quantkit quantize (defaults)':34s} {row['cli']['wall_s']:8.2f}")
     print(f"{'quantkit quantize --no-checkpoint':34s} {row['cli_no_checkpoint']['wall_s']:8.2f}")
+    if "cli_bf16" in row:
+        print(f"{'quantkit quantize --dtype bfloat16':34s} {row['cli_bf16']['wall_s']:8.2f}")
     if "core" in row:
         print(f"{'quantize_model (in memory)':34s} {row['core']['seconds']:8.2f}")
     if "mlx_lm" in row:
@@ -152,6 +166,10 @@ def main() -> None:
     print("phases of the default CLI run: " + ", ".join(
         f"{k} {v:.2f}" for k, v in row["cli"]["phases_s"].items()))
     print(f"checkpoint cost: defaults / --no-checkpoint = {row['checkpoint_ratio']:.3f}x")
+    for key in ("cli", "cli_no_checkpoint", "cli_bf16"):
+        if key in row:
+            print(f"{key}: peak memory {row[key]['peak_memory_gb']} GB, mean relative error "
+                  f"{row[key]['mean_relative_error']}")
     path = args.json or REPO / "benchmarks" / "results" / (
         f"job_{args.model}_{args.samples}x{args.seq_len}_{device}.json")
     path.parent.mkdir(parents=True, exist_ok=True)

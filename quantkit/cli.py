@@ -274,7 +274,6 @@ def _quantize(model_dir, output, *, recipe, plugin, bits, group_size, strategy, 
 
     interrupt.check("imports")
     _return_freed_memory()
-    model_dir = resolve_model(model_dir)
     calib = Calibration.from_specs(calibration, pack=pack)
     registry_kw = {}
     if moe_calibrate_all_experts:
@@ -292,6 +291,7 @@ def _quantize(model_dir, output, *, recipe, plugin, bits, group_size, strategy, 
                                      on_timeout=_give_up)
         finally:
             faulthandler.cancel_dump_traceback_later()
+    model_dir = resolve_model(model_dir)  # after joining the group: every rank resolves it
     _load_plugins(plugin)
     base = Recipe.from_toml(recipe) if recipe else Recipe()
     _check_strategy(strategy)

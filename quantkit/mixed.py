@@ -324,6 +324,7 @@ class KLProbe:
         try:
             total, count = 0.0, 0
             for batch, ref in zip(self.batches, self.reference):
+                check("plan")  # a place to stop at every planning batch (quantkit.interrupt)
                 kl = logit_stats(ref, self.model(batch))["kl"]
                 total += cast(float, mx.sum(kl).item())
                 count += kl.size

@@ -221,6 +221,8 @@ def method_to_dict(method: Any) -> dict[str, Any]:
     differ from their defaults (so that :meth:`Recipe.from_dict` rebuilds an equal object)."""
     out: dict[str, Any] = {"name": type(method).name}
     for f in attrs.fields(type(method)):
+        if not f.init or not f.eq:  # state a method keeps (e.g. a log), not an option
+            continue
         value = getattr(method, f.name)
         default = f.default
         if isinstance(default, attrs.Factory):  # type: ignore[arg-type]

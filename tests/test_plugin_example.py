@@ -79,7 +79,6 @@ def test_quantize_uses_the_plugins_strategy(how, reports):
     assert recipe["transform"] == [{"name": "balance_columns"}]
 
 
-@pytest.mark.xfail(strict=True, reason="block hooks land with the stream branch")
 @pytest.mark.parametrize("how", ["plugins", "--plugin"])
 def test_quantize_runs_the_plugins_block_methods(how, reports):
     """The walk calls each block's transforms and optimizers and records them in the report

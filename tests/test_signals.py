@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import weight_bytes
 from typer.testing import CliRunner
 
 from quantkit.cli import app
@@ -93,7 +94,7 @@ def reference(stories_dir, tinystories_text, tmp_path_factory):
     out = tmp_path_factory.mktemp("ref") / "o"
     result = runner.invoke(app, _args(stories_dir, tinystories_text, out))
     assert result.exit_code == 0, result.output
-    return (out / "model.safetensors").read_bytes()
+    return weight_bytes(out)
 
 
 # phase (see QUANTKIT_PAUSE_AT), signal, finished blocks left in the checkpoint
@@ -131,7 +132,7 @@ def test_signal_at_each_phase_one_process(stories_dir, tinystories_text, tmp_pat
         assert "nothing was written" in lines[0] and not ckpt.exists()
     result = runner.invoke(app, [*args, "--resume"])
     assert result.exit_code == 0, result.output
-    assert (tmp_path / "o" / "model.safetensors").read_bytes() == reference
+    assert weight_bytes(tmp_path / "o") == reference
     assert not ckpt.exists()
 
 
@@ -157,7 +158,7 @@ def test_signal_to_the_launcher_stops_every_rank(stories_dir, tinystories_text, 
     done = subprocess.run([sys.executable, "-m", "quantkit.cli", *args], env=env,
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
-    assert (tmp_path / "o" / "model.safetensors").exists() and _leftovers(tmp_path) == ["o"]
+    assert weight_bytes(tmp_path / "o") and _leftovers(tmp_path) == ["o"]
 
 
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads /proc")
