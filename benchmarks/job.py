@@ -22,6 +22,7 @@ import argparse
 import json
 import os
 import platform
+import resource
 import shutil
 import subprocess
 import sys
@@ -71,6 +72,8 @@ def cli_job(model_dir: Path, out: Path, args, *extra: str) -> dict:
               if r.get("relative_error") is not None]
     return {"wall_s": wall, "phases_s": report.get("phases", {}), "walk_s": report["time_s"],
             "peak_memory_gb": report.get("peak_memory_gb"),
+            # the largest max RSS of this script's children so far (Linux: KiB)
+            "children_max_rss_gb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024 / 1e9,
             "mean_relative_error": sum(errors) / len(errors) if errors else None}
 
 
