@@ -7,6 +7,7 @@ import glob
 import os
 import secrets
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -104,35 +105,10 @@ def save_model(
     output, or the complete new one; on any failure the partial directory is removed and an
     existing output is left untouched. Leftovers of killed runs (whose process is gone) are
     removed first."""
-    from mlx_lm.utils import save_config
     from mlx_lm.utils import save_model as _save_model
 
-    out_dir = check_output(out_dir, overwrite, source_dir)
-    parent = out_dir.parent
-    remove_stale(parent, out_dir.name)
-    try:
-        tmp = _make_hidden_dir(parent, out_dir.name, "partial")
-    except OSError as exc:
-        raise OutputError(f"cannot write to {parent} ({_why(exc)}); choose a writable output path") from None
-    try:
-        _save_model(tmp, model, donate_model=False)
-        save_config(dict(config), config_path=tmp / "config.json")
-        for pattern in COPY_PATTERNS:
-            for src in sorted(Path(source_dir).glob(pattern)):
-                if src.is_file() and src.name not in NOT_COPIED:
-                    shutil.copyfile(src, tmp / src.name)
-        for name, text in (extra_files or {}).items():
-            (tmp / name).write_text(text)
-        _fsync_tree(tmp)
-        check("write")  # reliab: nothing appears after the user stopped the run
-        _replace_dir(tmp, out_dir)
-    except BaseException as exc:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if isinstance(exc, Exception) and not isinstance(exc, OutputError):
-            raise OutputError(f"writing {out_dir} failed ({write_failure(exc, parent)}); nothing "
-                              "was written — free disk space or choose another path") from None
-        raise
-    return out_dir
+    return _write_atomically(out_dir, config, source_dir, extra_files, overwrite,
+                             lambda tmp: _save_model(tmp, model, donate_model=False))
 
 
 def save_streamed(
@@ -145,9 +121,25 @@ def save_streamed(
     the output's first shards (hard-linked when ``keep_blocks``, else moved) and the model's
     other tensors the last one. Atomic in the same way."""
     from mlx.utils import tree_flatten
-    from mlx_lm.utils import save_config
 
     from .pipeline.shards import assemble, tensor_names
+
+    def weights(tmp: Path) -> None:
+        written = {name for f in blocks for name in tensor_names(f)}
+        rest = {k: v for k, v in tree_flatten(model.parameters()) if k not in written}
+        assemble(tmp, blocks, rest, model, keep_blocks=keep_blocks)
+
+    return _write_atomically(out_dir, config, source_dir, extra_files, overwrite, weights)
+
+
+def _write_atomically(
+    out_dir: str | Path, config: dict[str, Any], source_dir: str | Path,
+    extra_files: dict[str, str] | None, overwrite: bool, write_weights: Callable[[Path], None],
+) -> Path:
+    """The output directory written into a hidden partial sibling (weights by
+    ``write_weights(tmp)``, then config.json, the source's tokenizer files and ``extra_files``),
+    flushed, and renamed into place; on any failure the partial directory is removed."""
+    from mlx_lm.utils import save_config
 
     out_dir = check_output(out_dir, overwrite, source_dir)
     parent = out_dir.parent
@@ -157,10 +149,7 @@ def save_streamed(
     except OSError as exc:
         raise OutputError(f"cannot write to {parent} ({_why(exc)}); choose a writable output path") from None
     try:
-        written = {name for f in blocks for name in tensor_names(f)}
-        rest = {k: v for k, v in tree_flatten(model.parameters()) if k not in written}
-        assemble(tmp, blocks, rest, model, keep_blocks=keep_blocks)
-        del rest
+        write_weights(tmp)
         save_config(dict(config), config_path=tmp / "config.json")
         for pattern in COPY_PATTERNS:
             for src in sorted(Path(source_dir).glob(pattern)):
@@ -169,6 +158,7 @@ def save_streamed(
         for name, text in (extra_files or {}).items():
             (tmp / name).write_text(text)
         _fsync_tree(tmp)
+        check("write")  # nothing appears after the user stopped the run (quantkit.interrupt)
         _replace_dir(tmp, out_dir)
     except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
