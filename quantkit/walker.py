@@ -23,6 +23,9 @@ import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
 from mlx_lm.models.switch_layers import SwitchGLU
 
+from .arch import ArchSpec, arch_for
+from .blocks.awq import submodule as _submodule
+from .blocks.base import BlockContext
 from .checkpoint import Checkpoint, ResumeState
 from .distributed import Distributed, ShardLayout
 from .errors import CheckpointError, FactorizationError, ModelLoadError, RecipeError
@@ -154,6 +157,9 @@ class ModelWalker:
     #: and the ``XᵀX`` of their inputs. ``"numpy"`` (what ``"auto"`` picks on a CPU device):
     #: NumPy's BLAS, ~10x MLX's Linux CPU wheel (see :mod:`quantkit.host`); ``"mlx"``: MLX.
     backend: str = attrs.field(default="auto", validator=attrs.validators.in_(BACKENDS))
+    #: Block methods run around each block's solve (see :mod:`quantkit.blocks`).
+    transforms: tuple = ()
+    optimizers: tuple = ()
     _final: list | None = attrs.field(default=None, init=False, repr=False)
     _host: bool = attrs.field(default=False, init=False, repr=False)
     _runners: dict = attrs.field(factory=dict, init=False, repr=False)
@@ -248,7 +254,8 @@ class ModelWalker:
         batches = [batches[j] for j in layout.local_batches]
 
         resumed = self._resume(model, plans, report, checkpoint, len(blocks))
-        needs_calibration = any(p.needs_stats or p.per_expert for p in plans.values())
+        needs_calibration = any(p.needs_stats or p.per_expert for p in plans.values()) or bool(
+            self.transforms or self.optimizers)
         standins = self.dense_standins
         if standins is None:
             standins = mx.default_device() == mx.cpu or not mx.metal.is_available()
@@ -270,6 +277,15 @@ class ModelWalker:
                 continue
             self._runners.clear()
             self._emit("block", index=i, total=len(blocks), path=bpath)
+            # -- block methods: MINIMAL hook (quality branch); the stream branch's pipeline
+            # replaces it. Transforms on the float block, optimizers after the solve.
+            ctx = None if not (self.transforms or self.optimizers) else BlockContext(i, bpath, block, inputs, partial(_forward_any, inputs, block_args[i]),
+                               _arch(model), lambda x: self.distributed._gather(x, "block method").sum(0))
+            for t in self.transforms:
+                t = t.resolved(self.recipe.default.spec) if hasattr(t, "resolved") else t
+                self._emit("transform", index=i, name=t.name, figures=t.apply(ctx))
+            targets = [self._eval(_forward_any(inputs, block_args[i], block, j))
+                       for j in range(len(inputs))] if self.optimizers else []
             stats = self._collect_sharded(
                 model, inside, layout, partial(_forward, block, inputs, block_args[i]),
                 None if ref_inputs is None else partial(_forward, block, ref_inputs, block_args[i]),
@@ -283,6 +299,15 @@ class ModelWalker:
                     model, experts, layout, partial(_forward, block, inputs, block_args[i]),
                     report, i, tokens.size,
                 )
+            if self.optimizers:  # (hook) on the quantized layers, then dense stand-ins again
+                held = list(self._final or [])
+                self._swap_standins(model)
+                ctx = attrs.evolve(ctx, float_layers={p.path[len(bpath) + 1:]: p.module for p in inside})
+                for o in self.optimizers:
+                    self._emit("optimizer", index=i, name=o.name, figures=o.optimize(ctx, targets))
+                if held:
+                    self._install(model, inside, [(k, _submodule(model, k)) for k, _ in held])
+                del targets
             if needs_calibration:
                 inputs = [self._eval(block(x, *a, **kw)) for x, (a, kw) in zip(inputs, block_args[i])]
             if checkpoint is not None:
@@ -618,6 +643,17 @@ class ModelWalker:
                     or self.recipe.default.skip:
                 config[r.path] = {"group_size": r.group_size, "bits": r.bits, "mode": r.mode}
         return config
+
+
+def _forward_any(inputs: list[mx.array], args: list, module: nn.Module, j: int) -> mx.array:
+    return module(inputs[j], *args[j][0], **args[j][1])
+
+
+def _arch(model: nn.Module) -> ArchSpec:
+    try:
+        return arch_for(getattr(model, "model_type", ""))
+    except ModelLoadError:
+        return ArchSpec(model_types=())
 
 
 def _forward(block: nn.Module, inputs: list[mx.array], args: list, j: int) -> mx.array:
