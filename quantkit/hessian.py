@@ -8,6 +8,8 @@ import attrs
 import mlx.core as mx
 import numpy as np
 
+from .kernels.shrink import shrink
+
 
 @attrs.frozen
 class HessianStats:
@@ -97,7 +99,7 @@ class PerExpertHessianCollector(HessianCollector):
 
     def __init__(
         self, in_features: int, num_experts: int, experts: range | None = None,
-        shared: bool = False,
+        shared: bool = False, shrinkage: float = 0.0,
     ) -> None:
         self.num_experts = num_experts
         self.experts = range(num_experts) if experts is None else experts
@@ -107,6 +109,10 @@ class PerExpertHessianCollector(HessianCollector):
         n_h = 1 if shared else len(self.experts)
         self.h = mx.zeros((n_h, in_features, in_features), dtype=mx.float32)
         self.counts = mx.zeros((num_experts,), dtype=mx.int32)
+        # shrinkage > 0: also the mean x xᵀ over every routed row, towards which each expert's
+        # Hessian is shrunk by its token count (kernels.shrink).
+        self.shrinkage = shrinkage
+        self.h_all = None if shared or shrinkage == 0 else mx.zeros((in_features, in_features))
 
     def update(self, x: mx.array, indices: mx.array) -> None:  # type: ignore[override]
         batch = mx.broadcast_shapes(x.shape[:-2], indices.shape)
@@ -129,6 +135,10 @@ class PerExpertHessianCollector(HessianCollector):
             segments = mx.stack([ends - new, ends], axis=-1)[e0:e1].astype(mx.uint32)
             s = mx.segmented_mm(xs.T, xs, segments)
             old, now = self.counts[e0:e1], new[e0:e1]
+        if self.h_all is not None:
+            rows_old, rows_now = mx.sum(self.counts).astype(mx.float32), mx.sum(new)
+            self.h_all = (self.h_all * (rows_old / mx.maximum(rows_old + rows_now, 1.0))
+                          + (x.T @ x) / mx.maximum(rows_old + rows_now, 1.0))
         total = (old + now).astype(mx.float32)
         keep = mx.where(total > 0, old.astype(mx.float32) / mx.maximum(total, 1.0), 0.0)
         self.h = self.h * keep.reshape(-1, 1, 1) + s / mx.maximum(total, 1.0).reshape(-1, 1, 1)
@@ -136,15 +146,18 @@ class PerExpertHessianCollector(HessianCollector):
 
     def stats(self) -> ExpertHessianStats:
         counts = [int(c) for c in np.asarray(self.counts)]
+        h = self.h
+        if self.h_all is not None:
+            h = shrink(h, mx.array([counts[e] for e in self.experts]), self.h_all, self.shrinkage)
         return ExpertHessianStats(
-            h=self.h,
+            h=h,
             n_tokens=sum(counts),
             experts=tuple(self.experts),
             expert_tokens=tuple(counts[e] for e in self.experts),
         )
 
     def arrays(self) -> list[mx.array]:
-        return [self.h, self.counts]
+        return [self.h, self.counts] + ([] if self.h_all is None else [self.h_all])
 
 
 def _prod(shape) -> int:

@@ -673,6 +673,8 @@ def _expert_shard_stats(model, walker: ModelWalker, active: list[LayerPlan],
         counts = c.counts.astype(mx.float32)
         rows = int(mx.sum(c.counts).item())
         out[f"{path}#counts"] = HessianStats(h=counts / max(rows, 1), n_tokens=rows)
+        if getattr(c, "h_all", None) is not None:  # Hessian shrinkage: the layer's over all rows
+            out[f"{path}#all"] = HessianStats(h=c.h_all, n_tokens=rows)
         if c.shared:
             out[f"{path}#shared"] = HessianStats(h=c.h[0], n_tokens=rows)
             continue
@@ -701,6 +703,8 @@ def _load_expert_stats(collector, path: str, merged: dict[str, HessianStats]) ->
     """Put the merged statistics back into ``collector`` (its Hessians and token counts)."""
     total = merged[f"{path}#counts"]
     collector.counts = mx.round(total.h * total.n_tokens).astype(mx.int32)
+    if f"{path}#all" in merged:
+        collector.h_all = merged[f"{path}#all"].h
     if collector.shared:
         collector.h = merged[f"{path}#shared"].h[None]
     else:

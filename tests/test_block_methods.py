@@ -4,6 +4,9 @@ output still loads in mlx_lm."""
 
 from __future__ import annotations
 
+import copy
+
+import attrs
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
@@ -14,6 +17,8 @@ from mlx_lm.models import llama
 from quantkit.arch import LLAMA, ArchSpec, ScaleGroup
 from quantkit.blocks import BlockContext
 from quantkit.blocks.awq import ActivationAwareScaling
+from quantkit.blocks.rounding import LearnedRounding
+from quantkit.evaluate import perplexity
 from quantkit.io import load_model
 from quantkit.kernels.awq import awq_scales, fold_into_norm, fold_into_rows, scale_columns
 from quantkit.specs import QuantSpec
@@ -145,3 +150,139 @@ def test_awq_keeps_float_function_stories(name, arch):
 def test_awq_resolves_recipe_default():
     t = ActivationAwareScaling(group_size=32).resolved(QuantSpec(bits=2, group_size=64))
     assert (t.bits, t.group_size, t.mode) == (2, 32, "affine")
+
+
+# -- learned rounding -------------------------------------------------------------------------
+
+def _quantized_block(model: nn.Module, arch: ArchSpec, tokens: mx.array, bits: int,
+                     index: int = 0) -> tuple[BlockContext, list[mx.array]]:
+    """Block ``index`` RTN-quantized in MLX's format, with its float layers and outputs."""
+    from mlx.utils import tree_flatten
+
+    ctx = block_context(model, arch, tokens, index=index)
+    targets = [ctx.forward(ctx.block, j) for j in range(len(ctx.inputs))]
+    mx.eval(targets)
+    floats = {}
+    for path, m in tree_flatten(ctx.block.leaf_modules(), is_leaf=nn.Module.is_module):
+        if hasattr(m, "to_quantized") and "weight" in m:
+            floats[path] = copy.copy(m)
+    nn.quantize(ctx.block, group_size=32, bits=bits,
+                class_predicate=lambda p, m: hasattr(m, "to_quantized") and not p.endswith("gate"))
+    return attrs.evolve(ctx, float_layers=floats, seed=3), targets
+
+
+def _block_loss(ctx: BlockContext, targets) -> float:
+    total = sum(float(mx.sum(mx.square(ctx.forward(ctx.block, j) - targets[j])).item())
+                for j in range(len(ctx.inputs)))
+    return total / sum(t.size for t in targets)
+
+
+def _quantized_bytes(block: nn.Module) -> dict[str, bytes]:
+    from mlx.utils import tree_flatten
+
+    return {k: np.array(v).tobytes() for k, v in tree_flatten(block.parameters())}
+
+
+@pytest.mark.parametrize("method", ["signround", "scales"])
+def test_learned_rounding_lowers_block_objective_and_is_deterministic(method):
+    runs = []
+    for _ in range(2):
+        model = tiny_llama()
+        tokens = mx.random.randint(0, 96, (4, 32), key=mx.random.key(1))
+        ctx, targets = _quantized_block(model, LLAMA, tokens, bits=2)
+        before = _block_loss(ctx, targets)
+        figures = LearnedRounding(method=method, steps=40, eval_every=5).optimize(ctx, targets)
+        after = _block_loss(ctx, targets)  # through MLX's quantized layers, as stored
+        assert figures["loss_before"] == pytest.approx(before, rel=1e-3)
+        assert figures["loss_after"] == pytest.approx(after, rel=1e-3)
+        assert after < before
+        runs.append(_quantized_bytes(ctx.block))
+    assert runs[0] == runs[1]
+
+
+def test_learned_rounding_keeps_the_solve_when_no_step_helps():
+    model = tiny_llama()
+    tokens = mx.random.randint(0, 96, (4, 32), key=mx.random.key(1))
+    ctx, targets = _quantized_block(model, LLAMA, tokens, bits=4)
+    start = _quantized_bytes(ctx.block)
+    # A step size so large that every step overshoots: no iterate beats the start.
+    figures = LearnedRounding(method="scales", steps=3, lr=0.5, eval_every=1).optimize(ctx, targets)
+    if figures["best_step"] == 0:
+        assert _quantized_bytes(ctx.block) == start
+    assert figures["loss_after"] <= figures["loss_before"]
+    assert _block_loss(ctx, targets) <= figures["loss_before"] * (1 + 1e-4)
+
+
+def test_learned_rounding_tunes_experts_stories_moe():
+    model_dir = shared_path("models", "stories260K-moe4")
+    model, _, _ = load_model(model_dir)
+    model.set_dtype(mx.float32)
+    ctx, targets = _quantized_block(model, MIXTRAL, _stories_tokens(model_dir), bits=2, index=1)
+    experts = ctx.block.block_sparse_moe.switch_mlp.down_proj
+    codes_before = np.array(experts.weight)
+    figures = LearnedRounding(steps=20, eval_every=5).optimize(ctx, targets)
+    assert figures["loss_after"] < figures["loss_before"]
+    assert figures["loss_after"] == pytest.approx(_block_loss(ctx, targets), rel=1e-3)
+    assert not np.array_equal(np.array(experts.weight), codes_before)
+
+
+# -- the whole walk: AWQ + GPTQ + learned rounding, written and read by mlx_lm ----------------
+
+def test_awq_gptq_learned_rounding_output_loads_in_mlx_lm(tmp_path):
+    import mlx_lm
+
+    from quantkit import Recipe
+    from quantkit.io import save_model
+    from quantkit.walker import ModelWalker
+
+    model_dir = shared_path("models", "stories260K-pad192")
+    model, _, config = load_model(model_dir)
+    tokens = _stories_tokens(model_dir, n=8, length=64)
+    float_ppl = perplexity(model, tokens)
+    events = []
+    walker = ModelWalker(recipe=Recipe.uniform("gptq", bits=3, group_size=32),
+                         transforms=(ActivationAwareScaling(n_grid=5),),
+                         optimizers=(LearnedRounding(steps=10, eval_every=5),),
+                         progress=lambda e, info: events.append((e, info)))
+    result = walker.run(model, tokens)
+    tuned = [i["figures"] for e, i in events if e == "optimizer"]
+    assert len(tuned) == len(model.layers)
+    assert all(f["loss_after"] <= f["loss_before"] for f in tuned)
+    assert len([e for e, _ in events if e == "transform"]) == len(model.layers)
+    out = save_model(tmp_path / "q", model, {**config, "quantization": result.quantization},
+                     model_dir)
+    loaded, tokenizer = mlx_lm.load(str(out))
+    text = mlx_lm.generate(loaded, tokenizer, prompt="Once upon a time", max_tokens=1)
+    assert isinstance(text, str)
+    ppl = perplexity(loaded, tokens)
+    assert ppl == pytest.approx(perplexity(model, tokens), rel=1e-3)  # what was tuned is stored
+    assert ppl < 2 * float_ppl
+
+
+# -- Hessian shrinkage for experts ------------------------------------------------------------
+
+def test_shrink_matches_float64_and_collector_blends_by_token_count():
+    from quantkit.hessian import PerExpertHessianCollector
+    from quantkit.kernels.shrink import shrink
+
+    rng = np.random.default_rng(0)
+    h = rng.normal(size=(3, 6, 6))
+    hs = rng.normal(size=(6, 6))
+    n = np.array([0.0, 5.0, 500.0])
+    want = (n[:, None, None] * h + 7.0 * hs) / (n[:, None, None] + 7.0)
+    got = shrink(mx.array(h, dtype=mx.float32), mx.array(n), mx.array(hs, dtype=mx.float32), 7.0)
+    np.testing.assert_allclose(np.array(got), want, rtol=1e-5, atol=1e-6)
+
+    x = mx.array(rng.normal(size=(2, 40, 1, 1, 6)), dtype=mx.float32)
+    idx = mx.array(rng.integers(0, 3, size=(2, 40, 2)), dtype=mx.int32)
+    plain = PerExpertHessianCollector(6, 3)
+    shared = PerExpertHessianCollector(6, 3, shared=True)
+    shrunk = PerExpertHessianCollector(6, 3, shrinkage=7.0)
+    for c in (plain, shared, shrunk):
+        c.update(x[:1], idx[:1])
+        c.update(x[1:], idx[1:])
+    p, s, r = plain.stats(), shared.stats(), shrunk.stats()
+    n_e = np.array(p.expert_tokens, dtype=np.float64)[:, None, None]
+    want = (n_e * np.array(p.h) + 7.0 * np.array(s.h[0])) / (n_e + 7.0)
+    np.testing.assert_allclose(np.array(r.h), want, rtol=1e-4, atol=1e-6)
+    assert r.expert_tokens == p.expert_tokens
