@@ -14,7 +14,7 @@ import itertools
 import time
 from collections.abc import Callable, Iterator
 from functools import partial
-from typing import Any
+from typing import Any, cast
 
 import attrs
 import mlx.core as mx
@@ -302,11 +302,13 @@ class ModelWalker:
             if self.optimizers:  # (hook) on the quantized layers, then dense stand-ins again
                 held = list(self._final or [])
                 self._swap_standins(model)
+                assert ctx is not None
                 ctx = attrs.evolve(ctx, float_layers={p.path[len(bpath) + 1:]: p.module for p in inside})
                 for o in self.optimizers:
                     self._emit("optimizer", index=i, name=o.name, figures=o.optimize(ctx, targets))
                 if held:
-                    self._install(model, inside, [(k, _submodule(model, k)) for k, _ in held])
+                    self._install(model, inside, [(k, cast(nn.Module, _submodule(model, k)))
+                                                  for k, _ in held])
                 del targets
             if needs_calibration:
                 inputs = [self._eval(block(x, *a, **kw)) for x, (a, kw) in zip(inputs, block_args[i])]
@@ -673,8 +675,9 @@ def _expert_shard_stats(model, walker: ModelWalker, active: list[LayerPlan],
         counts = c.counts.astype(mx.float32)
         rows = int(mx.sum(c.counts).item())
         out[f"{path}#counts"] = HessianStats(h=counts / max(rows, 1), n_tokens=rows)
-        if getattr(c, "h_all", None) is not None:  # Hessian shrinkage: the layer's over all rows
-            out[f"{path}#all"] = HessianStats(h=c.h_all, n_tokens=rows)
+        h_all = getattr(c, "h_all", None)
+        if h_all is not None:  # Hessian shrinkage: the layer's Hessian over all routed rows
+            out[f"{path}#all"] = HessianStats(h=h_all, n_tokens=rows)
         if c.shared:
             out[f"{path}#shared"] = HessianStats(h=c.h[0], n_tokens=rows)
             continue
@@ -704,7 +707,7 @@ def _load_expert_stats(collector, path: str, merged: dict[str, HessianStats]) ->
     total = merged[f"{path}#counts"]
     collector.counts = mx.round(total.h * total.n_tokens).astype(mx.int32)
     if f"{path}#all" in merged:
-        collector.h_all = merged[f"{path}#all"].h
+        cast(Any, collector).h_all = merged[f"{path}#all"].h
     if collector.shared:
         collector.h = merged[f"{path}#shared"].h[None]
     else:

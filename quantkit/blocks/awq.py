@@ -12,7 +12,7 @@ than none on the calibration inputs). The float function of the block is unchang
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, ClassVar
+from typing import Any, ClassVar, cast
 
 import attrs
 import mlx.core as mx
@@ -111,6 +111,7 @@ class ActivationAwareScaling(BlockTransform):
         for g in groups:
             rec = recorders[g.scope[0]]
             probe = recorders[g.group.targets[0]] if g.group.scope is not None else rec
+            assert probe.abs_sum is not None  # the block ran at least one batch
             total = ctx.reduce(mx.concatenate([probe.abs_sum, mx.array([float(probe.rows)])]))
             magnitude = total[:-1] / mx.maximum(total[-1], 1.0)
             alpha, err0, err = self._search(ctx, g, rec.calls, magnitude)
@@ -123,8 +124,8 @@ class ActivationAwareScaling(BlockTransform):
     def _groups(self, block: nn.Module, table: Sequence[ScaleGroup]) -> tuple[list[_Group], list[str]]:
         groups, skipped = [], []
         for g in table:
-            source = submodule(block, g.source)
-            targets = [submodule(block, t) for t in g.targets]
+            source: Any = submodule(block, g.source)
+            targets: list[Any] = [submodule(block, t) for t in g.targets]
             if source is None or any(t is None or "weight" not in t for t in targets):
                 skipped.append(f"{g.source}: not in this block")
                 continue
@@ -143,7 +144,7 @@ class ActivationAwareScaling(BlockTransform):
 
     def _search(self, ctx: BlockContext, g: _Group, calls, magnitude: mx.array
                 ) -> tuple[float, float, float]:
-        modules = [submodule(ctx.block, p) for p in g.scope]
+        modules: list[Any] = [submodule(ctx.block, p) for p in g.scope]
         originals = [t.weight for t in g.targets]
         refs = [[m(*a, **kw) for m in modules] for a, kw in calls]
         mx.eval(refs)
@@ -155,16 +156,20 @@ class ActivationAwareScaling(BlockTransform):
             total = mx.zeros((2,))
             for (a, kw), ref in zip(calls, refs):
                 outs = [m(*a, **kw) for m in modules]
-                sq = sum(mx.sum(mx.square(o - r)) for o, r in zip(outs, ref))
+                sq = mx.sum(mx.stack([mx.sum(mx.square(o - r)) for o, r in zip(outs, ref)]))
                 count = sum(r.size for r in ref)
                 total = total + mx.stack([sq, mx.array(float(count))])
                 mx.eval(total)
             total = ctx.reduce(total)
-            errors.append(float((total[0] / mx.maximum(total[1], 1.0)).item()))
+            errors.append(_scalar(total[0] / mx.maximum(total[1], 1.0)))
         for t, w in zip(g.targets, originals):
             t.weight = w
         best = min(range(self.n_grid), key=lambda k: errors[k])
         return best / self.n_grid, errors[0], errors[best]
+
+
+def _scalar(x: mx.array) -> float:
+    return float(cast(float, x.item()))
 
 
 def _record(ctx: BlockContext, groups: list[_Group]) -> dict[str, _Recorder]:

@@ -19,7 +19,7 @@ from __future__ import annotations
 import contextlib
 import sys
 from collections.abc import Iterator, Sequence
-from typing import Any, ClassVar
+from typing import Any, ClassVar, cast
 
 import attrs
 import mlx.core as mx
@@ -97,7 +97,7 @@ class LearnedRounding(BlockOptimizer):
                 total = total + mx.stack([mx.sum(mx.square(d)), mx.array(float(d.size))])
                 mx.eval(total)
             total = ctx.reduce(total)
-            return float((total[0] / total[1]).item())
+            return float(cast(float, (total[0] / total[1]).item()))
 
         rng = np.random.default_rng(ctx.seed + ctx.index)
         lr0 = self.lr if self.lr is not None else 1.0 / max(self.steps, 1)
@@ -131,7 +131,9 @@ class LearnedRounding(BlockOptimizer):
 
     def _layers(self, ctx: BlockContext) -> list[_Layer]:
         out = []
-        for path, m in tree_flatten(ctx.block.leaf_modules(), is_leaf=nn.Module.is_module):
+        leaves: Any = tree_flatten(ctx.block.leaf_modules(),
+                                                     is_leaf=nn.Module.is_module)
+        for path, m in leaves:
             kind = type(m)
             if kind not in (nn.QuantizedLinear, QuantizedSwitchLinear) or m.mode != "affine":
                 continue
@@ -183,11 +185,11 @@ def _dequantized(m: nn.Module) -> mx.array:
 
 def _reduce_tree(ctx: BlockContext, tree: dict) -> dict:
     """``tree`` summed over the processes of the run, as one flat buffer."""
-    flat = tree_flatten(tree)
+    flat: Any = tree_flatten(tree)
     if not flat:
         return tree
     buf = ctx.reduce(mx.concatenate([v.reshape(-1) for _, v in flat]))
-    sizes = np.cumsum([0] + [v.size for _, v in flat])
+    sizes = np.cumsum(np.array([0] + [v.size for _, v in flat]))
     parts = iter(buf[a:b] for a, b in zip(sizes[:-1], sizes[1:]))
     return tree_map(lambda v: next(parts).reshape(v.shape), tree)
 
@@ -197,16 +199,17 @@ def _mlx_attention(block: nn.Module) -> Iterator[None]:
     """MLX's own attention in ``block``'s model code while gradients flow through it (a NumPy
     attention, see :mod:`quantkit.host`, may be swapped in for the calibration)."""
     original = base.scaled_dot_product_attention
+    name = "scaled_dot_product_attention"
     modules = {sys.modules.get(type(m).__module__) for _, m in block.named_modules()}
-    swapped = [(m, m.scaled_dot_product_attention) for m in modules if m is not None and
-               getattr(m, "scaled_dot_product_attention", original) is not original]
+    swapped = [(m, getattr(m, name)) for m in modules
+               if m is not None and getattr(m, name, original) is not original]
     for m, _ in swapped:
-        m.scaled_dot_product_attention = original
+        setattr(m, name, original)
     try:
         yield
     finally:
         for m, fn in swapped:
-            m.scaled_dot_product_attention = fn
+            setattr(m, name, fn)
 
 
 __all__ = ["LearnedRounding"]
