@@ -170,7 +170,8 @@ def run_model(name: str, args) -> None:
     windows = mx.array(np.asarray(eval_ids[:n]).reshape(args.eval_samples, args.eval_seq_len))
     out = RESULTS / f"quality_{name}.json"
     old = json.loads(out.read_text()) if out.exists() else {}
-    rows = {(r["variant"], r["bits"]): r for r in old.get("results", []) if "variant" in r}
+    rows = {_key(r): r for r in old.get("results", []) if "variant" in r}
+    group_size = args.group_size or spec["group_size"]
     settings = {
         "model": name, "calibration": f"{spec['calibration']} {args.num_samples}x{args.seq_len} seed 0",
         "eval": f"{spec['eval']} first {args.eval_samples}x{args.eval_seq_len}",
@@ -179,16 +180,16 @@ def run_model(name: str, args) -> None:
         "evaluated": "dequantized to float32", "mlx": mx.__version__,
         "machine": platform.platform(), "cpu_count": __import__("os").cpu_count(),
     }
-    if ("float", 16) not in rows:
+    if ("float", 16, None) not in rows:
         ppl, _ = evaluate(reference, reference, windows)
-        rows[("float", 16)] = {"variant": "float", "bits": 16, "perplexity": ppl, "kl": 0.0}
+        rows[("float", 16, None)] = {"variant": "float", "bits": 16, "perplexity": ppl, "kl": 0.0}
     variants = args.only or [*VARIANTS, *MLX_LM]
     for bits in args.bits:
         for variant in variants:
             model, _, _ = load_model(path)
             mx.reset_peak_memory()
             t0 = time.perf_counter()
-            ran = quantize(variant, model, calibration, bits, spec["group_size"], args.lr_steps,
+            ran = quantize(variant, model, calibration, bits, group_size, args.lr_steps,
                            args.awq_grid)
             secs = time.perf_counter() - t0
             peak = mx.get_peak_memory() / 1e9
@@ -196,15 +197,20 @@ def run_model(name: str, args) -> None:
                 print(f"{name:<20} {variant:<18} {bits}  (does not run here)", flush=True)
                 continue
             ppl, kl = evaluate(dequantized(model), reference, windows)
-            rows[(variant, bits)] = {"variant": variant, "bits": bits, "perplexity": ppl, "kl": kl,
-                                     "time_s": round(secs, 1), "peak_gb": round(peak, 3)}
-            print(f"{name:<20} {variant:<18} {bits}  ppl {ppl:9.3f}  kl {kl:7.4f}  "
+            row = {"variant": variant, "bits": bits, "group_size": group_size, "perplexity": ppl,
+                   "kl": kl, "time_s": round(secs, 1), "peak_gb": round(peak, 3)}
+            rows[_key(row)] = row
+            print(f"{name:<20} {variant:<18} {bits} g{group_size}  ppl {ppl:9.3f}  kl {kl:7.4f}  "
                   f"{secs:7.1f} s  {peak:6.3f} GB", flush=True)
             del model
             RESULTS.mkdir(parents=True, exist_ok=True)
             out.write_text(json.dumps({"settings": settings, "results": list(rows.values())},
                                       indent=2))
     out.write_text(json.dumps({"settings": settings, "results": list(rows.values())}, indent=2))
+
+
+def _key(row: dict) -> tuple:
+    return row["variant"], row["bits"], row.get("group_size")
 
 
 def recovered(ppl: float, rtn: float, flt: float) -> float:
@@ -224,24 +230,26 @@ def render(path: Path) -> None:
             continue
         data = json.loads(f.read_text())
         s = data["settings"]
-        rows = {(r["variant"], r["bits"]): r for r in data["results"]}
-        flt = rows.get(("float", 16))
+        rows = {_key(r): r for r in data["results"]}
+        flt = rows.get(("float", 16, None))
         parts.append(f"\n### {name} (group {s['group_size']})\n\n"
                      f"Calibration {s['calibration']}; evaluation {s['eval']}; {s['layers']}; "
                      f"learned rounding {s['learned_rounding_steps']} steps per block; AWQ grid "
                      f"{s['awq_grid']} points."
                      + (f" Float perplexity {flt['perplexity']:.3f}.\n\n" if flt else "\n\n"))
-        parts.append("| bits | variant | perplexity | KL to float | RTN loss recovered "
-                     "| time (s) | peak (GB) |\n|---:|---|---:|---:|---:|---:|---:|\n")
-        for bits in sorted({b for _, b in rows if b != 16}, reverse=True):
-            rtn = rows.get(("rtn", bits))
-            order = [v for v in (*VARIANTS, *MLX_LM) if (v, bits) in rows]
+        parts.append("| bits | group | variant | perplexity | KL to float | RTN loss recovered "
+                     "| time (s) | peak (GB) |\n|---:|---:|---|---:|---:|---:|---:|---:|\n")
+        cells = sorted({(b, g) for _, b, g in rows if b != 16},
+                       key=lambda c: (-c[0], c[1] != s["group_size"], c[1]))
+        for bits, g in cells:
+            rtn = rows.get(("rtn", bits, g))
+            order = [v for v in (*VARIANTS, *MLX_LM) if (v, bits, g) in rows]
             for variant in order:
-                r = rows[(variant, bits)]
+                r = rows[(variant, bits, g)]
                 rec = ""
                 if rtn and flt and variant != "rtn":
                     rec = f"{100 * recovered(r['perplexity'], rtn['perplexity'], flt['perplexity']):.0f}%"
-                parts.append(f"| {bits} | {variant} | {r['perplexity']:.3f} | {r['kl']:.4f} | {rec} "
+                parts.append(f"| {bits} | {g} | {variant} | {r['perplexity']:.3f} | {r['kl']:.4f} | {rec} "
                              f"| {r.get('time_s', '')} | {r.get('peak_gb', '')} |\n")
         parts.append(f"\n(Machine: {s['machine']}, {s['cpu_count']} CPUs shared with other jobs; "
                      f"MLX {s['mlx']}. Times are of a loaded machine: compare them within a table.)\n")
@@ -259,6 +267,8 @@ def main() -> None:
     ap.add_argument("--bits", type=int, nargs="+", default=[3, 4, 2])
     ap.add_argument("--only", nargs="+", choices=[*VARIANTS, *MLX_LM], default=None,
                     help="variants to run (default: all)")
+    ap.add_argument("--group-size", type=int, default=None,
+                    help="override the protocol's group size (rows are kept apart by it)")
     ap.add_argument("--smollm2-dir", default="/tmp/smollm2-135m")
     ap.add_argument("--num-samples", type=int, default=32)
     ap.add_argument("--seq-len", type=int, default=512)
