@@ -218,6 +218,32 @@ def recovered(ppl: float, rtn: float, flt: float) -> float:
     return (rtn - ppl) / (rtn - flt) if rtn > flt else float("nan")
 
 
+def grid_check(path: Path, out: Path) -> None:
+    """How far 4-bit round to nearest moves each weight of ``path`` at groups of 32 and 64: the
+    share of weights RTN returns exactly and the relative error ||W - Q(W)|| / ||W||, summed over
+    the linear layers and the embedding. A model whose weights came from llama.cpp's Q4_1 (a
+    4-bit grid per 32 weights) may be reproduced exactly at group 32."""
+    model, _, _ = load_model(path)
+    result = {}
+    for g in (32, 64):
+        same = total = 0
+        err = energy = 0.0
+        for _, m in tree_flatten(model.leaf_modules(), is_leaf=nn.Module.is_module):
+            if not isinstance(m, (nn.Linear, nn.Embedding)):
+                continue
+            w = m.weight.astype(mx.float32)
+            q = mx.dequantize(*mx.quantize(w, group_size=g, bits=4), group_size=g, bits=4)
+            q = q.astype(m.weight.dtype).astype(mx.float32)
+            same += int(mx.sum(q == w).item())
+            total += w.size
+            err += float(mx.sum(mx.square(q - w)).item())
+            energy += float(mx.sum(mx.square(w)).item())
+        result[f"g{g}"] = {"exact_share": same / total, "relative_error": math.sqrt(err / energy)}
+        print(f"4-bit RTN g{g}: {100 * same / total:.2f}% of weights exact, relative error "
+              f"{math.sqrt(err / energy):.5f}", flush=True)
+    out.write_text(json.dumps({"model": str(path), "grid_check": result}, indent=2))
+
+
 START, END = "<!-- quality.py --render: start -->", "<!-- quality.py --render: end -->"
 
 
@@ -277,7 +303,12 @@ def main() -> None:
     ap.add_argument("--lr-steps", type=int, default=200, help="learned rounding steps per block")
     ap.add_argument("--awq-grid", type=int, default=20, help="AWQ grid points")
     ap.add_argument("--render", action="store_true", help="only write docs/results-quality.md")
+    ap.add_argument("--grid-check", action="store_true",
+                    help="only measure 4-bit RTN on SmolLM2's (Q4_1-derived) weights, g32 vs g64")
     args = ap.parse_args()
+    if args.grid_check:
+        grid_check(Path(args.smollm2_dir), RESULTS / "quality_smollm2-135m_q41_grid.json")
+        return
     if args.render:
         render(REPO / "docs" / "results-quality.md")
         return
