@@ -219,11 +219,12 @@ def test_learned_rounding_tunes_experts_stories_moe():
     model.set_dtype(mx.float32)
     ctx, targets = _quantized_block(model, MIXTRAL, _stories_tokens(model_dir), bits=2, index=1)
     experts = ctx.block.block_sparse_moe.switch_mlp.down_proj
-    codes_before = np.array(experts.weight)
-    figures = LearnedRounding(steps=20, eval_every=5).optimize(ctx, targets)
+    codes_before, scales_before = np.array(experts.weight), np.array(experts.scales)
+    figures = LearnedRounding(method="signround", steps=20, eval_every=5).optimize(ctx, targets)
     assert figures["loss_after"] < figures["loss_before"]
     assert figures["loss_after"] == pytest.approx(_block_loss(ctx, targets), rel=1e-3)
     assert not np.array_equal(np.array(experts.weight), codes_before)
+    assert not np.array_equal(np.array(experts.scales), scales_before)
 
 
 # -- the whole walk: AWQ + GPTQ + learned rounding, written and read by mlx_lm ----------------
