@@ -37,6 +37,7 @@ import sys
 import time
 from pathlib import Path
 
+import attrs
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
@@ -129,11 +130,12 @@ def quantize(variant: str, model: nn.Module, tokens: mx.array, bits: int, group_
         model.set_dtype(dtype)
         return True
     strategy, options, awq, lr = VARIANTS[variant]
-    walker = ModelWalker(
-        recipe=Recipe.uniform(strategy, bits=bits, group_size=group_size, **options),
+    recipe = attrs.evolve(
+        Recipe.uniform(strategy, bits=bits, group_size=group_size, **options),
         transforms=(ActivationAwareScaling(n_grid=awq_grid),) if awq else (),
         optimizers=(LearnedRounding(method=lr, steps=lr_steps),) if lr else (),
     )
+    walker = ModelWalker(recipe=recipe)
     walker.run(model, tokens)
     return True
 

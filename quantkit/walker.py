@@ -369,7 +369,7 @@ class ModelWalker:
         return BlockContext(
             index=index, path=path, block=block, inputs=inputs,
             forward=lambda module, j: module(inputs[j], *args[j][0], **args[j][1]),
-            arch=arch, reduce=self.distributed.sum, seed=index,
+            arch=arch, reduce=self.distributed.sum, seed=index, spec=self.recipe.default.spec,
         )
 
     def _record_method(self, report: RunReport, index: int, kind: str, method, figures) -> None:

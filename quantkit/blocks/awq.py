@@ -81,7 +81,7 @@ class _Group:
 @attrs.frozen
 class ActivationAwareScaling(BlockTransform):
     """``bits``/``group_size``/``mode``: the quantization the search rounds to (``None``: the
-    recipe default's, filled in by :meth:`resolved`); ``n_grid``: grid points of ``alpha`` in
+    run's, :attr:`BlockContext.spec`); ``n_grid``: grid points of ``alpha`` in
     ``[0, 1)``."""
 
     name: ClassVar[str] = "awq"
@@ -90,20 +90,15 @@ class ActivationAwareScaling(BlockTransform):
     mode: str | None = None
     n_grid: int = attrs.field(default=20, validator=attrs.validators.ge(1))
 
-    def resolved(self, default: QuantSpec) -> ActivationAwareScaling:
-        """This transform with every unset quantization option taken from ``default``."""
-        return attrs.evolve(self, bits=self.bits or default.bits,
-                            group_size=self.group_size or default.group_size,
-                            mode=self.mode or default.mode)
-
-    @property
-    def spec(self) -> QuantSpec:
-        d = QuantSpec()
+    def spec_for(self, default: QuantSpec | None) -> QuantSpec:
+        """The quantization the search rounds to: this transform's options where given, else
+        ``default``'s (the run's, :attr:`BlockContext.spec`), else :class:`QuantSpec`'s."""
+        d = default if default is not None else QuantSpec()
         return QuantSpec(bits=self.bits or d.bits, group_size=self.group_size or d.group_size,
                          mode=self.mode or d.mode)
 
     def apply(self, ctx: BlockContext) -> dict[str, Any]:
-        groups, skipped = self._groups(ctx.block, ctx.arch.scale_groups)
+        groups, skipped = self._groups(ctx.block, ctx.arch.scale_groups, self.spec_for(ctx.spec))
         if not groups or not ctx.inputs:
             return {"groups": [], "skipped": skipped}
         recorders = _record(ctx, groups)
@@ -121,7 +116,8 @@ class ActivationAwareScaling(BlockTransform):
                             "error_unscaled": err0, "error": err})
         return {"groups": figures, "skipped": skipped}
 
-    def _groups(self, block: nn.Module, table: Sequence[ScaleGroup]) -> tuple[list[_Group], list[str]]:
+    def _groups(self, block: nn.Module, table: Sequence[ScaleGroup], base: QuantSpec
+                ) -> tuple[list[_Group], list[str]]:
         groups, skipped = [], []
         for g in table:
             source: Any = submodule(block, g.source)
@@ -134,7 +130,7 @@ class ActivationAwareScaling(BlockTransform):
                 skipped.append(f"{g.source}: {width} output channels but its readers take "
                                f"{sorted({t.weight.shape[-1] for t in targets})}")
                 continue
-            spec = self.spec.fitted_to(width)
+            spec = base.fitted_to(width)
             if spec is None:
                 skipped.append(f"{g.source}: no group size divides width {width}")
                 continue
