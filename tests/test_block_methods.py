@@ -147,9 +147,11 @@ def test_awq_keeps_float_function_stories(name, arch):
         assert g["error"] <= g["error_unscaled"]
 
 
-def test_awq_resolves_recipe_default():
-    t = ActivationAwareScaling(group_size=32).resolved(QuantSpec(bits=2, group_size=64))
-    assert (t.bits, t.group_size, t.mode) == (2, 32, "affine")
+def test_awq_spec_from_options_then_run_default():
+    t = ActivationAwareScaling(group_size=32)
+    assert t.spec_for(QuantSpec(bits=2, group_size=64)) == QuantSpec(bits=2, group_size=32)
+    assert t.spec_for(None) == QuantSpec(group_size=32)
+    assert ActivationAwareScaling().spec_for(QuantSpec(bits=3)) == QuantSpec(bits=3)
 
 
 # -- learned rounding -------------------------------------------------------------------------
@@ -241,10 +243,10 @@ def test_awq_gptq_learned_rounding_output_loads_in_mlx_lm(tmp_path):
     tokens = _stories_tokens(model_dir, n=8, length=64)
     float_ppl = perplexity(model, tokens)
     events = []
-    walker = ModelWalker(recipe=Recipe.uniform("gptq", bits=3, group_size=32),
-                         transforms=(ActivationAwareScaling(n_grid=5),),
-                         optimizers=(LearnedRounding(steps=10, eval_every=5),),
-                         progress=lambda e, info: events.append((e, info)))
+    recipe = attrs.evolve(Recipe.uniform("gptq", bits=3, group_size=32),
+                          transforms=(ActivationAwareScaling(n_grid=5),),
+                          optimizers=(LearnedRounding(steps=10, eval_every=5),))
+    walker = ModelWalker(recipe=recipe, progress=lambda e, info: events.append((e, info)))
     result = walker.run(model, tokens)
     tuned = [i["figures"] for e, i in events if e == "optimizer"]
     assert len(tuned) == len(model.layers)
@@ -287,3 +289,46 @@ def test_shrink_matches_float64_and_collector_blends_by_token_count():
     want = (n_e * np.array(p.h) + 7.0 * np.array(s.h[0])) / (n_e + 7.0)
     np.testing.assert_allclose(np.array(r.h), want, rtol=1e-4, atol=1e-6)
     assert r.expert_tokens == p.expert_tokens
+
+
+# -- the CLI: AWQ and learned rounding from a TOML recipe --------------------------------------
+
+def test_cli_quantize_runs_awq_and_learned_rounding_from_a_toml_recipe(stories_dir,
+                                                                       tinystories_text,
+                                                                       tmp_path):
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import mlx_lm
+
+    repo = Path(__file__).resolve().parents[1]
+    recipe = tmp_path / "recipe.toml"
+    recipe.write_text('[default]\nstrategy = "gptq"\nbits = 3\ngroup_size = 32\n\n'
+                      '[[transform]]\nname = "awq"\nn_grid = 4\n\n'
+                      '[[optimizer]]\nname = "learned_rounding"\nmethod = "scales"\nsteps = 4\n'
+                      'eval_every = 2\n')
+    out = tmp_path / "out"
+    env = {**os.environ, "OPENBLAS_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(
+        [str(repo), *filter(None, [os.environ.get("PYTHONPATH")])])}
+    res = subprocess.run(
+        [sys.executable, "-m", "quantkit.cli", "quantize", str(stories_dir), "-o", str(out),
+         "--recipe", str(recipe), "--calibration", str(tinystories_text), "--num-samples", "4",
+         "--seq-len", "64", "--quiet"],
+        cwd=repo, env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    report = json.loads((out / "quantization_report.json").read_text())
+    n_blocks = json.loads((stories_dir / "config.json").read_text())["num_hidden_layers"]
+    ran = [(m["kind"], m["name"]) for m in report["block_methods"]]
+    assert ran.count(("transform", "awq")) == n_blocks
+    assert ran.count(("optimizer", "learned_rounding")) == n_blocks
+    awq = [m["figures"] for m in report["block_methods"] if m["name"] == "awq"]
+    assert any(g["error"] <= g["error_unscaled"] for f in awq for g in f["groups"])
+    tuned = [m["figures"] for m in report["block_methods"] if m["name"] == "learned_rounding"]
+    assert all(f["loss_after"] <= f["loss_before"] for f in tuned)
+    assert report["settings"]["recipe"]["transform"] == [{"name": "awq", "n_grid": 4}]
+    model, tokenizer = mlx_lm.load(str(out))
+    assert isinstance(mlx_lm.generate(model, tokenizer, prompt="Once upon a time", max_tokens=2),
+                      str)
