@@ -18,6 +18,7 @@ hidden 512) quantized with several ``expert_batch_size`` values: time and MLX pe
 
     python benchmarks/moe.py                                  # reference protocol, ~5 min CPU
     python benchmarks/moe.py --num-samples 8 --eval-samples 16 --parts ppl sweep --json moe.json
+    python benchmarks/moe.py --num-samples 8 --parts ppl --shrinkage 16 64 256 1024  # λ sweep
 
 Prints tables; ``--json`` writes every figure.
 """
@@ -100,8 +101,11 @@ def perplexity_rows(args, path, cal, ev) -> list[dict]:
                                             args.fallback_bits, args.fallback_group_size))
     rows.append({"method": "mlx-lm gptq_quantize (shared H)", "ppl": perplexity(model, ev),
                  "time_s": t, "peak_mb": mem})
-    for name, reg in (("quantkit, shared H", registry(shared_hessian=True)),
-                      ("quantkit, per-expert H", registry())):
+    variants = [("quantkit, shared H", registry(shared_hessian=True)),
+                ("quantkit, per-expert H", registry())]
+    variants += [(f"quantkit, per-expert H, shrinkage {lam:g}", registry(hessian_shrinkage=lam))
+                 for lam in args.shrinkage]
+    for name, reg in variants:
         model = fresh(path)
         _, t, mem = timed(lambda m=model, r=reg: quantize_model(m, cal, recipe, registry=r))
         rows.append({"method": name, "ppl": perplexity(model, ev), "time_s": t, "peak_mb": mem})
@@ -193,6 +197,8 @@ def main() -> None:
     ap.add_argument("--windows", choices=["first", "random"], default="first",
                     help="first: the texts' first windows (the shared README's protocol); "
                          "random: quantkit's calibration sampling, seed 0")
+    ap.add_argument("--shrinkage", type=float, nargs="*", default=[],
+                    help="also per-expert Hessians shrunk towards the shared one with each λ")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
 

@@ -1,47 +1,85 @@
-"""Quality benchmark: perplexity of quantkit's strategies against RTN and mlx-lm's GPTQ.
+"""Quality benchmark: every quantization variant against RTN at identical per-layer settings.
 
-Not a test. For one model directory it quantizes with each method at each bit width, evaluates
-perplexity on each evaluation text (quantized weights dequantized to float32, which gives the
-same numbers as the quantized kernels up to float rounding, and is much faster on CPU), prints a
-table and writes JSON to ``benchmarks/results/quality_<name>.json``.
+Not a test. For each model and bit width it quantizes with each variant, then measures, on
+held-out text (calibration and evaluation texts are different files), the perplexity and the
+KL divergence to the float model (both from the logits of the two models on the same windows),
+the quantization time and MLX's peak memory. Quantized weights are evaluated dequantized to
+float32 (the same numbers as the quantized kernels up to float rounding; much faster on CPU).
 
-Methods (every one with the same layer assignment: all decoder linears at ``--bits`` /
-``--group-size``; the (tied) embedding at 8-bit RTN, since mlx-lm's GPTQ cannot calibrate it):
+Every variant quantizes every layer at ``--bits`` and the model's group size, as the plain
+``quantkit quantize MODEL -o OUT --bits B --group-size G`` does: the tied embedding, which is
+also the output head, included (quantkit calibrates it as the head; RTN and mlx-lm round it).
 
-- ``float``      the unquantized model
-- ``rtn``        MLX's round to nearest (``nn.quantize``'s arithmetic)
-- ``mlx_gptq``   ``mlx_lm.quant.gptq.gptq_quantize`` (installed mlx-lm; 2/4/8 bits only)
-- ``gptq``       quantkit GPTQ, defaults
-- ``gptq_best``  quantkit GPTQ + act-order (static groups) + scale search (``--search``)
+Protocols (issue 18):
 
-Example (SmolLM2-135M, converted first with ../shared/tools/gguf_to_mlx.py)::
+- ``stories260K-pad192``, ``stories260K-moe4``: calibration Tiny Shakespeare 32×512 (seed 0),
+  evaluation the first 16 windows of 512 tokens of the TinyStories sample, group 32.
+- ``smollm2-135m``: calibration Jane Austen 32×512 (seed 0), evaluation the first 16 windows of
+  512 tokens of WikiText-2, group 64. Convert it first:
+  ``python ../shared/tools/gguf_to_mlx.py ../shared/models/SmolLM2-135M-Instruct.Q4_1.gguf /tmp/smollm2-135m``
 
-    python benchmarks/quality.py /tmp/smollm2-135m --name smollm2-135m \\
-        --eval wikitext2=../shared/text/wikitext2_test.raw --bits 4 3 2 --group-size 64 \\
-        --compare-builtin
+Results go to ``benchmarks/results/quality_<model>.json`` (rows of earlier runs with other
+variants or bits are kept, so runs can be split with the filters); ``--render`` writes
+the tables of ``docs/results-quality.md`` from those files.
+
+    python benchmarks/quality.py --models stories260K-pad192 --bits 3
+    python benchmarks/quality.py --models smollm2-135m --bits 3 4 --only rtn gptq awq_gptq_best
+    python benchmarks/quality.py --render
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import platform
 import sys
 import time
 from pathlib import Path
 
+import attrs
 import mlx.core as mx
 import mlx.nn as nn
+import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from quantkit import Recipe, load_model, perplexity, quantize_model  # noqa: E402
-from quantkit.calibration import calibration_tokens, make_batches, read_text, tokenize  # noqa: E402
+from quantkit import Recipe, load_model  # noqa: E402
+from quantkit.blocks.awq import ActivationAwareScaling  # noqa: E402
+from quantkit.blocks.rounding import LearnedRounding  # noqa: E402
+from quantkit.calibration import make_batches, read_text, tokenize  # noqa: E402
+from quantkit.walker import ModelWalker  # noqa: E402
 
 SHARED = REPO.parent / "shared"
-EMBED = "model.embed_tokens"
+RESULTS = REPO / "benchmarks" / "results"
+
+MODELS = {
+    "stories260K-pad192": {"path": SHARED / "models" / "stories260K-pad192",
+                           "calibration": "tinyshakespeare.txt", "eval": "tinystories_sample.txt",
+                           "group_size": 32},
+    "stories260K-moe4": {"path": SHARED / "models" / "stories260K-moe4",
+                         "calibration": "tinyshakespeare.txt", "eval": "tinystories_sample.txt",
+                         "group_size": 32},
+    "smollm2-135m": {"path": Path("/tmp/smollm2-135m"), "calibration": "jane_austen.txt",
+                     "eval": "wikitext2_test.raw", "group_size": 64},
+}
+
+BEST = {"act_order": True, "scale_search": "hessian"}
+#: variant → (strategy, strategy options, AWQ?, learned rounding method or None)
+VARIANTS: dict[str, tuple[str, dict, bool, str | None]] = {
+    "rtn": ("rtn", {}, False, None),
+    "gptq": ("gptq", {}, False, None),
+    "gptq_best": ("gptq", BEST, False, None),
+    "awq_rtn": ("rtn", {}, True, None),
+    "awq_gptq": ("gptq", {}, True, None),
+    "awq_gptq_best": ("gptq", BEST, True, None),
+    "gptq_best_lr": ("gptq", BEST, False, "signround"),
+    "gptq_best_lr_scales": ("gptq", BEST, False, "scales"),
+    "awq_gptq_best_lr": ("gptq", BEST, True, "signround"),
+}
+MLX_LM = ("mlx_gptq", "mlx_awq")
 
 
 def dequantized(model: nn.Module) -> nn.Module:
@@ -50,10 +88,8 @@ def dequantized(model: nn.Module) -> nn.Module:
     for path, m in tree_flatten(model.leaf_modules(), is_leaf=nn.Module.is_module):
         if not isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding)):
             continue
-        w = mx.dequantize(
-            m.weight, m.scales, m.get("biases"), group_size=m.group_size, bits=m.bits,
-            mode=getattr(m, "mode", "affine"), dtype=mx.float32,
-        )
+        w = mx.dequantize(m.weight, m.scales, m.get("biases"), group_size=m.group_size,
+                          bits=m.bits, mode=getattr(m, "mode", "affine"), dtype=mx.float32)
         if isinstance(m, nn.QuantizedEmbedding):
             new = nn.Embedding(*w.shape)
         else:
@@ -67,115 +103,219 @@ def dequantized(model: nn.Module) -> nn.Module:
     return model
 
 
-def recipe(strategy: str, bits: int, group_size: int, **options) -> Recipe:
-    return Recipe.from_dict({
-        "default": {"strategy": strategy, "bits": bits, "group_size": group_size, **options},
-        "rules": [{"match": EMBED, "strategy": "rtn", "bits": 8}],
-    })
-
-
-def run_method(method: str, model_dir: Path, tokens: mx.array, bits: int, group_size: int,
-               search: str, damping: float = 0.01) -> tuple[nn.Module | None, float]:
-    t0 = time.perf_counter()
-    model, _, _ = load_model(model_dir)
-    if method == "float":
-        pass
-    elif method == "mlx_gptq":
-        if bits not in (2, 4, 8):
-            return None, 0.0
+def quantize(variant: str, model: nn.Module, tokens: mx.array, bits: int, group_size: int,
+             lr_steps: int, awq_grid: int) -> bool:
+    """Quantize ``model`` in place; ``False`` when the variant cannot run here."""
+    if variant == "mlx_gptq":
         from mlx_lm.quant.gptq import gptq_quantize
 
+        if bits not in (2, 4, 8):
+            return False
         dtype = model.model.embed_tokens.weight.dtype
-        model.set_dtype(mx.float32)  # same calibration precision as quantkit's walker
-        gptq_quantize(model, tokens, bits, group_size, fallback_bits=8,
+        model.set_dtype(mx.float32)
+        gptq_quantize(model, tokens, bits, group_size, fallback_bits=bits,
                       fallback_group_size=group_size)
-        model.set_dtype(dtype)  # scales stored in the model's dtype, as quantkit stores them
-    else:
-        strategy, options = {
-            "rtn": ("rtn", {}),
-            "gptq": ("gptq", {"damping": damping}),
-            "gptq_best": ("gptq", {"act_order": True, "scale_search": search, "damping": damping}),
-        }[method]
-        quantize_model(model, tokens, recipe(strategy, bits, group_size, **options))
-    return dequantized(model), time.perf_counter() - t0
+        model.set_dtype(dtype)
+        return True
+    if variant == "mlx_awq":
+        from mlx_lm.quant.awq import AWQ_MODEL_CONFIGS, awq_quantize
+
+        config = AWQ_MODEL_CONFIGS.get(getattr(model, "model_type", ""))
+        if config is None:
+            return False
+        dtype = model.model.embed_tokens.weight.dtype
+        model.set_dtype(mx.float32)
+        awq_quantize(model, tokens, config, group_size=group_size, bits=bits,
+                     embed_group_size=group_size, embed_bits=bits, n_grid=awq_grid)
+        model.set_dtype(dtype)
+        return True
+    strategy, options, awq, lr = VARIANTS[variant]
+    recipe = attrs.evolve(
+        Recipe.uniform(strategy, bits=bits, group_size=group_size, **options),
+        transforms=(ActivationAwareScaling(n_grid=awq_grid),) if awq else (),
+        optimizers=(LearnedRounding(method=lr, steps=lr_steps),) if lr else (),
+    )
+    walker = ModelWalker(recipe=recipe)
+    walker.run(model, tokens)
+    return True
+
+
+def evaluate(model: nn.Module, reference: nn.Module, windows: mx.array) -> tuple[float, float]:
+    """``(perplexity of model, mean KL(reference ‖ model) per token)`` on ``windows``."""
+    nll = kl = 0.0
+    count = 0
+    for i in range(windows.shape[0]):
+        x = windows[i : i + 1]
+        logq = nn.log_softmax(model(x[:, :-1]).astype(mx.float32), axis=-1)
+        logp = nn.log_softmax(reference(x[:, :-1]).astype(mx.float32), axis=-1)
+        step_nll = -mx.take_along_axis(logq, x[:, 1:, None], axis=-1).sum()
+        step_kl = (mx.exp(logp) * (logp - logq)).sum()
+        mx.eval(step_nll, step_kl)
+        nll += step_nll.item()
+        kl += step_kl.item()
+        count += x.shape[1] - 1
+    return math.exp(nll / count), kl / count
+
+
+def run_model(name: str, args) -> None:
+    spec = MODELS[name]
+    path = Path(args.smollm2_dir) if name == "smollm2-135m" else spec["path"]
+    if not path.exists():
+        print(f"{name}: {path} is absent (see the module docstring); skipped")
+        return
+    reference, tokenizer, _ = load_model(path)
+    reference.set_dtype(mx.float32)
+    cal_ids = tokenize(tokenizer, read_text(SHARED / "text" / spec["calibration"]))
+    calibration = make_batches(cal_ids, args.num_samples, args.seq_len, seed=0)
+    eval_ids = tokenize(tokenizer, read_text(SHARED / "text" / spec["eval"]))
+    n = args.eval_samples * args.eval_seq_len
+    windows = mx.array(np.asarray(eval_ids[:n]).reshape(args.eval_samples, args.eval_seq_len))
+    out = RESULTS / f"quality_{name}.json"
+    old = json.loads(out.read_text()) if out.exists() else {}
+    rows = {_key(r): r for r in old.get("results", []) if "variant" in r}
+    group_size = args.group_size or spec["group_size"]
+    settings = {
+        "model": name, "calibration": f"{spec['calibration']} {args.num_samples}x{args.seq_len} seed 0",
+        "eval": f"{spec['eval']} first {args.eval_samples}x{args.eval_seq_len}",
+        "group_size": spec["group_size"], "layers": "every layer at the given bits (embedding/head included)",
+        "learned_rounding_steps": args.lr_steps, "awq_grid": args.awq_grid,
+        "evaluated": "dequantized to float32", "mlx": mx.__version__,
+        "machine": platform.platform(), "cpu_count": __import__("os").cpu_count(),
+    }
+    if ("float", 16, None) not in rows:
+        ppl, _ = evaluate(reference, reference, windows)
+        rows[("float", 16, None)] = {"variant": "float", "bits": 16, "perplexity": ppl, "kl": 0.0}
+    variants = args.only or [*VARIANTS, *MLX_LM]
+    for bits in args.bits:
+        for variant in variants:
+            model, _, _ = load_model(path)
+            mx.reset_peak_memory()
+            t0 = time.perf_counter()
+            ran = quantize(variant, model, calibration, bits, group_size, args.lr_steps,
+                           args.awq_grid)
+            secs = time.perf_counter() - t0
+            peak = mx.get_peak_memory() / 1e9
+            if not ran:
+                print(f"{name:<20} {variant:<18} {bits}  (does not run here)", flush=True)
+                continue
+            ppl, kl = evaluate(dequantized(model), reference, windows)
+            row = {"variant": variant, "bits": bits, "group_size": group_size, "perplexity": ppl,
+                   "kl": kl, "time_s": round(secs, 1), "peak_gb": round(peak, 3)}
+            rows[_key(row)] = row
+            print(f"{name:<20} {variant:<18} {bits} g{group_size}  ppl {ppl:9.3f}  kl {kl:7.4f}  "
+                  f"{secs:7.1f} s  {peak:6.3f} GB", flush=True)
+            del model
+            RESULTS.mkdir(parents=True, exist_ok=True)
+            out.write_text(json.dumps({"settings": settings, "results": list(rows.values())},
+                                      indent=2))
+    out.write_text(json.dumps({"settings": settings, "results": list(rows.values())}, indent=2))
+
+
+def _key(row: dict) -> tuple:
+    return row["variant"], row["bits"], row.get("group_size")
+
+
+def recovered(ppl: float, rtn: float, flt: float) -> float:
+    """Fraction of RTN's perplexity increase over float that ``ppl`` removes."""
+    return (rtn - ppl) / (rtn - flt) if rtn > flt else float("nan")
+
+
+def grid_check(path: Path, out: Path) -> None:
+    """How far 4-bit round to nearest moves each weight of ``path`` at groups of 32 and 64: the
+    share of weights RTN returns exactly and the relative error ||W - Q(W)|| / ||W||, summed over
+    the linear layers and the embedding. A model whose weights came from llama.cpp's Q4_1 (a
+    4-bit grid per 32 weights) may be reproduced exactly at group 32."""
+    model, _, _ = load_model(path)
+    result = {}
+    for g in (32, 64):
+        same = total = 0
+        err = energy = 0.0
+        for _, m in tree_flatten(model.leaf_modules(), is_leaf=nn.Module.is_module):
+            if not isinstance(m, (nn.Linear, nn.Embedding)):
+                continue
+            w = m.weight.astype(mx.float32)
+            q = mx.dequantize(*mx.quantize(w, group_size=g, bits=4), group_size=g, bits=4)
+            q = q.astype(m.weight.dtype).astype(mx.float32)
+            same += int(mx.sum(q == w).item())
+            total += w.size
+            err += float(mx.sum(mx.square(q - w)).item())
+            energy += float(mx.sum(mx.square(w)).item())
+        result[f"g{g}"] = {"exact_share": same / total, "relative_error": math.sqrt(err / energy)}
+        print(f"4-bit RTN g{g}: {100 * same / total:.2f}% of weights exact, relative error "
+              f"{math.sqrt(err / energy):.5f}", flush=True)
+    out.write_text(json.dumps({"model": str(path), "grid_check": result}, indent=2))
+
+
+START, END = "<!-- quality.py --render: start -->", "<!-- quality.py --render: end -->"
+
+
+def render(path: Path) -> None:
+    """Rewrite the part of ``path`` between the START and END markers from the JSON files."""
+    parts = []
+    for name in MODELS:
+        f = RESULTS / f"quality_{name}.json"
+        if not f.exists():
+            continue
+        data = json.loads(f.read_text())
+        s = data["settings"]
+        rows = {_key(r): r for r in data["results"]}
+        flt = rows.get(("float", 16, None))
+        parts.append(f"\n### {name} (group {s['group_size']})\n\n"
+                     f"Calibration {s['calibration']}; evaluation {s['eval']}; {s['layers']}; "
+                     f"learned rounding {s['learned_rounding_steps']} steps per block; AWQ grid "
+                     f"{s['awq_grid']} points."
+                     + (f" Float perplexity {flt['perplexity']:.3f}.\n\n" if flt else "\n\n"))
+        parts.append("| bits | group | variant | perplexity | KL to float | RTN loss recovered "
+                     "| time (s) | peak (GB) |\n|---:|---:|---|---:|---:|---:|---:|---:|\n")
+        cells = sorted({(b, g) for _, b, g in rows if b != 16},
+                       key=lambda c: (-c[0], c[1] != s["group_size"], c[1]))
+        for bits, g in cells:
+            rtn = rows.get(("rtn", bits, g))
+            order = [v for v in (*VARIANTS, *MLX_LM) if (v, bits, g) in rows]
+            for variant in order:
+                r = rows[(variant, bits, g)]
+                rec = ""
+                if rtn and flt and variant != "rtn":
+                    rec = f"{100 * recovered(r['perplexity'], rtn['perplexity'], flt['perplexity']):.0f}%"
+                parts.append(f"| {bits} | {g} | {variant} | {r['perplexity']:.3f} | {r['kl']:.4f} | {rec} "
+                             f"| {r.get('time_s', '')} | {r.get('peak_gb', '')} |\n")
+        parts.append(f"\n(Machine: {s['machine']}, {s['cpu_count']} CPUs shared with other jobs; "
+                     f"MLX {s['mlx']}. Times are of a loaded machine: compare them within a table.)\n")
+    text = path.read_text()
+    if START not in text or END not in text:
+        raise SystemExit(f"{path} has no {START} ... {END} markers; add them where the tables go")
+    head, rest = text.split(START, 1)
+    _, tail = rest.split(END, 1)
+    path.write_text(head + START + "\n" + "".join(parts) + "\n" + END + tail)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("model", type=Path)
-    ap.add_argument("--name", default=None, help="results file suffix (default: model dir name)")
-    ap.add_argument("--calibration", default=str(SHARED / "text" / "jane_austen.txt"))
-    ap.add_argument("--eval", action="append", default=[], metavar="NAME=FILE",
-                    help="evaluation text (repeatable); default wikitext2")
-    ap.add_argument("--bits", type=int, nargs="+", default=[4, 3, 2])
-    ap.add_argument("--group-size", type=int, default=64)
-    ap.add_argument("--methods", nargs="+",
-                    default=["float", "rtn", "mlx_gptq", "gptq", "gptq_best"])
-    ap.add_argument("--search", default="hessian", choices=["mse", "hessian"],
-                    help="scale search of gptq_best")
-    ap.add_argument("--damping", type=float, default=0.01, help="quantkit GPTQ damping")
-    ap.add_argument("--num-samples", type=int, default=64)
+    ap.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    ap.add_argument("--bits", type=int, nargs="+", default=[3, 4, 2])
+    ap.add_argument("--only", nargs="+", choices=[*VARIANTS, *MLX_LM], default=None,
+                    help="variants to run (default: all)")
+    ap.add_argument("--group-size", type=int, default=None,
+                    help="override the protocol's group size (rows are kept apart by it)")
+    ap.add_argument("--smollm2-dir", default="/tmp/smollm2-135m")
+    ap.add_argument("--num-samples", type=int, default=32)
     ap.add_argument("--seq-len", type=int, default=512)
-    ap.add_argument("--eval-samples", type=int, default=40)
+    ap.add_argument("--eval-samples", type=int, default=16)
     ap.add_argument("--eval-seq-len", type=int, default=512)
-    ap.add_argument("--calibrations", nargs="+", default=["jane_austen"],
-                    choices=["jane_austen", "builtin"],
-                    help="calibration set(s) for the methods (jane_austen = --calibration)")
-    ap.add_argument("--compare-builtin", action="store_true",
-                    help="after the main table, also run gptq and gptq_best calibrated on the "
-                         "offline default text")
-    ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--lr-steps", type=int, default=200, help="learned rounding steps per block")
+    ap.add_argument("--awq-grid", type=int, default=20, help="AWQ grid points")
+    ap.add_argument("--render", action="store_true", help="only write docs/results-quality.md")
+    ap.add_argument("--grid-check", action="store_true",
+                    help="only measure 4-bit RTN on SmolLM2's (Q4_1-derived) weights, g32 vs g64")
     args = ap.parse_args()
-
-    name = args.name or args.model.name
-    out = args.out or REPO / "benchmarks" / "results" / f"quality_{name}.json"
-    evals = dict(e.split("=", 1) for e in args.eval) or {
-        "wikitext2": str(SHARED / "text" / "wikitext2_test.raw")}
-    _, tokenizer, _ = load_model(args.model)
-    eval_tokens = {
-        k: make_batches(tokenize(tokenizer, read_text(f)), args.eval_samples, args.eval_seq_len, 0)
-        for k, f in evals.items()
-    }
-    sources = {"jane_austen": args.calibration, "builtin": "builtin"}
-    names = list(dict.fromkeys(args.calibrations + (["builtin"] if args.compare_builtin else [])))
-    calibrations = {k: sources[k] for k in names}
-    cal_tokens = {k: calibration_tokens(tokenizer, src, args.num_samples, args.seq_len, seed=0)
-                  for k, src in calibrations.items()}
-    cal_tokens["-"] = cal_tokens[names[0]]  # float and rtn: unused
-
-    settings = {
-        "calibration": calibrations, "num_samples": args.num_samples, "seq_len": args.seq_len,
-        "eval": evals, "eval_samples": args.eval_samples, "eval_seq_len": args.eval_seq_len,
-        "group_size": args.group_size, "damping": args.damping, "gptq_best": {"act_order": True, "scale_search": args.search},
-        "embedding": "8-bit RTN for every method", "evaluated": "dequantized to float32",
-        "mlx": mx.__version__, "python": platform.python_version(),
-    }
-    jobs = [("float", "-", 16)] if "float" in args.methods else []
-    for bits in args.bits:
-        for cal in args.calibrations:
-            jobs += [(m, cal if m != "rtn" else "-", bits) for m in args.methods
-                     if m != "float" and (m != "rtn" or cal == args.calibrations[0])]
-    if args.compare_builtin:  # after the main table, so a cut-short run still has it
-        for bits in args.bits:
-            jobs += [(m, "builtin", bits) for m in ("gptq", "gptq_best") if m in args.methods]
-    header = f"{'method':<10} {'calib':<12} {'bits':>4} " + " ".join(f"{k:>10}" for k in evals)
-    print(header + f" {'time_s':>7}", flush=True)
-    rows = []
-    for method, cal, bits in jobs:
-        model, secs = run_method(method, args.model, cal_tokens[cal], bits, args.group_size,
-                                 args.search, args.damping)
-        ppl = ({k: perplexity(model, t) for k, t in eval_tokens.items()} if model is not None
-               else {k: None for k in evals})
-        rows.append({"method": method, "calibration": cal,
-                     "bits": bits, "group_size": args.group_size, "perplexity": ppl,
-                     "quantize_s": round(secs, 1)})
-        cells = " ".join(f"{v:>10.3f}" if v is not None else f"{'n/a':>10}" for v in ppl.values())
-        print(f"{method:<10} {rows[-1]['calibration']:<12} {bits:>4} {cells} {secs:>7.1f}", flush=True)
-        del model
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps({"model": str(args.model), "name": name, "settings": settings,
-                                   "results": rows}, indent=2))
-    print(f"wrote {out}")
+    if args.grid_check:
+        grid_check(Path(args.smollm2_dir), RESULTS / "quality_smollm2-135m_q41_grid.json")
+        return
+    if args.render:
+        render(REPO / "docs" / "results-quality.md")
+        return
+    for name in args.models:
+        run_model(name, args)
 
 
 if __name__ == "__main__":

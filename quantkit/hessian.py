@@ -8,6 +8,8 @@ import attrs
 import mlx.core as mx
 import numpy as np
 
+from .kernels.shrink import shrink
+
 
 @attrs.frozen
 class HessianStats:
@@ -105,7 +107,7 @@ class PerExpertHessianCollector(HessianCollector):
 
     def __init__(
         self, in_features: int, num_experts: int, experts: range | None = None,
-        shared: bool = False, all_experts: bool = False,
+        shared: bool = False, all_experts: bool = False, shrinkage: float = 0.0,
     ) -> None:
         self.num_experts = num_experts
         self.experts = range(num_experts) if experts is None else experts
@@ -117,6 +119,10 @@ class PerExpertHessianCollector(HessianCollector):
         self.counts = mx.zeros((num_experts,), dtype=mx.int32)
         self.all_experts = all_experts
         self.routed = mx.zeros((num_experts,), dtype=mx.int32)  # with all_experts only
+        # shrinkage > 0: also the mean x xᵀ over every routed row, towards which each expert's
+        # Hessian is shrunk by its token count (kernels.shrink).
+        self.shrinkage = shrinkage
+        self.h_all = None if shared or shrinkage == 0 else mx.zeros((in_features, in_features))
 
     def count_routed(self, x: mx.array, indices: mx.array) -> None:
         """Count the rows the model's own routing sends to each expert (no statistics)."""
@@ -147,6 +153,10 @@ class PerExpertHessianCollector(HessianCollector):
             segments = mx.stack([ends - new, ends], axis=-1)[e0:e1].astype(mx.uint32)
             s = mx.segmented_mm(xs.T, xs, segments)
             old, now = self.counts[e0:e1], new[e0:e1]
+        if self.h_all is not None:
+            rows_old, rows_now = mx.sum(self.counts).astype(mx.float32), mx.sum(new)
+            self.h_all = (self.h_all * (rows_old / mx.maximum(rows_old + rows_now, 1.0))
+                          + (x.T @ x) / mx.maximum(rows_old + rows_now, 1.0))
         total = (old + now).astype(mx.float32)
         keep = mx.where(total > 0, old.astype(mx.float32) / mx.maximum(total, 1.0), 0.0)
         self.h = self.h * keep.reshape(-1, 1, 1) + s / mx.maximum(total, 1.0).reshape(-1, 1, 1)
@@ -160,8 +170,11 @@ class PerExpertHessianCollector(HessianCollector):
             # Every expert of the layer takes every token (the batches' experts alike).
             n_tokens = max(counts) * self.num_experts
             routed = int(np.asarray(self.routed).sum())
+        h = self.h
+        if self.h_all is not None:
+            h = shrink(h, mx.array([counts[e] for e in self.experts]), self.h_all, self.shrinkage)
         return ExpertHessianStats(
-            h=self.h,
+            h=h,
             n_tokens=n_tokens,
             experts=tuple(self.experts),
             expert_tokens=tuple(counts[e] for e in self.experts),
@@ -169,7 +182,8 @@ class PerExpertHessianCollector(HessianCollector):
         )
 
     def arrays(self) -> list[mx.array]:
-        return [self.h, self.counts, self.routed]
+        extra = [] if self.h_all is None else [self.h_all]
+        return [self.h, self.counts, self.routed, *extra]
 
 
 def _prod(shape) -> int:

@@ -267,7 +267,7 @@ def _build_methods(raw: Any, table: Mapping[str, type], key: str, kind: str,
         try:
             out.append(cls(**{k: _tupled(v) for k, v in entry.items() if k != "name"}))
         except (TypeError, ValueError) as exc:
-            raise RecipeError(f"{where} ({name!r}): bad option value ({exc})") from None
+            raise RecipeError(f"{where} ({name!r}): bad option value ({describe(exc)})") from None
     return tuple(out)
 
 

@@ -141,6 +141,9 @@ class SwitchLinearHandler(LayerHandler):
     starved: Quantizer = attrs.field(factory=RTNQuantizer)
     shared_hessian: bool = False
     calibrate_all_experts: bool = False
+    #: λ of :func:`quantkit.kernels.shrink.shrink`: each expert's Hessian is blended with the
+    #: layer's Hessian over all routed rows, ``(n_e H_e + λ H) / (n_e + λ)``; 0: off.
+    hessian_shrinkage: float = attrs.field(default=0.0, validator=attrs.validators.ge(0.0))
 
     def num_experts(self, module: nn.Module) -> int:
         return self.weight(module).shape[0]
@@ -153,7 +156,7 @@ class SwitchLinearHandler(LayerHandler):
     def collector(self, module, experts: range | None = None):
         w = self.weight(module)
         return PerExpertHessianCollector(w.shape[-1], w.shape[0], experts, self.shared_hessian,
-                                         self.calibrate_all_experts)
+                                         self.calibrate_all_experts, self.hessian_shrinkage)
 
     def catcher(self, module, collector):
         return SwitchLinearCatcher(module, collector)

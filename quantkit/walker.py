@@ -14,7 +14,7 @@ import itertools
 import time
 from collections.abc import Callable, Iterator
 from functools import partial
-from typing import Any
+from typing import Any, cast
 
 import attrs
 import mlx.core as mx
@@ -369,7 +369,7 @@ class ModelWalker:
         return BlockContext(
             index=index, path=path, block=block, inputs=inputs,
             forward=lambda module, j: module(inputs[j], *args[j][0], **args[j][1]),
-            arch=arch, reduce=self.distributed.sum, seed=index,
+            arch=arch, reduce=self.distributed.sum, seed=index, spec=self.recipe.default.spec,
         )
 
     def _record_method(self, report: RunReport, index: int, kind: str, method, figures) -> None:
@@ -788,6 +788,9 @@ def _expert_shard_stats(model, walker: ModelWalker, active: list[LayerPlan],
             routed = int(mx.sum(routed_counts).item())
             out[f"{path}#routed"] = HessianStats(
                 h=routed_counts.astype(mx.float32) / max(routed, 1), n_tokens=routed)
+        h_all = getattr(c, "h_all", None)
+        if h_all is not None:  # Hessian shrinkage: the layer's Hessian over all routed rows
+            out[f"{path}#all"] = HessianStats(h=h_all, n_tokens=rows)
         if c.shared:
             out[f"{path}#shared"] = HessianStats(h=c.h[0], n_tokens=rows)
             continue
@@ -812,6 +815,8 @@ def _load_expert_stats(collector, path: str, merged: dict[str, HessianStats]) ->
     if f"{path}#routed" in merged:
         routed = merged[f"{path}#routed"]
         collector.routed = mx.round(routed.h * routed.n_tokens).astype(mx.int32)
+    if f"{path}#all" in merged:
+        cast(Any, collector).h_all = merged[f"{path}#all"].h
     if collector.shared:
         collector.h = merged[f"{path}#shared"].h[None]
     else:

@@ -121,3 +121,58 @@ def test_two_processes_all_experts_and_a_mixture_write_the_same_bytes(
     experts = [r for r in report["layers"] if r["layer_class"] == "SwitchLinear"]
     assert experts and all(r["n_tokens"] == 2 * r["routed_tokens"] for r in experts)
     assert not [r for r in report["layers"] if r["expert"] is not None]
+
+
+def test_all_experts_with_hessian_shrinkage_collector():
+    """Both expert features in one collector: every expert's Hessian from every row it is sent
+    (all experts), shrunk towards the Hessian over all rows by its row count, with the router's
+    own counts kept beside."""
+    from quantkit.hessian import PerExpertHessianCollector
+    from quantkit.kernels.shrink import shrink
+
+    rng = np.random.default_rng(1)
+    x = mx.array(rng.normal(size=(30, 1, 5)), dtype=mx.float32)
+    every = mx.array(np.repeat(np.arange(3), 10), dtype=mx.int32)  # rows sent to experts 0..2
+    both = PerExpertHessianCollector(5, 3, all_experts=True, shrinkage=4.0)
+    plain = PerExpertHessianCollector(5, 3, all_experts=True)
+    for c in (both, plain):
+        c.update(x, every)
+        c.count_routed(x[:6], mx.array([0, 0, 1, 2, 2, 2], dtype=mx.int32))
+    got, base = both.stats(), plain.stats()
+    rows = np.asarray(x).reshape(30, 5).astype(np.float64)
+    h_all = rows.T @ rows / 30
+    want = shrink(base.h, mx.array([10, 10, 10]), mx.array(h_all, dtype=mx.float32), 4.0)
+    np.testing.assert_allclose(np.array(got.h), np.array(want), rtol=1e-5, atol=1e-6)
+    assert not np.allclose(np.array(got.h), np.array(base.h))
+    assert (got.n_tokens, got.routed_rows, got.expert_tokens) == (30, 6, (10, 10, 10))
+    assert len(both.arrays()) == 4 and len(plain.arrays()) == 3
+
+
+def test_all_experts_with_hessian_shrinkage_through_the_shard_merge(starved_moe, tokens):
+    """The walk with both (two calibration shards, so '#routed' and '#all' go through the shard
+    merge): every expert fed, the router's counts reported, and the shrinkage changes the
+    experts' codes (it would not if the merge lost the all-rows Hessian: shrinking towards
+    zeros only rescales each Hessian, and GPTQ's solution does not depend on its scale)."""
+    from mlx_lm.models.switch_layers import SwitchLinear
+
+    from quantkit.distributed import Distributed
+
+    def walk(shrinkage):
+        base = DEFAULT_REGISTRY.copy()
+        base.register(SwitchLinear, SwitchLinearHandler(hessian_shrinkage=shrinkage))
+        model, _, _ = load_model(starved_moe)
+        report = quantize_model(model, tokens, Recipe.uniform("gptq", 4, 32),
+                                registry=with_all_experts(base),
+                                distributed=Distributed(num_shards=2)).report
+        return model, report
+
+    n = tokens.size
+    shrunk, report = walk(16.0)
+    plain, _ = walk(0.0)
+    experts = [r for r in report.layers if r.layer_class == "SwitchLinear"]
+    assert len(experts) == 15 and {r.status for r in experts} == {"quantized"}
+    for r in experts:
+        assert (r.n_tokens, r.routed_tokens) == (4 * n, 2 * n), r.path
+    a = shrunk.model.layers[0].block_sparse_moe.switch_mlp.down_proj
+    b = plain.model.layers[0].block_sparse_moe.switch_mlp.down_proj
+    assert not np.array_equal(np.array(a.weight), np.array(b.weight))

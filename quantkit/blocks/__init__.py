@@ -20,3 +20,7 @@ __all__ = [
     "OPTIMIZERS", "TRANSFORMS", "BlockContext", "BlockOptimizer", "BlockTransform",
     "register_optimizer", "register_transform",
 ]
+
+# The methods quantkit ships, registered by importing them.
+from . import awq as _awq  # noqa: E402,F401
+from . import rounding as _rounding  # noqa: E402,F401

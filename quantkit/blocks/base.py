@@ -24,6 +24,7 @@ import mlx.nn as nn
 
 from ..arch import ArchSpec
 from ..errors import RecipeError
+from ..specs import QuantSpec
 
 
 @attrs.frozen
@@ -39,6 +40,8 @@ class BlockContext:
     anything a method decides from statistics must go through it so all ranks decide alike.
     ``float_layers``: the block's float layers before the solve, by path relative to the block
     (given to optimizers; empty for transforms).
+    ``spec``: the run's default quantization (the recipe default's spec), for methods that
+    round as the solve will (e.g. AWQ's search); ``None`` where there is no recipe.
     """
 
     index: int
@@ -50,6 +53,7 @@ class BlockContext:
     reduce: Callable[[mx.array], mx.array] = attrs.field(default=lambda x: x)
     float_layers: Mapping[str, nn.Module] = attrs.field(factory=dict)
     seed: int = 0
+    spec: QuantSpec | None = None
 
 
 class BlockTransform(abc.ABC):

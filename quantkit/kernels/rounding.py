@@ -1,0 +1,42 @@
+"""Learned rounding arithmetic (SignRound-style): a quantized weight as a differentiable
+function of rounding offsets and per-group scale and bias adjustments, in MLX's affine format.
+
+``u = (W - b0) / s0`` is a weight on the code axis of its stored grid; the learned weight is
+``clip(round(u + v), 0, 2**bits - 1) * s + b`` with ``s = s0 (1 + ds)`` and ``b = b0 + db·s0``
+(``s`` and ``b`` rounded to the storage dtype), where ``round`` passes gradients straight
+through. All learned quantities are in units of one quantization step.
+"""
+
+from __future__ import annotations
+
+import mlx.core as mx
+
+
+def ste_round(x: mx.array) -> mx.array:
+    """``round(x)`` whose gradient is the identity (straight-through estimator)."""
+    return x + mx.stop_gradient(mx.round(x) - x)
+
+
+def grid_position(w: mx.array, scales: mx.array, biases: mx.array) -> mx.array:
+    """``(w - b) / s`` per group: where each weight lies on its group's code axis."""
+    g = scales.shape[-1]
+    shaped = w.astype(mx.float32).reshape(*w.shape[:-1], g, -1)
+    return ((shaped - biases[..., None]) / scales[..., None]).reshape(w.shape)
+
+
+def learned_weight(u: mx.array, v: mx.array, scales0: mx.array, biases0: mx.array,
+                   ds: mx.array, db: mx.array, bits: int, storage: mx.Dtype = mx.float32
+                   ) -> tuple[mx.array, mx.array, mx.array, mx.array]:
+    """``(weight, codes, scales, biases)``: the dequantized weight ``(..., in)`` (float32) and the
+    stored values it comes from (codes as float, scales and biases rounded to ``storage``)."""
+    codes = mx.clip(ste_round(u + v), 0, (1 << bits) - 1)
+    s = (scales0 * (1 + ds)).astype(storage).astype(mx.float32)
+    b = (biases0 + db * scales0).astype(storage).astype(mx.float32)
+    g = s.shape[-1]
+    w = codes.reshape(*codes.shape[:-1], g, -1) * s[..., None] + b[..., None]
+    return w.reshape(codes.shape), codes, s, b
+
+
+def sign_step(x: mx.array, grad: mx.array, lr: float, bound: float) -> mx.array:
+    """One signed-gradient step, clipped to ``[-bound, bound]``."""
+    return mx.clip(x - lr * mx.sign(grad), -bound, bound)
