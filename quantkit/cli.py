@@ -577,8 +577,8 @@ def _render_eval_reference(row, reference: Path, text: Optional[Path], seq_len: 
 
 @app.command()
 def compare(
-    model_dirs: Annotated[list[Path], typer.Argument(help="quantized model directories (any number)")],
-    reference: Annotated[Path, typer.Option(help="the float model they were quantized from")],
+    model_dirs: Annotated[list[str], typer.Argument(help="quantized model directories or Hugging Face repo ids (any number)")],
+    reference: Annotated[str, typer.Option(help="the float model they were quantized from (a directory or a repo id)")],
     text: Annotated[Optional[Path], typer.Option(help="plain-text file to measure on (default: offline built-in text)")] = None,
     png: Annotated[Optional[Path], typer.Option(help="write a plot of KL (log scale) against bits per weight to this PNG file")] = None,
     seq_len: Annotated[int, typer.Option(help="tokens per sequence")] = 512,
@@ -632,7 +632,7 @@ def compare(
                                   progress=progress)
         if png is not None:
             plot_comparison([r.to_dict() for r in rows], png,
-                            title=f"KL to {reference.name} on {text.name if text else 'the built-in text'}")
+                            title=f"KL to {Path(reference).name} on {text.name if text else 'the built-in text'}")
     except QuantkitError as exc:
         if debug:
             raise

@@ -94,17 +94,19 @@ def compare_models(
     another tokenizer than the reference."""
     from mlx_lm.utils import compute_bits_per_weight
 
+    from .hub import resolve_model
     from .io import load_model
 
-    reference, ref_tokenizer, _ = load_model(reference_dir, allow_quantized=True)
+    reference, ref_tokenizer, _ = load_model(resolve_model(reference_dir), allow_quantized=True)
     body = read_text(text)
     tokens = eval_tokens(ref_tokenizer, body, num_samples, seq_len, seed)
+    local = {str(d): resolve_model(d) for d in model_dirs}  # a path, or a Hugging Face repo id
     for d in model_dirs:  # refuse a mismatch before spending time on the others
-        _, tokenizer, _ = load_model(d, allow_quantized=True, lazy=True)
+        _, tokenizer, _ = load_model(local[str(d)], allow_quantized=True, lazy=True)
         check_same_tokenizer(tokenizer, ref_tokenizer, body, str(d), str(reference_dir))
     rows = []
     for d in model_dirs:
-        model, _, _ = load_model(d, allow_quantized=True)
+        model, _, _ = load_model(local[str(d)], allow_quantized=True)
 
         def step(done: int, total: int, name: str = str(d)) -> None:
             if progress is not None:
@@ -112,7 +114,8 @@ def compare_models(
 
         f = fidelity(model, reference, tokens, batch_size, progress=step)
         rows.append(ModelRow(model=str(d), bits_per_weight=float(compute_bits_per_weight(model)),
-                             size_bytes=size_on_disk(d), fidelity=f, recipe=recipe_summary(d)))
+                             size_bytes=size_on_disk(local[str(d)]), fidelity=f,
+                             recipe=recipe_summary(local[str(d)])))
         del model
     return rows
 

@@ -49,6 +49,12 @@ def test_quantize_eval_inspect_by_repo_id(hub_cache, tmp_path, tinystories_text)
                                    "--num-samples", "2", "--seq-len", "64", "--json"])
     assert measured.exit_code == 0, measured.output
     assert json.loads(measured.stdout)["perplexity"] > 1
+    compared = runner.invoke(app, ["compare", str(out), "--reference", "tiny-org/stories260K",
+                                   "--text", str(tinystories_text), "--num-samples", "2",
+                                   "--seq-len", "64", "--json"])
+    assert compared.exit_code == 0, compared.output
+    rows = json.loads(compared.stdout)["models"]
+    assert [r["model"] for r in rows] == [str(out)] and rows[0]["kl_mean"] > 0
 
 
 def one_line_error(result) -> str:
@@ -60,7 +66,8 @@ def one_line_error(result) -> str:
 
 def test_absent_repo_id_is_one_line_error(hub_cache, tmp_path):
     for command in (["quantize", "tiny-org/absent", "-o", str(tmp_path / "o")],
-                    ["eval", "tiny-org/absent"], ["inspect", "tiny-org/absent"]):
+                    ["eval", "tiny-org/absent"], ["inspect", "tiny-org/absent"],
+                    ["compare", "tiny-org/absent", "--reference", "tiny-org/stories260K"]):
         line = one_line_error(runner.invoke(app, command))
         assert "tiny-org/absent is neither a local directory nor in the Hugging Face cache" in line
         assert "HF_HUB_OFFLINE" in line
