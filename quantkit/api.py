@@ -125,8 +125,10 @@ def quantize_directory(
     phases: dict[str, float] = {}
     with _timed(phases, "load"):
         model, tokenizer, config = load_model(model_dir, lazy=True, check_finite=False)
+    # A checkpoint to verify needs the weights' sha256s now: taken in the same pass.
+    verify = writer and distributed.size == 1 and keep and resume and holds_blocks(ckpt_path)
     with _timed(phases, "check"):
-        scan_weights(model_dir)
+        digests = scan_weights(model_dir, digest=verify)
     with _timed(phases, "tokenize"):
         data = load_calibration(tokenizer, calib, num_samples, seq_len, seed,
                                 max_positions=config.get("max_position_embeddings"))
@@ -139,12 +141,10 @@ def quantize_directory(
     store: Checkpoint | None = None
     staging: Path | None = None
     if writer and distributed.size == 1 and keep:
-        # The weights' sha256s (the fingerprint covers their content): computed now when a
-        # checkpoint is to be verified, else on a thread beside the first block's work (the
-        # fingerprint is first needed when block 0 is committed).
-        if resume and holds_blocks(ckpt_path):
-            with _timed(phases, "check"):
-                digests = hash_weights(model_dir)
+        # The weights' sha256s (the fingerprint covers their content): taken by the scan above
+        # when a checkpoint is to be verified, else on a thread beside the first block's work
+        # (the fingerprint is first needed when block 0 is committed).
+        if verify:
             hashes = lambda: digests  # noqa: E731
         else:
             hashes = Background(lambda: hash_weights(model_dir)).result

@@ -204,13 +204,14 @@ def remove_stale(parent: Path, name: str) -> list[Path]:
         prefix = f".{name}.{kind}-"
         for path in parent.glob(f".{glob.escape(name)}.{kind}-*"):
             pid = path.name[len(prefix):].split("-", 1)[0]
-            if pid.isdigit() and not _alive(int(pid)):
+            if pid.isdigit() and not process_alive(int(pid)):
                 shutil.rmtree(path, ignore_errors=True)
                 removed.append(path)
     return removed
 
 
-def _alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
+    """Whether process ``pid`` exists (this process always does)."""
     if pid == os.getpid():
         return True
     try:

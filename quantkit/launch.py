@@ -35,6 +35,7 @@ from pathlib import Path
 import attrs
 
 from .interrupt import check
+from .io import process_alive
 
 #: Set in every rank's environment: the launcher's process id (see :func:`follow_launcher`).
 LAUNCHER_PID = "QUANTKIT_LAUNCHER_PID"
@@ -181,20 +182,10 @@ def remove_stale_launch_dirs(root: str | Path | None = None) -> list[Path]:
     removed = []
     for path in Path(root or tempfile.gettempdir()).glob(f"{TEMP_PREFIX}*"):
         pid = path.name[len(TEMP_PREFIX):].split("-", 1)[0]
-        if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+        if pid.isdigit() and not process_alive(int(pid)):
             shutil.rmtree(path, ignore_errors=True)
             removed.append(path)
     return removed
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 _PR_SET_PDEATHSIG = 1
