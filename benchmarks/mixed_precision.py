@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import time
 from pathlib import Path
 
@@ -41,7 +42,7 @@ from quantkit.mixed import measure_sensitivity
 from quantkit.specs import QuantSpec
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED = ROOT.parent / "shared"
+SHARED = Path(os.environ.get("QUANTKIT_SHARED", ROOT.parent / "shared"))
 UNIFORM = [(2, 64), (3, 128), (3, 64), (3, 32), (4, 128), (4, 64), (4, 32), (5, 64)]
 CANDIDATES = [(2, 64), (3, 64), (3, 32), (4, 128), (4, 64), (4, 32), (5, 64), (6, 64)]
 

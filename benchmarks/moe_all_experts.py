@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import subprocess
 import sys
@@ -38,7 +39,7 @@ from quantkit.calibration import read_text, tokenize  # noqa: E402
 from quantkit.experts import with_all_experts  # noqa: E402
 from quantkit.io import load_model  # noqa: E402
 
-SHARED = REPO.parent / "shared"
+SHARED = Path(os.environ.get("QUANTKIT_SHARED", REPO.parent / "shared"))
 EVALS = {"tinystories": "tinystories_sample.txt", "wikitext2": "wikitext2_test.raw"}
 MODES = {"routed only": DEFAULT_REGISTRY, "all experts": with_all_experts()}
 

@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import platform
 import sys
 import time
@@ -52,7 +53,7 @@ from quantkit.blocks.rounding import LearnedRounding  # noqa: E402
 from quantkit.calibration import make_batches, read_text, tokenize  # noqa: E402
 from quantkit.walker import ModelWalker  # noqa: E402
 
-SHARED = REPO.parent / "shared"
+SHARED = Path(os.environ.get("QUANTKIT_SHARED", REPO.parent / "shared"))
 RESULTS = REPO / "benchmarks" / "results"
 
 MODELS = {
