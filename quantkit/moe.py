@@ -54,9 +54,10 @@ from .errors import FactorizationError
 from .hessian import ExpertHessianStats, HessianCollector
 from .interrupt import check
 from .inverse import InverseFactor
-from .packers import packer_for
+from .pipeline import build
 from .pipeline.plan import LayerPlan
-from .quantizers import Quantizer, QuantResult, hessian_figures
+from .pipeline.solve import solve_matrix
+from .quantizers import Quantizer
 from .registry import SwitchLinearHandler
 from .report import LayerRecord
 
@@ -144,37 +145,32 @@ def expert_factors(
 def quantize_expert(
     p: LayerPlan, weight: mx.array, stats: ExpertHessianStats, i: int, fallback: Quantizer,
     calibration_tokens: int, factor: InverseFactor | FactorizationError | None = None,
-) -> tuple[QuantResult, ExpertOutcome]:
+) -> tuple[dict[str, mx.array], ExpertOutcome]:
     """Quantize expert ``stats.experts[i]`` (``weight (out, in)`` float32) of plan ``p``: with
     the recipe's strategy and the expert's own Hessian; with the handler's ``starved`` strategy
     when it was sent less than ``min_token_share`` of the ``calibration_tokens``; with
-    ``fallback`` when its Hessian cannot be factorized. ``factor``: the expert's entry of
-    :func:`expert_factors`, if any (else the recipe's strategy factorizes the Hessian itself)."""
+    ``fallback`` when its Hessian cannot be factorized (the common step:
+    :func:`~quantkit.pipeline.solve.solve_matrix`). ``factor``: the expert's entry of
+    :func:`expert_factors`, if any (else the recipe's strategy factorizes the Hessian itself).
+    Returns the expert's packed arrays and how it went."""
     t0 = time.perf_counter()
     expert, n = stats.experts[i], stats.expert_tokens[i]
     own = stats.expert(i) if n > 0 else None
     quantizer, reason, share = _choose(p, stats, i, fallback, calibration_tokens)
     if quantizer is not p.quantizer:
         factor = None  # a factor is the recipe strategy's
-    try:
-        if isinstance(factor, FactorizationError):
-            raise factor
-        kwargs = {} if factor is None else {"factor": factor}
-        result = quantizer.quantize(weight, p.spec, own if quantizer.needs_hessian else None,
-                                    p.storage_dtype, **kwargs)
-    except FactorizationError as exc:
-        quantizer, reason = fallback, str(exc)
-        result = fallback.quantize(weight, p.spec, None, p.storage_dtype)
+    solved = solve_matrix(weight, p.spec, p.storage_dtype, quantizer,
+                          own if quantizer.needs_hessian else None, fallback, measure=own,
+                          factor=factor, chunked=False)
     outcome = ExpertOutcome(
-        expert=expert, n_tokens=n, share=share, strategy=quantizer.name,
-        status="quantized" if quantizer is p.quantizer else "fallback", reason=reason,
-        damping=result.info.get("damping"),
+        expert=expert, n_tokens=n, share=share, strategy=solved.strategy.name,
+        status="quantized" if solved.strategy is p.quantizer else "fallback",
+        reason=solved.reason if solved.fell_back else reason, damping=solved.damping,
     )
-    if own is not None:
-        err, energy, rtn = hessian_figures(weight, result.dequantized, own.h, p.spec,
-                                           p.storage_dtype)
+    if solved.figures is not None:
+        err, energy, rtn = solved.figures
         outcome = attrs.evolve(outcome, hessian_error=err, energy=energy, rtn_hessian_error=rtn)
-    return result, attrs.evolve(outcome, time_s=time.perf_counter() - t0)
+    return solved.packed, attrs.evolve(outcome, time_s=time.perf_counter() - t0)
 
 
 def quantize_expert_layers(
@@ -236,11 +232,10 @@ def quantize_expert_layers(
                 e = stats[p.path].experts[i]
                 # One expert's weight in float32 at a time (all of a layer's: GBs).
                 weight = p.handler.weight(p.module)[e].astype(mx.float32)
-                result, outcome = quantize_expert(p, weight, stats[p.path], i,
+                arrays, outcome = quantize_expert(p, weight, stats[p.path], i,
                                                   fallback, calibration_tokens, factors.get(i))
                 if i in factors:
                     outcome = attrs.evolve(outcome, time_s=outcome.time_s + factor_s)
-                arrays = _pack(p, result)
                 outcome = attrs.evolve(outcome, rank=group.rank)
                 mine.append(({"path": p.path, "outcome": attrs.asdict(outcome)},
                              sorted(arrays.items())))
@@ -254,25 +249,11 @@ def quantize_expert_layers(
     out = []
     for p in plans:
         experts = sorted(packed[p.path])
-        module = p.handler.build(p.module, _stack([packed[p.path].pop(e) for e in experts]), p.spec)
-        mx.eval(module.parameters())
+        module = build.build(p, build.stack_experts([packed[p.path].pop(e) for e in experts]))
         records = _records(p, [outcomes[p.path][e] for e in experts], layer_tokens[p.path])
         records[0].routed_tokens = routed_rows[p.path]
         out.append((p, module, records))
     return out
-
-
-def _pack(p: LayerPlan, result: QuantResult) -> dict[str, mx.array]:
-    """One expert's stored arrays (scales in float32 for affine; dtypes are restored later)."""
-    dtype = mx.float32 if p.spec.mode == "affine" else p.storage_dtype
-    arrays = packer_for(p.spec.mode).pack(result, dtype)
-    mx.eval(arrays)
-    return arrays
-
-
-def _stack(experts: list[dict[str, mx.array]]) -> dict[str, mx.array]:
-    """Per-expert arrays ``(out, ·)`` as the layer's ``(experts, out, ·)`` arrays."""
-    return {k: mx.stack([d[k] for d in experts]) for k in experts[0]}
 
 
 def _records(p: LayerPlan, outcomes: list[ExpertOutcome], layer_tokens: int) -> list[LayerRecord]:

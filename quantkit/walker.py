@@ -9,8 +9,6 @@ tied embedding) are done last, from the final block's outputs.
 from __future__ import annotations
 
 import contextlib
-import copy
-import itertools
 import time
 from collections.abc import Callable, Iterator
 from functools import partial
@@ -19,14 +17,13 @@ from typing import Any, cast
 import attrs
 import mlx.core as mx
 import mlx.nn as nn
-import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
 
 from .arch import ArchSpec, arch_for, decoder_blocks, shared_input_groups
 from .blocks.base import BlockContext
 from .checkpoint import Checkpoint, ResumeState
 from .distributed import Distributed, ShardLayout
-from .errors import CheckpointError, FactorizationError, ModelLoadError, RecipeError
+from .errors import CheckpointError, ModelLoadError, RecipeError
 from .experts import AllExpertsCalibration, experts_parents
 from .hessian import HessianCollector, HessianStats
 from .host import (
@@ -39,11 +36,12 @@ from .host import (
 )
 from .interrupt import check
 from .moe import quantize_expert_layers
-from .packers import packer_for
+from .pipeline import build
 from .pipeline.plan import LayerPlan, layer_cost
 from .pipeline.shards import final_arrays, reload_lazily
+from .pipeline.solve import quantize_layer, solve_groups, solve_jointly
 from .predicate import apply_predicate, model_predicate
-from .quantizers import Quantizer, QuantResult, RTNQuantizer, hessian_figures
+from .quantizers import Quantizer, QuantResult, RTNQuantizer
 from .recipe import Recipe
 from .registry import (
     DEFAULT_REGISTRY,
@@ -272,7 +270,7 @@ class ModelWalker:
                     # transforms may have changed them.
                     _float_params_from_file(model, inside, resumed.files[i], bpath,
                                             _DTYPES.get(self.dtype or ""))
-                    self._install(model, inside, _from_file(inside, resumed.files[i]))
+                    self._install(model, inside, build.from_file(inside, resumed.files[i]))
                     if needs_calibration:
                         inputs = [self._eval(block(x, *a, **kw))
                                   for x, (a, kw) in zip(inputs, block_args[i])]
@@ -516,7 +514,7 @@ class ModelWalker:
         if self._final is not None:
             self._final.extend(new_modules)
             by_path = {p.path: p for p in plans}
-            installed = [(k, _dense_standin(by_path[k].module, m, self._host))
+            installed = [(k, build.dense_standin(by_path[k].module, m, self._host))
                          for k, m in new_modules]
         if installed:
             model.update_modules(tree_unflatten(installed))
@@ -557,14 +555,14 @@ class ModelWalker:
                           self.distributed.share([layer_cost(p) for p in plans]), strict=True))
         rank = self.distributed.rank
         done = {}
-        for group in _solve_groups(plans, stats):
+        for group in solve_groups(plans, stats):
             for p in group[1:]:  # a joint solve is one rank's work
                 owners[p.path] = owners[group[0].path]
             if owners[group[0].path] != rank:
                 for p in group:
                     stats.pop(p.path, None)
                 continue
-            results, joint_s = self._solve_jointly(group, stats)
+            results, joint_s = solve_jointly(group, stats)
             for p, result in zip(group, results, strict=True):
                 module, record = self.quantize_layer(p, stats.pop(p.path, None), result)
                 record.time_s += joint_s / len(group)
@@ -596,11 +594,7 @@ class ModelWalker:
                 continue
             for meta, params in items:
                 p = by_path[meta["path"]]
-                module = p.handler.build(p.module, {k: v for k, v in params if "." not in k}, p.spec)
-                nested = [(k, v) for k, v in params if "." in k]
-                if nested:
-                    module.update(tree_unflatten(nested))
-                mx.eval(module.parameters())
+                module = build.from_parameters(p, params)
                 out[p.path] = (module, LayerRecord(**meta["record"]))
         return out
 
@@ -617,92 +611,14 @@ class ModelWalker:
         self._emit("resume", index=state.next_block - 1, total=n_blocks)
         return state
 
-    @staticmethod
-    def _solve_jointly(group: list[LayerPlan], stats) -> tuple[list[QuantResult | None], float]:
-        """Layers sharing one Hessian, spec and row-independent quantizer are solved as one
-        matrix (their rows stacked): one factorization, one pass of the column loop. Returns
-        ``[None] * len(group)`` (solve each on its own) when that does not apply or fails."""
-        if len(group) == 1:
-            return [None], 0.0
-        t0 = time.perf_counter()
-        p0 = group[0]
-        weights = [p.handler.weight(p.module).astype(mx.float32) for p in group]
-        try:
-            joint = p0.quantizer.quantize(mx.concatenate(weights, axis=0), p0.spec,
-                                          stats[p0.path], p0.storage_dtype)
-        except FactorizationError:
-            return [None] * len(group), 0.0
-        results = []
-        start = 0
-        for w in weights:
-            rows = slice(start, start + w.shape[0])
-            start += w.shape[0]
-            results.append(attrs.evolve(
-                joint,
-                dequantized=joint.dequantized[rows],
-                codes=None if joint.codes is None else joint.codes[rows],
-                scales=None if joint.scales is None else joint.scales[rows],
-                biases=None if joint.biases is None else joint.biases[rows],
-                packed=None if joint.packed is None else {k: v[rows] for k, v in joint.packed.items()},
-                info=dict(joint.info, joint_with=[p.path for p in group]),
-            ))
-        return results, time.perf_counter() - t0
-
     def quantize_layer(
         self, p: LayerPlan, stats: HessianStats | None, result: QuantResult | None = None
     ) -> tuple[nn.Module, LayerRecord]:
         """Quantize one planned layer; fall back to ``self.fallback`` when its strategy cannot
         run (no calibration tokens, Hessian not factorizable, no per-expert support).
-        ``result``: the layer's values when they were already computed (a joint solve)."""
-        t0 = time.perf_counter()
-        weight = p.handler.weight(p.module)  # made float32 a slice of rows at a time
-        record = LayerRecord(
-            p.path, type(p.module).__name__, "quantized", strategy=p.quantizer.name,
-            requested=p.rule.strategy, rule=p.rule_index, bits=p.spec.bits,
-            group_size=p.spec.group_size, mode=p.spec.mode, reason=p.note, n_params=weight.size,
-            n_tokens=None if stats is None else stats.n_tokens,
-        )
-        fallback_reason = None
-        if p.quantizer.needs_hessian and not p.needs_stats:
-            fallback_reason = f"{record.layer_class}: expert layer outside the decoder blocks"
-        elif p.quantizer.needs_hessian and (stats is None or stats.n_tokens == 0):
-            fallback_reason = "no calibration activations reached this layer"
-        chunks = None if result is None else iter([(slice(0, weight.shape[0]), result)])
-        if fallback_reason is None and chunks is None:
-            try:
-                chunks = _started(p.quantizer.quantize_chunks(weight, p.spec, stats, p.storage_dtype))
-            except FactorizationError as exc:
-                fallback_reason = str(exc)
-        if chunks is None:
-            chunks = self.fallback.quantize_chunks(weight, p.spec, stats, p.storage_dtype)
-            record.status = "fallback"
-            record.strategy = self.fallback.name
-            record.reason = "; ".join(r for r in (p.note, fallback_reason) if r)
-        # Each slice of rows is measured and packed, then dropped: only the packed layer is
-        # kept whole (see Quantizer.quantize_chunks).
-        measure = stats is not None and stats.n_tokens > 0 and weight.ndim == 2
-        packer = packer_for(p.spec.mode)
-        pack_dtype = mx.float32 if p.spec.mode == "affine" else p.storage_dtype
-        figures, parts = np.zeros(3), []
-        for rows, part in chunks:
-            record.damping = part.info.get("damping")
-            if measure:
-                figures += hessian_figures(weight[rows], part.dequantized, stats.h, p.spec,
-                                           p.storage_dtype)
-            parts.append(packer.pack(part, pack_dtype))
-            mx.eval(parts[-1])
-            del part
-        if measure:
-            e, energy, rtn = (float(v) for v in figures)
-            record.hessian_error, record.rtn_hessian_error = e, rtn
-            record.relative_error = e / energy if energy > 0 else 0.0
-        packed = parts[0] if len(parts) == 1 else {
-            k: mx.concatenate([q[k] for q in parts]) for k in parts[0]}
-        check_packed(p.path, packed, self.dtype)  # reliab: no Inf/NaN written
-        module = p.handler.build(p.module, packed, p.spec)
-        mx.eval(module.parameters())
-        record.time_s = time.perf_counter() - t0
-        return module, record
+        ``result``: the layer's values when they were already computed (a joint solve). The
+        work is :func:`quantkit.pipeline.solve.quantize_layer`'s."""
+        return quantize_layer(p, stats, self.fallback, self.dtype, result)
 
     def _config(self, report: RunReport) -> dict[str, Any]:
         """``config["quantization"]``: the default plus a full dict for every layer that differs
@@ -746,28 +662,6 @@ def _float_params_from_file(model: nn.Module, plans: list[LayerPlan], path, pref
         updates.append((name, value))
     if updates:
         model.update(tree_unflatten(updates))
-
-
-def _from_file(plans: list[LayerPlan], path) -> list[tuple[str, nn.Module]]:
-    """The quantized layers of ``plans`` rebuilt from a finished block's file, their scales and
-    biases in the dtype the walk packs them in (float32 for affine: exact, the stored values
-    were rounded to the stored dtype when they were computed)."""
-    arrays = mx.load(str(path))
-    out = []
-    for p in plans:
-        dtype = mx.float32 if p.spec.mode == "affine" else p.storage_dtype
-        packed = {}
-        for key in ("weight", "scales", "biases"):
-            value = arrays.get(f"{p.path}.{key}")
-            if value is None:
-                continue
-            if key != "weight" and value.dtype != mx.uint8 and mx.issubdtype(value.dtype, mx.floating):
-                value = value.astype(dtype)
-            packed[key] = value
-        if "scales" not in packed:
-            raise CheckpointError(f"checkpoint file {path} does not hold the quantized layer {p.path}")
-        out.append((p.path, p.handler.build(p.module, packed, p.spec)))
-    return out
 
 
 def _expert_shard_stats(model, walker: ModelWalker, active: list[LayerPlan],
@@ -841,27 +735,6 @@ def _share_identical(stats: dict[str, HessianStats]) -> dict[str, HessianStats]:
     return out
 
 
-def _started(chunks: Iterator[tuple[slice, QuantResult]]) -> Iterator[tuple[slice, QuantResult]]:
-    """``chunks`` with its first item already computed, so that a failure to start (e.g. a
-    :class:`FactorizationError` while factorizing) is raised here."""
-    first = next(chunks)
-    return itertools.chain([first], chunks)
-
-
-def _dense_standin(original: nn.Module, quantized: nn.Module, host: bool = False) -> nn.Module:
-    """A copy of ``original`` holding the weights ``quantized`` computes with (dequantized);
-    ``original`` itself is left as it was (and not referenced, so it can be freed). ``host``: run
-    by a :class:`HostLinear` where it can be."""
-    w = mx.dequantize(
-        quantized["weight"], quantized["scales"], quantized.get("biases"),
-        group_size=quantized.group_size, bits=quantized.bits, mode=quantized.mode,
-    )
-    standin = copy.copy(original)
-    standin.weight = w.astype(original.weight.dtype)
-    mx.eval(standin.weight)
-    return HostLinear(standin) if host and runs_on_host(standin) else standin
-
-
 class _InputPool:
     """The input arrays seen by collectors during one forward pass, by identity."""
 
@@ -910,30 +783,6 @@ class _SharingCollector(HessianCollector):
 
     def arrays(self) -> list[mx.array]:
         return self.inner.arrays() if self.owner in (None, self.path) else []
-
-
-def _solve_groups(plans: list[LayerPlan], stats: dict[str, HessianStats]) -> list[list[LayerPlan]]:
-    """Plans in order, layers that can be solved as one matrix put together: same Hessian
-    object, spec, scale dtype and (row-independent) quantizer, 2-D weights."""
-    groups: dict[tuple, list[LayerPlan]] = {}
-    order: list[list[LayerPlan]] = []
-    for p in plans:
-        st = stats.get(p.path)
-        joinable = (
-            st is not None and st.n_tokens > 0 and p.needs_stats
-            and getattr(p.quantizer, "rows_independent", False)
-            and p.handler.weight(p.module).ndim == 2
-        )
-        if not joinable:
-            order.append([p])
-            continue
-        key = (id(st), p.spec, p.quantizer, p.storage_dtype)
-        if key in groups:
-            groups[key].append(p)
-        else:
-            groups[key] = [p]
-            order.append(groups[key])
-    return order
 
 
 def _paired(passes, references, collectors, muted=()):
