@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterable, Iterator
 from functools import partial
 from typing import Any, cast
 
@@ -37,6 +37,8 @@ from .host import (
 from .interrupt import check
 from .moe import quantize_expert_layers
 from .pipeline import build
+from .pipeline.dtypes import DTYPES, restore_dtypes
+from .pipeline.hooks import Progress, WalkHook
 from .pipeline.plan import LayerPlan, layer_cost
 from .pipeline.shards import final_arrays, reload_lazily
 from .pipeline.solve import quantize_layer, solve_groups, solve_jointly
@@ -50,10 +52,6 @@ from .registry import (
 )
 from .report import LayerRecord, RunReport
 from .validate import check_packed, check_rules, plan_winners
-
-Progress = Callable[[str, dict[str, Any]], None]
-
-_DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
 
 
 class _StopForward(Exception):
@@ -91,6 +89,10 @@ class _Replay(Wrapper):
         out = self.outputs[self.calls]
         self.calls += 1
         return out
+
+
+def _hook_tuple(hooks: Iterable[WalkHook]) -> tuple[WalkHook, ...]:
+    return tuple(hooks)
 
 
 @attrs.define
@@ -133,6 +135,9 @@ class ModelWalker:
     #: and the ``XᵀX`` of their inputs. ``"numpy"`` (what ``"auto"`` picks on a CPU device):
     #: NumPy's BLAS, ~10x MLX's Linux CPU wheel (see :mod:`quantkit.host`); ``"mlx"``: MLX.
     backend: str = attrs.field(default="auto", validator=attrs.validators.in_(BACKENDS))
+    #: Code following the walk layer by layer (:class:`~quantkit.pipeline.hooks.WalkHook`),
+    #: e.g. the mixed-precision profiler (:func:`quantkit.mixed.measure_sensitivity`).
+    hooks: tuple[WalkHook, ...] = attrs.field(default=(), converter=_hook_tuple)
     _final: list | None = attrs.field(default=None, init=False, repr=False)
     _host: bool = attrs.field(default=False, init=False, repr=False)
     _runners: dict = attrs.field(factory=dict, init=False, repr=False)
@@ -205,6 +210,8 @@ class ModelWalker:
                 quantizers[index] = rule.make_quantizer()
             plans[path] = LayerPlan(path, module, handler, index, rule, spec,
                                     quantizers[index], weight.dtype, note)
+        for hook in self.hooks:
+            hook.planned(plans)
         return plans
 
     # -- the walk ---------------------------------------------------------------------------
@@ -230,9 +237,9 @@ class ModelWalker:
         check_rules(self.recipe, plan_winners(plans, report.layers))  # reliab: no silent no-op rule
         orig_dtypes = {k: v.dtype for k, v in tree_flatten(model.parameters())}
         if self.dtype is not None:
-            model.set_dtype(_DTYPES[self.dtype])
+            model.set_dtype(DTYPES[self.dtype])
 
-        blocks = _decoder_blocks(model)
+        blocks = decoder_blocks(model)
         paths = {id(m): p for p, m in model.named_modules()}
         block_paths = [paths[id(b)] for b in blocks]
         batches = [tokens[i : i + self.batch_size] for i in range(0, len(tokens), self.batch_size)]
@@ -269,7 +276,7 @@ class ModelWalker:
                     # Its other parameters (norms, kept layers) come from the file too: block
                     # transforms may have changed them.
                     _float_params_from_file(model, inside, resumed.files[i], bpath,
-                                            _DTYPES.get(self.dtype or ""))
+                                            DTYPES.get(self.dtype or ""))
                     self._install(model, inside, build.from_file(inside, resumed.files[i]))
                     if needs_calibration:
                         inputs = [self._eval(block(x, *a, **kw))
@@ -338,7 +345,7 @@ class ModelWalker:
                 stats = self._collect_outside(model, blocks, block_paths, outside, batches, inputs, layout)
         with self._phase("solve"):
             self._quantize_all(model, outside, stats, report, None)
-        _restore_dtypes(model, orig_dtypes)
+        restore_dtypes(model, orig_dtypes)
         quantization = self._config(report)
         report.time_s = time.perf_counter() - start
         report.world_size = self.distributed.size
@@ -617,7 +624,10 @@ class ModelWalker:
         """Quantize one planned layer; fall back to ``self.fallback`` when its strategy cannot
         run (no calibration tokens, Hessian not factorizable, no per-expert support).
         ``result``: the layer's values when they were already computed (a joint solve). The
-        work is :func:`quantkit.pipeline.solve.quantize_layer`'s."""
+        work is :func:`quantkit.pipeline.solve.quantize_layer`'s, after every hook's
+        :meth:`~quantkit.pipeline.hooks.WalkHook.before_solve`."""
+        for hook in self.hooks:
+            hook.before_solve(p, stats)
         return quantize_layer(p, stats, self.fallback, self.dtype, result)
 
     def _config(self, report: RunReport) -> dict[str, Any]:
@@ -804,22 +814,3 @@ def _paired(passes, references, collectors, muted=()):
         if done:
             return
         yield next(passes)
-
-
-def _decoder_blocks(model: nn.Module) -> list[nn.Module]:
-    return decoder_blocks(model)
-
-
-def _restore_dtypes(model: nn.Module, orig: dict[str, mx.Dtype]) -> None:
-    """Give every parameter back its original dtype; scales/biases of quantized layers take the
-    dtype of the weight they replace."""
-    updates = []
-    for path, value in tree_flatten(model.parameters()):
-        base, _, leaf = path.rpartition(".")
-        target = orig.get(path)
-        if leaf in ("scales", "biases") and value.dtype != mx.uint8:
-            target = orig.get(f"{base}.weight", target)
-        if target is not None and value.dtype != target and mx.issubdtype(value.dtype, mx.floating):
-            updates.append((path, value.astype(target)))
-    if updates:
-        model.update(tree_unflatten(updates))
