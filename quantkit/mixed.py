@@ -32,6 +32,7 @@ import math
 import re
 from collections import Counter
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any, ClassVar, cast
 
 import attrs
@@ -199,6 +200,16 @@ class MixedPlan:
         report.settings["output_kl"] = {"sensitivity": self.sensitivity,
                                         "layers": n, "total": sum(kl.values())}
         return n
+
+    def write_into(self, out_dir: str | Path, report: RunReport) -> Path:
+        """Finish the output a run of this plan wrote: the plan as ``recipe.toml`` beside it (to
+        edit and re-run), and each layer's output KL in its ``report`` (re-written there when
+        any was measured). Returns the recipe file."""
+        path = Path(out_dir) / "recipe.toml"
+        path.write_text(self.to_toml())
+        if self.annotate_report(report):  # each layer's output KL, where measured
+            report.write(out_dir)
+        return path
 
     def to_toml(self) -> str:
         spread = Counter(f"{s.bits}b g{s.group_size}" for s in self.specs.values())

@@ -58,10 +58,7 @@ def _eval(model_dir, text, reference, seq_len, num_samples, seed, batch_size, qu
           start):
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from ..calibration import make_batches, read_text, tokenize
-    from ..evaluate import perplexity
     from ..hub import resolve_model
-    from ..io import load_model
 
     bar = Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                    TimeElapsedColumn(), console=err, transient=True, disable=quiet or json_out)
@@ -77,13 +74,14 @@ def _eval(model_dir, text, reference, seq_len, num_samples, seed, batch_size, qu
             _render_eval_reference(row, reference, text, seq_len, json_out, quiet,
                                    time.perf_counter() - start)
             return
-        model, tokenizer, config = load_model(resolve_model(model_dir), allow_quantized=True)
-        ids = tokenize(tokenizer, read_text(text), max_tokens=num_samples * seq_len)
-        tokens = make_batches(ids, num_samples, seq_len, seed)
+        from ..compare import directory_perplexity
+
         with bar:
-            task = bar.add_task("perplexity", total=int(tokens.shape[0]))
-            ppl = perplexity(model, tokens, batch_size,
-                             progress=lambda done, total: bar.update(task, completed=done))
+            task = bar.add_task("perplexity", total=None)
+            measured = directory_perplexity(
+                model_dir, text, num_samples=num_samples, seq_len=seq_len, seed=seed,
+                batch_size=batch_size,
+                progress=lambda done, total: bar.update(task, completed=done, total=total))
     except QuantkitError as exc:
         if debug:
             raise
@@ -100,16 +98,8 @@ def _eval(model_dir, text, reference, seq_len, num_samples, seed, batch_size, qu
             raise
         internal_error(exc)
         return
-    from mlx_lm.utils import compute_bits_per_weight
-
-    result = {
-        "model": str(model_dir), "perplexity": ppl, "text": str(text or "builtin"),
-        "num_samples": int(tokens.shape[0]), "seq_len": seq_len,
-        "tokens": int(tokens.shape[0] * (seq_len - 1)),
-        "quantized": bool(config.get("quantization")),
-        "bits_per_weight": float(compute_bits_per_weight(model)),
-        "time_s": time.perf_counter() - start,
-    }
+    ppl = measured.perplexity
+    result = {**measured.to_dict(), "time_s": time.perf_counter() - start}
     if json_out:
         out.print_json(json.dumps(result))
     elif quiet:

@@ -213,9 +213,7 @@ def _quantize(model_dir, output, *, recipe, plugin, bits, group_size, strategy, 
             distributed=group, backend=backend.value, **registry_kw,
         )
     if plan is not None:
-        (result.out_dir / "recipe.toml").write_text(plan.to_toml())
-        if plan.annotate_report(result.report):  # each layer's output KL, where measured
-            result.report.write(result.out_dir)
+        plan.write_into(result.out_dir, result.report)
     return result, plan, group.rank
 
 

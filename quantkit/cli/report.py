@@ -13,7 +13,7 @@ from rich import box
 from rich.markup import escape
 from rich.table import Table
 
-from ..errors import QuantkitError, describe
+from ..errors import QuantkitError
 from .app import _fmt, _wide, app, err, fail, out
 
 
@@ -24,19 +24,12 @@ class SortBy(str, Enum):
 
 
 def _read_report(path: Path):
-    from ..report import REPORT_NAME, RunReport
-    from ..validate import check_input_file
+    from ..report import read_report
 
-    directory = path.parent if path.is_file() else path
-    if not (directory / REPORT_NAME).exists():
-        fail(f"{path} has no {REPORT_NAME}; pass a directory written by `quantkit quantize`")
     try:
-        check_input_file(directory / REPORT_NAME, "run report", fix="pass a directory written by `quantkit quantize`")
-        return RunReport.read(directory)
+        return read_report(path)
     except QuantkitError as exc:
         fail(str(exc))
-    except (ValueError, TypeError, KeyError, AttributeError) as exc:  # ValueError: JSON, UTF-8
-        fail(f"{directory / REPORT_NAME} is not a quantkit run report ({type(exc).__name__}: {describe(exc)})")
 
 
 @app.command()
@@ -51,12 +44,13 @@ def report(
     """Per-layer error table of a quantize run (and a PNG plot), worst layers highlighted."""
     import attrs
 
-    from ..plotting import layer_depth, plot_report, worst_layers
+    from ..plotting import plot_report
+    from ..report import layer_depth, ordered_layers, summarize, worst_by_output_kl, worst_layers
 
     run = _read_report(out_dir)
     worst = worst_layers(run, top)
     with_kl = [r for r in run.layers if r.output_kl is not None]
-    worst_kl = sorted(with_kl, key=lambda r: r.output_kl or 0.0, reverse=True)[: max(top, 0)]
+    worst_kl = worst_by_output_kl(run, top)
     if png is not None:
         try:
             plot_report(run, png, top=top, title=str(out_dir))
@@ -64,27 +58,12 @@ def report(
             fail(str(exc))
     if quiet:
         return
-    summary = {
-        "layers": len(run.layers), "strategies": run.strategy_counts(),
-        "bits_per_weight": run.bits_per_weight, "time_s": run.time_s,
-        "worst": [r.path for r in worst],
-        "worst_by_output_kl": [r.path for r in worst_kl],
-        "output_kl_total": sum(r.output_kl or 0.0 for r in with_kl) if with_kl else None,
-        "fallbacks": {r.path: r.reason for r in run.by_status("fallback")},
-        "skipped": {r.path: r.reason for r in run.by_status("skipped")},
-        "png": str(png) if png else None,
-    }
+    summary = {**summarize(run, top), "png": str(png) if png else None}
     if json_out:
         out.print_json(json.dumps({"summary": summary, "layers": [
             {**attrs.asdict(r), "depth": layer_depth(r)} for r in run.layers]}))
         return
-    rows = list(run.layers)
-    if sort is SortBy.error:
-        rows.sort(key=lambda r: -1.0 if r.relative_error is None else r.relative_error, reverse=True)
-    elif sort is SortBy.kl:
-        rows.sort(key=lambda r: -1.0 if r.output_kl is None else r.output_kl, reverse=True)
-    else:
-        rows.sort(key=lambda r: (layer_depth(r) is None, layer_depth(r) or 0))
+    rows = ordered_layers(run, sort.value)
     worst_paths = {r.path for r in worst}
     table = Table(title=f"{out_dir}  ({_fmt(run.bits_per_weight, '.3f')} bits per weight, "
                         f"{run.time_s:.1f} s)", box=box.SIMPLE_HEAD, pad_edge=False)
