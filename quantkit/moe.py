@@ -42,16 +42,17 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterable
-from typing import cast
+from typing import Any, cast
 
 import attrs
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
+from .arch import shared_input_groups
 from .distributed import Distributed, Item
 from .errors import FactorizationError
-from .hessian import ExpertHessianStats, HessianCollector
+from .hessian import ExpertHessianStats, HessianCollector, HessianStats
 from .interrupt import check
 from .inverse import InverseFactor
 from .pipeline import build
@@ -63,6 +64,8 @@ from .report import LayerRecord
 
 #: Runs the block's calibration forward with ``collectors`` (keyed by path) on ``plans``.
 Collect = Callable[[list[LayerPlan], dict[str, HessianCollector]], None]
+#: Installs ``collectors`` on ``plans``' layers and runs the passes ``forward()`` yields.
+RunCollectors = Callable[[list[LayerPlan], dict[str, HessianCollector], Callable[[], Iterable]], None]
 
 
 @attrs.frozen
@@ -299,3 +302,57 @@ def _records(p: LayerPlan, outcomes: list[ExpertOutcome], layer_tokens: int) -> 
         for o in fell_back
     ]
     return [layer, *per_expert]
+
+
+def expert_shard_stats(run_collectors: RunCollectors, active: list[LayerPlan],
+                       like: dict[str, HessianCollector], forward) -> dict[str, HessianStats]:
+    """One calibration shard's per-expert statistics, flattened to plain
+    :class:`HessianStats` keyed ``path#expert`` (plus ``path#counts``: every expert's share of
+    the routed rows) so the shard tree merges each expert by its own token count.
+    ``run_collectors(plans, collectors, forward)`` runs the block's passes with them installed."""
+    fresh = {p.path: p.handler.collector(p.module, like[p.path].experts) for p in active}
+    run_collectors(active, fresh, forward)
+    out: dict[str, HessianStats] = {}
+    for path, c in fresh.items():
+        counts = c.counts.astype(mx.float32)
+        rows = int(mx.sum(c.counts).item())
+        out[f"{path}#counts"] = HessianStats(h=counts / max(rows, 1), n_tokens=rows)
+        routed_counts = getattr(c, "routed", None)
+        if getattr(c, "all_experts", False) and routed_counts is not None:
+            # the rows the router sent, beside the all-experts rows
+            routed = int(mx.sum(routed_counts).item())
+            out[f"{path}#routed"] = HessianStats(
+                h=routed_counts.astype(mx.float32) / max(routed, 1), n_tokens=routed)
+        h_all = getattr(c, "h_all", None)
+        if h_all is not None:  # Hessian shrinkage: the layer's Hessian over all routed rows
+            out[f"{path}#all"] = HessianStats(h=h_all, n_tokens=rows)
+        if c.shared:
+            out[f"{path}#shared"] = HessianStats(h=c.h[0], n_tokens=rows)
+            continue
+        for i, e in enumerate(c.experts):
+            out[f"{path}#{e}"] = HessianStats(h=c.h[i], n_tokens=int(c.counts[e].item()))
+    return out
+
+
+def load_expert_stats(collector, path: str, merged: dict[str, HessianStats]) -> None:
+    """Put the merged statistics back into ``collector`` (its Hessians and token counts)."""
+    total = merged[f"{path}#counts"]
+    collector.counts = mx.round(total.h * total.n_tokens).astype(mx.int32)
+    if f"{path}#routed" in merged:
+        routed = merged[f"{path}#routed"]
+        collector.routed = mx.round(routed.h * routed.n_tokens).astype(mx.int32)
+    if f"{path}#all" in merged:
+        cast(Any, collector).h_all = merged[f"{path}#all"].h
+    if collector.shared:
+        collector.h = merged[f"{path}#shared"].h[None]
+    else:
+        collector.h = mx.stack([merged[f"{path}#{e}"].h for e in collector.experts])
+
+
+def same_input(model: nn.Module, plans: list[LayerPlan]) -> dict[str, str]:
+    """``{layer: layer it reads the very same input of}`` among ``plans``, from the model's
+    architecture table (e.g. a ``SwitchGLU``'s up projection: its gate projection), where both
+    have equal handlers: their Hessians are the same (see :func:`quantize_expert_layers`)."""
+    by_path = {p.path: p for p in plans}
+    return {path: lead for path, lead in shared_input_groups(model, by_path).items()
+            if by_path[lead].handler == by_path[path].handler}
