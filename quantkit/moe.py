@@ -315,12 +315,12 @@ def expert_shard_stats(run_collectors: RunCollectors, active: list[LayerPlan],
     out: dict[str, HessianStats] = {}
     for path, c in fresh.items():
         counts = c.counts.astype(mx.float32)
-        rows = int(mx.sum(c.counts).item())
+        rows = int(cast(int, mx.sum(c.counts).item()))
         out[f"{path}#counts"] = HessianStats(h=counts / max(rows, 1), n_tokens=rows)
         routed_counts = getattr(c, "routed", None)
         if getattr(c, "all_experts", False) and routed_counts is not None:
             # the rows the router sent, beside the all-experts rows
-            routed = int(mx.sum(routed_counts).item())
+            routed = int(cast(int, mx.sum(routed_counts).item()))
             out[f"{path}#routed"] = HessianStats(
                 h=routed_counts.astype(mx.float32) / max(routed, 1), n_tokens=routed)
         h_all = getattr(c, "h_all", None)

@@ -21,11 +21,11 @@ import os
 import sys
 
 from .. import interrupt
-from .signals import _force_exit
+from .signals import force_exit
 
 # ``python -m quantkit.cli`` imports this package while ``sys.argv[0]`` is still "-m".
 if sys.argv[0] == "-m" or os.path.basename(sys.argv[0]) == "quantkit":
-    interrupt.install(_force_exit)  # the `quantkit` program: before the imports below
+    interrupt.install(force_exit)  # the `quantkit` program: before the imports below
 
 # ruff: noqa: E402 (the imports below come after the signal handlers, on purpose)
 # The commands register themselves on ``app``, in the order ``quantkit --help`` lists them.

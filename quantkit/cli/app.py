@@ -14,7 +14,7 @@ from rich.markup import escape
 
 from .. import interrupt
 from ..errors import describe
-from .signals import _force_exit
+from .signals import force_exit
 
 app = typer.Typer(
     add_completion=False,
@@ -28,22 +28,22 @@ out = Console()
 err = Console(stderr=True)
 
 
-def _strategy_names() -> list[str]:
+def strategy_names() -> list[str]:
     from ..strategies import STRATEGIES
 
     return sorted(STRATEGIES)
 
 
-def _load_plugins(plugins: list[str] | None) -> None:
+def load_plugin_args(plugins: list[str] | None) -> None:
     """Import the --plugin modules/files (their strategies and block methods register)."""
     from ..plugins import load_plugins
 
     load_plugins(plugins or [])
 
 
-def _check_strategy(strategy: str | None) -> None:
+def check_strategy(strategy: str | None) -> None:
     """--strategy must name a registered strategy (checked once plugins are loaded)."""
-    names = _strategy_names()
+    names = strategy_names()
     if strategy is not None and strategy not in names:
         fail(f"unknown strategy {strategy!r} (--strategy); known: {', '.join(names)} "
              "(--plugin or a recipe's plugins add more)", 2)
@@ -76,7 +76,7 @@ def fail(message: str, code: int = 1) -> None:
     raise typer.Exit(code)
 
 
-class _ProgressView:
+class ProgressView:
     """Renders walker progress events as rich progress bars on stderr."""
 
     def __init__(self, enabled: bool) -> None:
@@ -114,18 +114,18 @@ class _ProgressView:
             self.bar.update(self.tasks[name], completed=info["index"] + 1)
 
 
-def _wide() -> Console:
+def wide() -> Console:
     """stdout, wide enough for long layer paths even when piped (rich assumes 80 columns)."""
     return out if out.is_terminal else Console(width=max(out.width, 150))
 
 
-def _fmt(value: Any, spec: str = ".3g") -> str:
+def fmt(value: Any, spec: str = ".3g") -> str:
     return "-" if value is None else format(value, spec)
 
 
 def main() -> None:
     """The ``quantkit`` program: signal handlers first (see :mod:`quantkit.interrupt`)."""
-    interrupt.install(_force_exit)
+    interrupt.install(force_exit)
     try:
         interrupt.check("imports")
     except interrupt.Interrupted as exc:

@@ -15,8 +15,8 @@ from rich.table import Table
 
 from .. import interrupt
 from ..errors import QuantkitError
-from .app import _fmt, _wide, app, err, fail, internal_error, out
-from .signals import _force_exit
+from .app import app, err, fail, fmt, internal_error, out, wide
+from .signals import force_exit
 
 
 @app.command()
@@ -70,7 +70,7 @@ def compare(
         bar.update(tasks[name], completed=done)
 
     try:
-        with bar, interrupt.handling(_force_exit):
+        with bar, interrupt.handling(force_exit):
             rows = compare_models(model_dirs, reference, text, num_samples=num_samples,
                                   seq_len=seq_len, seed=seed, batch_size=batch_size,
                                   progress=progress)
@@ -105,7 +105,7 @@ def compare(
         return
     source = text.name if text else "the built-in text"
     positions = rows[0].fidelity.positions if rows else 0
-    out.print(f"against {escape(str(reference))} (perplexity {_fmt(ref_ppl, '.4f')}) on {positions} "
+    out.print(f"against {escape(str(reference))} (perplexity {fmt(ref_ppl, '.4f')}) on {positions} "
               f"next-token positions of {escape(source)}", highlight=False, soft_wrap=True)
     table = Table(box=box.SIMPLE_HEAD, pad_edge=False)
     table.add_column("model", no_wrap=True)
@@ -117,6 +117,6 @@ def compare(
         table.add_row(escape(r.model), f"{r.bits_per_weight:.3f}", f"{r.size_bytes / 1e6:.2f}",
                       f"{f.perplexity:.4f}", f"{f.kl_mean:.4f}", f"{f.kl_p99:.3f}",
                       f"{f.top1_agreement:.4f}", escape(r.recipe))
-    _wide().print(table)
+    wide().print(table)
     if png is not None:
         err.print(f"[bold green]wrote[/] {escape(str(png))}", highlight=False)

@@ -15,8 +15,8 @@ from rich.table import Table
 
 from .. import interrupt
 from ..errors import QuantkitError
-from .app import _wide, app, err, fail, internal_error, out
-from .signals import _force_exit
+from .app import app, err, fail, internal_error, out, wide
+from .signals import force_exit
 
 
 @app.command("eval")
@@ -49,7 +49,7 @@ def eval_(
     except QuantkitError as exc:
         fail(str(exc), 2 if isinstance(exc, SettingsError) else 1)
     start = time.perf_counter()
-    with interrupt.handling(_force_exit):
+    with interrupt.handling(force_exit):
         _eval(model_dir, text, reference, seq_len, num_samples, seed, batch_size, quiet, json_out,
               debug, start)
 
@@ -134,4 +134,4 @@ def _render_eval_reference(row, reference: Path, text: Optional[Path], seq_len: 
     table.add_row("KL(reference ‖ model) mean, nats", f"{f.kl_mean:.6f}", "0")
     table.add_row("KL 99th percentile, nats", f"{f.kl_p99:.6f}", "0")
     table.add_row("top-1 agreement", f"{f.top1_agreement:.4f}", "1")
-    _wide().print(table)
+    wide().print(table)

@@ -22,17 +22,17 @@ from .app import (
     PLUGIN_HELP,
     Backend,
     DType,
-    _check_strategy,
-    _load_plugins,
-    _ProgressView,
-    _strategy_names,
+    ProgressView,
     app,
+    check_strategy,
     err,
     fail,
     internal_error,
+    load_plugin_args,
     out,
+    strategy_names,
 )
-from .signals import _force_exit
+from .signals import force_exit
 
 
 @app.command()
@@ -42,7 +42,7 @@ def quantize(
     output: Annotated[Path, typer.Option("--output", "-o", help="output model directory")],
     bits: Annotated[Optional[int], typer.Option(help="bits for the default rule [4]")] = None,
     group_size: Annotated[Optional[int], typer.Option(help="group size for the default rule [64]")] = None,
-    strategy: Annotated[Optional[str], typer.Option(metavar="NAME", help="default strategy [gptq]: one of " + ", ".join(_strategy_names()) + ", or one a plugin registers")] = None,
+    strategy: Annotated[Optional[str], typer.Option(metavar="NAME", help="default strategy [gptq]: one of " + ", ".join(strategy_names()) + ", or one a plugin registers")] = None,
     recipe: Annotated[Optional[Path], typer.Option(help="recipe TOML file")] = None,
     plugin: Annotated[Optional[list[str]], typer.Option(metavar="MODULE_OR_FILE", help=PLUGIN_HELP)] = None,
     target_bpw: Annotated[Optional[float], typer.Option(help="choose per-layer bits/group sizes for this many bits per weight (writes OUTPUT/recipe.toml)")] = None,
@@ -90,7 +90,7 @@ def quantize(
     ranked = distributed and os.environ.get(LAUNCHER_PID, "").isdigit()
     if ranked:  # started by --processes: die with the launcher, let it report interruptions
         follow_launcher(int(os.environ[LAUNCHER_PID]))
-    with interrupt.handling(_force_exit):
+    with interrupt.handling(force_exit):
         if processes > 1 and not distributed:
             _launch(ctx, processes, quiet or json_out)
             return
@@ -185,9 +185,9 @@ def _quantize(model_dir, output, *, recipe, plugin, bits, group_size, strategy, 
         finally:
             faulthandler.cancel_dump_traceback_later()
     model_dir = resolve_model(model_dir)  # after joining the group: every rank resolves it
-    _load_plugins(plugin)
+    load_plugin_args(plugin)
     base = Recipe.from_toml(recipe) if recipe else Recipe()
-    _check_strategy(strategy)
+    check_strategy(strategy)
     if not recipe and strategy is None and bits is None and group_size is None:
         base = Recipe()  # GPTQ 4-bit, group 64
     rec = base.with_default(strategy=strategy, bits=bits, group_size=group_size)
@@ -198,14 +198,14 @@ def _quantize(model_dir, output, *, recipe, plugin, bits, group_size, strategy, 
         if group.size > 1:
             fail("--target-bpw plans in one process; plan first, then run the written "
                  "recipe with --recipe and --processes", 2)
-        with _ProgressView(enabled=not quiet) as view:
+        with ProgressView(enabled=not quiet) as view:
             plan = plan_directory(
                 model_dir, target_bpw, rec, calibration=calib, num_samples=num_samples,
                 seq_len=seq_len, seed=seed, dtype=dtype.value, batch_size=batch_size,
                 progress=view,
             )
         rec = plan.recipe
-    with _ProgressView(enabled=not quiet and group.rank == 0) as view:
+    with ProgressView(enabled=not quiet and group.rank == 0) as view:
         result = quantize_directory(
             model_dir, output, rec, calibration=calib, num_samples=num_samples,
             seq_len=seq_len, seed=seed, dtype=dtype.value, batch_size=batch_size,

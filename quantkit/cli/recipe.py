@@ -13,7 +13,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from ..errors import QuantkitError
-from .app import PLUGIN_HELP, _fmt, _load_plugins, _wide, app, err, fail, out
+from .app import PLUGIN_HELP, app, err, fail, fmt, load_plugin_args, out, wide
 
 recipe_app = typer.Typer(no_args_is_help=True, help="Validate a recipe and see which layers its rules match.")
 app.add_typer(recipe_app, name="recipe")
@@ -36,7 +36,7 @@ def recipe_check(
     from ..recipe import Recipe
 
     try:
-        _load_plugins(plugin)
+        load_plugin_args(plugin)
         recipe = Recipe.from_toml(file)
         checked = check_recipe(recipe, model)
     except QuantkitError as exc:
@@ -60,18 +60,18 @@ def recipe_check(
             d = rule.to_dict()
             opts = ", ".join(f"{k}={v}" for k, v in rule.options)
             cells = [label, escape("*" if label == "default" else rule.match), rule.strategy,
-                     _fmt(d.get("bits"), "d"), _fmt(d.get("group_size"), "d"),
+                     fmt(d.get("bits"), "d"), fmt(d.get("group_size"), "d"),
                      str(d.get("mode", "-")), escape(opts)]
             if model is not None:
                 cells.append(str(count) if count else "[yellow]0[/]")
             table.add_row(*cells)
-        _wide().print(table)
+        wide().print(table)
         mt = Table(title="methods the recipe uses", box=box.SIMPLE_HEAD)
         for col in ("kind", "name", "class", "plugin"):
             mt.add_column(col, no_wrap=col != "plugin")
         for m in checked.methods:
             mt.add_row(m["kind"], escape(m["name"]), escape(m["class"]), escape(m["plugin"]))
-        _wide().print(mt)
+        wide().print(mt)
         if layers:
             lt = Table(title=f"layers of {model}", box=box.SIMPLE_HEAD)
             for col in ("layer", "rule", "strategy", "bits", "group", "mode", "note"):
@@ -79,9 +79,9 @@ def recipe_check(
             for d in layers:
                 lt.add_row(escape(d["path"]), "default" if d["rule"] is None else str(d["rule"]),
                            d["strategy"] if d["bits"] is not None else "[yellow]full precision[/]",
-                           _fmt(d["bits"], "d"), _fmt(d["group_size"], "d"), str(d["mode"] or "-"),
+                           fmt(d["bits"], "d"), fmt(d["group_size"], "d"), str(d["mode"] or "-"),
                            escape(d["note"] or ""))
-            _wide().print(lt)
+            wide().print(lt)
         err.print(f"[bold green]ok[/] {escape(str(file))}: {len(recipe.rules)} rule(s)"
                   + (f", {len(layers)} layers planned" if model is not None else
                      "; pass --model DIR to see which layers each rule matches"), highlight=False, soft_wrap=True)

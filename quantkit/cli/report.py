@@ -14,7 +14,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from ..errors import QuantkitError
-from .app import _fmt, _wide, app, err, fail, out
+from .app import app, err, fail, fmt, out, wide
 
 
 class SortBy(str, Enum):
@@ -65,7 +65,7 @@ def report(
         return
     rows = ordered_layers(run, sort.value)
     worst_paths = {r.path for r in worst}
-    table = Table(title=f"{out_dir}  ({_fmt(run.bits_per_weight, '.3f')} bits per weight, "
+    table = Table(title=f"{out_dir}  ({fmt(run.bits_per_weight, '.3f')} bits per weight, "
                         f"{run.time_s:.1f} s)", box=box.SIMPLE_HEAD, pad_edge=False)
     table.add_column("layer", no_wrap=True)
     table.add_column("strategy", no_wrap=True)
@@ -84,13 +84,13 @@ def report(
         ratio = (r.hessian_error / r.rtn_hessian_error
                  if r.hessian_error is not None and r.rtn_hessian_error else None)
         style = "bold red" if r.path in worst_paths else None
-        cells = [escape(r.path), strategy, _fmt(r.bits, "d"), _fmt(r.group_size, "d"),
-                 r.mode or "-", _fmt(r.n_tokens, "d"), _fmt(r.damping, "g"), _fmt(r.hessian_error),
-                 _fmt(r.relative_error, ".2e"), _fmt(ratio, ".2f")]
+        cells = [escape(r.path), strategy, fmt(r.bits, "d"), fmt(r.group_size, "d"),
+                 r.mode or "-", fmt(r.n_tokens, "d"), fmt(r.damping, "g"), fmt(r.hessian_error),
+                 fmt(r.relative_error, ".2e"), fmt(ratio, ".2f")]
         if with_kl:
-            cells.append(_fmt(r.output_kl, ".2e"))
+            cells.append(fmt(r.output_kl, ".2e"))
         table.add_row(*cells, f"{r.time_s:.3f}", style=style)
-    _wide().print(table)
+    wide().print(table)
     if worst:
         out.print("worst layers by relative output error: " + ", ".join(
             f"{escape(r.path)} ({r.relative_error:.4f})" for r in worst), highlight=False, soft_wrap=True)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 
 
-def _force_exit(signum: int) -> None:
+def force_exit(signum: int) -> None:
     """A second Ctrl-C: end now (a half-written hidden directory is removed by the next run)."""
     os.write(2, b"error: interrupted again; stopped at once\n")
     os._exit(128 + signum)
