@@ -162,9 +162,9 @@ def quantize_expert(
     quantizer, reason, share = _choose(p, stats, i, fallback, calibration_tokens)
     if quantizer is not p.quantizer:
         factor = None  # a factor is the recipe strategy's
-    solved = solve_matrix(weight, p.spec, p.storage_dtype, quantizer,
-                          own if quantizer.needs_hessian else None, fallback, measure=own,
-                          factor=factor, chunked=False)
+    solved = solve_matrix(weight, p.spec, p.storage_dtype, quantizer=quantizer,
+                          stats=own if quantizer.needs_hessian else None, fallback=fallback,
+                          measure=own, factor=factor, chunked=False)
     outcome = ExpertOutcome(
         expert=expert, n_tokens=n, share=share, strategy=solved.strategy.name,
         status="quantized" if solved.strategy is p.quantizer else "fallback",

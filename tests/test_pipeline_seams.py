@@ -75,9 +75,10 @@ def test_solve_matrix_gives_the_same_bytes_chunked_or_whole_and_measures_with_th
     w = mx.array(np.random.default_rng(1).standard_normal((96, 64)).astype(np.float32))
     spec, stats = QuantSpec(bits=4, group_size=32), _stats(64)
     gptq = GPTQQuantizer(chunk_mb=0.01)  # several slices of rows
-    chunked = solve_matrix(w, spec, mx.float32, gptq, stats, RTNQuantizer(), measure=stats)
-    whole = solve_matrix(w, spec, mx.float32, gptq, stats, RTNQuantizer(), measure=stats,
-                         chunked=False)
+    chunked = solve_matrix(w, spec, mx.float32, quantizer=gptq, stats=stats,
+                           fallback=RTNQuantizer(), measure=stats)
+    whole = solve_matrix(w, spec, mx.float32, quantizer=gptq, stats=stats,
+                         fallback=RTNQuantizer(), measure=stats, chunked=False)
     for k in ("weight", "scales", "biases"):
         assert mx.array_equal(chunked.packed[k], whole.packed[k]), k
     assert not chunked.fell_back and chunked.strategy is gptq
@@ -98,12 +99,12 @@ def test_solve_matrix_falls_back_when_refused_or_the_factor_failed():
     w = mx.array(np.random.default_rng(2).standard_normal((32, 64)).astype(np.float32))
     spec, stats = QuantSpec(bits=4, group_size=32), _stats(64)
     rtn = RTNQuantizer()
-    refused = solve_matrix(w, spec, mx.float32, GPTQQuantizer(), None, rtn,
-                           refused="no calibration activations reached this layer")
+    refused = solve_matrix(w, spec, mx.float32, quantizer=GPTQQuantizer(), stats=None,
+                           fallback=rtn, refused="no calibration activations reached this layer")
     assert refused.fell_back and refused.strategy is rtn and refused.figures is None
     assert refused.reason == "no calibration activations reached this layer"
-    failed = solve_matrix(w, spec, mx.float32, GPTQQuantizer(), stats, rtn, measure=stats,
-                          factor=FactorizationError("not positive definite"), chunked=False)
+    failed = solve_matrix(w, spec, mx.float32, quantizer=GPTQQuantizer(), stats=stats,
+                          fallback=rtn, measure=stats, factor=FactorizationError("not positive definite"), chunked=False)
     assert failed.fell_back and failed.reason == "not positive definite"
     plain = rtn.quantize(w, spec, None, mx.float32)
     assert mx.array_equal(failed.packed["weight"],

@@ -42,8 +42,8 @@ class Solved:
 
 
 def solve_matrix(
-    weight: mx.array, spec: QuantSpec, storage_dtype: mx.Dtype, quantizer: Quantizer,
-    stats: HessianStats | None, fallback: Quantizer, *, measure: HessianStats | None = None,
+    weight: mx.array, spec: QuantSpec, storage_dtype: mx.Dtype, *, quantizer: Quantizer,
+    stats: HessianStats | None, fallback: Quantizer, measure: HessianStats | None = None,
     refused: str | None = None, result: QuantResult | None = None,
     factor: InverseFactor | FactorizationError | None = None, chunked: bool = True,
 ) -> Solved:
@@ -112,8 +112,8 @@ def quantize_layer(p: LayerPlan, stats: HessianStats | None, fallback: Quantizer
         refused = f"{record.layer_class}: expert layer outside the decoder blocks"
     elif p.quantizer.needs_hessian and (stats is None or stats.n_tokens == 0):
         refused = "no calibration activations reached this layer"
-    solved = solve_matrix(weight, p.spec, p.storage_dtype, p.quantizer, stats, fallback,
-                          measure=stats, refused=refused, result=result)
+    solved = solve_matrix(weight, p.spec, p.storage_dtype, quantizer=p.quantizer, stats=stats,
+                          fallback=fallback, measure=stats, refused=refused, result=result)
     record.damping = solved.damping
     if solved.fell_back:
         record.status = "fallback"
