@@ -51,7 +51,7 @@ from .pipeline.dtypes import DTYPES, restore_dtypes
 from .pipeline.hooks import Progress, WalkHook
 from .pipeline.plan import LayerPlan, layer_cost, plan_layers, quantization_config, rebind
 from .pipeline.shards import final_arrays, float_params_from_file, reload_lazily
-from .pipeline.solve import quantize_layer, solve_groups, solve_jointly
+from .pipeline.solve import exchange_layers, quantize_layer, solve_groups, solve_jointly
 from .quantizers import Quantizer, QuantResult, RTNQuantizer
 from .recipe import Recipe
 from .registry import (
@@ -501,7 +501,7 @@ class ModelWalker:
                 record.time_s += joint_s / len(group)
                 record.block, record.rank = block_index, rank
                 done[p.path] = (module, record)
-        done = self._exchange_layers(plans, done, owners)
+        done = exchange_layers(self.distributed, plans, done, owners)
         new_modules = []
         for p in plans:
             module, record = done[p.path]
@@ -510,26 +510,6 @@ class ModelWalker:
             new_modules.append((p.path, module))
         self._install(model, plans, new_modules)
         return new_modules
-
-    def _exchange_layers(self, plans: list[LayerPlan], done: dict[str, tuple[nn.Module, LayerRecord]],
-                         owners: dict[str, int]) -> dict[str, tuple[nn.Module, LayerRecord]]:
-        """Every rank's quantized layers on every rank: ``done`` holds this rank's own."""
-        group = self.distributed
-        if group.size == 1:
-            return done
-        mine = [({"path": p.path, "record": attrs.asdict(done[p.path][1])},
-                 tree_flatten(done[p.path][0].parameters()))
-                for p in plans if owners[p.path] == group.rank]
-        by_path = {p.path: p for p in plans}
-        out = dict(done)
-        for r, items in enumerate(group.exchange(mine, "exchanging quantized layers")):
-            if r == group.rank:
-                continue
-            for meta, params in items:
-                p = by_path[meta["path"]]
-                module = build.from_parameters(p, params)
-                out[p.path] = (module, LayerRecord(**meta["record"]))
-        return out
 
     def _resume(self, model, plans: dict[str, LayerPlan], report: RunReport,
                 checkpoint: Checkpoint | None, n_blocks: int) -> ResumeState | None:

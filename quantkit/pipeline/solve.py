@@ -2,19 +2,23 @@
 the Hessian-weighted error figures and what the run report records — written once, for a dense
 layer (:func:`quantize_layer`) and for one expert of a MoE layer (:mod:`quantkit.moe`) alike
 (:func:`solve_matrix`). Layers sharing a Hessian are solved as one matrix first
-(:func:`solve_groups`, :func:`solve_jointly`)."""
+(:func:`solve_groups`, :func:`solve_jointly`); with several processes each solves its share and
+:func:`exchange_layers` hands every rank the others'."""
 
 from __future__ import annotations
 
 import itertools
 import time
 from collections.abc import Iterator
+from typing import cast
 
 import attrs
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
+from mlx.utils import tree_flatten
 
+from ..distributed import Distributed, Item
 from ..errors import FactorizationError
 from ..hessian import HessianStats
 from ..inverse import InverseFactor
@@ -182,6 +186,30 @@ def solve_jointly(group: list[LayerPlan], stats) -> tuple[list[QuantResult | Non
             info=dict(joint.info, joint_with=[p.path for p in group]),
         ))
     return results, time.perf_counter() - t0
+
+
+def exchange_layers(group: Distributed, plans: list[LayerPlan],
+                    done: dict[str, tuple[nn.Module, LayerRecord]],
+                    owners: dict[str, int]) -> dict[str, tuple[nn.Module, LayerRecord]]:
+    """Every rank's quantized layers on every rank: ``done`` holds this rank's own, ``owners``
+    says which rank solved each layer of ``plans``; the others' come back as parameters and
+    are rebuilt here (:func:`~quantkit.pipeline.build.from_parameters`)."""
+    if group.size == 1:
+        return done
+    mine: list[Item] = [
+        ({"path": p.path, "record": attrs.asdict(done[p.path][1])},
+         cast(list[tuple[str, mx.array]], tree_flatten(done[p.path][0].parameters())))
+        for p in plans if owners[p.path] == group.rank]
+    by_path = {p.path: p for p in plans}
+    out = dict(done)
+    for r, items in enumerate(group.exchange(mine, "exchanging quantized layers")):
+        if r == group.rank:
+            continue
+        for meta, params in items:
+            p = by_path[meta["path"]]
+            module = build.from_parameters(p, params)
+            out[p.path] = (module, LayerRecord(**meta["record"]))
+    return out
 
 
 def started(chunks: Iterator[tuple[slice, QuantResult]]) -> Iterator[tuple[slice, QuantResult]]:
