@@ -1,5 +1,7 @@
-"""Several quantized models against their float reference on one text: the rows of
-``quantkit eval --reference`` and ``quantkit compare`` (data only; the CLI renders them)."""
+"""Model directories measured on one text: a model's perplexity (``quantkit eval``,
+:func:`directory_perplexity`), several quantized models against their float reference (the rows
+of ``quantkit eval --reference`` and ``quantkit compare``, :func:`compare_models`). Data only;
+the CLI renders them."""
 
 from __future__ import annotations
 
@@ -12,7 +14,7 @@ import attrs
 import mlx.core as mx
 
 from .calibration import make_batches, read_text, tokenize
-from .evaluate import Fidelity, MismatchError, fidelity
+from .evaluate import Fidelity, MismatchError, fidelity, perplexity
 from .report import REPORT_NAME, RunReport
 
 #: Characters of the text whose token ids must agree between a model and its reference.
@@ -32,6 +34,23 @@ class ModelRow:
     def to_dict(self) -> dict[str, Any]:
         return {"model": self.model, "bits_per_weight": self.bits_per_weight,
                 "size_bytes": self.size_bytes, **self.fidelity.to_dict(), "recipe": self.recipe}
+
+
+@attrs.frozen
+class PerplexityRow:
+    """One model's perplexity on ``num_samples × seq_len`` tokens of a text."""
+
+    model: str
+    perplexity: float
+    text: str
+    num_samples: int
+    seq_len: int
+    tokens: int
+    quantized: bool
+    bits_per_weight: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return attrs.asdict(self)
 
 
 def size_on_disk(model_dir: str | Path) -> int:
@@ -119,3 +138,25 @@ def compare_models(
         del model
     return rows
 
+
+def directory_perplexity(
+    model_dir: str | Path, text: str | Path | None, *, num_samples: int = 64, seq_len: int = 512,
+    seed: int = 0, batch_size: int = 8, progress: Callable[[int, int], None] | None = None,
+) -> PerplexityRow:
+    """Perplexity (:func:`quantkit.evaluate.perplexity`) of the model in ``model_dir`` (a
+    directory or a Hugging Face repo id, quantized or not) on ``num_samples`` windows of
+    ``seq_len`` tokens of ``text`` (``None``: the built-in text), chosen with ``seed``."""
+    from mlx_lm.utils import compute_bits_per_weight
+
+    from .hub import resolve_model
+    from .io import load_model
+
+    model, tokenizer, config = load_model(resolve_model(model_dir), allow_quantized=True)
+    tokens = eval_tokens(tokenizer, read_text(text), num_samples, seq_len, seed)
+    ppl = perplexity(model, tokens, batch_size, progress=progress)
+    return PerplexityRow(
+        model=str(model_dir), perplexity=ppl, text=str(text or "builtin"),
+        num_samples=int(tokens.shape[0]), seq_len=seq_len,
+        tokens=int(tokens.shape[0] * (seq_len - 1)), quantized=bool(config.get("quantization")),
+        bits_per_weight=float(compute_bits_per_weight(model)),
+    )

@@ -63,6 +63,10 @@ def describe(exc: BaseException, limit: int = 400) -> str:
     return text if len(text) <= limit else text[: limit - 1].rstrip() + "…"
 
 
+class ReportError(QuantkitError):
+    """A run report (``quantization_report.json``) that is missing or cannot be read."""
+
+
 class EvaluationError(QuantkitError, ArithmeticError):
     """A model whose loss on the text is not a number, or so large that its perplexity
     overflows: its outputs are broken (damaged weights, a failed quantization)."""

@@ -1,6 +1,7 @@
 """Automatic mixed precision: per-layer bits and group sizes that meet a bits-per-weight budget.
 
-Two steps, both reusing the walker:
+Two steps, both reusing the walker (the profiler follows it through its public hook,
+:class:`~quantkit.pipeline.hooks.WalkHook`):
 
 1. **Measure.** A profiling walk (sequential, block by block, exactly like a real run) computes
    for every layer the Hessian-weighted output error ``trace(ΔW H ΔWᵀ)`` — the mean squared error
@@ -31,6 +32,7 @@ import math
 import re
 from collections import Counter
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any, ClassVar, cast
 
 import attrs
@@ -39,16 +41,20 @@ import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
+from .arch import decoder_blocks
 from .errors import FactorizationError, QuantkitError
 from .hessian import HessianStats
 from .interrupt import check
-from .quantizers import Quantizer
+from .pipeline.dtypes import DTYPES, restore_dtypes
+from .pipeline.hooks import Progress, WalkHook
+from .pipeline.plan import LayerPlan
+from .quantizers import Quantizer, RTNQuantizer
 from .recipe import Recipe
 from .registry import Wrapper
 from .report import RunReport
 from .specs import QuantSpec
 from .validate import check_settings
-from .walker import _DTYPES, LayerPlan, ModelWalker, Progress, _decoder_blocks, _restore_dtypes
+from .walker import ModelWalker
 
 #: Candidate storage formats, from 2.25 to 8.5 bits per weight with 16-bit scales.
 DEFAULT_CANDIDATES: tuple[QuantSpec, ...] = tuple(
@@ -195,6 +201,16 @@ class MixedPlan:
                                         "layers": n, "total": sum(kl.values())}
         return n
 
+    def write_into(self, out_dir: str | Path, report: RunReport) -> Path:
+        """Finish the output a run of this plan wrote: the plan as ``recipe.toml`` beside it (to
+        edit and re-run), and each layer's output KL in its ``report`` (re-written there when
+        any was measured). Returns the recipe file."""
+        path = Path(out_dir) / "recipe.toml"
+        path.write_text(self.to_toml())
+        if self.annotate_report(report):  # each layer's output KL, where measured
+            report.write(out_dir)
+        return path
+
     def to_toml(self) -> str:
         spread = Counter(f"{s.bits}b g{s.group_size}" for s in self.specs.values())
         header = (
@@ -235,11 +251,14 @@ class _Measured(Quantizer):
 
 
 @attrs.define
-class _ProfilingWalker(ModelWalker):
-    """A walker that, before quantizing each layer at its planned (reference) spec, records the
-    Hessian-weighted error its strategy reaches at every candidate spec."""
+class _Profiler(WalkHook):
+    """Follows a walk (a :class:`~quantkit.pipeline.hooks.WalkHook`): before each layer is
+    quantized at its planned (reference) spec, records the Hessian-weighted error its strategy
+    reaches at every candidate spec."""
 
     candidates: tuple[QuantSpec, ...] = DEFAULT_CANDIDATES
+    #: The walk's fallback strategy (used where a candidate cannot be factorized).
+    fallback: Quantizer = attrs.field(factory=RTNQuantizer)
     #: Per layer, weights of its output features (``None``: all 1, the plain output error).
     weights: dict[str, np.ndarray] | None = None
     errors: dict[str, dict[QuantSpec, float]] = attrs.field(factory=dict)
@@ -254,15 +273,13 @@ class _ProfilingWalker(ModelWalker):
     #: Per layer, the gradient of the output KL in the low-bit model (``kl-grad``).
     kl_grads: dict[str, np.ndarray] | None = None
 
-    def plan(self, model, report=None):
-        plans = super().plan(model, report)
+    def planned(self, plans: dict[str, LayerPlan]) -> None:
         for p in plans.values():
             if not p.quantizer.needs_hessian:
                 p.quantizer = _Measured(p.quantizer)
         self.plans = dict(plans)  # the walker drops its plans (and the original layers) as it goes
-        return plans
 
-    def quantize_layer(self, p: LayerPlan, stats: HessianStats | None, result=None):
+    def before_solve(self, p: LayerPlan, stats: HessianStats | None) -> None:
         weight = p.handler.weight(p.module)
         if stats is not None and stats.n_tokens > 0 and weight.ndim == 2:
             w = weight.astype(mx.float32)
@@ -287,7 +304,6 @@ class _ProfilingWalker(ModelWalker):
                     # first order, linearised in the low-bit model: KL(Q_s) − KL(W) ≈ g·(Q_s − W)
                     self.kl.setdefault(p.path, {})[spec] = float(np.sum(self.kl_grads[p.path] * -d))
             self.errors[p.path] = errs
-        return super().quantize_layer(p, stats, result)
 
     def _kl_spec(self, weight: mx.array) -> QuantSpec | None:
         """The one candidate ``kl-fast`` measures a layer at: the reference, else the fitting
@@ -432,7 +448,7 @@ def output_fisher(model: nn.Module, tokens: mx.array, paths: Sequence[str],
     for a tied embedding, the output head's logits. ``model`` is left unchanged."""
     modules = dict(tree_flatten(model.leaf_modules(), is_leaf=nn.Module.is_module))
     sums: dict[str, list] = {p: [] for p in paths}
-    blocks = _decoder_blocks(model)
+    blocks = decoder_blocks(model)
     first = blocks[0]
     block_path = next(p for p, m in model.named_modules() if m is first)
     model.update_modules(tree_unflatten([(p, _Probe(modules[p], sums[p])) for p in paths]))
@@ -555,43 +571,44 @@ def measure_sensitivity(
     total_params = sum(v.size for _, v in tree_flatten(model.parameters()))
     scale_bits = 16 if any(v in (mx.float16, mx.bfloat16) for v in orig_dtypes.values()) else 32
     reference = _reference_spec(candidates, reference_bpw, scale_bits)
-    walker = _ProfilingWalker(
+    profiler = _Profiler(candidates=candidates, reference=reference, kl_all=sensitivity == "kl")
+    walker = ModelWalker(
         recipe=base.with_default(bits=reference.bits, group_size=reference.group_size),
-        batch_size=batch_size, dtype=dtype, progress=progress, candidates=candidates,
-        reference=reference, kl_all=sensitivity == "kl",
+        batch_size=batch_size, dtype=dtype, progress=progress, hooks=(profiler,),
     )
+    profiler.fallback = walker.fallback
     if sensitivity in ("kl", "kl-fast"):
-        walker.kl_probe = KLProbe(model, tokens[:fisher_samples],
-                                  dtype=None if dtype is None else _DTYPES[dtype])
+        profiler.kl_probe = KLProbe(model, tokens[:fisher_samples],
+                                  dtype=None if dtype is None else DTYPES[dtype])
     if sensitivity == "kl-grad":
         low = sorted(candidates, key=lambda s: (s.bits_per_weight(scale_bits), -s.group_size))
-        walker.kl_grads = kl_gradients(model, tokens[:fisher_samples], list(walker.plan(model)),
-                                       low, dtype=None if dtype is None else _DTYPES[dtype])
+        profiler.kl_grads = kl_gradients(model, tokens[:fisher_samples], list(walker.plan(model)),
+                                       low, dtype=None if dtype is None else DTYPES[dtype])
     if sensitivity == "fisher":
         paths = list(walker.plan(model))
         if dtype is not None:
-            model.set_dtype(_DTYPES[dtype])
+            model.set_dtype(DTYPES[dtype])
         try:
-            walker.weights = output_fisher(model, tokens[:fisher_samples], paths)
+            profiler.weights = output_fisher(model, tokens[:fisher_samples], paths)
         finally:
-            _restore_dtypes(model, orig_dtypes)
+            restore_dtypes(model, orig_dtypes)
     try:
         walker.run(model, tokens)
     finally:
-        model.update_modules(tree_unflatten([(p.path, p.module) for p in walker.plans.values()]))
-        _restore_dtypes(model, orig_dtypes)
+        model.update_modules(tree_unflatten([(p.path, p.module) for p in profiler.plans.values()]))
+        restore_dtypes(model, orig_dtypes)
 
     # Fixed cost: every parameter not in a planned layer's weight, at its dtype.
-    planned_weights = {f"{p.path}.weight" for p in walker.plans.values()}
+    planned_weights = {f"{p.path}.weight" for p in profiler.plans.values()}
     fixed_bits = sum(v.nbytes * 8 for k, v in tree_flatten(model.parameters())
                      if k not in planned_weights)
     layers, pinned = [], {}
-    for path, p in walker.plans.items():
+    for path, p in profiler.plans.items():
         weight = p.handler.weight(p.module)
         sbits = 8 * weight.dtype.size
-        errs = walker.errors.get(path)
+        errs = profiler.errors.get(path)
         if errs and sensitivity in ("kl", "kl-fast", "kl-grad"):
-            errs = _kl_errors(errs, walker.kl.get(path, {}))
+            errs = _kl_errors(errs, profiler.kl.get(path, {}))
         if not errs:
             pinned[path] = base.resolve(path)[1].spec.fitted_to(weight.shape[-1]) or p.spec
             fixed_bits += storage_bits(pinned[path], weight.size, sbits)
@@ -600,7 +617,7 @@ def measure_sensitivity(
             (storage_bits(s, weight.size, sbits), e, s) for s, e in errs.items()
         )))
     return Sensitivity(layers=tuple(layers), fixed_bits=fixed_bits, total_params=total_params,
-                       pinned=pinned, paths=tuple(walker.plans), base=base, reference=reference,
+                       pinned=pinned, paths=tuple(profiler.plans), base=base, reference=reference,
                        sensitivity=sensitivity)
 
 

@@ -42,26 +42,30 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterable
-from typing import cast
+from typing import Any, cast
 
 import attrs
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
+from .arch import shared_input_groups
 from .distributed import Distributed, Item
 from .errors import FactorizationError
-from .hessian import ExpertHessianStats, HessianCollector
+from .hessian import ExpertHessianStats, HessianCollector, HessianStats
 from .interrupt import check
 from .inverse import InverseFactor
-from .packers import packer_for
+from .pipeline import build
 from .pipeline.plan import LayerPlan
-from .quantizers import Quantizer, QuantResult, hessian_figures
+from .pipeline.solve import solve_matrix
+from .quantizers import Quantizer
 from .registry import SwitchLinearHandler
 from .report import LayerRecord
 
 #: Runs the block's calibration forward with ``collectors`` (keyed by path) on ``plans``.
 Collect = Callable[[list[LayerPlan], dict[str, HessianCollector]], None]
+#: Installs ``collectors`` on ``plans``' layers and runs the passes ``forward()`` yields.
+RunCollectors = Callable[[list[LayerPlan], dict[str, HessianCollector], Callable[[], Iterable]], None]
 
 
 @attrs.frozen
@@ -144,37 +148,32 @@ def expert_factors(
 def quantize_expert(
     p: LayerPlan, weight: mx.array, stats: ExpertHessianStats, i: int, fallback: Quantizer,
     calibration_tokens: int, factor: InverseFactor | FactorizationError | None = None,
-) -> tuple[QuantResult, ExpertOutcome]:
+) -> tuple[dict[str, mx.array], ExpertOutcome]:
     """Quantize expert ``stats.experts[i]`` (``weight (out, in)`` float32) of plan ``p``: with
     the recipe's strategy and the expert's own Hessian; with the handler's ``starved`` strategy
     when it was sent less than ``min_token_share`` of the ``calibration_tokens``; with
-    ``fallback`` when its Hessian cannot be factorized. ``factor``: the expert's entry of
-    :func:`expert_factors`, if any (else the recipe's strategy factorizes the Hessian itself)."""
+    ``fallback`` when its Hessian cannot be factorized (the common step:
+    :func:`~quantkit.pipeline.solve.solve_matrix`). ``factor``: the expert's entry of
+    :func:`expert_factors`, if any (else the recipe's strategy factorizes the Hessian itself).
+    Returns the expert's packed arrays and how it went."""
     t0 = time.perf_counter()
     expert, n = stats.experts[i], stats.expert_tokens[i]
     own = stats.expert(i) if n > 0 else None
     quantizer, reason, share = _choose(p, stats, i, fallback, calibration_tokens)
     if quantizer is not p.quantizer:
         factor = None  # a factor is the recipe strategy's
-    try:
-        if isinstance(factor, FactorizationError):
-            raise factor
-        kwargs = {} if factor is None else {"factor": factor}
-        result = quantizer.quantize(weight, p.spec, own if quantizer.needs_hessian else None,
-                                    p.storage_dtype, **kwargs)
-    except FactorizationError as exc:
-        quantizer, reason = fallback, str(exc)
-        result = fallback.quantize(weight, p.spec, None, p.storage_dtype)
+    solved = solve_matrix(weight, p.spec, p.storage_dtype, quantizer=quantizer,
+                          stats=own if quantizer.needs_hessian else None, fallback=fallback,
+                          measure=own, factor=factor, chunked=False)
     outcome = ExpertOutcome(
-        expert=expert, n_tokens=n, share=share, strategy=quantizer.name,
-        status="quantized" if quantizer is p.quantizer else "fallback", reason=reason,
-        damping=result.info.get("damping"),
+        expert=expert, n_tokens=n, share=share, strategy=solved.strategy.name,
+        status="quantized" if solved.strategy is p.quantizer else "fallback",
+        reason=solved.reason if solved.fell_back else reason, damping=solved.damping,
     )
-    if own is not None:
-        err, energy, rtn = hessian_figures(weight, result.dequantized, own.h, p.spec,
-                                           p.storage_dtype)
+    if solved.figures is not None:
+        err, energy, rtn = solved.figures
         outcome = attrs.evolve(outcome, hessian_error=err, energy=energy, rtn_hessian_error=rtn)
-    return result, attrs.evolve(outcome, time_s=time.perf_counter() - t0)
+    return solved.packed, attrs.evolve(outcome, time_s=time.perf_counter() - t0)
 
 
 def quantize_expert_layers(
@@ -236,11 +235,10 @@ def quantize_expert_layers(
                 e = stats[p.path].experts[i]
                 # One expert's weight in float32 at a time (all of a layer's: GBs).
                 weight = p.handler.weight(p.module)[e].astype(mx.float32)
-                result, outcome = quantize_expert(p, weight, stats[p.path], i,
+                arrays, outcome = quantize_expert(p, weight, stats[p.path], i,
                                                   fallback, calibration_tokens, factors.get(i))
                 if i in factors:
                     outcome = attrs.evolve(outcome, time_s=outcome.time_s + factor_s)
-                arrays = _pack(p, result)
                 outcome = attrs.evolve(outcome, rank=group.rank)
                 mine.append(({"path": p.path, "outcome": attrs.asdict(outcome)},
                              sorted(arrays.items())))
@@ -254,25 +252,11 @@ def quantize_expert_layers(
     out = []
     for p in plans:
         experts = sorted(packed[p.path])
-        module = p.handler.build(p.module, _stack([packed[p.path].pop(e) for e in experts]), p.spec)
-        mx.eval(module.parameters())
+        module = build.build(p, build.stack_experts([packed[p.path].pop(e) for e in experts]))
         records = _records(p, [outcomes[p.path][e] for e in experts], layer_tokens[p.path])
         records[0].routed_tokens = routed_rows[p.path]
         out.append((p, module, records))
     return out
-
-
-def _pack(p: LayerPlan, result: QuantResult) -> dict[str, mx.array]:
-    """One expert's stored arrays (scales in float32 for affine; dtypes are restored later)."""
-    dtype = mx.float32 if p.spec.mode == "affine" else p.storage_dtype
-    arrays = packer_for(p.spec.mode).pack(result, dtype)
-    mx.eval(arrays)
-    return arrays
-
-
-def _stack(experts: list[dict[str, mx.array]]) -> dict[str, mx.array]:
-    """Per-expert arrays ``(out, ·)`` as the layer's ``(experts, out, ·)`` arrays."""
-    return {k: mx.stack([d[k] for d in experts]) for k in experts[0]}
 
 
 def _records(p: LayerPlan, outcomes: list[ExpertOutcome], layer_tokens: int) -> list[LayerRecord]:
@@ -318,3 +302,57 @@ def _records(p: LayerPlan, outcomes: list[ExpertOutcome], layer_tokens: int) -> 
         for o in fell_back
     ]
     return [layer, *per_expert]
+
+
+def expert_shard_stats(run_collectors: RunCollectors, active: list[LayerPlan],
+                       like: dict[str, HessianCollector], forward) -> dict[str, HessianStats]:
+    """One calibration shard's per-expert statistics, flattened to plain
+    :class:`HessianStats` keyed ``path#expert`` (plus ``path#counts``: every expert's share of
+    the routed rows) so the shard tree merges each expert by its own token count.
+    ``run_collectors(plans, collectors, forward)`` runs the block's passes with them installed."""
+    fresh = {p.path: p.handler.collector(p.module, like[p.path].experts) for p in active}
+    run_collectors(active, fresh, forward)
+    out: dict[str, HessianStats] = {}
+    for path, c in fresh.items():
+        counts = c.counts.astype(mx.float32)
+        rows = int(cast(int, mx.sum(c.counts).item()))
+        out[f"{path}#counts"] = HessianStats(h=counts / max(rows, 1), n_tokens=rows)
+        routed_counts = getattr(c, "routed", None)
+        if getattr(c, "all_experts", False) and routed_counts is not None:
+            # the rows the router sent, beside the all-experts rows
+            routed = int(cast(int, mx.sum(routed_counts).item()))
+            out[f"{path}#routed"] = HessianStats(
+                h=routed_counts.astype(mx.float32) / max(routed, 1), n_tokens=routed)
+        h_all = getattr(c, "h_all", None)
+        if h_all is not None:  # Hessian shrinkage: the layer's Hessian over all routed rows
+            out[f"{path}#all"] = HessianStats(h=h_all, n_tokens=rows)
+        if c.shared:
+            out[f"{path}#shared"] = HessianStats(h=c.h[0], n_tokens=rows)
+            continue
+        for i, e in enumerate(c.experts):
+            out[f"{path}#{e}"] = HessianStats(h=c.h[i], n_tokens=int(c.counts[e].item()))
+    return out
+
+
+def load_expert_stats(collector, path: str, merged: dict[str, HessianStats]) -> None:
+    """Put the merged statistics back into ``collector`` (its Hessians and token counts)."""
+    total = merged[f"{path}#counts"]
+    collector.counts = mx.round(total.h * total.n_tokens).astype(mx.int32)
+    if f"{path}#routed" in merged:
+        routed = merged[f"{path}#routed"]
+        collector.routed = mx.round(routed.h * routed.n_tokens).astype(mx.int32)
+    if f"{path}#all" in merged:
+        cast(Any, collector).h_all = merged[f"{path}#all"].h
+    if collector.shared:
+        collector.h = merged[f"{path}#shared"].h[None]
+    else:
+        collector.h = mx.stack([merged[f"{path}#{e}"].h for e in collector.experts])
+
+
+def same_input(model: nn.Module, plans: list[LayerPlan]) -> dict[str, str]:
+    """``{layer: layer it reads the very same input of}`` among ``plans``, from the model's
+    architecture table (e.g. a ``SwitchGLU``'s up projection: its gate projection), where both
+    have equal handlers: their Hessians are the same (see :func:`quantize_expert_layers`)."""
+    by_path = {p.path: p for p in plans}
+    return {path: lead for path, lead in shared_input_groups(model, by_path).items()
+            if by_path[lead].handler == by_path[path].handler}

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from .errors import QuantkitError, describe
-from .report import LayerRecord, RunReport
+from .report import LayerRecord, RunReport, layer_depth, worst_layers
 from .validate import check_output_file
 
 _BLOCK = re.compile(r"\.layers\.(\d+)\.")
@@ -23,23 +23,9 @@ _KINDS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_
           "embed_tokens", "lm_head")
 
 
-def layer_depth(record: LayerRecord) -> int | None:
-    """The decoder block a layer belongs to (from the report, else from its path)."""
-    if record.block is not None:
-        return record.block
-    m = _BLOCK.search(record.path)
-    return int(m.group(1)) if m else None
-
-
 def layer_kind(record: LayerRecord) -> str:
     leaf = record.path.rsplit(".", 1)[-1]
     return leaf if leaf in _KINDS else "other"
-
-
-def worst_layers(report: RunReport, top: int = 5) -> list[LayerRecord]:
-    """The ``top`` layers with the largest relative output error, worst first."""
-    measured = [r for r in report.layers if r.relative_error is not None]
-    return sorted(measured, key=lambda r: r.relative_error or 0.0, reverse=True)[: max(top, 0)]
 
 
 def _ordered(report: RunReport) -> list[LayerRecord]:

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import json
+import re
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
 import attrs
+
+from .errors import ReportError, describe
+from .validate import check_input_file
 
 REPORT_NAME = "quantization_report.json"
 
@@ -89,3 +93,77 @@ class RunReport:
         raw = json.loads((Path(directory) / REPORT_NAME).read_text())
         layers = [LayerRecord(**r) for r in raw.pop("layers")]
         return cls(layers=layers, **raw)
+
+
+_BLOCK = re.compile(r"\.layers\.(\d+)\.")
+
+
+def layer_depth(record: LayerRecord) -> int | None:
+    """The decoder block a layer belongs to (from the report, else from its path)."""
+    if record.block is not None:
+        return record.block
+    m = _BLOCK.search(record.path)
+    return int(m.group(1)) if m else None
+
+
+def worst_layers(report: RunReport, top: int = 5) -> list[LayerRecord]:
+    """The ``top`` layers with the largest relative output error, worst first."""
+    measured = [r for r in report.layers if r.relative_error is not None]
+    return sorted(measured, key=lambda r: r.relative_error or 0.0, reverse=True)[: max(top, 0)]
+
+
+def worst_by_output_kl(report: RunReport, top: int = 5) -> list[LayerRecord]:
+    """The ``top`` layers contributing most to the output KL (where it was measured), worst
+    first."""
+    with_kl = [r for r in report.layers if r.output_kl is not None]
+    return sorted(with_kl, key=lambda r: r.output_kl or 0.0, reverse=True)[: max(top, 0)]
+
+
+#: Row orders of :func:`ordered_layers`.
+ORDERS = ("depth", "error", "kl")
+
+
+def ordered_layers(report: RunReport, order: str = "depth") -> list[LayerRecord]:
+    """The report's layers by ``order``: ``"depth"`` (decoder block, layers outside the blocks
+    last), ``"error"`` (relative output error, worst first) or ``"kl"`` (contribution to the
+    output KL, worst first); unmeasured layers last."""
+    rows = list(report.layers)
+    if order == "error":
+        rows.sort(key=lambda r: -1.0 if r.relative_error is None else r.relative_error, reverse=True)
+    elif order == "kl":
+        rows.sort(key=lambda r: -1.0 if r.output_kl is None else r.output_kl, reverse=True)
+    else:
+        rows.sort(key=lambda r: (layer_depth(r) is None, layer_depth(r) or 0))
+    return rows
+
+
+def summarize(report: RunReport, top: int = 5) -> dict[str, Any]:
+    """What ``quantkit report --json`` prints as its summary: counts, the ``top`` worst layers
+    by relative error and by output KL, the total output KL, fallbacks and skipped layers."""
+    with_kl = [r for r in report.layers if r.output_kl is not None]
+    return {
+        "layers": len(report.layers), "strategies": report.strategy_counts(),
+        "bits_per_weight": report.bits_per_weight, "time_s": report.time_s,
+        "worst": [r.path for r in worst_layers(report, top)],
+        "worst_by_output_kl": [r.path for r in worst_by_output_kl(report, top)],
+        "output_kl_total": sum(r.output_kl or 0.0 for r in with_kl) if with_kl else None,
+        "fallbacks": {r.path: r.reason for r in report.by_status("fallback")},
+        "skipped": {r.path: r.reason for r in report.by_status("skipped")},
+    }
+
+
+def read_report(path: str | Path) -> RunReport:
+    """The run report of a directory written by ``quantkit quantize`` (or of the directory
+    holding the file ``path``); :class:`ReportError` naming what is wrong otherwise."""
+    path = Path(path)
+    directory = path.parent if path.is_file() else path
+    if not (directory / REPORT_NAME).exists():
+        raise ReportError(f"{path} has no {REPORT_NAME}; pass a directory written by "
+                          "`quantkit quantize`")
+    check_input_file(directory / REPORT_NAME, "run report", error=ReportError,
+                     fix="pass a directory written by `quantkit quantize`")
+    try:
+        return RunReport.read(directory)
+    except (ValueError, TypeError, KeyError, AttributeError) as exc:  # ValueError: JSON, UTF-8
+        raise ReportError(f"{directory / REPORT_NAME} is not a quantkit run report "
+                          f"({type(exc).__name__}: {describe(exc)})") from None

@@ -9,24 +9,21 @@ tied embedding) are done last, from the final block's outputs.
 from __future__ import annotations
 
 import contextlib
-import copy
-import itertools
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterable, Iterator
 from functools import partial
-from typing import Any, cast
+from typing import Any
 
 import attrs
 import mlx.core as mx
 import mlx.nn as nn
-import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
 
-from .arch import ArchSpec, arch_for, decoder_blocks, shared_input_groups
+from .arch import ArchSpec, arch_for, decoder_blocks
 from .blocks.base import BlockContext
 from .checkpoint import Checkpoint, ResumeState
 from .distributed import Distributed, ShardLayout
-from .errors import CheckpointError, FactorizationError, ModelLoadError, RecipeError
+from .errors import CheckpointError, ModelLoadError, RecipeError
 from .experts import AllExpertsCalibration, experts_parents
 from .hessian import HessianCollector, HessianStats
 from .host import (
@@ -38,61 +35,35 @@ from .host import (
     runs_on_host,
 )
 from .interrupt import check
-from .moe import quantize_expert_layers
-from .packers import packer_for
-from .pipeline.plan import LayerPlan, layer_cost
-from .pipeline.shards import final_arrays, reload_lazily
-from .predicate import apply_predicate, model_predicate
-from .quantizers import Quantizer, QuantResult, RTNQuantizer, hessian_figures
+from .moe import expert_shard_stats, load_expert_stats, quantize_expert_layers, same_input
+from .pipeline import build
+from .pipeline.calibrate import (
+    BlockRecorder,
+    InputPool,
+    Replay,
+    SharingCollector,
+    StopForward,
+    block_forward,
+    paired_passes,
+    share_identical,
+)
+from .pipeline.dtypes import DTYPES, restore_dtypes
+from .pipeline.hooks import Progress, WalkHook
+from .pipeline.plan import LayerPlan, layer_cost, plan_layers, quantization_config, rebind
+from .pipeline.shards import final_arrays, float_params_from_file, reload_lazily
+from .pipeline.solve import exchange_layers, quantize_layer, solve_groups, solve_jointly
+from .quantizers import Quantizer, QuantResult, RTNQuantizer
 from .recipe import Recipe
 from .registry import (
     DEFAULT_REGISTRY,
     LayerRegistry,
-    Wrapper,
 )
 from .report import LayerRecord, RunReport
 from .validate import check_packed, check_rules, plan_winners
 
-Progress = Callable[[str, dict[str, Any]], None]
 
-_DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
-
-
-class _StopForward(Exception):
-    pass
-
-
-class _BlockRecorder(Wrapper):
-    """Stands in for a decoder block while block inputs are captured: records the arguments the
-    model passes (hidden states, masks, caches) and returns the hidden states unchanged."""
-
-    def __init__(self, block: nn.Module, sink: list, last: bool) -> None:
-        super().__init__(block)
-        self.sink = sink
-        self.last = last
-
-    def __call__(self, x, *args, **kwargs):
-        self.sink.append((x, args, kwargs))
-        if self.last:
-            raise _StopForward
-        return x
-
-
-class _Replay(Wrapper):
-    """Stands in for a decoder block while the output head is calibrated: the last block replays
-    its stored outputs, earlier blocks pass through."""
-
-    def __init__(self, block: nn.Module, outputs: list[mx.array] | None) -> None:
-        super().__init__(block)
-        self.outputs = outputs
-        self.calls = 0
-
-    def __call__(self, x, *args, **kwargs):
-        if self.outputs is None:
-            return x
-        out = self.outputs[self.calls]
-        self.calls += 1
-        return out
+def _hook_tuple(hooks: Iterable[WalkHook]) -> tuple[WalkHook, ...]:
+    return tuple(hooks)
 
 
 @attrs.define
@@ -135,6 +106,9 @@ class ModelWalker:
     #: and the ``XᵀX`` of their inputs. ``"numpy"`` (what ``"auto"`` picks on a CPU device):
     #: NumPy's BLAS, ~10x MLX's Linux CPU wheel (see :mod:`quantkit.host`); ``"mlx"``: MLX.
     backend: str = attrs.field(default="auto", validator=attrs.validators.in_(BACKENDS))
+    #: Code following the walk layer by layer (:class:`~quantkit.pipeline.hooks.WalkHook`),
+    #: e.g. the mixed-precision profiler (:func:`quantkit.mixed.measure_sensitivity`).
+    hooks: tuple[WalkHook, ...] = attrs.field(default=(), converter=_hook_tuple)
     _final: list | None = attrs.field(default=None, init=False, repr=False)
     _host: bool = attrs.field(default=False, init=False, repr=False)
     _runners: dict = attrs.field(factory=dict, init=False, repr=False)
@@ -158,55 +132,12 @@ class ModelWalker:
     # -- planning ---------------------------------------------------------------------------
 
     def plan(self, model: nn.Module, report: RunReport | None = None) -> dict[str, LayerPlan]:
-        """Decide, for every leaf module, what happens to it. Skipped layers go to ``report``."""
-        plans: dict[str, LayerPlan] = {}
-        quantizers: dict[int | None, Quantizer] = {}
-        predicate = model_predicate(model) if self.use_model_predicate else None
-        for path, module in tree_flatten(model.leaf_modules(), is_leaf=nn.Module.is_module):
-            handler = self.registry.get(module)
-            if handler is None:
-                if hasattr(module, "to_quantized") and report is not None:
-                    report.add(LayerRecord(
-                        path, type(module).__name__, "skipped",
-                        reason=f"no handler registered for class {type(module).__name__}",
-                    ))
-                continue
-            weight = handler.weight(module)
-            record = LayerRecord(path, type(module).__name__, "skipped", n_params=weight.size)
-            index, rule = self.recipe.resolve(path)
-            record.rule = index
-            if rule.skip:
-                record.reason = "recipe: skip" + (f" (rule {index + 1})" if index is not None else "")
-                if report is not None:
-                    report.add(record)
-                continue
-            spec, model_note = rule.spec, None
-            if predicate is not None and index is None:
-                spec, model_note = apply_predicate(predicate, path, module, spec)
-                if spec is None:
-                    record.reason = model_note
-                    if report is not None:
-                        report.add(record)
-                    continue
-            wanted = spec
-            spec = spec.fitted_to(weight.shape[-1])
-            if spec is None:
-                record.reason = (
-                    f"input width {weight.shape[-1]} is not divisible by any group size "
-                    f"allowed in mode {wanted.mode!r} {list(wanted.allowed_group_sizes())}"
-                )
-                if report is not None:
-                    report.add(record)
-                continue
-            note = model_note
-            if spec.group_size != wanted.group_size:
-                note = "; ".join(n for n in (note, (
-                    f"group size {wanted.group_size} does not divide width "
-                    f"{weight.shape[-1]}: used {spec.group_size}")) if n)
-            if index not in quantizers:
-                quantizers[index] = rule.make_quantizer()
-            plans[path] = LayerPlan(path, module, handler, index, rule, spec,
-                                    quantizers[index], weight.dtype, note)
+        """Decide, for every leaf module, what happens to it (:func:`quantkit.pipeline.plan.plan_layers`).
+        Skipped layers go to ``report``; then every hook sees the plans."""
+        plans = plan_layers(model, self.recipe, self.registry, report,
+                            use_model_predicate=self.use_model_predicate)
+        for hook in self.hooks:
+            hook.planned(plans)
         return plans
 
     # -- the walk ---------------------------------------------------------------------------
@@ -232,9 +163,9 @@ class ModelWalker:
         check_rules(self.recipe, plan_winners(plans, report.layers))  # reliab: no silent no-op rule
         orig_dtypes = {k: v.dtype for k, v in tree_flatten(model.parameters())}
         if self.dtype is not None:
-            model.set_dtype(_DTYPES[self.dtype])
+            model.set_dtype(DTYPES[self.dtype])
 
-        blocks = _decoder_blocks(model)
+        blocks = decoder_blocks(model)
         paths = {id(m): p for p, m in model.named_modules()}
         block_paths = [paths[id(b)] for b in blocks]
         batches = [tokens[i : i + self.batch_size] for i in range(0, len(tokens), self.batch_size)]
@@ -270,9 +201,9 @@ class ModelWalker:
                 with self._phase("resume"):
                     # Its other parameters (norms, kept layers) come from the file too: block
                     # transforms may have changed them.
-                    _float_params_from_file(model, inside, resumed.files[i], bpath,
-                                            _DTYPES.get(self.dtype or ""))
-                    self._install(model, inside, _from_file(inside, resumed.files[i]))
+                    float_params_from_file(model, [p.path for p in inside], resumed.files[i], bpath,
+                                            DTYPES.get(self.dtype or ""))
+                    self._install(model, inside, build.from_file(inside, resumed.files[i]))
                     if needs_calibration:
                         inputs = [self._eval(block(x, *a, **kw))
                                   for x, (a, kw) in zip(inputs, block_args[i])]
@@ -286,15 +217,15 @@ class ModelWalker:
                 ctx = self._context(model, i, bpath, block, inputs, block_args[i])
             for t in transforms:  # before statistics: they see the transformed weights
                 self._record_method(report, i, "transform", t, t.apply(ctx))
-                _rebind(model, inside)
+                rebind(model, inside)
             targets = None
             if optimizers:  # the float block's outputs, before its layers are replaced
                 with self._phase("calibrate"):
                     targets = [self._eval(block(x, *a, **kw)) for x, (a, kw) in zip(inputs, block_args[i])]
             with self._phase("calibrate"):
                 stats = self._collect_sharded(
-                    model, inside, layout, partial(_forward, block, inputs, block_args[i]),
-                    None if ref_inputs is None else partial(_forward, block, ref_inputs, block_args[i]),
+                    model, inside, layout, partial(block_forward, block, inputs, block_args[i]),
+                    None if ref_inputs is None else partial(block_forward, block, ref_inputs, block_args[i]),
                 ) if needs_calibration else {}
                 if ref_inputs is not None:
                     ref_inputs = [self._eval(block(x, *a, **kw)) for x, (a, kw) in zip(ref_inputs, block_args[i])]
@@ -303,7 +234,7 @@ class ModelWalker:
                 experts = [p for p in inside if p.per_expert]
                 if experts:
                     done += self._quantize_experts(
-                        model, experts, layout, partial(_forward, block, inputs, block_args[i]),
+                        model, experts, layout, partial(block_forward, block, inputs, block_args[i]),
                         report, i, tokens.size,
                     )
             if optimizers:
@@ -340,7 +271,7 @@ class ModelWalker:
                 stats = self._collect_outside(model, blocks, block_paths, outside, batches, inputs, layout)
         with self._phase("solve"):
             self._quantize_all(model, outside, stats, report, None)
-        _restore_dtypes(model, orig_dtypes)
+        restore_dtypes(model, orig_dtypes)
         quantization = self._config(report)
         report.time_s = time.perf_counter() - start
         report.world_size = self.distributed.size
@@ -408,7 +339,7 @@ class ModelWalker:
         sinks: list[list] = [[] for _ in blocks]
         originals = list(blocks)
         model.update_modules(tree_unflatten([
-            (p, _BlockRecorder(b, s, last=(i == len(blocks) - 1)))
+            (p, BlockRecorder(b, s, last=(i == len(blocks) - 1)))
             for i, (p, b, s) in enumerate(zip(block_paths, blocks, sinks))
         ]))
         try:
@@ -416,7 +347,7 @@ class ModelWalker:
                 self._emit("capture", index=b, total=len(batches))
                 try:
                     model(batch)
-                except _StopForward:
+                except StopForward:
                     pass
         finally:
             model.update_modules(tree_unflatten(list(zip(block_paths, originals))))
@@ -442,7 +373,7 @@ class ModelWalker:
         wanted = [p for p in plans if p.needs_stats]
         if not wanted:
             return {}, {}
-        pool = _InputPool()
+        pool = InputPool()
         collectors: dict[str, HessianCollector] = {}
         catchers = []
         for p in wanted:
@@ -451,13 +382,13 @@ class ModelWalker:
                 collectors[p.path] = inner
             else:
                 inner = host_collector(inner) if self._host else inner
-                collectors[p.path] = _SharingCollector(p.path, inner, pool)
+                collectors[p.path] = SharingCollector(p.path, inner, pool)
             catchers.append((p.path, p.handler.catcher(self._runner(p.module), collectors[p.path])))
         model.update_modules(tree_unflatten(catchers))
         paired = [collectors[p.path] for p in wanted if p.quantizer.needs_reference]
-        muted = [c for c in collectors.values() if isinstance(c, _SharingCollector)]
+        muted = [c for c in collectors.values() if isinstance(c, SharingCollector)]
         passes = (forward() if reference is None or not paired
-                  else _paired(forward(), reference(), paired, muted))
+                  else paired_passes(forward(), reference(), paired, muted))
         try:
             for _ in passes:
                 mx.eval([c.arrays() for c in collectors.values()])
@@ -490,15 +421,15 @@ class ModelWalker:
         as dense layers', and each rank solves its share of the experts, so the result does
         not depend on the number of processes."""
         def collect(active, collectors):
-            merged = self.distributed.reduce_stats(layout, lambda positions: _expert_shard_stats(
-                model, self, active, collectors, lambda: (run_batch(j) for j in positions)))
+            merged = self.distributed.reduce_stats(layout, lambda positions: expert_shard_stats(
+                partial(self._run_collectors, model), active, collectors, lambda: (run_batch(j) for j in positions)))
             for p in active:
-                _load_expert_stats(collectors[p.path], p.path, merged)
+                load_expert_stats(collectors[p.path], p.path, merged)
 
         new_modules = []
         for p, module, records in quantize_expert_layers(
                 plans, collect, self.fallback, n_tokens, self.distributed,
-                _same_input(model, plans)):
+                same_input(model, plans)):
             check_packed(p.path, dict(tree_flatten(module.parameters())), self.dtype)  # reliab
             for record in records:
                 record.block = block_index
@@ -516,7 +447,7 @@ class ModelWalker:
         if self._final is not None:
             self._final.extend(new_modules)
             by_path = {p.path: p for p in plans}
-            installed = [(k, _dense_standin(by_path[k].module, m, self._host))
+            installed = [(k, build.dense_standin(by_path[k].module, m, self._host))
                          for k, m in new_modules]
         if installed:
             model.update_modules(tree_unflatten(installed))
@@ -537,10 +468,10 @@ class ModelWalker:
             model, plans, lambda: (run_batch(j) for j in positions),
             None if run_reference is None else lambda: (run_reference(j) for j in positions),
         )[0])
-        return _share_identical(merged)
+        return share_identical(merged)
 
     def _collect_outside(self, model, blocks, block_paths, plans, batches, last_outputs, layout):
-        replays = [_Replay(b, None) for b in blocks[:-1]] + [_Replay(blocks[-1], last_outputs)]
+        replays = [Replay(b, None) for b in blocks[:-1]] + [Replay(blocks[-1], last_outputs)]
         model.update_modules(tree_unflatten(list(zip(block_paths, replays))))
         # The output head's outputs (logits) are not needed: MLX, lazy, never computes them.
         self._runners.clear()
@@ -557,20 +488,20 @@ class ModelWalker:
                           self.distributed.share([layer_cost(p) for p in plans]), strict=True))
         rank = self.distributed.rank
         done = {}
-        for group in _solve_groups(plans, stats):
+        for group in solve_groups(plans, stats):
             for p in group[1:]:  # a joint solve is one rank's work
                 owners[p.path] = owners[group[0].path]
             if owners[group[0].path] != rank:
                 for p in group:
                     stats.pop(p.path, None)
                 continue
-            results, joint_s = self._solve_jointly(group, stats)
+            results, joint_s = solve_jointly(group, stats)
             for p, result in zip(group, results, strict=True):
                 module, record = self.quantize_layer(p, stats.pop(p.path, None), result)
                 record.time_s += joint_s / len(group)
                 record.block, record.rank = block_index, rank
                 done[p.path] = (module, record)
-        done = self._exchange_layers(plans, done, owners)
+        done = exchange_layers(self.distributed, plans, done, owners)
         new_modules = []
         for p in plans:
             module, record = done[p.path]
@@ -579,30 +510,6 @@ class ModelWalker:
             new_modules.append((p.path, module))
         self._install(model, plans, new_modules)
         return new_modules
-
-    def _exchange_layers(self, plans: list[LayerPlan], done: dict[str, tuple[nn.Module, LayerRecord]],
-                         owners: dict[str, int]) -> dict[str, tuple[nn.Module, LayerRecord]]:
-        """Every rank's quantized layers on every rank: ``done`` holds this rank's own."""
-        group = self.distributed
-        if group.size == 1:
-            return done
-        mine = [({"path": p.path, "record": attrs.asdict(done[p.path][1])},
-                 tree_flatten(done[p.path][0].parameters()))
-                for p in plans if owners[p.path] == group.rank]
-        by_path = {p.path: p for p in plans}
-        out = dict(done)
-        for r, items in enumerate(group.exchange(mine, "exchanging quantized layers")):
-            if r == group.rank:
-                continue
-            for meta, params in items:
-                p = by_path[meta["path"]]
-                module = p.handler.build(p.module, {k: v for k, v in params if "." not in k}, p.spec)
-                nested = [(k, v) for k, v in params if "." in k]
-                if nested:
-                    module.update(tree_unflatten(nested))
-                mx.eval(module.parameters())
-                out[p.path] = (module, LayerRecord(**meta["record"]))
-        return out
 
     def _resume(self, model, plans: dict[str, LayerPlan], report: RunReport,
                 checkpoint: Checkpoint | None, n_blocks: int) -> ResumeState | None:
@@ -617,360 +524,17 @@ class ModelWalker:
         self._emit("resume", index=state.next_block - 1, total=n_blocks)
         return state
 
-    @staticmethod
-    def _solve_jointly(group: list[LayerPlan], stats) -> tuple[list[QuantResult | None], float]:
-        """Layers sharing one Hessian, spec and row-independent quantizer are solved as one
-        matrix (their rows stacked): one factorization, one pass of the column loop. Returns
-        ``[None] * len(group)`` (solve each on its own) when that does not apply or fails."""
-        if len(group) == 1:
-            return [None], 0.0
-        t0 = time.perf_counter()
-        p0 = group[0]
-        weights = [p.handler.weight(p.module).astype(mx.float32) for p in group]
-        try:
-            joint = p0.quantizer.quantize(mx.concatenate(weights, axis=0), p0.spec,
-                                          stats[p0.path], p0.storage_dtype)
-        except FactorizationError:
-            return [None] * len(group), 0.0
-        results = []
-        start = 0
-        for w in weights:
-            rows = slice(start, start + w.shape[0])
-            start += w.shape[0]
-            results.append(attrs.evolve(
-                joint,
-                dequantized=joint.dequantized[rows],
-                codes=None if joint.codes is None else joint.codes[rows],
-                scales=None if joint.scales is None else joint.scales[rows],
-                biases=None if joint.biases is None else joint.biases[rows],
-                packed=None if joint.packed is None else {k: v[rows] for k, v in joint.packed.items()},
-                info=dict(joint.info, joint_with=[p.path for p in group]),
-            ))
-        return results, time.perf_counter() - t0
-
     def quantize_layer(
         self, p: LayerPlan, stats: HessianStats | None, result: QuantResult | None = None
     ) -> tuple[nn.Module, LayerRecord]:
         """Quantize one planned layer; fall back to ``self.fallback`` when its strategy cannot
         run (no calibration tokens, Hessian not factorizable, no per-expert support).
-        ``result``: the layer's values when they were already computed (a joint solve)."""
-        t0 = time.perf_counter()
-        weight = p.handler.weight(p.module)  # made float32 a slice of rows at a time
-        record = LayerRecord(
-            p.path, type(p.module).__name__, "quantized", strategy=p.quantizer.name,
-            requested=p.rule.strategy, rule=p.rule_index, bits=p.spec.bits,
-            group_size=p.spec.group_size, mode=p.spec.mode, reason=p.note, n_params=weight.size,
-            n_tokens=None if stats is None else stats.n_tokens,
-        )
-        fallback_reason = None
-        if p.quantizer.needs_hessian and not p.needs_stats:
-            fallback_reason = f"{record.layer_class}: expert layer outside the decoder blocks"
-        elif p.quantizer.needs_hessian and (stats is None or stats.n_tokens == 0):
-            fallback_reason = "no calibration activations reached this layer"
-        chunks = None if result is None else iter([(slice(0, weight.shape[0]), result)])
-        if fallback_reason is None and chunks is None:
-            try:
-                chunks = _started(p.quantizer.quantize_chunks(weight, p.spec, stats, p.storage_dtype))
-            except FactorizationError as exc:
-                fallback_reason = str(exc)
-        if chunks is None:
-            chunks = self.fallback.quantize_chunks(weight, p.spec, stats, p.storage_dtype)
-            record.status = "fallback"
-            record.strategy = self.fallback.name
-            record.reason = "; ".join(r for r in (p.note, fallback_reason) if r)
-        # Each slice of rows is measured and packed, then dropped: only the packed layer is
-        # kept whole (see Quantizer.quantize_chunks).
-        measure = stats is not None and stats.n_tokens > 0 and weight.ndim == 2
-        packer = packer_for(p.spec.mode)
-        pack_dtype = mx.float32 if p.spec.mode == "affine" else p.storage_dtype
-        figures, parts = np.zeros(3), []
-        for rows, part in chunks:
-            record.damping = part.info.get("damping")
-            if measure:
-                figures += hessian_figures(weight[rows], part.dequantized, stats.h, p.spec,
-                                           p.storage_dtype)
-            parts.append(packer.pack(part, pack_dtype))
-            mx.eval(parts[-1])
-            del part
-        if measure:
-            e, energy, rtn = (float(v) for v in figures)
-            record.hessian_error, record.rtn_hessian_error = e, rtn
-            record.relative_error = e / energy if energy > 0 else 0.0
-        packed = parts[0] if len(parts) == 1 else {
-            k: mx.concatenate([q[k] for q in parts]) for k in parts[0]}
-        check_packed(p.path, packed, self.dtype)  # reliab: no Inf/NaN written
-        module = p.handler.build(p.module, packed, p.spec)
-        mx.eval(module.parameters())
-        record.time_s = time.perf_counter() - t0
-        return module, record
+        ``result``: the layer's values when they were already computed (a joint solve). The
+        work is :func:`quantkit.pipeline.solve.quantize_layer`'s, after every hook's
+        :meth:`~quantkit.pipeline.hooks.WalkHook.before_solve`."""
+        for hook in self.hooks:
+            hook.before_solve(p, stats)
+        return quantize_layer(p, stats, self.fallback, self.dtype, result)
 
     def _config(self, report: RunReport) -> dict[str, Any]:
-        """``config["quantization"]``: the default plus a full dict for every layer that differs
-        from it, ``False`` for every quantizable layer left in full precision."""
-        default = self.recipe.default.spec
-        config: dict[str, Any] = default.to_config()
-        for r in report.layers:
-            if r.status == "skipped":
-                config[r.path] = False
-            elif (r.bits, r.group_size, r.mode) != (default.bits, default.group_size, default.mode) \
-                    or self.recipe.default.skip:
-                config[r.path] = {"group_size": r.group_size, "bits": r.bits, "mode": r.mode}
-        return config
-
-
-def _forward(block: nn.Module, inputs: list[mx.array], args: list, j: int) -> mx.array:
-    """Block ``block`` on local batch ``j``: its captured input and extra arguments."""
-    check("forward")  # reliab: a place to stop at every calibration batch
-    return block(inputs[j], *args[j][0], **args[j][1])
-
-
-def _rebind(model: nn.Module, plans: list[LayerPlan]) -> None:
-    """Point ``plans`` at the model's current layers (a transform may have swapped some)."""
-    current = dict(model.named_modules())
-    for p in plans:
-        p.module = current[p.path]
-
-
-def _float_params_from_file(model: nn.Module, plans: list[LayerPlan], path, prefix: str,
-                            dtype: mx.Dtype | None) -> None:
-    """Put the parameters of a finished block's file that are not quantized layers' into the
-    model, in the calibration ``dtype`` (exactly the values the run used, unless a block
-    transform changed them in a dtype the output rounds)."""
-    quantized = tuple(p.path + "." for p in plans)
-    updates = []
-    for name, value in mx.load(str(path)).items():
-        if not name.startswith(prefix + ".") or name.startswith(quantized):
-            continue
-        if dtype is not None and mx.issubdtype(value.dtype, mx.floating):
-            value = value.astype(dtype)
-        updates.append((name, value))
-    if updates:
-        model.update(tree_unflatten(updates))
-
-
-def _from_file(plans: list[LayerPlan], path) -> list[tuple[str, nn.Module]]:
-    """The quantized layers of ``plans`` rebuilt from a finished block's file, their scales and
-    biases in the dtype the walk packs them in (float32 for affine: exact, the stored values
-    were rounded to the stored dtype when they were computed)."""
-    arrays = mx.load(str(path))
-    out = []
-    for p in plans:
-        dtype = mx.float32 if p.spec.mode == "affine" else p.storage_dtype
-        packed = {}
-        for key in ("weight", "scales", "biases"):
-            value = arrays.get(f"{p.path}.{key}")
-            if value is None:
-                continue
-            if key != "weight" and value.dtype != mx.uint8 and mx.issubdtype(value.dtype, mx.floating):
-                value = value.astype(dtype)
-            packed[key] = value
-        if "scales" not in packed:
-            raise CheckpointError(f"checkpoint file {path} does not hold the quantized layer {p.path}")
-        out.append((p.path, p.handler.build(p.module, packed, p.spec)))
-    return out
-
-
-def _expert_shard_stats(model, walker: ModelWalker, active: list[LayerPlan],
-                        like: dict[str, HessianCollector], forward) -> dict[str, HessianStats]:
-    """One calibration shard's per-expert statistics, flattened to plain
-    :class:`HessianStats` keyed ``path#expert`` (plus ``path#counts``: every expert's share of
-    the routed rows) so the shard tree merges each expert by its own token count."""
-    fresh = {p.path: p.handler.collector(p.module, like[p.path].experts) for p in active}
-    walker._run_collectors(model, active, fresh, forward)
-    out: dict[str, HessianStats] = {}
-    for path, c in fresh.items():
-        counts = c.counts.astype(mx.float32)
-        rows = int(mx.sum(c.counts).item())
-        out[f"{path}#counts"] = HessianStats(h=counts / max(rows, 1), n_tokens=rows)
-        routed_counts = getattr(c, "routed", None)
-        if getattr(c, "all_experts", False) and routed_counts is not None:
-            # the rows the router sent, beside the all-experts rows
-            routed = int(mx.sum(routed_counts).item())
-            out[f"{path}#routed"] = HessianStats(
-                h=routed_counts.astype(mx.float32) / max(routed, 1), n_tokens=routed)
-        h_all = getattr(c, "h_all", None)
-        if h_all is not None:  # Hessian shrinkage: the layer's Hessian over all routed rows
-            out[f"{path}#all"] = HessianStats(h=h_all, n_tokens=rows)
-        if c.shared:
-            out[f"{path}#shared"] = HessianStats(h=c.h[0], n_tokens=rows)
-            continue
-        for i, e in enumerate(c.experts):
-            out[f"{path}#{e}"] = HessianStats(h=c.h[i], n_tokens=int(c.counts[e].item()))
-    return out
-
-
-def _same_input(model: nn.Module, plans: list[LayerPlan]) -> dict[str, str]:
-    """``{layer: layer it reads the very same input of}`` among ``plans``, from the model's
-    architecture table (e.g. a ``SwitchGLU``'s up projection: its gate projection), where both
-    have equal handlers: their Hessians are the same (see :func:`quantize_expert_layers`)."""
-    by_path = {p.path: p for p in plans}
-    return {path: lead for path, lead in shared_input_groups(model, by_path).items()
-            if by_path[lead].handler == by_path[path].handler}
-
-
-def _load_expert_stats(collector, path: str, merged: dict[str, HessianStats]) -> None:
-    """Put the merged statistics back into ``collector`` (its Hessians and token counts)."""
-    total = merged[f"{path}#counts"]
-    collector.counts = mx.round(total.h * total.n_tokens).astype(mx.int32)
-    if f"{path}#routed" in merged:
-        routed = merged[f"{path}#routed"]
-        collector.routed = mx.round(routed.h * routed.n_tokens).astype(mx.int32)
-    if f"{path}#all" in merged:
-        cast(Any, collector).h_all = merged[f"{path}#all"].h
-    if collector.shared:
-        collector.h = merged[f"{path}#shared"].h[None]
-    else:
-        collector.h = mx.stack([merged[f"{path}#{e}"].h for e in collector.experts])
-
-
-def _share_identical(stats: dict[str, HessianStats]) -> dict[str, HessianStats]:
-    """One object for layers whose statistics are bit for bit the same (layers reading the
-    same input: q/k/v, gate/up), so they can be solved jointly. Decided from the merged values,
-    the same whatever the number of processes."""
-    out: dict[str, HessianStats] = {}
-    canonical: list[HessianStats] = []
-    for path, st in stats.items():
-        for c in canonical:
-            if (c.n_tokens == st.n_tokens and c.h.shape == st.h.shape
-                    and (c is st or mx.array_equal(c.h, st.h).item())):
-                out[path] = c
-                break
-        else:
-            canonical.append(st)
-            out[path] = st
-    return out
-
-
-def _started(chunks: Iterator[tuple[slice, QuantResult]]) -> Iterator[tuple[slice, QuantResult]]:
-    """``chunks`` with its first item already computed, so that a failure to start (e.g. a
-    :class:`FactorizationError` while factorizing) is raised here."""
-    first = next(chunks)
-    return itertools.chain([first], chunks)
-
-
-def _dense_standin(original: nn.Module, quantized: nn.Module, host: bool = False) -> nn.Module:
-    """A copy of ``original`` holding the weights ``quantized`` computes with (dequantized);
-    ``original`` itself is left as it was (and not referenced, so it can be freed). ``host``: run
-    by a :class:`HostLinear` where it can be."""
-    w = mx.dequantize(
-        quantized["weight"], quantized["scales"], quantized.get("biases"),
-        group_size=quantized.group_size, bits=quantized.bits, mode=quantized.mode,
-    )
-    standin = copy.copy(original)
-    standin.weight = w.astype(original.weight.dtype)
-    mx.eval(standin.weight)
-    return HostLinear(standin) if host and runs_on_host(standin) else standin
-
-
-class _InputPool:
-    """The input arrays seen by collectors during one forward pass, by identity."""
-
-    def __init__(self) -> None:
-        self._seen: dict[int, tuple[mx.array, str]] = {}
-
-    def owner(self, x: mx.array, path: str) -> str:
-        """The path of the first collector that saw this very array in this pass (``path``
-        itself when none did)."""
-        hit = self._seen.get(id(x))
-        if hit is not None and hit[0] is x:
-            return hit[1]
-        self._seen[id(x)] = (x, path)
-        return path
-
-    def clear(self) -> None:
-        self._seen.clear()
-
-
-class _SharingCollector(HessianCollector):
-    """Feeds ``inner`` only with inputs no other collector of the pool saw first; a layer whose
-    inputs are always another layer's (``owner``) gets that layer's statistics."""
-
-    def __init__(self, path: str, inner: HessianCollector, pool: _InputPool) -> None:
-        self.path = path
-        self.inner = inner
-        self.pool = pool
-        self.owner: str | None = None  # None until the first input; then the path that owns them
-        self.muted = False  # set while a full-precision reference pass runs (GPTAQ)
-
-    def update(self, x: mx.array) -> None:
-        if self.muted:
-            return
-        owner = self.pool.owner(x, self.path)
-        if self.owner is None:
-            self.owner = owner
-        elif owner != self.owner:
-            raise RuntimeError(
-                f"{self.path}: inputs shared with {self.owner} in one pass but not in another"
-            )
-        if owner == self.path:
-            self.inner.update(x)
-
-    def stats(self) -> HessianStats:
-        return self.inner.stats()
-
-    def arrays(self) -> list[mx.array]:
-        return self.inner.arrays() if self.owner in (None, self.path) else []
-
-
-def _solve_groups(plans: list[LayerPlan], stats: dict[str, HessianStats]) -> list[list[LayerPlan]]:
-    """Plans in order, layers that can be solved as one matrix put together: same Hessian
-    object, spec, scale dtype and (row-independent) quantizer, 2-D weights."""
-    groups: dict[tuple, list[LayerPlan]] = {}
-    order: list[list[LayerPlan]] = []
-    for p in plans:
-        st = stats.get(p.path)
-        joinable = (
-            st is not None and st.n_tokens > 0 and p.needs_stats
-            and getattr(p.quantizer, "rows_independent", False)
-            and p.handler.weight(p.module).ndim == 2
-        )
-        if not joinable:
-            order.append([p])
-            continue
-        key = (id(st), p.spec, p.quantizer, p.storage_dtype)
-        if key in groups:
-            groups[key].append(p)
-        else:
-            groups[key] = [p]
-            order.append(groups[key])
-    return order
-
-
-def _paired(passes, references, collectors, muted=()):
-    """Each reference pass (``collectors`` recording, ``muted`` ignoring their inputs) followed
-    by its batch's pass."""
-    passes, references = iter(passes), iter(references)
-    while True:
-        for c in collectors:
-            c.recording = True
-        for c in muted:
-            c.muted = True
-        try:
-            done = next(references, None) is None
-        finally:
-            for c in collectors:
-                c.recording = False
-            for c in muted:
-                c.muted = False
-        if done:
-            return
-        yield next(passes)
-
-
-def _decoder_blocks(model: nn.Module) -> list[nn.Module]:
-    return decoder_blocks(model)
-
-
-def _restore_dtypes(model: nn.Module, orig: dict[str, mx.Dtype]) -> None:
-    """Give every parameter back its original dtype; scales/biases of quantized layers take the
-    dtype of the weight they replace."""
-    updates = []
-    for path, value in tree_flatten(model.parameters()):
-        base, _, leaf = path.rpartition(".")
-        target = orig.get(path)
-        if leaf in ("scales", "biases") and value.dtype != mx.uint8:
-            target = orig.get(f"{base}.weight", target)
-        if target is not None and value.dtype != target and mx.issubdtype(value.dtype, mx.floating):
-            updates.append((path, value.astype(target)))
-    if updates:
-        model.update(tree_unflatten(updates))
+        return quantization_config(self.recipe, report)

@@ -1,2 +1,13 @@
-"""The streaming block pipeline's parts that touch files: reading the source weights
-(:mod:`.source`) and writing finished blocks as output shards (:mod:`.shards`)."""
+"""The stages of the streaming block pipeline that :class:`~quantkit.walker.ModelWalker` wires
+together, one module each, in the order data flows:
+
+- :mod:`.source` — read the source's weights once as a byte stream (NaN/Inf check, sha256s);
+- :mod:`.plan` — what happens to each layer (:class:`LayerPlan`), and the output's
+  ``config["quantization"]``;
+- :mod:`.calibrate` — capture block inputs, gather each layer's statistics;
+- :mod:`.solve` — one matrix: strategy, fallback, error figures, packing (dense and expert);
+- :mod:`.build` — the only place quantized layers are made from packed arrays;
+- :mod:`.shards` — write a finished block, reload it lazily, assemble mlx-lm's shard layout;
+- :mod:`.hooks` — following a walk from outside (progress callback, :class:`WalkHook`);
+- :mod:`.dtypes` — calibration dtypes by name, restoring a model's dtypes.
+"""

@@ -123,3 +123,21 @@ def assemble(directory: Path, blocks: list[Path], rest: dict[str, mx.array], mod
         "weight_map": dict(sorted(weight_map.items())),
     }
     (directory / "model.safetensors.index.json").write_text(json.dumps(index, indent=4))
+
+
+def float_params_from_file(model: nn.Module, quantized_layers: list[str], path, prefix: str,
+                           dtype: mx.Dtype | None) -> None:
+    """Put the parameters of a finished block's file that are not quantized layers' into the
+    model, in the calibration ``dtype`` (exactly the values the run used, unless a block
+    transform changed them in a dtype the output rounds). ``quantized_layers``: the paths of
+    the block's quantized layers (their arrays are left alone)."""
+    quantized = tuple(p + "." for p in quantized_layers)
+    updates = []
+    for name, value in mx.load(str(path)).items():
+        if not name.startswith(prefix + ".") or name.startswith(quantized):
+            continue
+        if dtype is not None and mx.issubdtype(value.dtype, mx.floating):
+            value = value.astype(dtype)
+        updates.append((name, value))
+    if updates:
+        model.update(tree_unflatten(updates))

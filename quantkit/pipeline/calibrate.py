@@ -1,0 +1,152 @@
+"""Calibration: the pieces that run a block's forward passes and gather its layers' statistics.
+
+Capture: every decoder block is replaced by a :class:`BlockRecorder` while the calibration
+batches run, so block 0's inputs (and every block's extra arguments: masks, caches) are
+recorded; :class:`StopForward` ends each batch's pass at the last block. Collect: layers
+reading the very same input array (q/k/v, gate/up) share one collector
+(:class:`InputPool`, :class:`SharingCollector`) and :func:`share_identical` gives them one
+statistics object after merging, so they are solved as one matrix. :func:`paired_passes` interleaves
+full-precision reference passes (strategies that need them: GPTAQ). :class:`Replay` stands in
+for the blocks while the layers outside them (the output head) are calibrated.
+"""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from ..hessian import HessianCollector, HessianStats
+from ..interrupt import check
+from ..registry import Wrapper
+
+
+class StopForward(Exception):
+    pass
+
+
+class BlockRecorder(Wrapper):
+    """Stands in for a decoder block while block inputs are captured: records the arguments the
+    model passes (hidden states, masks, caches) and returns the hidden states unchanged."""
+
+    def __init__(self, block: nn.Module, sink: list, last: bool) -> None:
+        super().__init__(block)
+        self.sink = sink
+        self.last = last
+
+    def __call__(self, x, *args, **kwargs):
+        self.sink.append((x, args, kwargs))
+        if self.last:
+            raise StopForward
+        return x
+
+
+class Replay(Wrapper):
+    """Stands in for a decoder block while the output head is calibrated: the last block replays
+    its stored outputs, earlier blocks pass through."""
+
+    def __init__(self, block: nn.Module, outputs: list[mx.array] | None) -> None:
+        super().__init__(block)
+        self.outputs = outputs
+        self.calls = 0
+
+    def __call__(self, x, *args, **kwargs):
+        if self.outputs is None:
+            return x
+        out = self.outputs[self.calls]
+        self.calls += 1
+        return out
+
+
+def block_forward(block: nn.Module, inputs: list[mx.array], args: list, j: int) -> mx.array:
+    """Block ``block`` on local batch ``j``: its captured input and extra arguments."""
+    check("forward")  # reliab: a place to stop at every calibration batch
+    return block(inputs[j], *args[j][0], **args[j][1])
+
+
+def share_identical(stats: dict[str, HessianStats]) -> dict[str, HessianStats]:
+    """One object for layers whose statistics are bit for bit the same (layers reading the
+    same input: q/k/v, gate/up), so they can be solved jointly. Decided from the merged values,
+    the same whatever the number of processes."""
+    out: dict[str, HessianStats] = {}
+    canonical: list[HessianStats] = []
+    for path, st in stats.items():
+        for c in canonical:
+            if (c.n_tokens == st.n_tokens and c.h.shape == st.h.shape
+                    and (c is st or mx.array_equal(c.h, st.h).item())):
+                out[path] = c
+                break
+        else:
+            canonical.append(st)
+            out[path] = st
+    return out
+
+
+class InputPool:
+    """The input arrays seen by collectors during one forward pass, by identity."""
+
+    def __init__(self) -> None:
+        self._seen: dict[int, tuple[mx.array, str]] = {}
+
+    def owner(self, x: mx.array, path: str) -> str:
+        """The path of the first collector that saw this very array in this pass (``path``
+        itself when none did)."""
+        hit = self._seen.get(id(x))
+        if hit is not None and hit[0] is x:
+            return hit[1]
+        self._seen[id(x)] = (x, path)
+        return path
+
+    def clear(self) -> None:
+        self._seen.clear()
+
+
+class SharingCollector(HessianCollector):
+    """Feeds ``inner`` only with inputs no other collector of the pool saw first; a layer whose
+    inputs are always another layer's (``owner``) gets that layer's statistics."""
+
+    def __init__(self, path: str, inner: HessianCollector, pool: InputPool) -> None:
+        self.path = path
+        self.inner = inner
+        self.pool = pool
+        self.owner: str | None = None  # None until the first input; then the path that owns them
+        self.muted = False  # set while a full-precision reference pass runs (GPTAQ)
+
+    def update(self, x: mx.array) -> None:
+        if self.muted:
+            return
+        owner = self.pool.owner(x, self.path)
+        if self.owner is None:
+            self.owner = owner
+        elif owner != self.owner:
+            raise RuntimeError(
+                f"{self.path}: inputs shared with {self.owner} in one pass but not in another"
+            )
+        if owner == self.path:
+            self.inner.update(x)
+
+    def stats(self) -> HessianStats:
+        return self.inner.stats()
+
+    def arrays(self) -> list[mx.array]:
+        return self.inner.arrays() if self.owner in (None, self.path) else []
+
+
+def paired_passes(passes, references, collectors, muted=()):
+    """Each reference pass (``collectors`` recording, ``muted`` ignoring their inputs) followed
+    by its batch's pass."""
+    passes, references = iter(passes), iter(references)
+    while True:
+        for c in collectors:
+            c.recording = True
+        for c in muted:
+            c.muted = True
+        try:
+            done = next(references, None) is None
+        finally:
+            for c in collectors:
+                c.recording = False
+            for c in muted:
+                c.muted = False
+        if done:
+            return
+        yield next(passes)

@@ -1,0 +1,219 @@
+"""Solve: one weight matrix and its statistics → its packed arrays, with the strategy's fallback,
+the Hessian-weighted error figures and what the run report records — written once, for a dense
+layer (:func:`quantize_layer`) and for one expert of a MoE layer (:mod:`quantkit.moe`) alike
+(:func:`solve_matrix`). Layers sharing a Hessian are solved as one matrix first
+(:func:`solve_groups`, :func:`solve_jointly`); with several processes each solves its share and
+:func:`exchange_layers` hands every rank the others'."""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections.abc import Iterator
+from typing import cast
+
+import attrs
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+from mlx.utils import tree_flatten
+
+from ..distributed import Distributed, Item
+from ..errors import FactorizationError
+from ..hessian import HessianStats
+from ..inverse import InverseFactor
+from ..quantizers import Quantizer, QuantResult, hessian_figures
+from ..report import LayerRecord
+from ..specs import QuantSpec
+from ..validate import check_packed
+from . import build
+from .plan import LayerPlan
+
+
+@attrs.frozen
+class Solved:
+    """One matrix solved and packed. ``strategy``: the quantizer that produced it;
+    ``fell_back``: the fallback's, because the strategy could not run (``reason`` says why);
+    ``figures``: ``(error, output energy, round-to-nearest error)``, Hessian-weighted
+    (``None`` when not measured); ``damping``: what the factorization used, if any."""
+
+    packed: dict[str, mx.array]
+    strategy: Quantizer
+    fell_back: bool = False
+    reason: str | None = None
+    damping: float | None = None
+    figures: tuple[float, float, float] | None = None
+
+
+def solve_matrix(
+    weight: mx.array, spec: QuantSpec, storage_dtype: mx.Dtype, *, quantizer: Quantizer,
+    stats: HessianStats | None, fallback: Quantizer, measure: HessianStats | None = None,
+    refused: str | None = None, result: QuantResult | None = None,
+    factor: InverseFactor | FactorizationError | None = None, chunked: bool = True,
+) -> Solved:
+    """Quantize ``weight`` with ``quantizer`` (given ``stats``), or with ``fallback`` when the
+    strategy cannot run: ``refused`` names a reason known beforehand, or the factorization
+    fails (:class:`FactorizationError`); measure the error with ``measure.h``; pack.
+
+    ``result``: the values when they were already computed (a joint solve). ``factor``: a
+    precomputed inverse-Hessian factor for the strategy (or the error computing it raised).
+    ``chunked``: quantize a slice of output rows at a time
+    (:meth:`~quantkit.quantizers.Quantizer.quantize_chunks`), each measured and packed, then
+    dropped, so only the packed matrix is ever held whole; else in one piece."""
+    rows_all = slice(0, weight.shape[0])
+    chunks = None if result is None else iter([(rows_all, result)])
+    reason = refused
+    if reason is None and chunks is None:
+        try:
+            if isinstance(factor, FactorizationError):
+                raise factor
+            if chunked and factor is None:
+                chunks = started(quantizer.quantize_chunks(weight, spec, stats, storage_dtype))
+            else:
+                kwargs = {} if factor is None else {"factor": factor}
+                chunks = iter([(rows_all, quantizer.quantize(weight, spec, stats, storage_dtype,
+                                                             **kwargs))])
+        except FactorizationError as exc:
+            reason = str(exc)
+    used, fell_back = quantizer, chunks is None
+    if chunks is None:
+        used = fallback
+        chunks = (fallback.quantize_chunks(weight, spec, stats, storage_dtype) if chunked
+                  else iter([(rows_all, fallback.quantize(weight, spec, stats, storage_dtype))]))
+    measuring = measure is not None and measure.n_tokens > 0 and weight.ndim == 2
+    figures, parts, damping = np.zeros(3), [], None
+    for rows, part in chunks:
+        damping = part.info.get("damping")
+        if measuring:
+            assert measure is not None
+            figures += hessian_figures(weight[rows], part.dequantized, measure.h, spec,
+                                       storage_dtype)
+        parts.append(build.pack(part, spec, storage_dtype))
+        del part
+    e, energy, rtn = (float(v) for v in figures)
+    return Solved(packed=build.join_rows(parts), strategy=used, fell_back=fell_back,
+                  reason=reason, damping=damping,
+                  figures=(e, energy, rtn) if measuring else None)
+
+
+def quantize_layer(p: LayerPlan, stats: HessianStats | None, fallback: Quantizer,
+                   dtype: str | None, result: QuantResult | None = None
+                   ) -> tuple[nn.Module, LayerRecord]:
+    """Quantize one planned dense layer; fall back to ``fallback`` when its strategy cannot run
+    (no calibration tokens, Hessian not factorizable, no per-expert support). ``result``: the
+    layer's values when they were already computed (a joint solve). ``dtype``: the calibration
+    dtype (named in the error when a stored array is Inf/NaN)."""
+    t0 = time.perf_counter()
+    weight = p.handler.weight(p.module)  # made float32 a slice of rows at a time
+    record = LayerRecord(
+        p.path, type(p.module).__name__, "quantized", strategy=p.quantizer.name,
+        requested=p.rule.strategy, rule=p.rule_index, bits=p.spec.bits,
+        group_size=p.spec.group_size, mode=p.spec.mode, reason=p.note, n_params=weight.size,
+        n_tokens=None if stats is None else stats.n_tokens,
+    )
+    refused = None
+    if p.quantizer.needs_hessian and not p.needs_stats:
+        refused = f"{record.layer_class}: expert layer outside the decoder blocks"
+    elif p.quantizer.needs_hessian and (stats is None or stats.n_tokens == 0):
+        refused = "no calibration activations reached this layer"
+    solved = solve_matrix(weight, p.spec, p.storage_dtype, quantizer=p.quantizer, stats=stats,
+                          fallback=fallback, measure=stats, refused=refused, result=result)
+    record.damping = solved.damping
+    if solved.fell_back:
+        record.status = "fallback"
+        record.strategy = solved.strategy.name
+        record.reason = "; ".join(r for r in (p.note, solved.reason) if r)
+    if solved.figures is not None:
+        e, energy, rtn = solved.figures
+        record.hessian_error, record.rtn_hessian_error = e, rtn
+        record.relative_error = e / energy if energy > 0 else 0.0
+    check_packed(p.path, solved.packed, dtype)  # reliab: no Inf/NaN written
+    module = build.build(p, solved.packed)
+    record.time_s = time.perf_counter() - t0
+    return module, record
+
+
+def solve_groups(plans: list[LayerPlan], stats: dict[str, HessianStats]) -> list[list[LayerPlan]]:
+    """Plans in order, layers that can be solved as one matrix put together: same Hessian
+    object, spec, scale dtype and (row-independent) quantizer, 2-D weights."""
+    groups: dict[tuple, list[LayerPlan]] = {}
+    order: list[list[LayerPlan]] = []
+    for p in plans:
+        st = stats.get(p.path)
+        joinable = (
+            st is not None and st.n_tokens > 0 and p.needs_stats
+            and getattr(p.quantizer, "rows_independent", False)
+            and p.handler.weight(p.module).ndim == 2
+        )
+        if not joinable:
+            order.append([p])
+            continue
+        key = (id(st), p.spec, p.quantizer, p.storage_dtype)
+        if key in groups:
+            groups[key].append(p)
+        else:
+            groups[key] = [p]
+            order.append(groups[key])
+    return order
+
+
+def solve_jointly(group: list[LayerPlan], stats) -> tuple[list[QuantResult | None], float]:
+    """Layers sharing one Hessian, spec and row-independent quantizer are solved as one
+    matrix (their rows stacked): one factorization, one pass of the column loop. Returns
+    ``[None] * len(group)`` (solve each on its own) when that does not apply or fails."""
+    if len(group) == 1:
+        return [None], 0.0
+    t0 = time.perf_counter()
+    p0 = group[0]
+    weights = [p.handler.weight(p.module).astype(mx.float32) for p in group]
+    try:
+        joint = p0.quantizer.quantize(mx.concatenate(weights, axis=0), p0.spec,
+                                      stats[p0.path], p0.storage_dtype)
+    except FactorizationError:
+        return [None] * len(group), 0.0
+    results: list[QuantResult | None] = []
+    start = 0
+    for w in weights:
+        rows = slice(start, start + w.shape[0])
+        start += w.shape[0]
+        results.append(attrs.evolve(
+            joint,
+            dequantized=joint.dequantized[rows],
+            codes=None if joint.codes is None else joint.codes[rows],
+            scales=None if joint.scales is None else joint.scales[rows],
+            biases=None if joint.biases is None else joint.biases[rows],
+            packed=None if joint.packed is None else {k: v[rows] for k, v in joint.packed.items()},
+            info=dict(joint.info, joint_with=[p.path for p in group]),
+        ))
+    return results, time.perf_counter() - t0
+
+
+def exchange_layers(group: Distributed, plans: list[LayerPlan],
+                    done: dict[str, tuple[nn.Module, LayerRecord]],
+                    owners: dict[str, int]) -> dict[str, tuple[nn.Module, LayerRecord]]:
+    """Every rank's quantized layers on every rank: ``done`` holds this rank's own, ``owners``
+    says which rank solved each layer of ``plans``; the others' come back as parameters and
+    are rebuilt here (:func:`~quantkit.pipeline.build.from_parameters`)."""
+    if group.size == 1:
+        return done
+    mine: list[Item] = [
+        ({"path": p.path, "record": attrs.asdict(done[p.path][1])},
+         cast(list[tuple[str, mx.array]], tree_flatten(done[p.path][0].parameters())))
+        for p in plans if owners[p.path] == group.rank]
+    by_path = {p.path: p for p in plans}
+    out = dict(done)
+    for r, items in enumerate(group.exchange(mine, "exchanging quantized layers")):
+        if r == group.rank:
+            continue
+        for meta, params in items:
+            p = by_path[meta["path"]]
+            module = build.from_parameters(p, params)
+            out[p.path] = (module, LayerRecord(**meta["record"]))
+    return out
+
+
+def started(chunks: Iterator[tuple[slice, QuantResult]]) -> Iterator[tuple[slice, QuantResult]]:
+    """``chunks`` with its first item already computed, so that a failure to start (e.g. a
+    :class:`FactorizationError` while factorizing) is raised here."""
+    first = next(chunks)
+    return itertools.chain([first], chunks)
