@@ -13,12 +13,22 @@ tests).
 
 On CPU, MLX and NumPy share host memory: ``np.asarray`` of an evaluated float32 ``mx.array``
 is a view, not a copy.
+
+Inside :func:`reusing_buffers` (the walker's calibration passes), the products are written into
+work buffers kept by shape and reused batch after batch, instead of a fresh NumPy array each
+time (``mx.array(...)`` copies a result into MLX's own buffer cache, so a buffer is free again
+as soon as a call returns). A fresh large array costs page faults on first touch, every time
+when the C allocator maps it anew: the CLI's fixed mmap threshold (see
+``quantkit.cli._return_freed_memory``) does so for every array over 128 KiB. Measured on
+benchmarks/job.py's tiny-llama job (32×256 tokens): 1.46 M minor page faults; the results are
+bit for bit the same (same BLAS calls, same element-wise operations).
 """
 
 from __future__ import annotations
 
 import contextlib
 import sys
+import threading
 from collections.abc import Iterator
 from functools import partial
 from typing import Any
@@ -45,9 +55,48 @@ def resolve_backend(backend: str) -> str:
     return backend
 
 
-def linear_forward(x: np.ndarray, weight_t: np.ndarray, bias: np.ndarray | None) -> np.ndarray:
-    """``x (rows, in) @ weight_t (in, out) + bias``, float32."""
-    y = x @ weight_t
+class _Buffers(threading.local):
+    """Per thread: the work buffers by ``(shape, dtype, slot)`` while :func:`reusing_buffers`
+    is active (``pool`` is ``None`` otherwise)."""
+
+    pool: dict[tuple, np.ndarray] | None = None
+
+
+_BUFFERS = _Buffers()
+
+
+@contextlib.contextmanager
+def reusing_buffers() -> Iterator[None]:
+    """While active (in this thread), :class:`HostLinear`, :class:`HostHessianCollector` and
+    host attention write their products into buffers kept by shape, reused from one call to
+    the next; they are dropped on exit (nested use keeps the outer pool)."""
+    if _BUFFERS.pool is not None:
+        yield
+        return
+    _BUFFERS.pool = {}
+    try:
+        yield
+    finally:
+        _BUFFERS.pool = None
+
+
+def work_buffer(shape: tuple[int, ...], dtype=np.float32, slot: str = "") -> np.ndarray:
+    """An uninitialised array of ``shape``: the pooled one inside :func:`reusing_buffers`
+    (its contents are the caller's until the next request of the same key), else a new one."""
+    pool = _BUFFERS.pool
+    if pool is None:
+        return np.empty(shape, dtype)
+    key = (tuple(shape), np.dtype(dtype), slot)
+    buf = pool.get(key)
+    if buf is None:
+        buf = pool[key] = np.empty(shape, dtype)
+    return buf
+
+
+def linear_forward(x: np.ndarray, weight_t: np.ndarray, bias: np.ndarray | None,
+                   out: np.ndarray | None = None) -> np.ndarray:
+    """``x (rows, in) @ weight_t (in, out) + bias``, float32 (into ``out`` when given)."""
+    y = np.matmul(x, weight_t, out=out)
     if bias is not None:
         y += bias
     return y
@@ -69,8 +118,9 @@ class HostLinear(Wrapper):
 
     def __call__(self, x: mx.array) -> mx.array:
         rows = np.asarray(x.astype(mx.float32).reshape(-1, x.shape[-1]))
-        y = linear_forward(rows, self._weight_t, self._bias)
-        return mx.array(y).reshape(*x.shape[:-1], y.shape[-1])
+        out = work_buffer((rows.shape[0], self._weight_t.shape[1]), slot="linear")
+        y = linear_forward(rows, self._weight_t, self._bias, out)
+        return mx.array(y).reshape(*x.shape[:-1], y.shape[-1])  # a copy: ``out`` is free again
 
 
 def runs_on_host(module: nn.Module) -> bool:
@@ -78,14 +128,18 @@ def runs_on_host(module: nn.Module) -> bool:
     return type(module) is nn.Linear and module.weight.dtype == mx.float32
 
 
-def accumulate_hessian(h: np.ndarray, n_tokens: int, x: np.ndarray) -> tuple[np.ndarray, int]:
-    """The running mean ``h`` of ``x xᵀ`` over ``n_tokens`` rows, updated with rows ``x``."""
+def accumulate_hessian(h: np.ndarray, n_tokens: int, x: np.ndarray,
+                       work: np.ndarray | None = None) -> tuple[np.ndarray, int]:
+    """The running mean ``h`` of ``x xᵀ`` over ``n_tokens`` rows, updated with rows ``x``
+    (``work``: an array shaped like ``h`` to hold ``xᵀx``, else a new one)."""
     m = x.shape[0]
     if m == 0:
         return h, n_tokens
     total = n_tokens + m
     h *= np.float32(n_tokens / total)
-    h += (x.T @ x) / np.float32(total)
+    xtx = np.matmul(x.T, x, out=work)  # NumPy's symmetric product (syrk), as ``x.T @ x``
+    xtx /= np.float32(total)
+    h += xtx
     return h, total
 
 
@@ -101,7 +155,8 @@ class HostHessianCollector(HessianCollector):
         rows = np.asarray(x.astype(mx.float32).reshape(-1, x.shape[-1]))
         if isinstance(self.h, mx.array):  # updated after stats(): back to a NumPy copy
             self.h = np.array(self.h)
-        self.h, self.n_tokens = accumulate_hessian(self.h, self.n_tokens, rows)
+        work = work_buffer(self.h.shape, slot="hessian")
+        self.h, self.n_tokens = accumulate_hessian(self.h, self.n_tokens, rows, work)
 
     def stats(self) -> HessianStats:
         if self.n_tokens == 0:
@@ -128,9 +183,11 @@ def _host_sdpa(original, queries, keys, values, cache, scale, mask, sinks=None):
     if (cache is not None or sinks is not None or not mask_ok
             or any(a.dtype != mx.float32 for a in (queries, keys, values))):
         return original(queries, keys, values, cache=cache, scale=scale, mask=mask, sinks=sinks)
-    out = attention_numpy(np.asarray(queries), np.asarray(keys), np.asarray(values), scale,
-                          np.asarray(mask) if isinstance(mask, mx.array) else mask)
-    return mx.array(out)
+    q = np.asarray(queries)
+    out = work_buffer((*q.shape[:-1], values.shape[-1]), slot="attention")
+    out = attention_numpy(q, np.asarray(keys), np.asarray(values), scale,
+                          np.asarray(mask) if isinstance(mask, mx.array) else mask, out=out)
+    return mx.array(out)  # a copy: the buffer is free again
 
 
 @contextlib.contextmanager

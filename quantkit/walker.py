@@ -32,6 +32,7 @@ from .host import (
     host_attention,
     host_collector,
     resolve_backend,
+    reusing_buffers,
     runs_on_host,
 )
 from .interrupt import check
@@ -117,10 +118,14 @@ class ModelWalker:
 
     @contextlib.contextmanager
     def _phase(self, name: str) -> Iterator[None]:
-        """Add the wall time of the ``with`` body to phase ``name`` of the report."""
+        """Add the wall time of the ``with`` body to phase ``name`` of the report. Forward
+        passes (``calibrate``, ``resume``) on the NumPy backend reuse its work buffers batch
+        after batch (:func:`~quantkit.host.reusing_buffers`), dropped when the phase ends."""
         t0 = time.perf_counter()
+        passes = self._host and name in ("calibrate", "resume")
         try:
-            yield
+            with reusing_buffers() if passes else contextlib.nullcontext():
+                yield
         finally:
             self._phases[name] = self._phases.get(name, 0.0) + time.perf_counter() - t0
 

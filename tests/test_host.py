@@ -209,3 +209,37 @@ def test_host_attention_hands_other_cases_to_mlx_and_is_put_back_on_error():
     with pytest.raises(RuntimeError), host.host_attention(model):
         raise RuntimeError("boom")
     assert llama.scaled_dot_product_attention is base.scaled_dot_product_attention
+
+
+def test_reused_buffers_give_bitwise_the_same_results():
+    """Inside ``reusing_buffers`` the linear, Hessian and attention products are written into
+    pooled work arrays: every result is bit for bit what fresh arrays give, a result handed to
+    MLX stays valid when the buffer is reused, and the pool is dropped on exit."""
+    from quantkit.kernels.attention import attention_numpy
+
+    rng = np.random.default_rng(1)
+    layer = nn.Linear(48, 24, bias=True)
+    xs = [mx.array(rng.standard_normal((2, 9, 48), dtype=np.float32)) for _ in range(3)]
+    q = rng.standard_normal((2, 4, 9, 8), dtype=np.float32)
+    k = rng.standard_normal((2, 2, 9, 8), dtype=np.float32)
+    fresh_linear = [np.array(HostLinear(layer)(x)) for x in xs]
+    fresh_h = HostHessianCollector(48)
+    for x in xs:
+        fresh_h.update(x)
+    fresh_attention = attention_numpy(q, k, k, 0.5, "causal", chunk=40)
+    with host.reusing_buffers():
+        runner, pooled_h = HostLinear(layer), HostHessianCollector(48)
+        outs = [runner(x) for x in xs]  # all three alive while the buffer is reused
+        for x in xs:
+            pooled_h.update(x)
+        buf = host.work_buffer((18, 24), slot="linear")
+        assert host.work_buffer((18, 24), slot="linear") is buf  # one array per shape and slot
+        out = host.work_buffer(fresh_attention.shape, slot="attention")
+        attention = attention_numpy(q, k, k, 0.5, "causal", chunk=40, out=out)
+        assert attention is out
+    assert all(np.array_equal(np.array(o), f) for o, f in zip(outs, fresh_linear))
+    assert np.array_equal(np.array(pooled_h.stats().h), np.array(fresh_h.stats().h))
+    assert np.array_equal(attention, fresh_attention)
+    assert host.work_buffer((18, 24), slot="linear") is not buf  # outside: a new array
+    with pytest.raises(ValueError, match="C-contiguous float32"):
+        attention_numpy(q, k, k, 0.5, None, out=np.empty((2, 4, 9, 8), dtype=np.float64))

@@ -15,18 +15,23 @@ SCORE_CHUNK = 2 * 2**20
 
 
 def attention_numpy(q: np.ndarray, k: np.ndarray, v: np.ndarray, scale: float,
-                    mask: str | np.ndarray | None = None,
-                    chunk: int = SCORE_CHUNK) -> np.ndarray:
+                   mask: str | np.ndarray | None = None,
+                   chunk: int = SCORE_CHUNK, out: np.ndarray | None = None) -> np.ndarray:
     """``softmax(scale · q kᵀ + mask) v`` for ``q (B, H, L, D)``, ``k (B, Hk, S, D)``,
     ``v (B, Hk, S, Dv)`` with ``H`` a multiple of ``Hk`` (query heads ``i·H/Hk …`` share kv
     head ``i``). ``mask``: ``None``; ``"causal"`` (query ``i`` sees keys ``j ≤ i + S − L``);
     a boolean array (``True``: attend) or an additive one, broadcastable to ``(B, H, L, S)``.
-    Returns ``(B, H, L, Dv)`` float32. Scores are computed ``chunk`` elements at a time (a
-    batch row and a range of queries)."""
+    Returns ``(B, H, L, Dv)`` float32 (written into ``out`` when given). Scores are computed
+    ``chunk`` elements at a time (a batch row and a range of queries), in one work array
+    reused for every chunk."""
     b, h, n_q, d = q.shape
     hk, n_k = k.shape[1], k.shape[2]
     rep = h // hk
-    out = np.empty((b, h, n_q, v.shape[-1]), dtype=np.float32)
+    dv = v.shape[-1]
+    if out is None:
+        out = np.empty((b, h, n_q, dv), dtype=np.float32)
+    elif out.shape != (b, h, n_q, dv) or out.dtype != np.float32 or not out.flags.c_contiguous:
+        raise ValueError(f"out must be a C-contiguous float32 array {(b, h, n_q, dv)}")
     step = max(1, min(n_q, chunk // max(1, h * n_k)))
     causal = isinstance(mask, str)
     if causal and mask != "causal":
@@ -36,22 +41,30 @@ def attention_numpy(q: np.ndarray, k: np.ndarray, v: np.ndarray, scale: float,
         mask_arr = mask_arr.reshape((1,) * (4 - mask_arr.ndim) + mask_arr.shape)
         mask_arr = np.broadcast_to(mask_arr, (*mask_arr.shape[:2], n_q, n_k))
     cols = np.arange(n_k)
+    scores = np.empty((hk, rep, step, n_k), dtype=np.float32)
+    queries = np.empty((hk, rep, step, d), dtype=np.float32)
     for i in range(b):
-        ki = k[i][:, None]  # (Hk, 1, S, D)
-        vi = v[i][:, None]
+        ki_t = np.swapaxes(k[i][:, None], -1, -2)  # (Hk, 1, D, S)
+        vi = v[i][:, None]  # (Hk, 1, S, Dv)
+        out_i = out[i].reshape(hk, rep, n_q, dv)  # a view: out[i] is contiguous
         for start in range(0, n_q, step):
             stop = min(n_q, start + step)
-            qi = q[i, :, start:stop].reshape(hk, rep, stop - start, d) * np.float32(scale)
-            s = qi @ np.swapaxes(ki, -1, -2)  # (Hk, rep, l, S)
+            n = stop - start
+            qi = np.multiply(q[i, :, start:stop].reshape(hk, rep, n, d), np.float32(scale),
+                             out=queries[:, :, :n])
+            s = np.matmul(qi, ki_t, out=scores[:, :, :n])  # (Hk, rep, l, S)
             if causal:
                 rows = np.arange(start, stop)[:, None] + (n_k - n_q)
-                s = np.where(cols[None, :] <= rows, s, np.float32(-np.inf))
+                np.copyto(s, np.float32(-np.inf), where=cols[None, :] > rows)
             elif mask_arr is not None:
                 m = mask_arr[min(i, mask_arr.shape[0] - 1), :, start:stop]  # (H or 1, l, S)
-                m = np.broadcast_to(m, (h, stop - start, n_k)).reshape(hk, rep, stop - start, n_k)
-                s = np.where(m, s, np.float32(-np.inf)) if m.dtype == np.bool_ else s + m
+                m = np.broadcast_to(m, (h, n, n_k)).reshape(hk, rep, n, n_k)
+                if m.dtype == np.bool_:
+                    np.copyto(s, np.float32(-np.inf), where=~m)
+                else:
+                    s += m
             s -= s.max(axis=-1, keepdims=True)
             np.exp(s, out=s)
             s /= s.sum(axis=-1, keepdims=True)
-            out[i, :, start:stop] = (s @ vi).reshape(h, stop - start, -1)
+            np.matmul(s, vi, out=out_i[:, :, start:stop])
     return out
