@@ -44,6 +44,7 @@ from .pipeline.calibrate import (
     Replay,
     SharingCollector,
     StopForward,
+    TailCut,
     block_forward,
     paired_passes,
     share_identical,
@@ -114,6 +115,7 @@ class ModelWalker:
     _host: bool = attrs.field(default=False, init=False, repr=False)
     _runners: dict = attrs.field(factory=dict, init=False, repr=False)
     _host_forward: bool = attrs.field(default=True, init=False, repr=False)
+    _tail: TailCut | None = attrs.field(default=None, init=False, repr=False)
     _phases: dict[str, float] = attrs.field(factory=dict, init=False, repr=False)
 
     @contextlib.contextmanager
@@ -216,6 +218,7 @@ class ModelWalker:
                     reload_lazily(model, resumed.files[i])
                 continue
             self._runners.clear()
+            self._tail = TailCut()  # learned anew for each block
             self._emit("block", index=i, total=len(blocks), path=bpath)
             ctx = None
             if transforms or optimizers:
@@ -231,6 +234,7 @@ class ModelWalker:
                 stats = self._collect_sharded(
                     model, inside, layout, partial(block_forward, block, inputs, block_args[i]),
                     None if ref_inputs is None else partial(block_forward, block, ref_inputs, block_args[i]),
+                    tail_cut=True,
                 ) if needs_calibration else {}
                 if ref_inputs is not None:
                     ref_inputs = [self._eval(block(x, *a, **kw)) for x, (a, kw) in zip(ref_inputs, block_args[i])]
@@ -360,7 +364,7 @@ class ModelWalker:
         block_args = [[(a, kw) for _, a, kw in s] for s in sinks]
         return inputs, block_args
 
-    def _collect(self, model, plans: list[LayerPlan], forward, reference=None
+    def _collect(self, model, plans: list[LayerPlan], forward, reference=None, tail_cut=False
                  ) -> tuple[dict[str, HessianStats], dict[str, str]]:
         """Install collectors on the layers of ``plans`` that need them and run ``forward()``,
         an iterable of per-batch forward passes. Only the collectors are evaluated, so MLX
@@ -374,20 +378,27 @@ class ModelWalker:
         ``reference()``, when given, yields the same batches' full-precision forward passes:
         each runs just before its batch's ``forward`` pass, with the collectors of strategies
         that need it set to ``recording`` (they keep the layer inputs it shows them) and the
-        other collectors muted."""
+        other collectors muted.
+
+        ``tail_cut``: ``forward`` runs a decoder block whose outputs are not used (see
+        :class:`~quantkit.pipeline.calibrate.TailCut`): each pass may end right after the
+        block's last collected input."""
         wanted = [p for p in plans if p.needs_stats]
         if not wanted:
             return {}, {}
         pool = InputPool()
         collectors: dict[str, HessianCollector] = {}
         catchers = []
+        # Passes end after the block's last collected input only when every collector is a
+        # sharing one (no full-precision reference passes in between).
+        tail = self._tail if tail_cut and not any(p.quantizer.needs_reference for p in wanted) else None
         for p in wanted:
             inner = p.quantizer.collector(p.handler, p.module)
             if p.quantizer.needs_reference:
                 collectors[p.path] = inner
             else:
                 inner = host_collector(inner) if self._host else inner
-                collectors[p.path] = SharingCollector(p.path, inner, pool)
+                collectors[p.path] = SharingCollector(p.path, inner, pool, tail)
             catchers.append((p.path, p.handler.catcher(self._runner(p.module), collectors[p.path])))
         model.update_modules(tree_unflatten(catchers))
         paired = [collectors[p.path] for p in wanted if p.quantizer.needs_reference]
@@ -398,7 +409,11 @@ class ModelWalker:
             for _ in passes:
                 mx.eval([c.arrays() for c in collectors.values()])
                 pool.clear()
+                if tail is not None:
+                    tail.end_pass()
         finally:
+            if tail is not None:
+                tail.seen, tail.cut = [], False  # a pass stopped by an error is not learned from
             model.update_modules(tree_unflatten([(p.path, p.module) for p in wanted]))
         owners = {k: getattr(c, "owner", None) or k for k, c in collectors.items()}
         owned = {k: c.stats() for k, c in collectors.items() if owners[k] == k}
@@ -463,8 +478,8 @@ class ModelWalker:
             model.update_modules(tree_unflatten(self._final))
             self._final.clear()
 
-    def _collect_sharded(self, model, plans, layout: ShardLayout, run_batch, run_reference=None
-                         ) -> dict[str, HessianStats]:
+    def _collect_sharded(self, model, plans, layout: ShardLayout, run_batch, run_reference=None,
+                         tail_cut=False) -> dict[str, HessianStats]:
         """``_collect`` once per calibration shard of this rank (``run_batch(j)``: the forward
         pass of local batch ``j``); shard statistics combined across ranks in shard order."""
         if not any(p.needs_stats for p in plans):
@@ -472,6 +487,7 @@ class ModelWalker:
         merged = self.distributed.reduce_stats(layout, lambda positions: self._collect(
             model, plans, lambda: (run_batch(j) for j in positions),
             None if run_reference is None else lambda: (run_reference(j) for j in positions),
+            tail_cut=tail_cut,
         )[0])
         return share_identical(merged)
 

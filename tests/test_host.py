@@ -124,8 +124,9 @@ def test_walk_with_numpy_backend_matches_mlx_backend(monkeypatch):
         runs[backend + "_calls"] = dict(calls)
     assert runs["mlx_calls"] == {"forward": 0, "attention": 0}
     # 7 linear layers and one attention per block, 2 blocks, 2 batches: collection and
-    # stand-in forward passes.
-    assert runs["numpy_calls"] == {"forward": 2 * 7 * 2 * 2, "attention": 2 * 2 * 2}
+    # stand-in forward passes; the second collection pass of a block ends at the down
+    # projection's input (pipeline.calibrate.TailCut), so that layer runs once less per block.
+    assert runs["numpy_calls"] == {"forward": 2 * (7 * 2 * 2 - 1), "attention": 2 * 2 * 2}
     from mlx_lm.models import base, llama
     assert llama.scaled_dot_product_attention is base.scaled_dot_product_attention  # put back
     ref = {r.path: r for r in runs["mlx"].report.layers}
@@ -243,3 +244,52 @@ def test_reused_buffers_give_bitwise_the_same_results():
     assert host.work_buffer((18, 24), slot="linear") is not buf  # outside: a new array
     with pytest.raises(ValueError, match="C-contiguous float32"):
         attention_numpy(q, k, k, 0.5, None, out=np.empty((2, 4, 9, 8), dtype=np.float64))
+
+
+def test_collection_passes_end_at_the_last_collected_input(monkeypatch):
+    """A block's later collection passes stop once its last collector has its input (the
+    down projection's product is not computed for nothing): the quantized model and every
+    error figure are bit for bit those of whole passes."""
+    from quantkit.pipeline import calibrate
+
+    tokens = mx.random.randint(0, 256, (12, 32), key=mx.random.key(4))
+    recipe = Recipe.uniform("gptq", bits=4, group_size=32)
+    runs = {}
+    real = host.linear_forward
+    for cut in (True, False):
+        if not cut:  # never learn the order: every pass runs whole
+            monkeypatch.setattr(calibrate.TailCut, "end_pass",
+                                lambda self: setattr(self, "seen", []))
+        calls = []
+        monkeypatch.setattr(host, "linear_forward", lambda *a, calls=calls: calls.append(1) or real(*a))
+        model = _tiny_llama()
+        report = ModelWalker(recipe=recipe, batch_size=4, backend="numpy").run(model, tokens).report
+        runs[cut] = (dict(tree_flatten(model.parameters())), report, len(calls))
+    (cut_params, cut_report, cut_calls), (whole_params, whole_report, whole_calls) = runs[True], runs[False]
+    assert whole_calls - cut_calls == 2 * 2  # 2 blocks × the down projection of batches 2 and 3
+    assert cut_params.keys() == whole_params.keys()
+    assert all(np.array_equal(np.array(cut_params[k]), np.array(whole_params[k])) for k in cut_params)
+    assert [(r.path, r.hessian_error, r.n_tokens) for r in cut_report.layers] == \
+        [(r.path, r.hessian_error, r.n_tokens) for r in whole_report.layers]
+
+
+def test_tail_cut_learns_the_order_and_stands_down_when_it_changes():
+    from quantkit.pipeline.calibrate import PassEnd, TailCut
+
+    tail = TailCut()
+    for path in ("q", "k", "down"):  # the first pass runs whole and is learned
+        tail.called(path)
+    tail.end_pass()
+    tail.called("q")
+    tail.called("k")
+    with pytest.raises(PassEnd):
+        tail.called("down")
+    tail.end_pass()
+    tail.called("q")
+    tail.called("v")  # another order (data-dependent control flow): no more cuts
+    tail.called("k")
+    tail.called("down")
+    tail.end_pass()
+    for path in ("q", "k", "down"):
+        tail.called(path)
+    assert not tail.enabled

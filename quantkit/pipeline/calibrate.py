@@ -6,8 +6,10 @@ recorded; :class:`StopForward` ends each batch's pass at the last block. Collect
 reading the very same input array (q/k/v, gate/up) share one collector
 (:class:`InputPool`, :class:`SharingCollector`) and :func:`share_identical` gives them one
 statistics object after merging, so they are solved as one matrix. :func:`paired_passes` interleaves
-full-precision reference passes (strategies that need them: GPTAQ). :class:`Replay` stands in
-for the blocks while the layers outside them (the output head) are calibrated.
+full-precision reference passes (strategies that need them: GPTAQ). :class:`TailCut` ends a
+block's later collection passes at its last collected input (:class:`PassEnd`, caught in
+:func:`block_forward`). :class:`Replay` stands in for the blocks while the layers outside them
+(the output head) are calibrated.
 """
 
 from __future__ import annotations
@@ -57,10 +59,14 @@ class Replay(Wrapper):
         return out
 
 
-def block_forward(block: nn.Module, inputs: list[mx.array], args: list, j: int) -> mx.array:
-    """Block ``block`` on local batch ``j``: its captured input and extra arguments."""
+def block_forward(block: nn.Module, inputs: list[mx.array], args: list, j: int) -> mx.array | None:
+    """Block ``block`` on local batch ``j``: its captured input and extra arguments (``None``
+    for a collection pass ended early, see :class:`TailCut`)."""
     check("forward")  # reliab: a place to stop at every calibration batch
-    return block(inputs[j], *args[j][0], **args[j][1])
+    try:
+        return block(inputs[j], *args[j][0], **args[j][1])
+    except PassEnd:  # the rest of this pass feeds no collector
+        return None
 
 
 def share_identical(stats: dict[str, HessianStats]) -> dict[str, HessianStats]:
@@ -100,14 +106,62 @@ class InputPool:
         self._seen.clear()
 
 
+class PassEnd(Exception):
+    """Raised by the last collector of a calibration pass (see :class:`TailCut`)."""
+
+
+class TailCut:
+    """Ends a decoder block's calibration passes after the last layer input they collect.
+
+    A collection pass only feeds collectors; the block's output is dropped. What the block
+    computes after its last collected input — that layer's own product (the down projection
+    of an MLP) and what follows it — feeds nothing, yet the NumPy backend computes it eagerly
+    (MLX, lazy, would skip it). The first whole pass of a block records the order in which
+    its collectors are called; a later pass that has called them in the very same order up to
+    the last one stops there (:class:`PassEnd`, caught in :func:`block_forward`), after that
+    collector took its input and before the layer runs. A pass that calls them otherwise
+    (control flow that depends on the data) turns the cut off for the rest of the block, so
+    every collector sees exactly the inputs of a whole pass."""
+
+    def __init__(self) -> None:
+        self.order: list[str] | None = None  # the collectors a whole pass called, in order
+        self.seen: list[str] = []
+        self.cut = False
+        self.enabled = True
+
+    def called(self, path: str) -> None:
+        """Collector ``path`` has taken its input: end the pass if it is the last one."""
+        self.seen.append(path)
+        if self.order is None or not self.enabled:
+            return
+        k = len(self.seen) - 1
+        if k >= len(self.order) or self.order[k] != path:
+            self.enabled = False
+        elif k == len(self.order) - 1:
+            self.cut = True
+            raise PassEnd
+
+    def end_pass(self) -> None:
+        """A pass is over: learn the order from the first whole one."""
+        if self.seen and not self.cut:
+            if self.order is None:
+                self.order = self.seen
+            elif self.seen != self.order:
+                self.enabled = False
+        self.seen, self.cut = [], False
+
+
 class SharingCollector(HessianCollector):
     """Feeds ``inner`` only with inputs no other collector of the pool saw first; a layer whose
-    inputs are always another layer's (``owner``) gets that layer's statistics."""
+    inputs are always another layer's (``owner``) gets that layer's statistics. ``tail``: the
+    block's :class:`TailCut`, told of every call."""
 
-    def __init__(self, path: str, inner: HessianCollector, pool: InputPool) -> None:
+    def __init__(self, path: str, inner: HessianCollector, pool: InputPool,
+                 tail: TailCut | None = None) -> None:
         self.path = path
         self.inner = inner
         self.pool = pool
+        self.tail = tail
         self.owner: str | None = None  # None until the first input; then the path that owns them
         self.muted = False  # set while a full-precision reference pass runs (GPTAQ)
 
@@ -123,6 +177,8 @@ class SharingCollector(HessianCollector):
             )
         if owner == self.path:
             self.inner.update(x)
+        if self.tail is not None:
+            self.tail.called(self.path)
 
     def stats(self) -> HessianStats:
         return self.inner.stats()
