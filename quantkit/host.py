@@ -69,7 +69,12 @@ _BUFFERS = _Buffers()
 def reusing_buffers() -> Iterator[None]:
     """While active (in this thread), :class:`HostLinear`, :class:`HostHessianCollector` and
     host attention write their products into buffers kept by shape, reused from one call to
-    the next; they are dropped on exit (nested use keeps the outer pool)."""
+    the next; they are dropped on exit (nested use keeps the outer pool).
+
+    (MLX's own cache of freed CPU buffers, 32 MB by default, holds two or three of a batch's
+    activations; raising it for the passes took the job's page faults down further but
+    measured +50 MB of peak resident memory on benchmarks/memory.py's 4-block model: left
+    as it is.)"""
     if _BUFFERS.pool is not None:
         yield
         return
