@@ -2,6 +2,11 @@
 end on a model directory written to disk, beside the in-memory core (``quantize_model`` on the
 loaded model) and mlx-lm's ``gptq_quantize`` (via ``benchmarks/speed.py --skip-quantkit``).
 
+Beside each wall time, the CPU seconds (user + system, all threads) of the same span: the CLI
+process's whole life, the core's ``quantize_model`` call, mlx-lm's ``gptq_quantize`` call. On a
+machine shared with other jobs the wall time stretches with the load; the CPU seconds much
+less, so ``speedup_vs_mlx_lm_cpu`` is the steadier ratio there.
+
 The CLI runs twice in the same session, with the defaults (checkpointing on) and with
 ``--no-checkpoint``: their ratio is the checkpoint's cost (target ≤ 1.10×). The job's phases
 (load, check, tokenize, calibrate, solve, resume, write) come from the run report.
@@ -125,9 +130,9 @@ def cli_job(model_dir: Path, out: Path, args, *extra: str) -> dict:
            str(args.seq_len), "--batch-size", str(args.batch_size), "--bits", str(args.bits),
            "--group-size", str(args.group_size), "--json", *extra]
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), _children_cpu()
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
-    wall = time.perf_counter() - t0
+    wall, cpu = time.perf_counter() - t0, _children_cpu() - c0
     if proc.returncode != 0:
         raise SystemExit(f"quantize failed ({proc.returncode}): {proc.stderr[-3000:]}")
     report = json.loads(proc.stdout)
@@ -135,12 +140,18 @@ def cli_job(model_dir: Path, out: Path, args, *extra: str) -> dict:
     shutil.rmtree(out, ignore_errors=True)
     errors = [r["relative_error"] for r in report.get("layers", [])
               if r.get("relative_error") is not None]
-    return {"wall_s": wall, "phases_s": report.get("phases", {}), "walk_s": report["time_s"],
-            "output_gb": output_gb,
+    return {"wall_s": wall, "cpu_s": cpu, "phases_s": report.get("phases", {}),
+            "walk_s": report["time_s"], "output_gb": output_gb,
             "peak_memory_gb": report.get("peak_memory_gb"),
             # the largest max RSS of this script's children so far (Linux: KiB)
             "children_max_rss_gb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024 / 1e9,
             "mean_relative_error": sum(errors) / len(errors) if errors else None}
+
+
+def _children_cpu() -> float:
+    """User + system CPU seconds of this script's finished children so far."""
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
 
 
 def core(model_dir: Path, args) -> dict:
@@ -152,11 +163,11 @@ def core(model_dir: Path, args) -> dict:
     tokens = calibration_tokens(tokenizer, TEXT, args.samples, args.seq_len, 0)
     mx.eval(tokens)
     recipe = Recipe.uniform("gptq", bits=args.bits, group_size=args.group_size)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     quantize_model(model, tokens, recipe, batch_size=args.batch_size,
                    dtype=None if args.calib_dtype == "model" else args.calib_dtype)
     mx.eval(model.parameters())
-    return {"seconds": time.perf_counter() - t0}
+    return {"seconds": time.perf_counter() - t0, "cpu_seconds": time.process_time() - c0}
 
 
 def mlx_lm(args) -> dict:
@@ -235,19 +246,27 @@ def main() -> None:
 
     print(f"{args.model} ({row['weights_gb']:.2f} GB {args.dtype}), {args.samples}×{args.seq_len} "
           f"tokens, {row['device']}")
-    print(f"{'run':34s} {'seconds':>8s}")
-    print(f"{'quantkit quantize (defaults)':34s} {row['cli']['wall_s']:8.2f}")
+    print(f"{'run':34s} {'seconds':>8s} {'CPU s':>8s}")
+    print(f"{'quantkit quantize (defaults)':34s} {row['cli']['wall_s']:8.2f} {row['cli']['cpu_s']:8.2f}")
     if "cli_no_checkpoint" in row:
-        print(f"{'quantkit quantize --no-checkpoint':34s} {row['cli_no_checkpoint']['wall_s']:8.2f}")
+        print(f"{'quantkit quantize --no-checkpoint':34s} {row['cli_no_checkpoint']['wall_s']:8.2f} "
+              f"{row['cli_no_checkpoint']['cpu_s']:8.2f}")
     if "cli_bf16" in row:
-        print(f"{'quantkit quantize --dtype bfloat16':34s} {row['cli_bf16']['wall_s']:8.2f}")
+        print(f"{'quantkit quantize --dtype bfloat16':34s} {row['cli_bf16']['wall_s']:8.2f} "
+              f"{row['cli_bf16']['cpu_s']:8.2f}")
     if "core" in row:
-        print(f"{'quantize_model (in memory)':34s} {row['core']['seconds']:8.2f}")
+        print(f"{'quantize_model (in memory)':34s} {row['core']['seconds']:8.2f} "
+              f"{row['core']['cpu_seconds']:8.2f}")
     if "mlx_lm" in row:
-        ml = row["mlx_lm"].get("seconds")
-        print(f"{'mlx-lm gptq_quantize':34s} {ml if ml is None else f'{ml:8.2f}'}")
+        ml, ml_cpu = row["mlx_lm"].get("seconds"), row["mlx_lm"].get("cpu_seconds")
+        print(f"{'mlx-lm gptq_quantize':34s} {ml if ml is None else f'{ml:8.2f}'} "
+              f"{ml_cpu if ml_cpu is None else f'{ml_cpu:8.2f}'}")
         if ml:
             row["speedup_vs_mlx_lm"] = ml / row["cli"]["wall_s"]
+        if ml_cpu:
+            row["speedup_vs_mlx_lm_cpu"] = ml_cpu / row["cli"]["cpu_s"]
+            print(f"mlx-lm / quantkit (defaults): {row['speedup_vs_mlx_lm']:.2f}x wall, "
+                  f"{row['speedup_vs_mlx_lm_cpu']:.2f}x CPU seconds")
     print("phases of the default CLI run: " + ", ".join(
         f"{k} {v:.2f}" for k, v in row["cli"]["phases_s"].items()))
     if "checkpoint_ratio" in row:
