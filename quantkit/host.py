@@ -85,7 +85,9 @@ def accumulate_hessian(h: np.ndarray, n_tokens: int, x: np.ndarray) -> tuple[np.
         return h, n_tokens
     total = n_tokens + m
     h *= np.float32(n_tokens / total)
-    h += (x.T @ x) / np.float32(total)
+    xtx = x.T @ x
+    xtx /= np.float32(total)  # in place: one n² temporary, not two
+    h += xtx
     return h, total
 
 

@@ -79,7 +79,7 @@ def gptq_quantize_numpy(
     n_levels = np.float32((1 << bits) - 1)
     # Column-major work array: a column is a contiguous vector.
     wt = np.array(w.astype(mx.float32), dtype=np.float32).T.copy()  # (in, out)
-    u_np = np.array(u.astype(mx.float32), dtype=np.float32)
+    u_np = np.asarray(u.astype(mx.float32), dtype=np.float32)  # only read: no copy of the n² factor
     fixed_s = None if scales is None else _stored_np(np.array(scales, dtype=np.float32), storage_dtype)
     fixed_b = None if biases is None else _stored_np(np.array(biases, dtype=np.float32), storage_dtype)
     codes = np.empty((n_in, n_out), dtype=np.uint8)
