@@ -142,6 +142,9 @@ class ModelWalker:
     _runners: dict = attrs.field(factory=dict, init=False, repr=False)
     _host_forward: bool = attrs.field(default=True, init=False, repr=False)
     _phases: dict[str, float] = attrs.field(factory=dict, init=False, repr=False)
+    #: While a block's layers are solved: drop each float layer once quantized (see
+    #: :func:`_release_float`); off when block optimizers need the float layers afterwards.
+    _release: bool = attrs.field(default=False, init=False, repr=False)
 
     @contextlib.contextmanager
     def _phase(self, name: str) -> Iterator[None]:
@@ -303,7 +306,11 @@ class ModelWalker:
             # The NumPy runners hold the block's float weights: not needed once collected.
             self._runners.clear()
             with self._phase("solve"):
-                done = self._quantize_all(model, [p for p in inside if not p.per_expert], stats, report, i)
+                self._release = not optimizers
+                try:
+                    done = self._quantize_all(model, [p for p in inside if not p.per_expert], stats, report, i)
+                finally:
+                    self._release = False
                 experts = [p for p in inside if p.per_expert]
                 if experts:
                     done += self._quantize_experts(
@@ -585,6 +592,8 @@ class ModelWalker:
                 record.time_s += joint_s / len(group)
                 record.block, record.rank = block_index, rank
                 done[p.path] = (module, record)
+                if self._release:
+                    _release_float(model, p, module)
         done = self._exchange_layers(plans, done, owners)
         new_modules = []
         for p in plans:
@@ -905,6 +914,18 @@ def _started(chunks: Iterator[tuple[slice, QuantResult]]) -> Iterator[tuple[slic
     :class:`FactorizationError` while factorizing) is raised here."""
     first = next(chunks)
     return itertools.chain([first], chunks)
+
+
+def _release_float(model: nn.Module, p: LayerPlan, quantized: nn.Module) -> None:
+    """Free a quantized layer's float weight while the rest of its block is solved: the model
+    gets the quantized layer now, and the plan keeps a shell of the original whose weight is a
+    lazy placeholder of the same shape and dtype, never computed (:func:`_dense_standin` makes
+    the stand-in from the shell). No forward pass runs until :meth:`ModelWalker._install`."""
+    shell = copy.copy(p.module)
+    weight = shell.weight
+    shell.weight = mx.zeros(weight.shape, weight.dtype)
+    p.module = shell
+    model.update_modules(tree_unflatten([(p.path, quantized)]))
 
 
 def _dense_standin(original: nn.Module, quantized: nn.Module, host: bool = False) -> nn.Module:
