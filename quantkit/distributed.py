@@ -156,7 +156,7 @@ def _merge_dicts(a: Stats | None, b: Stats | None) -> Stats | None:
             # Only the merge's graph holds the inputs now (unless other keys share them): MLX
             # frees them, or computes in their buffers, as it goes.
             del x, y
-            if fresh:
+            if fresh and merged is not None:
                 mx.eval(merged.h)
             done[key] = merged
         else:

@@ -15,6 +15,8 @@ spreads column ``j``'s rounding error over the columns after it. Backends:
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import mlx.core as mx
 import numpy as np
 
@@ -79,7 +81,8 @@ def _factor_mlx(h: np.ndarray) -> np.ndarray:
 
 
 #: Backends working on float64 NumPy arrays (``"blocked"`` works on MLX arrays instead).
-BACKENDS = {"numpy": reversed_factor_numpy, "numpy-inv": _factor_numpy, "mlx": _factor_mlx}
+BACKENDS: dict[str, Callable[[np.ndarray], np.ndarray]] = {
+    "numpy": reversed_factor_numpy, "numpy-inv": _factor_numpy, "mlx": _factor_mlx}
 #: Every name a strategy accepts.
 BACKEND_NAMES = (*BACKENDS, "blocked", "auto")
 
