@@ -878,6 +878,10 @@ def _park(stats: dict[str, HessianStats], path: Path) -> dict[str, HessianStats]
     mx.save_safetensors(str(path), saved)
     del saved
     loaded = cast(dict[str, mx.array], mx.load(str(path)))
+    # MLX holds the file open until the arrays are read: unlinked now, nothing is left behind
+    # should the process be killed (SIGKILL skips the directory's removal).
+    with contextlib.suppress(OSError):
+        path.unlink()
     parked: dict[int, HessianStats] = {}
     out: dict[str, HessianStats] = {}
     for key, st in stats.items():
