@@ -152,11 +152,16 @@ def _merge_dicts(a: Stats | None, b: Stats | None) -> Stats | None:
         key = (id(x), id(y))
         if key not in done:
             merged = merge_stats(x, y)
-            if merged is not None and merged is not x and merged is not y:
+            fresh = merged is not None and merged is not x and merged is not y
+            # Only the merge's graph holds the inputs now (unless other keys share them): MLX
+            # frees them, or computes in their buffers, as it goes.
+            del x, y
+            if fresh and merged is not None:
                 mx.eval(merged.h)
             done[key] = merged
+        else:
+            del x, y
         out[k] = done[key]
-        del x, y
     return out
 
 
@@ -224,11 +229,17 @@ def _connect_failure(message: str, timed_out: bool, timeout_s: float | None) -> 
     return f"{where}: cannot start the distributed group: {message}"
 
 
-def local_roots(layout: ShardLayout, collect: Callable[[list[int]], Stats]) -> dict[Node, Stats]:
+def local_roots(layout: ShardLayout, collect: Callable[[list[int]], Stats],
+                park: Callable[[Stats], Stats] | None = None) -> dict[Node, Stats]:
     """This rank's shards merged into the maximal subtrees it owns (``layout.roots``), one
-    shard at a time: at most ``log2(num_shards) + 1`` partial statistics are alive at once."""
+    shard at a time: at most ``log2(num_shards) + 1`` partial statistics are alive at once.
+
+    ``park(stats)``, when given, is applied to each partial result that must wait for a later
+    shard and returns the same values held elsewhere (e.g. lazy loads of a file): the
+    statistics being collected do not sit beside up to ``log2(num_shards)`` waiting ones."""
     stack: list[tuple[Node, Stats]] = []
-    for shard, positions in layout.local_shards():
+    shards = list(layout.local_shards())
+    for k, (shard, positions) in enumerate(shards):
         node, stats = (0, shard), collect(positions)
         while stack and node[1] % 2 == 1 and stack[-1][0] == (node[0], node[1] - 1):
             stats = _merge_dicts(stack.pop()[1], stats)
@@ -236,6 +247,8 @@ def local_roots(layout: ShardLayout, collect: Callable[[list[int]], Stats]) -> d
             # Statistics without tokens stay unevaluated (lazy zeros): their merges are the
             # identity, and a tree over more shards than batches holds many of them.
             mx.eval([s.h for s in stats.values() if s is not None and s.n_tokens > 0])
+        if park is not None and k + 1 < len(shards) and stats:
+            stats = park(stats)
         stack.append((node, stats))
     return dict(stack)
 
@@ -341,11 +354,13 @@ class Distributed:
     def layout(self, n_batches: int) -> ShardLayout:
         return ShardLayout.build(n_batches, self.num_shards, self.size, self.rank)
 
-    def reduce_stats(self, layout: ShardLayout, collect: Callable[[list[int]], Stats]) -> Stats:
+    def reduce_stats(self, layout: ShardLayout, collect: Callable[[list[int]], Stats],
+                     park: Callable[[Stats], Stats] | None = None) -> Stats:
         """Statistics of all calibration batches, the same bytes on every rank and for every
         world size. ``collect(positions)`` gathers one shard's statistics from this rank's
-        batches at ``positions``; it is called once per local shard, in shard order."""
-        known = local_roots(layout, collect)
+        batches at ``positions``; it is called once per local shard, in shard order.
+        ``park``: see :func:`local_roots`."""
+        known = local_roots(layout, collect, park)
         if not next(iter(known.values())):
             return {}  # nothing to collect in this block (the same on every rank)
         if self.size > 1:

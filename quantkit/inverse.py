@@ -97,8 +97,13 @@ class DampedCholesky(InverseStrategy):
             hd, _, n_dead = prepare_hessians_mlx(hs, self.damping)
             u = blocked_factor_mlx(hd, block or self.block)
         else:
-            hd64, _, n_dead = prepare_hessians(np.array(hs), self.damping)
-            u = mx.array(inverse_hessian_factor(hd64, backend).astype(np.float32))
+            # prepare_hessians makes its own float64 copy: read hs in place (no float32 copy),
+            # and let the factor overwrite that copy (one n² float64 matrix at a time).
+            hd64, _, n_dead = prepare_hessians(np.asarray(hs), self.damping)
+            u32 = inverse_hessian_factor(hd64, backend, overwrite=True).astype(np.float32)
+            del hd64  # (the float64 factor) before MLX copies the float32 one
+            u = mx.array(u32)
+            del u32
         return [InverseFactor(u=u[i], damping=self.damping, n_dead=int(n_dead[i]))
                 for i in range(u.shape[0])]
 

@@ -352,8 +352,13 @@ class GPTQQuantizer(Quantizer):
     def quantize_chunks(self, weight, spec, stats, storage_dtype=mx.float32):
         solve, info = self._solver(spec, stats, storage_dtype)
         step = rows_per_chunk(*weight.shape, int(self.chunk_mb * 2**20))
-        for rows in row_slices(weight.shape[0], step):
-            yield rows, attrs.evolve(solve(weight[rows].astype(mx.float32)), info=info)
+        slices = list(row_slices(weight.shape[0], step))
+        for k, rows in enumerate(slices):
+            part = solve(weight[rows].astype(mx.float32))
+            if k + 1 == len(slices):
+                del solve  # and with it the factor: freed while the caller measures the rows
+            yield rows, attrs.evolve(part, info=info)
+            del part
 
     def _solver(self, spec, stats, storage_dtype, factor: InverseFactor | None = None
                 ) -> tuple[Callable[[mx.array], QuantResult], dict]:
@@ -436,16 +441,21 @@ def hessian_figures(w: mx.array, w_hat: mx.array, h: mx.array, spec: QuantSpec,
     on_cpu = mx.default_device() == mx.cpu
     h32 = np.asarray(h, dtype=np.float32) if on_cpu else h.astype(mx.float32)
     figs = np.zeros(3)
-    # Live per chunk: the rows, RTN's temporaries, three stacked differences and their product.
+    # Live per chunk: the rows, RTN's temporaries, the differences and their products.
     for rows in row_slices(w.shape[0], rows_per_chunk(*w.shape, copies=12, min_rows=1)):
         w32 = w[rows].astype(mx.float32)
         rtn_hat = round_to_nearest(w[rows], spec, storage_dtype).dequantized
-        diffs = mx.stack([w32, w32 - w_hat[rows].astype(mx.float32), w32 - rtn_hat])
         if on_cpu:
             # trace(D H Dᵀ) = <H, DᵀD>: DᵀD is one symmetric product (half a GEMM's flops).
-            d = np.asarray(diffs)
-            figs += [(h32 * (di.T @ di)).sum(dtype=np.float64) for di in d]
+            # One difference and one n² product at a time.
+            for k, diff in enumerate((w32, w32 - w_hat[rows].astype(mx.float32), w32 - rtn_hat)):
+                di = np.asarray(diff)
+                p = di.T @ di
+                p *= h32  # in place (the same products as h32 * p)
+                figs[k] += p.sum(dtype=np.float64)
+                del di, diff, p
         else:
+            diffs = mx.stack([w32, w32 - w_hat[rows].astype(mx.float32), w32 - rtn_hat])
             figs += np.array(mx.sum((diffs @ h32) * diffs, axis=(1, 2)), dtype=np.float64)
     energy, e, rtn = (float(v) for v in figs)
     return e, energy, rtn

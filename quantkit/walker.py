@@ -9,10 +9,14 @@ tied embedding) are done last, from the final block's outputs.
 from __future__ import annotations
 
 import contextlib
+import copy
+import itertools
+import tempfile
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from functools import partial
-from typing import Any
+from pathlib import Path
+from typing import Any, cast
 
 import attrs
 import mlx.core as mx
@@ -117,6 +121,9 @@ class ModelWalker:
     _host_forward: bool = attrs.field(default=True, init=False, repr=False)
     _tail: TailCut | None = attrs.field(default=None, init=False, repr=False)
     _phases: dict[str, float] = attrs.field(factory=dict, init=False, repr=False)
+    #: While a block's layers are solved: drop each float layer once quantized (see
+    #: :func:`_release_float`); off when block optimizers need the float layers afterwards.
+    _release: bool = attrs.field(default=False, init=False, repr=False)
 
     @contextlib.contextmanager
     def _phase(self, name: str) -> Iterator[None]:
@@ -238,8 +245,14 @@ class ModelWalker:
                 ) if needs_calibration else {}
                 if ref_inputs is not None:
                     ref_inputs = [self._eval(block(x, *a, **kw)) for x, (a, kw) in zip(ref_inputs, block_args[i])]
+            # The NumPy runners hold the block's float weights: not needed once collected.
+            self._runners.clear()
             with self._phase("solve"):
-                done = self._quantize_all(model, [p for p in inside if not p.per_expert], stats, report, i)
+                self._release = not optimizers
+                try:
+                    done = self._quantize_all(model, [p for p in inside if not p.per_expert], stats, report, i)
+                finally:
+                    self._release = False
                 experts = [p for p in inside if p.per_expert]
                 if experts:
                     done += self._quantize_experts(
@@ -253,9 +266,15 @@ class ModelWalker:
                         ctx, float_layers={p.path[len(bpath) + 1:]: p.module for p in inside}),
                         inside, optimizers, targets)
                 del targets
+            # Its plans hold the block's original float layers, its context the activations:
+            # neither is needed for the last forward pass, which they would double.
+            inside, ctx = [], None
             if needs_calibration:
                 with self._phase("calibrate"):
-                    inputs = [self._eval(block(x, *a, **kw)) for x, (a, kw) in zip(inputs, block_args[i])]
+                    # Batch by batch in place: one batch's old and new activations, not all.
+                    inputs = list(inputs)
+                    for j, (a, kw) in enumerate(block_args[i]):
+                        inputs[j] = self._eval(block(inputs[j], *a, **kw))
             # The block has produced the next block's inputs and never runs again (the layers
             # outside the blocks are calibrated from the last block's stored outputs): its
             # quantized layers replace its dense stand-ins now, so at most one block's
@@ -406,11 +425,12 @@ class ModelWalker:
         passes = (forward() if reference is None or not paired
                   else paired_passes(forward(), reference(), paired, muted))
         try:
-            for _ in passes:
+            for out in passes:
                 mx.eval([c.arrays() for c in collectors.values()])
                 pool.clear()
                 if tail is not None:
                     tail.end_pass()
+                del out  # the batch's (unevaluated) output: not held during the next batch
         finally:
             if tail is not None:
                 tail.seen, tail.cut = [], False  # a pass stopped by an error is not learned from
@@ -484,11 +504,15 @@ class ModelWalker:
         pass of local batch ``j``); shard statistics combined across ranks in shard order."""
         if not any(p.needs_stats for p in plans):
             return {}
-        merged = self.distributed.reduce_stats(layout, lambda positions: self._collect(
-            model, plans, lambda: (run_batch(j) for j in positions),
-            None if run_reference is None else lambda: (run_reference(j) for j in positions),
-            tail_cut=tail_cut,
-        )[0])
+        # On the host, shard statistics waiting in the merge tree go to scratch files (read
+        # back, the same bytes, when merged): they do not sit beside the ones being collected.
+        with _parking(self._host) as park:
+            merged = self.distributed.reduce_stats(layout, lambda positions: self._collect(
+                model, plans, lambda: (run_batch(j) for j in positions),
+                None if run_reference is None else lambda: (run_reference(j) for j in positions),
+                tail_cut=tail_cut,
+            )[0], park)
+            mx.eval([st.h for st in merged.values() if st.n_tokens > 0])  # before the files go
         return share_identical(merged)
 
     def _collect_outside(self, model, blocks, block_paths, plans, batches, last_outputs, layout):
@@ -522,6 +546,8 @@ class ModelWalker:
                 record.time_s += joint_s / len(group)
                 record.block, record.rank = block_index, rank
                 done[p.path] = (module, record)
+                if self._release:
+                    _release_float(model, p, module)
         done = exchange_layers(self.distributed, plans, done, owners)
         new_modules = []
         for p in plans:
@@ -559,3 +585,63 @@ class ModelWalker:
 
     def _config(self, report: RunReport) -> dict[str, Any]:
         return quantization_config(self.recipe, report)
+
+
+@contextlib.contextmanager
+def _parking(on: bool) -> Iterator[Callable[[dict[str, HessianStats]], dict[str, HessianStats]] | None]:
+    """A ``park`` for :meth:`Distributed.reduce_stats` (``None`` unless ``on``): statistics
+    written to a safetensors file in a temporary directory (``TMPDIR``) and replaced by lazy
+    loads of it; the directory is removed on exit."""
+    if not on:
+        yield None
+        return
+    with tempfile.TemporaryDirectory(prefix="quantkit-stats-") as tmp:
+        files = (Path(tmp) / f"{k}.safetensors" for k in itertools.count())
+        yield lambda stats: _park(stats, next(files))
+
+
+def _park(stats: dict[str, HessianStats], path: Path) -> dict[str, HessianStats]:
+    """``stats`` with their arrays saved to ``path`` and read back lazily (their memory is
+    freed until a merge reads them); entries that are one object stay one object."""
+    def arrays_of(st: HessianStats) -> dict[str, mx.array]:
+        return {f.name: v for f in attrs.fields(type(st))
+                if isinstance(v := getattr(st, f.name), mx.array)}
+
+    names: dict[int, str] = {}
+    saved: dict[str, mx.array] = {}
+    for st in stats.values():
+        if st is not None and st.n_tokens > 0 and id(st) not in names:
+            names[id(st)] = f"s{len(names)}"
+            saved.update({f"{names[id(st)]}.{k}": v for k, v in arrays_of(st).items()})
+    if not saved:
+        return stats
+    mx.save_safetensors(str(path), saved)
+    del saved
+    loaded = cast(dict[str, mx.array], mx.load(str(path)))
+    # MLX holds the file open until the arrays are read: unlinked now, nothing is left behind
+    # should the process be killed (SIGKILL skips the directory's removal).
+    with contextlib.suppress(OSError):
+        path.unlink()
+    parked: dict[int, HessianStats] = {}
+    out: dict[str, HessianStats] = {}
+    for key, st in stats.items():
+        if st is None or id(st) not in names:
+            out[key] = st
+            continue
+        if id(st) not in parked:
+            parked[id(st)] = attrs.evolve(st, **{
+                k: loaded[f"{names[id(st)]}.{k}"] for k in arrays_of(st)})
+        out[key] = parked[id(st)]
+    return out
+
+
+def _release_float(model: nn.Module, p: LayerPlan, quantized: nn.Module) -> None:
+    """Free a quantized layer's float weight while the rest of its block is solved: the model
+    gets the quantized layer now, and the plan keeps a shell of the original whose weight is a
+    lazy placeholder of the same shape and dtype, never computed (:func:`quantkit.pipeline.build.dense_standin`
+    makes the stand-in from the shell). No forward pass runs until :meth:`ModelWalker._install`."""
+    shell = copy.copy(p.module)
+    weight = shell.weight
+    shell.weight = mx.zeros(weight.shape, weight.dtype)
+    p.module = shell
+    model.update_modules(tree_unflatten([(p.path, quantized)]))

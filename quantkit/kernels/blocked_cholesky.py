@@ -29,6 +29,7 @@ import mlx.core as mx
 import numpy as np
 
 from ..errors import FactorizationError
+from .lapack import cholesky_lower_inplace
 
 
 def _tri_inv_lower_numpy(lower: np.ndarray, leaf: int = 256) -> np.ndarray:
@@ -47,10 +48,56 @@ def _tri_inv_lower_numpy(lower: np.ndarray, leaf: int = 256) -> np.ndarray:
     return out
 
 
-def reversed_factor_numpy(h_damped: np.ndarray) -> np.ndarray:
+def _tri_inv_lower_inplace(lower: np.ndarray, leaf: int = 256) -> np.ndarray:
+    """:func:`_tri_inv_lower_numpy` written over ``lower`` (one ``(n, n)`` matrix or a view of
+    one): the same products on the same values, so the same result bit for bit, with
+    ``(n/2)²`` temporaries (~0.5 n² at the top level) instead of a second ``n²`` matrix and the
+    recursion's copies."""
+    n = lower.shape[-1]
+    if n <= leaf:
+        lower[...] = np.linalg.inv(lower)
+        return lower
+    k = n // 2
+    _tri_inv_lower_inplace(lower[:k, :k], leaf)
+    _tri_inv_lower_inplace(lower[k:, k:], leaf)
+    t = lower[k:, :k] @ lower[:k, :k]  # L21 @ inv(L11), before L21 is overwritten
+    np.matmul(lower[k:, k:], t, out=lower[k:, :k])
+    np.negative(lower[k:, :k], out=lower[k:, :k])
+    return lower
+
+
+def _reverse_inplace(a: np.ndarray, rows: int = 64) -> None:
+    """``a[...] = a[::-1, ::-1]`` for a square matrix, a few rows at a time (no ``n²`` copy)."""
+    n = a.shape[-1]
+    half = n // 2
+    for i in range(0, half, rows):
+        c = min(rows, half - i)
+        top = a[i:i + c].copy()
+        a[i:i + c] = a[n - i - c:n - i][::-1, ::-1]
+        a[n - i - c:n - i] = top[::-1, ::-1]
+    if n % 2:
+        a[half] = a[half, ::-1].copy()
+
+
+def reversed_factor_numpy(h_damped: np.ndarray, overwrite: bool = False) -> np.ndarray:
     """``U`` (float64, upper) with ``UᵀU = h_damped⁻¹``, from one Cholesky factorization;
-    ``h_damped``: ``(n, n)`` or a stack ``(..., n, n)``."""
+    ``h_damped``: ``(n, n)`` or a stack ``(..., n, n)``.
+
+    ``overwrite``: ``h_damped`` (C-contiguous float64) may be used as the work space and holds
+    ``U`` on return (the same values): one ``n²`` float64 matrix plus a quarter-size temporary
+    instead of four or five (NumPy's Cholesky copies, the triangular inverse's output and the
+    reversed copy), see :mod:`.lapack`."""
     h = np.asarray(h_damped, dtype=np.float64)
+    if overwrite and h is h_damped and h.flags.c_contiguous:
+        try:
+            for m in h.reshape(-1, *h.shape[-2:]):
+                _reverse_inplace(m)
+                cholesky_lower_inplace(m)
+                _tri_inv_lower_inplace(m)
+                _reverse_inplace(m)
+        except np.linalg.LinAlgError as exc:
+            raise FactorizationError(f"Cholesky factorization failed: {exc}") from exc
+        return h
     try:
         lower = np.linalg.cholesky(h[..., ::-1, ::-1])
     except np.linalg.LinAlgError as exc:

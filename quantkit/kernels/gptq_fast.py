@@ -78,8 +78,8 @@ def gptq_quantize_numpy(
     block = max(group_size, (block_size // group_size) * group_size)
     n_levels = np.float32((1 << bits) - 1)
     # Column-major work array: a column is a contiguous vector.
-    wt = np.array(w.astype(mx.float32), dtype=np.float32).T.copy()  # (in, out)
-    u_np = np.array(u.astype(mx.float32), dtype=np.float32)
+    wt = np.asarray(w.astype(mx.float32), dtype=np.float32).T.copy()  # (in, out), one copy
+    u_np = np.asarray(u.astype(mx.float32), dtype=np.float32)  # only read: no copy of the n² factor
     fixed_s = None if scales is None else _stored_np(np.array(scales, dtype=np.float32), storage_dtype)
     fixed_b = None if biases is None else _stored_np(np.array(biases, dtype=np.float32), storage_dtype)
     codes = np.empty((n_in, n_out), dtype=np.uint8)
@@ -113,11 +113,12 @@ def gptq_quantize_numpy(
                 w1[s1:] -= u1[s1 - _SUB : s1, s1:].T @ errs[s1 - _SUB : s1]
         if b1 < n_in:
             wt[b1:] -= u_np[b0:b1, b1:].T @ errs[: b1 - b0]
+    # mx.array copies the transposed views into row-major arrays (no NumPy copy first).
     return GPTQOutput(
-        codes=mx.array(codes.T.copy()),
-        scales=mx.array(all_s.T.copy()),
-        biases=mx.array(all_b.T.copy()),
-        dequantized=mx.array(wt.T.copy()),
+        codes=mx.array(codes.T),
+        scales=mx.array(all_s.T),
+        biases=mx.array(all_b.T),
+        dequantized=mx.array(wt.T),
     )
 
 

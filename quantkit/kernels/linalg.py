@@ -15,6 +15,8 @@ spreads column ``j``'s rounding error over the columns after it. Backends:
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import mlx.core as mx
 import numpy as np
 
@@ -79,7 +81,8 @@ def _factor_mlx(h: np.ndarray) -> np.ndarray:
 
 
 #: Backends working on float64 NumPy arrays (``"blocked"`` works on MLX arrays instead).
-BACKENDS = {"numpy": reversed_factor_numpy, "numpy-inv": _factor_numpy, "mlx": _factor_mlx}
+BACKENDS: dict[str, Callable[[np.ndarray], np.ndarray]] = {
+    "numpy": reversed_factor_numpy, "numpy-inv": _factor_numpy, "mlx": _factor_mlx}
 #: Every name a strategy accepts.
 BACKEND_NAMES = (*BACKENDS, "blocked", "auto")
 
@@ -92,13 +95,17 @@ def resolve_backend(name: str) -> str:
     return "numpy" if mx.default_device() == mx.cpu else "blocked"
 
 
-def inverse_hessian_factor(h_damped: np.ndarray, backend: str = "numpy") -> np.ndarray:
+def inverse_hessian_factor(h_damped: np.ndarray, backend: str = "numpy",
+                           overwrite: bool = False) -> np.ndarray:
     """Upper Cholesky factor of ``h_damped⁻¹`` (float64 NumPy array), of one matrix ``(n, n)``
     or of each matrix of a stack ``(..., n, n)``.
 
+    ``overwrite``: the caller no longer needs ``h_damped`` (C-contiguous float64), and the
+    ``"numpy"`` backend may compute the factor in its memory (the result is then that array).
+
     Raises :class:`FactorizationError` when ``h_damped`` (any matrix of it) is not positive
     definite."""
-    u = BACKENDS[backend](h_damped)
-    if not np.all(np.isfinite(u)):
+    u = reversed_factor_numpy(h_damped, overwrite) if backend == "numpy" else BACKENDS[backend](h_damped)
+    if not all(np.all(np.isfinite(m)) for m in u.reshape(-1, u.shape[-1])):  # no n² mask
         raise FactorizationError("inverse Hessian factor has NaN/Inf entries")
     return u
