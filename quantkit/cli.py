@@ -275,11 +275,6 @@ def _quantize(model_dir, output, *, recipe, plugin, bits, group_size, strategy, 
     interrupt.check("imports")
     _return_freed_memory()
     calib = Calibration.from_specs(calibration, pack=pack)
-    registry_kw = {}
-    if moe_calibrate_all_experts:
-        from .experts import with_all_experts
-
-        registry_kw["registry"] = with_all_experts()
     group = Distributed(num_shards=shards)
     if distributed:
         # Connecting gives up after --timeout with one line (SIGALRM interrupts it, see
@@ -298,6 +293,8 @@ def _quantize(model_dir, output, *, recipe, plugin, bits, group_size, strategy, 
     if not recipe and strategy is None and bits is None and group_size is None:
         base = Recipe()  # GPTQ 4-bit, group 64
     rec = base.with_default(strategy=strategy, bits=bits, group_size=group_size)
+    if moe_calibrate_all_experts:  # the recipe's [moe] calibrate_all_experts = true
+        rec = rec.with_moe(calibrate_all_experts=True)
     plan = None
     if target_bpw is not None:
         from .mixed import plan_directory
@@ -317,7 +314,7 @@ def _quantize(model_dir, output, *, recipe, plugin, bits, group_size, strategy, 
             model_dir, output, rec, calibration=calib, num_samples=num_samples,
             seq_len=seq_len, seed=seed, dtype=dtype.value, batch_size=batch_size,
             overwrite=overwrite, resume=resume, checkpoint=checkpoint, progress=view,
-            distributed=group, backend=backend.value, **registry_kw,
+            distributed=group, backend=backend.value,
         )
     if plan is not None:
         (result.out_dir / "recipe.toml").write_text(plan.to_toml())

@@ -141,6 +141,10 @@ class ModelWalker:
     _host_forward: bool = attrs.field(default=True, init=False, repr=False)
     _phases: dict[str, float] = attrs.field(factory=dict, init=False, repr=False)
 
+    def __attrs_post_init__(self) -> None:
+        # The recipe's [moe] options (e.g. calibrate_all_experts) on the expert handler.
+        self.registry = self.recipe.layer_registry(self.registry)
+
     @contextlib.contextmanager
     def _phase(self, name: str) -> Iterator[None]:
         """Add the wall time of the ``with`` body to phase ``name`` of the report."""
