@@ -161,6 +161,7 @@ def quantize(
     dtype: Annotated[DType, typer.Option(help="dtype calibration runs in")] = DType.float32,
     batch_size: Annotated[int, typer.Option(help="sequences per forward pass")] = 8,
     backend: Annotated[Backend, typer.Option(help="compute backend of calibration's linear layers and Hessians (auto: numpy on a CPU device, mlx otherwise)")] = Backend.auto,
+    fast: Annotated[bool, typer.Option("--fast", help="the cheaper built-in pipeline instead of the default one (see docs/results-quality.md); not with --recipe or --strategy")] = False,
     moe_calibrate_all_experts: Annotated[bool, typer.Option("--moe-calibrate-all-experts", help="collect every expert's Hessian from every calibration token (the block output still follows the router): no expert starved")] = False,
     overwrite: Annotated[bool, typer.Option(help="replace an existing output directory (and discard a checkpoint)")] = False,
     resume: Annotated[bool, typer.Option(help="continue an interrupted run from its checkpoint (starts afresh when there is none; a no-op on a finished output)")] = False,
@@ -183,6 +184,9 @@ def quantize(
 
     if processes < 1 or shards < 1:
         fail("--processes and --shards must be ≥ 1", 2)
+    if fast and (recipe is not None or strategy is not None):
+        fail("--fast picks the built-in fast pipeline; it cannot be combined with --recipe or "
+             "--strategy (drop --fast, or the recipe's [[transform]]/[[optimizer]] tables)", 2)
     if num_samples < 1 or seq_len < 2 or batch_size < 1:
         fail("--num-samples and --batch-size must be ≥ 1 and --seq-len ≥ 2", 2)
     try:
@@ -205,7 +209,7 @@ def quantize(
             with removing_created_parents(output):
                 result, plan, rank = _quantize(
                     model_dir, output, recipe=recipe, plugin=plugin, bits=bits, group_size=group_size,
-                    strategy=strategy, target_bpw=target_bpw, calibration=calibration, pack=pack,
+                    strategy=strategy, fast=fast, target_bpw=target_bpw, calibration=calibration, pack=pack,
                     moe_calibrate_all_experts=moe_calibrate_all_experts, num_samples=num_samples, seq_len=seq_len, seed=seed, dtype=dtype,
                     batch_size=batch_size, backend=backend, overwrite=overwrite, resume=resume,
                     checkpoint=checkpoint, quiet=quiet or json_out, distributed=distributed,
@@ -262,12 +266,13 @@ def _return_freed_memory() -> None:
         pass
 
 
-def _quantize(model_dir, output, *, recipe, plugin, bits, group_size, strategy, target_bpw, calibration,
+def _quantize(model_dir, output, *, recipe, plugin, bits, group_size, strategy, fast, target_bpw, calibration,
               pack, moe_calibrate_all_experts, num_samples, seq_len, seed, dtype, batch_size, backend, overwrite, resume,
               checkpoint, quiet, distributed, shards, timeout):
     """The work of ``quantize`` in this process: ``(result, plan or None, rank)``."""
     from .api import quantize_directory
     from .data import Calibration
+    from .defaults import default_recipe
     from .distributed import Distributed
     from .hub import resolve_model
     from .recipe import Recipe
@@ -288,10 +293,10 @@ def _quantize(model_dir, output, *, recipe, plugin, bits, group_size, strategy, 
             faulthandler.cancel_dump_traceback_later()
     model_dir = resolve_model(model_dir)  # after joining the group: every rank resolves it
     _load_plugins(plugin)
-    base = Recipe.from_toml(recipe) if recipe else Recipe()
+    base = Recipe.from_toml(recipe) if recipe else None
     _check_strategy(strategy)
-    if not recipe and strategy is None and bits is None and group_size is None:
-        base = Recipe()  # GPTQ 4-bit, group 64
+    if base is None:  # --strategy at its own defaults, else the built-in pipeline
+        base = Recipe() if strategy else default_recipe(fast)
     rec = base.with_default(strategy=strategy, bits=bits, group_size=group_size)
     if moe_calibrate_all_experts:  # the recipe's [moe] calibrate_all_experts = true
         rec = rec.with_moe(calibrate_all_experts=True)
