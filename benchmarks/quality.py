@@ -114,7 +114,7 @@ def dequantized(model: nn.Module) -> nn.Module:
 
 
 def quantize(variant: str, model: nn.Module, tokens: mx.array, bits: int, group_size: int,
-             lr_steps: int, awq_grid: int) -> bool:
+             lr_steps: int | None, awq_grid: int) -> bool:
     """Quantize ``model`` in place; ``False`` when the variant cannot run here."""
     if variant == "mlx_gptq":
         from mlx_lm.quant.gptq import gptq_quantize
@@ -144,7 +144,7 @@ def quantize(variant: str, model: nn.Module, tokens: mx.array, bits: int, group_
     return True
 
 
-def variant_recipe(variant: str, bits: int, group_size: int, lr_steps: int, awq_grid: int
+def variant_recipe(variant: str, bits: int, group_size: int, lr_steps: int | None, awq_grid: int
                    ) -> Recipe:
     """The recipe quantkit quantizes with in ``variant`` (one of VARIANTS or DEFAULTS)."""
     if variant in DEFAULTS:  # exactly the CLI's: quantkit.defaults.default_recipe
@@ -153,7 +153,7 @@ def variant_recipe(variant: str, bits: int, group_size: int, lr_steps: int, awq_
     return attrs.evolve(
         Recipe.uniform(strategy, bits=bits, group_size=group_size, **options),
         transforms=(ActivationAwareScaling(n_grid=awq_grid),) if awq else (),
-        optimizers=(LearnedRounding(method=lr, steps=lr_steps),) if lr else (),
+        optimizers=(LearnedRounding(method=lr, steps=lr_steps),) if lr else (),  # None: epochs
     )
 
 
@@ -231,6 +231,13 @@ def run_model(name: str, args) -> None:
     out.write_text(json.dumps({"settings": settings, "results": list(rows.values())}, indent=2))
 
 
+def _steps(steps: int | None) -> str:
+    if steps is None:
+        lr = LearnedRounding()
+        return f"{lr.epochs:g} passes over the calibration set, {lr.batch_size} sequences a step"
+    return f"{steps} steps per block"
+
+
 def _key(row: dict) -> tuple:
     return row["variant"], row["bits"], row.get("group_size")
 
@@ -282,8 +289,8 @@ def render(path: Path) -> None:
         flt = rows.get(("float", 16, None))
         parts.append(f"\n### {name} (group {s['group_size']})\n\n"
                      f"Calibration {s['calibration']}; evaluation {s['eval']}; {s['layers']}; "
-                     f"learned rounding {s['learned_rounding_steps']} steps per block; AWQ grid "
-                     f"{s['awq_grid']} points."
+                     f"learned rounding in the *_lr variants: {_steps(s['learned_rounding_steps'])}"
+                     f"; AWQ grid {s['awq_grid']} points."
                      + (f" Float perplexity {flt['perplexity']:.3f}.\n\n" if flt else "\n\n"))
         parts.append("| bits | group | variant | perplexity | KL to float | RTN loss recovered "
                      "| time (s) | peak (GB) |\n|---:|---:|---|---:|---:|---:|---:|---:|\n")
@@ -322,7 +329,9 @@ def main() -> None:
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--eval-samples", type=int, default=16)
     ap.add_argument("--eval-seq-len", type=int, default=512)
-    ap.add_argument("--lr-steps", type=int, default=200, help="learned rounding steps per block")
+    ap.add_argument("--lr-steps", type=int, default=None,
+                    help="learned rounding steps per block in the *_lr variants (default: the "
+                         "class's, a number of passes over the calibration set)")
     ap.add_argument("--awq-grid", type=int, default=20, help="AWQ grid points")
     ap.add_argument("--render", action="store_true", help="only write docs/results-quality.md")
     ap.add_argument("--grid-check", action="store_true",

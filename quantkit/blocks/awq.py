@@ -82,13 +82,17 @@ class _Group:
 class ActivationAwareScaling(BlockTransform):
     """``bits``/``group_size``/``mode``: the quantization the search rounds to (``None``: the
     run's, :attr:`BlockContext.spec`); ``n_grid``: grid points of ``alpha`` in
-    ``[0, 1)``."""
+    ``[0, 1)``; ``search_samples``: the search measures each grid point on the block's first
+    calibration batches holding at least this many sequences (``None``: all of them; the
+    channel magnitudes always come from all of them)."""
 
     name: ClassVar[str] = "awq"
     bits: int | None = None
     group_size: int | None = None
     mode: str | None = None
     n_grid: int = attrs.field(default=20, validator=attrs.validators.ge(1))
+    search_samples: int | None = attrs.field(
+        default=8, validator=attrs.validators.optional(attrs.validators.ge(1)))
 
     def spec_for(self, default: QuantSpec | None) -> QuantSpec:
         """The quantization the search rounds to: this transform's options where given, else
@@ -109,7 +113,8 @@ class ActivationAwareScaling(BlockTransform):
             assert probe.abs_sum is not None  # the block ran at least one batch
             total = ctx.reduce(mx.concatenate([probe.abs_sum, mx.array([float(probe.rows)])]))
             magnitude = total[:-1] / mx.maximum(total[-1], 1.0)
-            alpha, err0, err = self._search(ctx, g, rec.calls, magnitude)
+            calls = _first_samples(rec.calls, self.search_samples)
+            alpha, err0, err = self._search(ctx, g, calls, magnitude)
             s = awq_scales(magnitude, alpha)
             _fold(g, s)
             figures.append({"source": g.group.source, "alpha": alpha,
@@ -162,6 +167,19 @@ class ActivationAwareScaling(BlockTransform):
             t.weight = w
         best = min(range(self.n_grid), key=lambda k: errors[k])
         return best / self.n_grid, errors[0], errors[best]
+
+
+def _first_samples(calls: list[tuple[tuple, dict]], n: int | None) -> list[tuple[tuple, dict]]:
+    """The first recorded calls whose inputs hold ``n`` sequences (all of them: ``None``)."""
+    if n is None:
+        return calls
+    out, seen = [], 0
+    for call in calls:
+        if seen >= n:
+            break
+        out.append(call)
+        seen += call[0][0].shape[0] if call[0] and call[0][0].ndim >= 3 else 1
+    return out
 
 
 def _scalar(x: mx.array) -> float:
