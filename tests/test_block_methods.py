@@ -293,9 +293,12 @@ def test_shrink_matches_float64_and_collector_blends_by_token_count():
 
 # -- the CLI: AWQ and learned rounding from a TOML recipe --------------------------------------
 
+@pytest.mark.parametrize("processes", [1, 2])
 def test_cli_quantize_runs_awq_and_learned_rounding_from_a_toml_recipe(stories_dir,
                                                                        tinystories_text,
-                                                                       tmp_path):
+                                                                       tmp_path, processes):
+    """Also with two processes and a single calibration batch: the process without a batch
+    takes part in every sum of the block methods."""
     import json
     import os
     import subprocess
@@ -304,6 +307,8 @@ def test_cli_quantize_runs_awq_and_learned_rounding_from_a_toml_recipe(stories_d
 
     import mlx_lm
 
+    if processes > 1 and not mx.distributed.is_available():
+        pytest.skip("this MLX build has no distributed backend")
     repo = Path(__file__).resolve().parents[1]
     recipe = tmp_path / "recipe.toml"
     recipe.write_text('[default]\nstrategy = "gptq"\nbits = 3\ngroup_size = 32\n\n'
@@ -316,7 +321,7 @@ def test_cli_quantize_runs_awq_and_learned_rounding_from_a_toml_recipe(stories_d
     res = subprocess.run(
         [sys.executable, "-m", "quantkit.cli", "quantize", str(stories_dir), "-o", str(out),
          "--recipe", str(recipe), "--calibration", str(tinystories_text), "--num-samples", "4",
-         "--seq-len", "64", "--quiet"],
+         "--seq-len", "64", "--quiet", "--processes", str(processes)],
         cwd=repo, env=env, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
     report = json.loads((out / "quantization_report.json").read_text())

@@ -103,15 +103,18 @@ class ActivationAwareScaling(BlockTransform):
 
     def apply(self, ctx: BlockContext) -> dict[str, Any]:
         groups, skipped = self._groups(ctx.block, ctx.arch.scale_groups, self.spec_for(ctx.spec))
-        if not groups or not ctx.inputs:
+        if not groups:  # the same on every process (each holds the whole block)
             return {"groups": [], "skipped": skipped}
+        # A process without calibration batches (fewer batches than processes) still takes
+        # part in every sum, with zero contributions: the processes' sums must pair up.
         recorders = _record(ctx, groups)
         figures = []
         for g in groups:
             rec = recorders[g.scope[0]]
             probe = recorders[g.group.targets[0]] if g.group.scope is not None else rec
-            assert probe.abs_sum is not None  # the block ran at least one batch
-            total = ctx.reduce(mx.concatenate([probe.abs_sum, mx.array([float(probe.rows)])]))
+            abs_sum = probe.abs_sum if probe.abs_sum is not None else \
+                mx.zeros((g.targets[0].weight.shape[-1],))  # no batch here
+            total = ctx.reduce(mx.concatenate([abs_sum, mx.array([float(probe.rows)])]))
             magnitude = total[:-1] / mx.maximum(total[-1], 1.0)
             calls = _first_samples(rec.calls, self.search_samples)
             alpha, err0, err = self._search(ctx, g, calls, magnitude)

@@ -10,6 +10,11 @@ search), 40 steps per block: ``scales`` perplexity 6.506 in 442 s, ``signround``
 (docs/results-quality.md). Gradients flow through dense dequantized weights (MLX's CPU quantized matmul is
 slow), and the result is written back in MLX's storage format, so ``mlx_lm.load`` reads it.
 
+Cost: a step's forward and backward pass runs on ``batch_size`` calibration sequences (2 by
+default, as minibatches in DWQ), and ``steps = None`` (the default) means ``epochs`` passes
+over the calibration sequences, so the cost grows with the calibration set as GPTQ's does.
+Measured (perplexity and time against whole-batch steps): docs/results-quality.md.
+
 The objective is the mean squared error of the block's output over its calibration inputs
 (summed over processes through ``ctx.reduce``). It is measured exactly (the values that will
 be stored) before tuning and every ``eval_every`` steps; the best measured state is kept, so
@@ -77,8 +82,10 @@ class LearnedRounding(BlockOptimizer):
 
     def optimize(self, ctx: BlockContext, targets: Sequence[mx.array]) -> dict[str, Any]:
         layers = self._layers(ctx)
-        if not layers or not ctx.inputs:
+        if not layers:  # the same on every process (each holds the whole block)
             return {"layers": 0}
+        # A process without calibration batches (fewer batches than processes) still takes
+        # part in every sum, with zero contributions: the processes' sums must pair up.
         storage = _STORAGE[self.storage]
         params = {L.path: self._initial(L) for L in layers}
 
@@ -132,10 +139,13 @@ class LearnedRounding(BlockOptimizer):
             for step in range(steps):
                 if not order:
                     order = list(rng.permutation(len(chunks)))
-                j, rows = chunks[int(order.pop())]
                 with _mlx_attention(ctx.block):
-                    _, grads = mx.value_and_grad(
-                        lambda p, j=j, rows=rows: batch_loss(p, j, rows))(params)
+                    if order:
+                        j, rows = chunks[int(order.pop())]
+                        _, grads = mx.value_and_grad(
+                            lambda p, j=j, rows=rows: batch_loss(p, j, rows))(params)
+                    else:  # no batch here
+                        grads = tree_map(mx.zeros_like, params)
                     grads = _reduce_tree(ctx, grads)
                     lr = lr0 * (1 - step / steps)
                     params = {path: {k: sign_step(x, grads[path][k], lr, _BOUNDS[k])
