@@ -161,7 +161,7 @@ def quantize(
     dtype: Annotated[DType, typer.Option(help="dtype calibration runs in")] = DType.float32,
     batch_size: Annotated[int, typer.Option(help="sequences per forward pass")] = 8,
     backend: Annotated[Backend, typer.Option(help="compute backend of calibration's linear layers and Hessians (auto: numpy on a CPU device, mlx otherwise)")] = Backend.auto,
-    fast: Annotated[bool, typer.Option("--fast", help="the cheaper built-in pipeline instead of the default one (see docs/results-quality.md); not with --recipe or --strategy")] = False,
+    fast: Annotated[bool, typer.Option("--fast", help="leave out the block transforms and optimizers (AWQ, learned rounding) of the default pipeline or the recipe: much quicker, a little less accurate (docs/results-quality.md)")] = False,
     moe_calibrate_all_experts: Annotated[bool, typer.Option("--moe-calibrate-all-experts", help="collect every expert's Hessian from every calibration token (the block output still follows the router): no expert starved")] = False,
     overwrite: Annotated[bool, typer.Option(help="replace an existing output directory (and discard a checkpoint)")] = False,
     resume: Annotated[bool, typer.Option(help="continue an interrupted run from its checkpoint (starts afresh when there is none; a no-op on a finished output)")] = False,
@@ -184,9 +184,6 @@ def quantize(
 
     if processes < 1 or shards < 1:
         fail("--processes and --shards must be ≥ 1", 2)
-    if fast and (recipe is not None or strategy is not None):
-        fail("--fast picks the built-in fast pipeline; it cannot be combined with --recipe or "
-             "--strategy (drop --fast, or the recipe's [[transform]]/[[optimizer]] tables)", 2)
     if num_samples < 1 or seq_len < 2 or batch_size < 1:
         fail("--num-samples and --batch-size must be ≥ 1 and --seq-len ≥ 2", 2)
     try:
@@ -272,7 +269,7 @@ def _quantize(model_dir, output, *, recipe, plugin, bits, group_size, strategy, 
     """The work of ``quantize`` in this process: ``(result, plan or None, rank)``."""
     from .api import quantize_directory
     from .data import Calibration
-    from .defaults import default_recipe
+    from .defaults import default_recipe, without_block_methods
     from .distributed import Distributed
     from .hub import resolve_model
     from .recipe import Recipe
@@ -296,7 +293,9 @@ def _quantize(model_dir, output, *, recipe, plugin, bits, group_size, strategy, 
     base = Recipe.from_toml(recipe) if recipe else None
     _check_strategy(strategy)
     if base is None:  # --strategy at its own defaults, else the built-in pipeline
-        base = Recipe() if strategy else default_recipe(fast)
+        base = Recipe() if strategy else default_recipe()
+    if fast:
+        base = without_block_methods(base)
     rec = base.with_default(strategy=strategy, bits=bits, group_size=group_size)
     if moe_calibrate_all_experts:  # the recipe's [moe] calibrate_all_experts = true
         rec = rec.with_moe(calibrate_all_experts=True)

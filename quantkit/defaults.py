@@ -4,13 +4,16 @@ defined here, and only here (the CLI and ``benchmarks/quality.py`` build it with
 
 :data:`PIPELINES` holds the measured candidates (recipe tables, as in a TOML file, without
 ``bits``/``group_size``: those come from the command line or :class:`~quantkit.recipe.Recipe`'s
-defaults); :data:`DEFAULT` names the one a plain ``quantkit quantize`` uses and :data:`FAST` the
-one ``--fast`` uses. The choice and its measurements: docs/results-quality.md.
+defaults); :data:`DEFAULT` names the one a plain ``quantkit quantize`` uses. ``--fast`` runs
+the same recipe without its block transforms and optimizers (:func:`without_block_methods`).
+The choice and its measurements: docs/results-quality.md.
 """
 
 from __future__ import annotations
 
 from typing import Any
+
+import attrs
 
 from .recipe import Recipe
 
@@ -28,13 +31,18 @@ PIPELINES: dict[str, dict[str, Any]] = {
 }
 
 #: What ``quantkit quantize MODEL -o OUT`` runs.
-DEFAULT = "gptq"
-#: What ``quantkit quantize MODEL -o OUT --fast`` runs.
-FAST = "gptq"
+DEFAULT = "gptq_best_lr_scales"
 
 
 def default_recipe(fast: bool = False) -> Recipe:
     """The recipe of a plain ``quantkit quantize`` (``fast``: of ``--fast``), at
     :class:`~quantkit.recipe.Recipe`'s default bits and group size (change them with
     :meth:`~quantkit.recipe.Recipe.with_default`)."""
-    return Recipe.from_dict(PIPELINES[FAST if fast else DEFAULT], source="default recipe")
+    recipe = Recipe.from_dict(PIPELINES[DEFAULT], source="default recipe")
+    return without_block_methods(recipe) if fast else recipe
+
+
+def without_block_methods(recipe: Recipe) -> Recipe:
+    """``recipe`` without its block transforms and optimizers (what ``--fast`` runs): only the
+    per-layer solve, the costly whole-block methods (AWQ, learned rounding) left out."""
+    return attrs.evolve(recipe, transforms=(), optimizers=())

@@ -12,7 +12,7 @@ import pytest
 from typer.testing import CliRunner
 
 from quantkit.cli import app
-from quantkit.defaults import DEFAULT, FAST, PIPELINES, default_recipe
+from quantkit.defaults import DEFAULT, PIPELINES, default_recipe
 from quantkit.recipe import Recipe
 
 runner = CliRunner()
@@ -28,10 +28,10 @@ def _quantize(model_dir, out, text, *extra):
 def test_every_pipeline_is_a_valid_recipe_and_the_fast_one_has_no_block_methods():
     for name in PIPELINES:
         Recipe.from_dict(PIPELINES[name])
-    assert DEFAULT in PIPELINES and FAST in PIPELINES
-    fast = default_recipe(fast=True)
+    assert DEFAULT in PIPELINES
+    fast, full = default_recipe(fast=True), default_recipe()
     assert not fast.transforms and not fast.optimizers
-    assert default_recipe().default.strategy == "gptq"
+    assert fast.default == full.default and fast.rules == full.rules
 
 
 @pytest.mark.parametrize("flags, fast", [((), False), (("--fast",), True)])
@@ -59,15 +59,17 @@ def test_strategy_flag_takes_that_strategy_at_its_own_defaults(stories_dir, tiny
     assert report["block_methods"] == []
 
 
-@pytest.mark.parametrize("other", [("--strategy", "rtn"), ("--recipe", "r.toml")])
-def test_fast_refuses_a_recipe_or_strategy(stories_dir, tmp_path, other):
-    (tmp_path / "r.toml").write_text("[default]\nbits = 4\n")
-    args = [other[0], str(tmp_path / other[1]) if other[0] == "--recipe" else other[1]]
-    result = runner.invoke(app, ["quantize", str(stories_dir), "-o", str(tmp_path / "o"),
-                                 "--fast", *args])
-    assert result.exit_code == 2, result.output
-    assert "--fast" in result.stderr and "cannot be combined" in result.stderr
-    assert not (tmp_path / "o").exists()
+def test_fast_leaves_out_a_recipes_block_methods(stories_dir, tinystories_text, tmp_path):
+    recipe = tmp_path / "r.toml"
+    recipe.write_text('[default]\nstrategy = "gptq"\nbits = 3\ngroup_size = 32\n\n'
+                      '[[optimizer]]\nname = "learned_rounding"\nsteps = 2\n')
+    out = tmp_path / "q"
+    result = _quantize(stories_dir, out, tinystories_text, "--recipe", str(recipe), "--fast")
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "quantization_report.json").read_text())
+    assert report["settings"]["recipe"] == Recipe.from_dict(
+        {"default": {"strategy": "gptq", "bits": 3, "group_size": 32}}).to_dict()
+    assert report["block_methods"] == []
 
 
 def test_quality_benchmark_builds_the_cli_recipes(monkeypatch, tmp_path):

@@ -109,7 +109,7 @@ def test_two_processes_all_experts_and_a_mixture_write_the_same_bytes(
                        distributed=Distributed(num_shards=2), registry=with_all_experts())
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(Path(__file__).resolve().parents[1]),
                                                        os.environ.get("PYTHONPATH", "")]))
-    args = ["--bits", "4", "--group-size", "32", "--num-samples", "8", "--seq-len", "64",
+    args = ["--strategy", "gptq", "--bits", "4", "--group-size", "32", "--num-samples", "8", "--seq-len", "64",
             "--shards", "2", "--timeout", "60", "--quiet", "--moe-calibrate-all-experts",
             "--calibration", mixture[0], "--calibration", mixture[1], "--processes", "2"]
     two = subprocess.run([sys.executable, "-m", "quantkit.cli", "quantize", str(starved_moe),
