@@ -77,6 +77,11 @@ class _Group:
     spec: QuantSpec
 
 
+def _none_or_positive(_: Any, attribute: Any, value: int | None) -> None:
+    if value is not None and value < 1:
+        raise ValueError(f"{attribute.name} must be at least 1 (or None), got {value}")
+
+
 @register_transform
 @attrs.frozen
 class ActivationAwareScaling(BlockTransform):
@@ -92,7 +97,7 @@ class ActivationAwareScaling(BlockTransform):
     mode: str | None = None
     n_grid: int = attrs.field(default=20, validator=attrs.validators.ge(1))
     search_samples: int | None = attrs.field(
-        default=8, validator=attrs.validators.optional(attrs.validators.ge(1)))
+        default=8, validator=_none_or_positive)
 
     def spec_for(self, default: QuantSpec | None) -> QuantSpec:
         """The quantization the search rounds to: this transform's options where given, else

@@ -56,6 +56,11 @@ class _Layer:
     bits: int
 
 
+def _none_or_positive(_: Any, attribute: Any, value: int | None) -> None:
+    if value is not None and value < 1:
+        raise ValueError(f"{attribute.name} must be at least 1 (or None), got {value}")
+
+
 @register_optimizer
 @attrs.frozen
 class LearnedRounding(BlockOptimizer):
@@ -76,7 +81,7 @@ class LearnedRounding(BlockOptimizer):
     #: Calibration sequences per step (``None``: one whole calibration batch). A step's cost
     #: grows with its sequences; the steps go through the batches' rows in a seeded order.
     batch_size: int | None = attrs.field(
-        default=2, validator=attrs.validators.optional(attrs.validators.ge(1)))
+        default=2, validator=_none_or_positive)
     #: Passes over the calibration sequences when ``steps`` is ``None``.
     epochs: float = attrs.field(default=4.0, validator=attrs.validators.gt(0))
 
@@ -126,8 +131,8 @@ class LearnedRounding(BlockOptimizer):
         chunks = _chunks([t.shape[0] for t in targets], self.batch_size)
         steps = self.steps
         if steps is None:  # the same number on every process: from the chunks of all of them
-            counts = ctx.reduce(mx.array([float(len(chunks)), 1.0]))
-            steps = max(1, math.ceil(self.epochs * float(counts[0].item()) / float(counts[1].item())))
+            total, processes = cast(list[float], ctx.reduce(mx.array([float(len(chunks)), 1.0])).tolist())
+            steps = max(1, math.ceil(self.epochs * total / processes))
         lr0 = self.lr if self.lr is not None else 1.0 / max(steps, 1)
         install("dense")
         try:
