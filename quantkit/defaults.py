@@ -28,6 +28,16 @@ PIPELINES: dict[str, dict[str, Any]] = {
         "default": _GPTQ_BEST,
         "optimizer": [{"name": "learned_rounding", "method": "scales"}],
     },
+    "gptq_best_lr": {
+        "default": _GPTQ_BEST,
+        "optimizer": [{"name": "learned_rounding", "method": "signround"}],
+    },
+    # AWQ needs the model family's table (quantkit/arch/): a model without one is refused.
+    "awq_gptq_best_lr": {
+        "default": _GPTQ_BEST,
+        "transform": [{"name": "awq"}],
+        "optimizer": [{"name": "learned_rounding", "method": "signround"}],
+    },
 }
 
 #: What ``quantkit quantize MODEL -o OUT`` runs.
