@@ -41,7 +41,7 @@ PIPELINES: dict[str, dict[str, Any]] = {
 }
 
 #: What ``quantkit quantize MODEL -o OUT`` runs.
-DEFAULT = "gptq_best_lr_scales"
+DEFAULT = "gptq_best_lr"
 
 
 def default_recipe(fast: bool = False) -> Recipe:

@@ -6,8 +6,10 @@ and biases tuned. ``method = "signround"`` (AutoRound's SignRound, from the solv
 offsets ``v`` in ``[-0.5, 0.5]`` added to each weight's position on its grid before rounding,
 and per-group scale and bias adjustments, moved by signed gradient steps with a linearly
 decaying step size. Measured on stories260K-pad192 3-bit g32 after GPTQ (act-order + scale
-search), 40 steps per block: ``scales`` perplexity 6.506 in 442 s, ``signround`` 6.601 in 978 s
-(docs/results-quality.md). Gradients flow through dense dequantized weights (MLX's CPU quantized matmul is
+search), 40 whole-batch steps per block: ``scales`` perplexity 6.506 in 442 s, ``signround``
+6.601 in 978 s; with steps of 2 sequences over 4 epochs (the defaults now) ``signround`` 5.982,
+``scales`` 6.503, and ``signround`` leads at 4 bits and on the MoE fixture too; the default
+pipeline (quantkit.defaults) runs ``signround`` (docs/results-quality.md). Gradients flow through dense dequantized weights (MLX's CPU quantized matmul is
 slow), and the result is written back in MLX's storage format, so ``mlx_lm.load`` reads it.
 
 Cost: a step's forward and backward pass runs on ``batch_size`` calibration sequences (2 by
