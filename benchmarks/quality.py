@@ -18,6 +18,11 @@ Protocols (issue 18):
   512 tokens of WikiText-2, group 64. Convert it first:
   ``python ../shared/tools/gguf_to_mlx.py ../shared/models/SmolLM2-135M-Instruct.Q4_1.gguf /tmp/smollm2-135m``
 
+Variants ``default`` and ``fast`` quantize with the recipe of a plain ``quantkit quantize`` and
+of ``--fast``, built by :func:`quantkit.defaults.default_recipe` (the CLI's function); their
+rows record that recipe. ``QUANTKIT_SHARED`` names the shared models/texts folder (default
+``../shared``).
+
 Results go to ``benchmarks/results/quality_<model>.json`` (rows of earlier runs with other
 variants or bits are kept, so runs can be split with the filters); ``--render`` writes
 the tables of ``docs/results-quality.md`` from those files.
@@ -51,6 +56,7 @@ from quantkit import Recipe, load_model  # noqa: E402
 from quantkit.blocks.awq import ActivationAwareScaling  # noqa: E402
 from quantkit.blocks.rounding import LearnedRounding  # noqa: E402
 from quantkit.calibration import make_batches, read_text, tokenize  # noqa: E402
+from quantkit.defaults import default_recipe  # noqa: E402
 from quantkit.walker import ModelWalker  # noqa: E402
 
 SHARED = Path(os.environ.get("QUANTKIT_SHARED", REPO.parent / "shared"))
@@ -80,6 +86,9 @@ VARIANTS: dict[str, tuple[str, dict, bool, str | None]] = {
     "gptq_best_lr_scales": ("gptq", BEST, False, "scales"),
     "awq_gptq_best_lr": ("gptq", BEST, True, "signround"),
 }
+#: The recipes of a plain ``quantkit quantize`` and of ``--fast`` (quantkit.defaults), built by
+#: the function the CLI uses, at the run's bits and group size; ``--lr-steps`` does not apply.
+DEFAULTS = {"default": False, "fast": True}
 MLX_LM = ("mlx_gptq", "mlx_awq")
 
 
@@ -105,7 +114,7 @@ def dequantized(model: nn.Module) -> nn.Module:
 
 
 def quantize(variant: str, model: nn.Module, tokens: mx.array, bits: int, group_size: int,
-             lr_steps: int, awq_grid: int) -> bool:
+             lr_steps: int | None, awq_grid: int) -> bool:
     """Quantize ``model`` in place; ``False`` when the variant cannot run here."""
     if variant == "mlx_gptq":
         from mlx_lm.quant.gptq import gptq_quantize
@@ -130,15 +139,22 @@ def quantize(variant: str, model: nn.Module, tokens: mx.array, bits: int, group_
                      embed_group_size=group_size, embed_bits=bits, n_grid=awq_grid)
         model.set_dtype(dtype)
         return True
+    ModelWalker(recipe=variant_recipe(variant, bits, group_size, lr_steps, awq_grid)).run(
+        model, tokens)
+    return True
+
+
+def variant_recipe(variant: str, bits: int, group_size: int, lr_steps: int | None, awq_grid: int
+                   ) -> Recipe:
+    """The recipe quantkit quantizes with in ``variant`` (one of VARIANTS or DEFAULTS)."""
+    if variant in DEFAULTS:  # exactly the CLI's: quantkit.defaults.default_recipe
+        return default_recipe(fast=DEFAULTS[variant]).with_default(bits=bits, group_size=group_size)
     strategy, options, awq, lr = VARIANTS[variant]
-    recipe = attrs.evolve(
+    return attrs.evolve(
         Recipe.uniform(strategy, bits=bits, group_size=group_size, **options),
         transforms=(ActivationAwareScaling(n_grid=awq_grid),) if awq else (),
-        optimizers=(LearnedRounding(method=lr, steps=lr_steps),) if lr else (),
+        optimizers=(LearnedRounding(method=lr, steps=lr_steps),) if lr else (),  # None: epochs
     )
-    walker = ModelWalker(recipe=recipe)
-    walker.run(model, tokens)
-    return True
 
 
 def evaluate(model: nn.Module, reference: nn.Module, windows: mx.array) -> tuple[float, float]:
@@ -186,7 +202,7 @@ def run_model(name: str, args) -> None:
     if ("float", 16, None) not in rows:
         ppl, _ = evaluate(reference, reference, windows)
         rows[("float", 16, None)] = {"variant": "float", "bits": 16, "perplexity": ppl, "kl": 0.0}
-    variants = args.only or [*VARIANTS, *MLX_LM]
+    variants = args.only or [*VARIANTS, *DEFAULTS, *MLX_LM]
     for bits in args.bits:
         for variant in variants:
             model, _, _ = load_model(path)
@@ -202,6 +218,9 @@ def run_model(name: str, args) -> None:
             ppl, kl = evaluate(dequantized(model), reference, windows)
             row = {"variant": variant, "bits": bits, "group_size": group_size, "perplexity": ppl,
                    "kl": kl, "time_s": round(secs, 1), "peak_gb": round(peak, 3)}
+            if variant in DEFAULTS:  # what it ran: the default may change between runs
+                row["recipe"] = variant_recipe(variant, bits, group_size, args.lr_steps,
+                                               args.awq_grid).to_dict()
             rows[_key(row)] = row
             print(f"{name:<20} {variant:<18} {bits} g{group_size}  ppl {ppl:9.3f}  kl {kl:7.4f}  "
                   f"{secs:7.1f} s  {peak:6.3f} GB", flush=True)
@@ -210,6 +229,13 @@ def run_model(name: str, args) -> None:
             out.write_text(json.dumps({"settings": settings, "results": list(rows.values())},
                                       indent=2))
     out.write_text(json.dumps({"settings": settings, "results": list(rows.values())}, indent=2))
+
+
+def _steps(steps: int | None) -> str:
+    if steps is None:
+        lr = LearnedRounding()
+        return f"{lr.epochs:g} passes over the calibration set, {lr.batch_size} sequences a step"
+    return f"{steps} steps per block"
 
 
 def _key(row: dict) -> tuple:
@@ -263,8 +289,8 @@ def render(path: Path) -> None:
         flt = rows.get(("float", 16, None))
         parts.append(f"\n### {name} (group {s['group_size']})\n\n"
                      f"Calibration {s['calibration']}; evaluation {s['eval']}; {s['layers']}; "
-                     f"learned rounding {s['learned_rounding_steps']} steps per block; AWQ grid "
-                     f"{s['awq_grid']} points."
+                     f"learned rounding in the *_lr variants: {_steps(s['learned_rounding_steps'])}"
+                     f"; AWQ grid {s['awq_grid']} points."
                      + (f" Float perplexity {flt['perplexity']:.3f}.\n\n" if flt else "\n\n"))
         parts.append("| bits | group | variant | perplexity | KL to float | RTN loss recovered "
                      "| time (s) | peak (GB) |\n|---:|---:|---|---:|---:|---:|---:|---:|\n")
@@ -272,7 +298,7 @@ def render(path: Path) -> None:
                        key=lambda c: (-c[0], c[1] != s["group_size"], c[1]))
         for bits, g in cells:
             rtn = rows.get(("rtn", bits, g))
-            order = [v for v in (*VARIANTS, *MLX_LM) if (v, bits, g) in rows]
+            order = [v for v in (*VARIANTS, *DEFAULTS, *MLX_LM) if (v, bits, g) in rows]
             for variant in order:
                 r = rows[(variant, bits, g)]
                 rec = ""
@@ -294,7 +320,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     ap.add_argument("--bits", type=int, nargs="+", default=[3, 4, 2])
-    ap.add_argument("--only", nargs="+", choices=[*VARIANTS, *MLX_LM], default=None,
+    ap.add_argument("--only", nargs="+", choices=[*VARIANTS, *DEFAULTS, *MLX_LM], default=None,
                     help="variants to run (default: all)")
     ap.add_argument("--group-size", type=int, default=None,
                     help="override the protocol's group size (rows are kept apart by it)")
@@ -303,7 +329,9 @@ def main() -> None:
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--eval-samples", type=int, default=16)
     ap.add_argument("--eval-seq-len", type=int, default=512)
-    ap.add_argument("--lr-steps", type=int, default=200, help="learned rounding steps per block")
+    ap.add_argument("--lr-steps", type=int, default=None,
+                    help="learned rounding steps per block in the *_lr variants (default: the "
+                         "class's, a number of passes over the calibration set)")
     ap.add_argument("--awq-grid", type=int, default=20, help="AWQ grid points")
     ap.add_argument("--render", action="store_true", help="only write docs/results-quality.md")
     ap.add_argument("--grid-check", action="store_true",

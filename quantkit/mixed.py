@@ -660,7 +660,7 @@ def _plan_recipe(base: Recipe, plans: Sequence[str], specs: dict[str, QuantSpec]
                 entry["mode"] = spec.mode
         if len(entry) > 1:
             rules.append(entry)
-    kept = {k: v for k, v in base.to_dict().items() if k in ("plugins", "transform", "optimizer")}
+    kept = {k: v for k, v in base.to_dict().items() if k in ("plugins", "transform", "optimizer", "moe")}
     return Recipe.from_dict({**kept, "default": default, "rules": rules})
 
 

@@ -9,7 +9,9 @@ globs on the dotted path (``model.layers.*.mlp.down_proj``) or regexes written `
 A recipe may also name ``plugins`` (modules or ``.py`` files registering more strategies and
 block methods, loaded before the rest is validated) and whole-block methods run around each
 decoder block's solve: ``[[transform]]`` / ``[[optimizer]]`` tables, each a registered ``name``
-plus that class's options, in the order they run.
+plus that class's options, in the order they run. A ``[moe]`` table sets the options of the
+mixture-of-experts layer handler (:class:`~quantkit.registry.SwitchLinearHandler`), e.g.
+``calibrate_all_experts`` and ``hessian_shrinkage``.
 """
 
 from __future__ import annotations
@@ -22,11 +24,13 @@ from pathlib import Path
 from typing import Any
 
 import attrs
+from mlx_lm.models.switch_layers import SwitchLinear
 
 from .blocks.base import OPTIMIZERS, TRANSFORMS, BlockOptimizer, BlockTransform
 from .errors import PluginError, RecipeError, SpecError, describe
 from .plugins import load_plugins
 from .quantizers import Quantizer, check_options_class, strategy_options
+from .registry import DEFAULT_REGISTRY, LayerRegistry, SwitchLinearHandler
 from .specs import QuantSpec
 from .strategies import STRATEGIES
 from .validate import check_input_file
@@ -35,7 +39,34 @@ SKIP = "skip"
 SPEC_KEYS = ("bits", "group_size", "mode")
 RULE_KEYS = ("match", "strategy", *SPEC_KEYS)
 #: Top-level keys of a recipe table (``transform`` / ``optimizer``: arrays of tables).
-TOP_KEYS = ("plugins", "default", "rules", "transform", "optimizer")
+TOP_KEYS = ("plugins", "default", "rules", "transform", "optimizer", "moe")
+
+
+def _is_bool(v: Any) -> bool:
+    return isinstance(v, bool)
+
+
+def _is_share(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v <= 1
+
+
+def _is_nonnegative(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0 and v == v
+
+
+def _is_positive_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 1
+
+
+#: ``[moe]`` keys: options of :class:`~quantkit.registry.SwitchLinearHandler` → (check, what
+#: a valid value is).
+MOE_KEYS: dict[str, tuple[Any, str]] = {
+    "calibrate_all_experts": (_is_bool, "true or false"),
+    "hessian_shrinkage": (_is_nonnegative, "a number ≥ 0 (0: off)"),
+    "expert_batch_size": (_is_positive_int, "an integer ≥ 1"),
+    "min_token_share": (_is_share, "a number in [0, 1]"),
+    "shared_hessian": (_is_bool, "true or false"),
+}
 
 
 def _compile(pattern: str) -> re.Pattern[str]:
@@ -105,6 +136,26 @@ class Recipe:
     transforms: tuple[BlockTransform, ...] = ()
     #: Block optimizers, run in this order on each decoder block after its layers are solved.
     optimizers: tuple[BlockOptimizer, ...] = ()
+    #: ``[moe]``: the options of the mixture-of-experts layer handler this recipe sets, as
+    #: sorted ``(key, value)`` pairs (see :data:`MOE_KEYS` and :meth:`layer_registry`).
+    moe: tuple[tuple[str, Any], ...] = ()
+
+    def layer_registry(self, base: LayerRegistry = DEFAULT_REGISTRY) -> LayerRegistry:
+        """``base``, or a copy whose ``SwitchLinear`` handler takes the ``[moe]`` options."""
+        if not self.moe:
+            return base
+        handler = base.handler(SwitchLinear)
+        if not isinstance(handler, SwitchLinearHandler):
+            handler = SwitchLinearHandler()
+        out = base.copy()
+        out.register(SwitchLinear, attrs.evolve(handler, **dict(self.moe)))
+        return out
+
+    def with_moe(self, **options: Any) -> Recipe:
+        """A copy whose ``[moe]`` table also sets ``options`` (validated as in a file)."""
+        raw = self.to_dict()
+        raw["moe"] = {**raw.get("moe", {}), **options}
+        return Recipe.from_dict(raw, _inherited=self._inherited)
 
     def to_dict(self) -> dict[str, Any]:
         """The recipe as plain data (what :meth:`from_dict` reads back; the checkpoint's
@@ -124,6 +175,8 @@ class Recipe:
             out["transform"] = [method_to_dict(t) for t in self.transforms]
         if self.optimizers:
             out["optimizer"] = [method_to_dict(o) for o in self.optimizers]
+        if self.moe:
+            out["moe"] = dict(self.moe)
         return out
 
     def to_toml(self, header: str = "") -> str:
@@ -139,6 +192,8 @@ class Recipe:
         for key in ("transform", "optimizer"):
             for method in raw.get(key, []):
                 lines += ["", f"[[{key}]]", *(_toml_pair(k, v) for k, v in method.items())]
+        if "moe" in raw:
+            lines += ["", "[moe]", *(_toml_pair(k, v) for k, v in raw["moe"].items())]
         return "\n".join(lines) + "\n"
 
     @classmethod
@@ -178,7 +233,7 @@ class Recipe:
         if unknown:
             raise RecipeError(
                 f"{source}: unknown top-level key {sorted(unknown)[0]!r}; use plugins = [...], "
-                "[default], [[rules]], [[transform]] and [[optimizer]]"
+                "[default], [[rules]], [[transform]], [[optimizer]] and [moe]"
             )
         plugins_raw = raw.get("plugins", [])
         if not isinstance(plugins_raw, list) or not all(isinstance(p, str) for p in plugins_raw):
@@ -212,8 +267,9 @@ class Recipe:
                                     "block transform", source)
         optimizers = _build_methods(raw.get("optimizer", []), OPTIMIZERS, "optimizer",
                                     "block optimizer", source)
+        moe = _build_moe(raw.get("moe", {}), source)
         return cls(default=default, rules=tuple(rules), inherited=tuple(owned), plugins=plugins,
-                   transforms=transforms, optimizers=optimizers)
+                   transforms=transforms, optimizers=optimizers, moe=moe)
 
 
 def method_to_dict(method: Any) -> dict[str, Any]:
@@ -269,6 +325,21 @@ def _build_methods(raw: Any, table: Mapping[str, type], key: str, kind: str,
         except (TypeError, ValueError) as exc:
             raise RecipeError(f"{where} ({name!r}): bad option value ({describe(exc)})") from None
     return tuple(out)
+
+
+def _build_moe(raw: Any, source: str) -> tuple[tuple[str, Any], ...]:
+    where = f"{source} [moe]"
+    if not isinstance(raw, Mapping):
+        raise RecipeError(f"{source}: 'moe' must be a table ([moe]) of expert-layer options, "
+                          f"e.g. calibrate_all_experts = true")
+    for key, value in raw.items():
+        if key not in MOE_KEYS:
+            raise RecipeError(f"{where}: unknown key {key!r}; allowed keys: {sorted(MOE_KEYS)}")
+        check, wanted = MOE_KEYS[key]
+        if not check(value):
+            raise RecipeError(f"{where}: key {key!r} must be {wanted}, got {value!r}")
+    return tuple(sorted((k, float(v) if k in ("hessian_shrinkage", "min_token_share") else v)
+                        for k, v in raw.items()))
 
 
 def _toml_pair(key: str, value: Any) -> str:

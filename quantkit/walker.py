@@ -125,6 +125,10 @@ class ModelWalker:
     #: :func:`_release_float`); off when block optimizers need the float layers afterwards.
     _release: bool = attrs.field(default=False, init=False, repr=False)
 
+    def __attrs_post_init__(self) -> None:
+        # The recipe's [moe] options (e.g. calibrate_all_experts) on the expert handler.
+        self.registry = self.recipe.layer_registry(self.registry)
+
     @contextlib.contextmanager
     def _phase(self, name: str) -> Iterator[None]:
         """Add the wall time of the ``with`` body to phase ``name`` of the report. Forward

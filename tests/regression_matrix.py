@@ -36,7 +36,7 @@ CALIBRATION = ["--num-samples", "8", "--seq-len", "64", "--seed", "0"]
 
 #: name → (fixture under ../shared/models, extra CLI arguments, recipe TOML or None)
 CASES: dict[str, tuple[str, list[str], str | None]] = {
-    "dense-gptq": ("stories260K-pad192", [], None),
+    "dense-gptq": ("stories260K-pad192", ["--strategy", "gptq"], None),
     "dense-rtn": ("stories260K-pad192", ["--strategy", "rtn"], None),
     "dense-gptaq": ("stories260K-pad192", [], '[default]\nstrategy = "gptaq"\n'),
     "dense-act-order": ("stories260K-pad192", [], '[default]\nstrategy = "gptq"\nact_order = true\n'),
@@ -44,12 +44,12 @@ CASES: dict[str, tuple[str, list[str], str | None]] = {
                                '[default]\nstrategy = "gptq"\nscale_search = "mse"\n'),
     "dense-mxfp4": ("stories260K-pad192", [],
                     '[default]\nstrategy = "gptq"\nmode = "mxfp4"\nbits = 4\ngroup_size = 32\n'),
-    "dense-target-bpw": ("stories260K-pad192", ["--target-bpw", "3.5"], None),
-    "moe-gptq": ("stories260K-moe4", [], None),
+    "dense-target-bpw": ("stories260K-pad192", ["--strategy", "gptq", "--target-bpw", "3.5"], None),
+    "moe-gptq": ("stories260K-moe4", ["--strategy", "gptq"], None),
     "moe-rtn": ("stories260K-moe4", ["--strategy", "rtn"], None),
     "moe-mxfp4": ("stories260K-moe4", [],
                   '[default]\nstrategy = "gptq"\nmode = "mxfp4"\nbits = 4\ngroup_size = 32\n'),
-    "moe-gptq-2proc": ("stories260K-moe4", ["--processes", "2"], None),
+    "moe-gptq-2proc": ("stories260K-moe4", ["--strategy", "gptq", "--processes", "2"], None),
 }
 
 

@@ -293,9 +293,12 @@ def test_shrink_matches_float64_and_collector_blends_by_token_count():
 
 # -- the CLI: AWQ and learned rounding from a TOML recipe --------------------------------------
 
+@pytest.mark.parametrize("processes", [1, 2])
 def test_cli_quantize_runs_awq_and_learned_rounding_from_a_toml_recipe(stories_dir,
                                                                        tinystories_text,
-                                                                       tmp_path):
+                                                                       tmp_path, processes):
+    """Also with two processes and a single calibration batch: the process without a batch
+    takes part in every sum of the block methods."""
     import json
     import os
     import subprocess
@@ -304,6 +307,8 @@ def test_cli_quantize_runs_awq_and_learned_rounding_from_a_toml_recipe(stories_d
 
     import mlx_lm
 
+    if processes > 1 and not mx.distributed.is_available():
+        pytest.skip("this MLX build has no distributed backend")
     repo = Path(__file__).resolve().parents[1]
     recipe = tmp_path / "recipe.toml"
     recipe.write_text('[default]\nstrategy = "gptq"\nbits = 3\ngroup_size = 32\n\n'
@@ -316,7 +321,7 @@ def test_cli_quantize_runs_awq_and_learned_rounding_from_a_toml_recipe(stories_d
     res = subprocess.run(
         [sys.executable, "-m", "quantkit.cli", "quantize", str(stories_dir), "-o", str(out),
          "--recipe", str(recipe), "--calibration", str(tinystories_text), "--num-samples", "4",
-         "--seq-len", "64", "--quiet"],
+         "--seq-len", "64", "--quiet", "--processes", str(processes)],
         cwd=repo, env=env, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
     report = json.loads((out / "quantization_report.json").read_text())
@@ -332,3 +337,59 @@ def test_cli_quantize_runs_awq_and_learned_rounding_from_a_toml_recipe(stories_d
     model, tokenizer = mlx_lm.load(str(out))
     assert isinstance(mlx_lm.generate(model, tokenizer, prompt="Once upon a time", max_tokens=2),
                       str)
+
+
+# -- cost controls: learned rounding on a few sequences a step, AWQ's search on a subset -------
+
+def test_learned_rounding_in_small_steps_over_epochs_is_deterministic_and_never_worse():
+    runs = []
+    for _ in range(2):
+        model = tiny_llama()
+        tokens = mx.random.randint(0, 96, (4, 32), key=mx.random.key(1))
+        ctx, targets = _quantized_block(model, LLAMA, tokens, bits=2)
+        before = _block_loss(ctx, targets)
+        figures = LearnedRounding(batch_size=1, epochs=5, eval_every=4).optimize(ctx, targets)
+        assert figures["steps"] == 5 * 4  # 4 sequences in 2 batches, one a step, 5 passes
+        after = _block_loss(ctx, targets)
+        assert figures["loss_after"] == pytest.approx(after, rel=1e-3)
+        assert after < before
+        runs.append(_quantized_bytes(ctx.block))
+    assert runs[0] == runs[1]
+
+
+def test_rows_of_a_batch_cut_per_sequence_masks():
+    """A step on some sequences of a batch computes what the whole batch computes for them,
+    also with a per-sequence (padding) mask."""
+    from quantkit.blocks.rounding import _chunks, _Rows
+
+    assert _chunks([3, 2], 2) == [(0, slice(0, 2)), (0, slice(2, 3)), (1, slice(0, 2))]
+    assert _chunks([3, 2], None) == [(0, slice(None)), (1, slice(None))]
+    block = tiny_llama().model.layers[0]
+    x = mx.random.normal((3, 8, 64), key=mx.random.key(2))
+    keep = mx.array([[True] * 8, [True] * 5 + [False] * 3, [True] * 8])
+    mask = mx.tril(mx.ones((8, 8), dtype=mx.bool_))[None, None] & keep[:, None, None, :]
+    whole = block(x, mask, None)
+    for rows in (slice(1, 3), slice(0, 1)):
+        part = _Rows(block, rows, 3)(x, mask, None)
+        assert np.allclose(np.array(part), np.array(whole[rows]), atol=1e-5)
+    causal = _Rows(block, slice(1, 2), 3)(x, "causal", None)
+    assert np.allclose(np.array(causal), np.array(block(x, "causal", None)[1:2]), atol=1e-5)
+
+
+def test_awq_search_on_the_first_sequences():
+    from quantkit.blocks.awq import _first_samples
+
+    calls = [((mx.zeros((4, 8, 2)),), {}) for _ in range(3)]
+    assert len(_first_samples(calls, 4)) == 1 and len(_first_samples(calls, 5)) == 2
+    assert _first_samples(calls, None) == calls
+    model = tiny_llama()
+    tokens = mx.random.randint(0, 96, (4, 32), key=mx.random.key(1))
+    ctx = block_context(model, LLAMA, tokens)
+    figures = _check_float_function(ctx, ActivationAwareScaling(bits=3, group_size=32, n_grid=8,
+                                                                search_samples=2))
+    assert figures["groups"] and all(g["error"] <= g["error_unscaled"] for g in figures["groups"])
+    # The unscaled error of each group is measured on the first batch (2 sequences) only.
+    first = block_context(tiny_llama(), LLAMA, tokens[:2], batches=1)
+    alone = ActivationAwareScaling(bits=3, group_size=32, n_grid=8, search_samples=None).apply(first)
+    assert [g["error_unscaled"] for g in figures["groups"]] == \
+        pytest.approx([g["error_unscaled"] for g in alone["groups"]], rel=1e-5)

@@ -17,7 +17,8 @@ from quantkit.cli import app
 from quantkit.walker import ModelWalker
 
 runner = CliRunner()
-FAST = ["--num-samples", "8", "--seq-len", "64", "--group-size", "32", "-q"]
+#: Plumbing tests: the pipeline without its block methods (--fast); quicker, same paths.
+FAST = ["--num-samples", "8", "--seq-len", "64", "--group-size", "32", "-q", "--fast"]
 
 
 @pytest.fixture

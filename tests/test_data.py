@@ -278,7 +278,8 @@ def test_calibration_warnings_on_stderr_and_in_report(stories_dir, tinystories_t
     nul.write_text("\0" * 3000)
     result = runner.invoke(app, [
         "quantize", str(stories_dir), "-o", str(tmp_path / "q"), "--calibration", str(nul),
-        "--num-samples", "1000", "--seq-len", "520", "--bits", "4", "--group-size", "32", "-q"])
+        "--num-samples", "1000", "--seq-len", "520", "--bits", "4", "--group-size", "32", "-q",
+        "--fast"])
     assert result.exit_code == 0, result.output
     text = " ".join(result.stderr.split())
     assert text.count("warning:") == 3

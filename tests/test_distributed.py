@@ -126,7 +126,7 @@ def test_single_process_group():
 
 # -- real ranks --------------------------------------------------------------------------------
 
-QUANT_ARGS = ["--bits", "4", "--group-size", "32", "--num-samples", "16", "--seq-len", "128",
+QUANT_ARGS = ["--strategy", "gptq", "--bits", "4", "--group-size", "32", "--num-samples", "16", "--seq-len", "128",
               "--shards", "4", "--timeout", "60", "--quiet"]
 
 

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from conftest import shared_path, weight_bytes
 from mlx.utils import tree_unflatten
+from mlx_lm.models.switch_layers import SwitchLinear
 
 from quantkit import Recipe, load_model, quantize_model
 from quantkit.calibration import make_batches, read_text, tokenize
@@ -108,7 +109,7 @@ def test_two_processes_all_experts_and_a_mixture_write_the_same_bytes(
                        distributed=Distributed(num_shards=2), registry=with_all_experts())
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(Path(__file__).resolve().parents[1]),
                                                        os.environ.get("PYTHONPATH", "")]))
-    args = ["--bits", "4", "--group-size", "32", "--num-samples", "8", "--seq-len", "64",
+    args = ["--strategy", "gptq", "--bits", "4", "--group-size", "32", "--num-samples", "8", "--seq-len", "64",
             "--shards", "2", "--timeout", "60", "--quiet", "--moe-calibrate-all-experts",
             "--calibration", mixture[0], "--calibration", mixture[1], "--processes", "2"]
     two = subprocess.run([sys.executable, "-m", "quantkit.cli", "quantize", str(starved_moe),
@@ -176,3 +177,78 @@ def test_all_experts_with_hessian_shrinkage_through_the_shard_merge(starved_moe,
     a = shrunk.model.layers[0].block_sparse_moe.switch_mlp.down_proj
     b = plain.model.layers[0].block_sparse_moe.switch_mlp.down_proj
     assert not np.array_equal(np.array(a.weight), np.array(b.weight))
+
+
+# -- the recipe's [moe] table ------------------------------------------------------------------
+
+def _quantize_cli(model_dir, out, recipe, text, *extra):
+    from typer.testing import CliRunner
+
+    from quantkit.cli import app
+
+    return CliRunner().invoke(app, [
+        "quantize", str(model_dir), "-o", str(out), "--recipe", str(recipe), "--quiet",
+        "--calibration", str(text), "--num-samples", "4", "--seq-len", "64", *extra])
+
+
+def test_recipe_moe_table_equals_the_cli_flag(tinystories_text, tmp_path):
+    """``[moe] calibrate_all_experts = true`` in a recipe file gives the bytes that
+    ``--moe-calibrate-all-experts`` gives, with every expert fed every token; ``[moe]
+    hessian_shrinkage`` the bytes of the handler option set in Python."""
+    import json
+
+    moe4 = shared_path("models", "stories260K-moe4")
+    plain = tmp_path / "plain.toml"
+    plain.write_text('[default]\nstrategy = "gptq"\nbits = 4\ngroup_size = 32\n')
+    keyed = tmp_path / "keyed.toml"
+    keyed.write_text(plain.read_text() + "\n[moe]\ncalibrate_all_experts = true\n")
+    flag = _quantize_cli(moe4, tmp_path / "flag", plain, tinystories_text,
+                         "--moe-calibrate-all-experts")
+    assert flag.exit_code == 0, flag.output
+    key = _quantize_cli(moe4, tmp_path / "key", keyed, tinystories_text)
+    assert key.exit_code == 0, key.output
+    routed = _quantize_cli(moe4, tmp_path / "routed", plain, tinystories_text)
+    assert routed.exit_code == 0, routed.output
+    assert weight_bytes(tmp_path / "key") == weight_bytes(tmp_path / "flag")
+    assert weight_bytes(tmp_path / "key") != weight_bytes(tmp_path / "routed")
+    report = json.loads((tmp_path / "key" / "quantization_report.json").read_text())
+    experts = [r for r in report["layers"] if r["layer_class"] == "SwitchLinear"]
+    assert experts and all(r["n_tokens"] == 2 * r["routed_tokens"] for r in experts)
+
+    shrunk = tmp_path / "shrunk.toml"
+    shrunk.write_text(plain.read_text() + "\n[moe]\nhessian_shrinkage = 16\n")
+    assert _quantize_cli(moe4, tmp_path / "shrunk", shrunk, tinystories_text).exit_code == 0
+    from quantkit.api import quantize_directory
+
+    registry = DEFAULT_REGISTRY.copy()
+    registry.register(SwitchLinear, SwitchLinearHandler(hessian_shrinkage=16.0))
+    quantize_directory(moe4, tmp_path / "py", Recipe.from_toml(plain), calibration=tinystories_text,
+                       num_samples=4, seq_len=64, registry=registry)
+    assert weight_bytes(tmp_path / "shrunk") == weight_bytes(tmp_path / "py")
+    assert weight_bytes(tmp_path / "shrunk") != weight_bytes(tmp_path / "routed")
+
+
+@pytest.mark.parametrize("table, message", [
+    ("calibrate_all_experts = \"yes\"", "key 'calibrate_all_experts' must be true or false, got 'yes'"),
+    ("hessian_shrinkage = -1", "key 'hessian_shrinkage' must be a number ≥ 0"),
+    ("calibrate_all = true", "unknown key 'calibrate_all'; allowed keys: ['calibrate_all_experts'"),
+])
+def test_recipe_moe_table_refuses_bad_values(stories_dir, tinystories_text, tmp_path, table,
+                                             message):
+    recipe = tmp_path / "bad.toml"
+    recipe.write_text(f"[default]\nbits = 4\n\n[moe]\n{table}\n")
+    result = _quantize_cli(stories_dir, tmp_path / "o", recipe, tinystories_text)
+    assert result.exit_code == 1, result.output
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "bad.toml [moe]" in lines[0] and message in lines[0], result.stderr
+    assert not (tmp_path / "o").exists()
+
+
+def test_recipe_moe_table_round_trips():
+    recipe = Recipe.from_dict({"default": {"bits": 3},
+                               "moe": {"calibrate_all_experts": True, "hessian_shrinkage": 16}})
+    assert Recipe.from_dict(recipe.to_dict()) == recipe
+    assert recipe.with_default(bits=4).moe == recipe.moe
+    handler = recipe.layer_registry().handler(SwitchLinear)
+    assert (handler.calibrate_all_experts, handler.hessian_shrinkage) == (True, 16.0)
+    assert Recipe().layer_registry() is DEFAULT_REGISTRY

@@ -32,7 +32,8 @@ from quantkit.errors import CheckpointError
 
 runner = CliRunner()
 
-FAST = ["--num-samples", "8", "--seq-len", "64", "--group-size", "32", "-q"]
+#: Plumbing tests: the pipeline without its block methods (--fast); quicker, same paths.
+FAST = ["--num-samples", "8", "--seq-len", "64", "--group-size", "32", "-q", "--fast"]
 
 
 def one_line_error(result, code: int = 1) -> str:

@@ -22,7 +22,8 @@ from typer.testing import CliRunner
 from quantkit.cli import app
 
 REPO = Path(__file__).resolve().parents[1]
-FAST = ["--num-samples", "8", "--seq-len", "64", "--group-size", "32", "-q"]
+#: Plumbing tests: the pipeline without its block methods (--fast); quicker, same paths.
+FAST = ["--num-samples", "8", "--seq-len", "64", "--group-size", "32", "-q", "--fast"]
 runner = CliRunner()
 
 

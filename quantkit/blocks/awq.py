@@ -77,18 +77,27 @@ class _Group:
     spec: QuantSpec
 
 
+def _none_or_positive(_: Any, attribute: Any, value: int | None) -> None:
+    if value is not None and value < 1:
+        raise ValueError(f"{attribute.name} must be at least 1 (or None), got {value}")
+
+
 @register_transform
 @attrs.frozen
 class ActivationAwareScaling(BlockTransform):
     """``bits``/``group_size``/``mode``: the quantization the search rounds to (``None``: the
     run's, :attr:`BlockContext.spec`); ``n_grid``: grid points of ``alpha`` in
-    ``[0, 1)``."""
+    ``[0, 1)``; ``search_samples``: the search measures each grid point on the block's first
+    calibration batches holding at least this many sequences (``None``: all of them; the
+    channel magnitudes always come from all of them)."""
 
     name: ClassVar[str] = "awq"
     bits: int | None = None
     group_size: int | None = None
     mode: str | None = None
     n_grid: int = attrs.field(default=20, validator=attrs.validators.ge(1))
+    search_samples: int | None = attrs.field(
+        default=8, validator=_none_or_positive)
 
     def spec_for(self, default: QuantSpec | None) -> QuantSpec:
         """The quantization the search rounds to: this transform's options where given, else
@@ -99,17 +108,21 @@ class ActivationAwareScaling(BlockTransform):
 
     def apply(self, ctx: BlockContext) -> dict[str, Any]:
         groups, skipped = self._groups(ctx.block, ctx.arch.scale_groups, self.spec_for(ctx.spec))
-        if not groups or not ctx.inputs:
+        if not groups:  # the same on every process (each holds the whole block)
             return {"groups": [], "skipped": skipped}
+        # A process without calibration batches (fewer batches than processes) still takes
+        # part in every sum, with zero contributions: the processes' sums must pair up.
         recorders = _record(ctx, groups)
         figures = []
         for g in groups:
             rec = recorders[g.scope[0]]
             probe = recorders[g.group.targets[0]] if g.group.scope is not None else rec
-            assert probe.abs_sum is not None  # the block ran at least one batch
-            total = ctx.reduce(mx.concatenate([probe.abs_sum, mx.array([float(probe.rows)])]))
+            abs_sum = probe.abs_sum if probe.abs_sum is not None else \
+                mx.zeros((g.targets[0].weight.shape[-1],))  # no batch here
+            total = ctx.reduce(mx.concatenate([abs_sum, mx.array([float(probe.rows)])]))
             magnitude = total[:-1] / mx.maximum(total[-1], 1.0)
-            alpha, err0, err = self._search(ctx, g, rec.calls, magnitude)
+            calls = _first_samples(rec.calls, self.search_samples)
+            alpha, err0, err = self._search(ctx, g, calls, magnitude)
             s = awq_scales(magnitude, alpha)
             _fold(g, s)
             figures.append({"source": g.group.source, "alpha": alpha,
@@ -162,6 +175,19 @@ class ActivationAwareScaling(BlockTransform):
             t.weight = w
         best = min(range(self.n_grid), key=lambda k: errors[k])
         return best / self.n_grid, errors[0], errors[best]
+
+
+def _first_samples(calls: list[tuple[tuple, dict]], n: int | None) -> list[tuple[tuple, dict]]:
+    """The first recorded calls whose inputs hold ``n`` sequences (all of them: ``None``)."""
+    if n is None:
+        return calls
+    out, seen = [], 0
+    for call in calls:
+        if seen >= n:
+            break
+        out.append(call)
+        seen += call[0][0].shape[0] if call[0] and call[0][0].ndim >= 3 else 1
+    return out
 
 
 def _scalar(x: mx.array) -> float:

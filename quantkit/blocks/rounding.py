@@ -6,9 +6,16 @@ and biases tuned. ``method = "signround"`` (AutoRound's SignRound, from the solv
 offsets ``v`` in ``[-0.5, 0.5]`` added to each weight's position on its grid before rounding,
 and per-group scale and bias adjustments, moved by signed gradient steps with a linearly
 decaying step size. Measured on stories260K-pad192 3-bit g32 after GPTQ (act-order + scale
-search), 40 steps per block: ``scales`` perplexity 6.506 in 442 s, ``signround`` 6.601 in 978 s
-(docs/results-quality.md). Gradients flow through dense dequantized weights (MLX's CPU quantized matmul is
+search), 40 whole-batch steps per block: ``scales`` perplexity 6.506 in 442 s, ``signround``
+6.601 in 978 s; with steps of 2 sequences over 4 epochs (the defaults now) ``signround`` 5.982,
+``scales`` 6.503, and ``signround`` leads at 4 bits and on the MoE fixture too; the default
+pipeline (quantkit.defaults) runs ``signround`` (docs/results-quality.md). Gradients flow through dense dequantized weights (MLX's CPU quantized matmul is
 slow), and the result is written back in MLX's storage format, so ``mlx_lm.load`` reads it.
+
+Cost: a step's forward and backward pass runs on ``batch_size`` calibration sequences (2 by
+default, as minibatches in DWQ), and ``steps = None`` (the default) means ``epochs`` passes
+over the calibration sequences, so the cost grows with the calibration set as GPTQ's does.
+Measured (perplexity and time against whole-batch steps): docs/results-quality.md.
 
 The objective is the mean squared error of the block's output over its calibration inputs
 (summed over processes through ``ctx.reduce``). It is measured exactly (the values that will
@@ -19,6 +26,7 @@ the objective never increases. Deterministic for a given ``ctx.seed``.
 from __future__ import annotations
 
 import contextlib
+import math
 import sys
 from collections.abc import Iterator, Sequence
 from typing import Any, ClassVar, cast
@@ -50,25 +58,41 @@ class _Layer:
     bits: int
 
 
+def _none_or_positive(_: Any, attribute: Any, value: int | None) -> None:
+    if value is not None and value < 1:
+        raise ValueError(f"{attribute.name} must be at least 1 (or None), got {value}")
+
+
 @register_optimizer
 @attrs.frozen
 class LearnedRounding(BlockOptimizer):
-    """``steps`` signed-gradient steps of size ``lr`` (default ``1 / steps``) decaying to 0;
+    """``steps`` signed-gradient steps of size ``lr`` (default ``1 / steps``) decaying to 0,
+    each on ``batch_size`` calibration sequences; ``steps = None``: ``epochs`` passes over the
+    block's calibration sequences (so the cost follows the calibration set, as GPTQ's does);
     ``storage``: the dtype the scales and biases are rounded to while tuning (bfloat16 values
     are exact in float16 and float32 too)."""
 
     name: ClassVar[str] = "learned_rounding"
     method: str = attrs.field(default="scales",
                               validator=attrs.validators.in_(("signround", "scales")))
-    steps: int = attrs.field(default=200, validator=attrs.validators.ge(0))
+    steps: int | None = attrs.field(
+        default=None, validator=attrs.validators.optional(attrs.validators.ge(0)))
     lr: float | None = None
     eval_every: int = attrs.field(default=25, validator=attrs.validators.ge(1))
     storage: str = attrs.field(default="bfloat16", validator=attrs.validators.in_(tuple(_STORAGE)))
+    #: Calibration sequences per step (``None``: one whole calibration batch). A step's cost
+    #: grows with its sequences; the steps go through the batches' rows in a seeded order.
+    batch_size: int | None = attrs.field(
+        default=2, validator=_none_or_positive)
+    #: Passes over the calibration sequences when ``steps`` is ``None``.
+    epochs: float = attrs.field(default=4.0, validator=attrs.validators.gt(0))
 
     def optimize(self, ctx: BlockContext, targets: Sequence[mx.array]) -> dict[str, Any]:
         layers = self._layers(ctx)
-        if not layers or not ctx.inputs:
+        if not layers:  # the same on every process (each holds the whole block)
             return {"layers": 0}
+        # A process without calibration batches (fewer batches than processes) still takes
+        # part in every sum, with zero contributions: the processes' sums must pair up.
         storage = _STORAGE[self.storage]
         params = {L.path: self._initial(L) for L in layers}
 
@@ -83,9 +107,13 @@ class LearnedRounding(BlockOptimizer):
                     L.u, q.get("v", mx.zeros_like(L.u)), L.scales, L.biases, q["ds"], q["db"],
                     L.bits, storage)[0]
 
-        def batch_loss(p: dict, j: int) -> mx.array:
+        def batch_loss(p: dict, j: int, rows: slice) -> mx.array:
             set_weights(p)
-            return mx.mean(mx.square(ctx.forward(ctx.block, j) - targets[j]))
+            if rows == slice(None):
+                out = ctx.forward(ctx.block, j)
+            else:
+                out = ctx.forward(_Rows(ctx.block, rows, targets[j].shape[0]), j)
+            return mx.mean(mx.square(out - targets[j][rows]))
 
         def full_loss(p: dict | None) -> float:
             if p is None:  # the solve's own values
@@ -102,34 +130,45 @@ class LearnedRounding(BlockOptimizer):
             return float(cast(float, (total[0] / total[1]).item()))
 
         rng = np.random.default_rng(ctx.seed + ctx.index)
-        lr0 = self.lr if self.lr is not None else 1.0 / max(self.steps, 1)
+        chunks = _chunks([t.shape[0] for t in targets], self.batch_size)
+        steps = self.steps
+        if steps is None:  # the same number on every process: from the chunks of all of them
+            total, processes = cast(list[float], ctx.reduce(mx.array([float(len(chunks)), 1.0])).tolist())
+            steps = max(1, math.ceil(self.epochs * total / processes))
+        lr0 = self.lr if self.lr is not None else 1.0 / max(steps, 1)
         install("dense")
         try:
-            with _mlx_attention(ctx.block):
-                before = best = full_loss(None)
-                best_params, best_step = None, 0
-                order: list[int] = []
-                for step in range(self.steps):
-                    if not order:
-                        order = list(rng.permutation(len(ctx.inputs)))
-                    j = int(order.pop())
-                    _, grads = mx.value_and_grad(lambda p, j=j: batch_loss(p, j))(params)
+            # The objective needs no gradients: measured with the attention the pipeline
+            # installed (NumPy on a CPU, see quantkit.host), the steps with MLX's own.
+            before = best = full_loss(None)
+            best_params, best_step = None, 0
+            order: list[int] = []
+            for step in range(steps):
+                if not order:
+                    order = list(rng.permutation(len(chunks)))
+                with _mlx_attention(ctx.block):
+                    if order:
+                        j, rows = chunks[int(order.pop())]
+                        _, grads = mx.value_and_grad(
+                            lambda p, j=j, rows=rows: batch_loss(p, j, rows))(params)
+                    else:  # no batch here
+                        grads = tree_map(mx.zeros_like, params)
                     grads = _reduce_tree(ctx, grads)
-                    lr = lr0 * (1 - step / self.steps)
+                    lr = lr0 * (1 - step / steps)
                     params = {path: {k: sign_step(x, grads[path][k], lr, _BOUNDS[k])
                                      for k, x in q.items()} for path, q in params.items()}
                     mx.eval(params)
-                    if (step + 1) % self.eval_every == 0 or step + 1 == self.steps:
-                        loss = full_loss(params)
-                        if loss < best:
-                            best, best_params, best_step = loss, params, step + 1
+                if (step + 1) % self.eval_every == 0 or step + 1 == steps:
+                    loss = full_loss(params)
+                    if loss < best:
+                        best, best_params, best_step = loss, params, step + 1
         finally:
             install("quantized")
         if best_params is not None:
             for L in layers:
                 self._write(L, best_params[L.path], storage)
         return {"layers": len(layers), "loss_before": before, "loss_after": best,
-                "best_step": best_step, "method": self.method, "steps": self.steps}
+                "best_step": best_step, "method": self.method, "steps": steps}
 
     def _layers(self, ctx: BlockContext) -> list[_Layer]:
         out = []
@@ -171,6 +210,36 @@ class LearnedRounding(BlockOptimizer):
         m.scales = s.astype(m.scales.dtype)
         m.biases = b.astype(m.biases.dtype)
         mx.eval(m.parameters())
+
+
+def _chunks(batch_rows: list[int], size: int | None) -> list[tuple[int, slice]]:
+    """``(batch, rows)`` pairs covering every row of every batch, ``size`` rows at most each
+    (``None``: whole batches)."""
+    if size is None:
+        return [(j, slice(None)) for j in range(len(batch_rows))]
+    return [(j, slice(r, min(r + size, n))) for j, n in enumerate(batch_rows)
+            for r in range(0, n, size)]
+
+
+class _Rows(nn.Module):
+    """Runs ``block`` on ``rows`` of a batch of ``n`` sequences: the hidden states and every
+    array argument whose first axis is the batch's (per-sequence masks) are cut to those rows;
+    other arguments (a ``"causal"`` mask, a ``(length, length)`` mask) are passed whole."""
+
+    def __init__(self, block: nn.Module, rows: slice, n: int) -> None:
+        super().__init__()
+        self.block, self._rows, self._n = block, rows, n
+
+    def _cut(self, value: Any, length: int) -> Any:
+        if isinstance(value, mx.array) and value.ndim >= 2 and value.shape[0] == self._n \
+                and value.shape != (length, length):
+            return value[self._rows]
+        return value
+
+    def __call__(self, x: mx.array, *args: Any, **kwargs: Any) -> mx.array:
+        length = x.shape[1]
+        return self.block(x[self._rows], *(self._cut(a, length) for a in args),
+                          **{k: self._cut(v, length) for k, v in kwargs.items()})
 
 
 def _codes(m: nn.Module) -> mx.array:

@@ -54,6 +54,7 @@ def quantize(
     dtype: Annotated[DType, typer.Option(help="dtype calibration runs in")] = DType.float32,
     batch_size: Annotated[int, typer.Option(help="sequences per forward pass")] = 8,
     backend: Annotated[Backend, typer.Option(help="compute backend of calibration's linear layers and Hessians (auto: numpy on a CPU device, mlx otherwise)")] = Backend.auto,
+    fast: Annotated[bool, typer.Option("--fast", help="leave out the block transforms and optimizers (AWQ, learned rounding) of the default pipeline or the recipe: much quicker, a little less accurate (docs/results-quality.md)")] = False,
     moe_calibrate_all_experts: Annotated[bool, typer.Option("--moe-calibrate-all-experts", help="collect every expert's Hessian from every calibration token (the block output still follows the router): no expert starved")] = False,
     overwrite: Annotated[bool, typer.Option(help="replace an existing output directory (and discard a checkpoint)")] = False,
     resume: Annotated[bool, typer.Option(help="continue an interrupted run from its checkpoint (starts afresh when there is none; a no-op on a finished output)")] = False,
@@ -98,7 +99,7 @@ def quantize(
             with removing_created_parents(output):
                 result, plan, rank = _quantize(
                     model_dir, output, recipe=recipe, plugin=plugin, bits=bits, group_size=group_size,
-                    strategy=strategy, target_bpw=target_bpw, calibration=calibration, pack=pack,
+                    strategy=strategy, fast=fast, target_bpw=target_bpw, calibration=calibration, pack=pack,
                     moe_calibrate_all_experts=moe_calibrate_all_experts, num_samples=num_samples, seq_len=seq_len, seed=seed, dtype=dtype,
                     batch_size=batch_size, backend=backend, overwrite=overwrite, resume=resume,
                     checkpoint=checkpoint, quiet=quiet or json_out, distributed=distributed,
@@ -163,12 +164,13 @@ def _return_freed_memory() -> None:
         pass
 
 
-def _quantize(model_dir, output, *, recipe, plugin, bits, group_size, strategy, target_bpw, calibration,
+def _quantize(model_dir, output, *, recipe, plugin, bits, group_size, strategy, fast, target_bpw, calibration,
               pack, moe_calibrate_all_experts, num_samples, seq_len, seed, dtype, batch_size, backend, overwrite, resume,
               checkpoint, quiet, distributed, shards, timeout):
     """The work of ``quantize`` in this process: ``(result, plan or None, rank)``."""
     from ..api import quantize_directory
     from ..data import Calibration
+    from ..defaults import default_recipe, without_block_methods
     from ..distributed import Distributed
     from ..hub import resolve_model
     from ..recipe import Recipe
@@ -176,11 +178,6 @@ def _quantize(model_dir, output, *, recipe, plugin, bits, group_size, strategy, 
     interrupt.check("imports")
     _return_freed_memory()
     calib = Calibration.from_specs(calibration, pack=pack)
-    registry_kw = {}
-    if moe_calibrate_all_experts:
-        from ..experts import with_all_experts
-
-        registry_kw["registry"] = with_all_experts()
     group = Distributed(num_shards=shards)
     if distributed:
         # Connecting gives up after --timeout with one line (SIGALRM interrupts it, see
@@ -194,11 +191,15 @@ def _quantize(model_dir, output, *, recipe, plugin, bits, group_size, strategy, 
             faulthandler.cancel_dump_traceback_later()
     model_dir = resolve_model(model_dir)  # after joining the group: every rank resolves it
     load_plugin_args(plugin)
-    base = Recipe.from_toml(recipe) if recipe else Recipe()
+    base = Recipe.from_toml(recipe) if recipe else None
     check_strategy(strategy)
-    if not recipe and strategy is None and bits is None and group_size is None:
-        base = Recipe()  # GPTQ 4-bit, group 64
+    if base is None:  # --strategy at its own defaults, else the built-in pipeline
+        base = Recipe() if strategy else default_recipe()
+    if fast:
+        base = without_block_methods(base)
     rec = base.with_default(strategy=strategy, bits=bits, group_size=group_size)
+    if moe_calibrate_all_experts:  # the recipe's [moe] calibrate_all_experts = true
+        rec = rec.with_moe(calibrate_all_experts=True)
     plan = None
     if target_bpw is not None:
         from ..mixed import plan_directory
@@ -218,7 +219,7 @@ def _quantize(model_dir, output, *, recipe, plugin, bits, group_size, strategy, 
             model_dir, output, rec, calibration=calib, num_samples=num_samples,
             seq_len=seq_len, seed=seed, dtype=dtype.value, batch_size=batch_size,
             overwrite=overwrite, resume=resume, checkpoint=checkpoint, progress=view,
-            distributed=group, backend=backend.value, **registry_kw,
+            distributed=group, backend=backend.value,
         )
     if plan is not None:
         plan.write_into(result.out_dir, result.report)

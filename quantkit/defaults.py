@@ -1,0 +1,58 @@
+"""The pipeline ``quantkit quantize`` runs when the command names no recipe and no strategy:
+defined here, and only here (the CLI and ``benchmarks/quality.py`` build it with
+:func:`default_recipe`).
+
+:data:`PIPELINES` holds the measured candidates (recipe tables, as in a TOML file, without
+``bits``/``group_size``: those come from the command line or :class:`~quantkit.recipe.Recipe`'s
+defaults); :data:`DEFAULT` names the one a plain ``quantkit quantize`` uses. ``--fast`` runs
+the same recipe without its block transforms and optimizers (:func:`without_block_methods`).
+The choice and its measurements: docs/results-quality.md.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import attrs
+
+from .recipe import Recipe
+
+#: GPTQ's act-order (static groups) and per-group clipping search weighted by ``diag(H)``.
+_GPTQ_BEST: dict[str, Any] = {"strategy": "gptq", "act_order": True, "scale_search": "hessian"}
+
+#: Candidate pipelines by name (the names ``benchmarks/quality.py`` gives its variants).
+PIPELINES: dict[str, dict[str, Any]] = {
+    "gptq": {"default": {"strategy": "gptq"}},
+    "gptq_best": {"default": _GPTQ_BEST},
+    "gptq_best_lr_scales": {
+        "default": _GPTQ_BEST,
+        "optimizer": [{"name": "learned_rounding", "method": "scales"}],
+    },
+    "gptq_best_lr": {
+        "default": _GPTQ_BEST,
+        "optimizer": [{"name": "learned_rounding", "method": "signround"}],
+    },
+    # AWQ needs the model family's table (quantkit/arch/): a model without one is refused.
+    "awq_gptq_best_lr": {
+        "default": _GPTQ_BEST,
+        "transform": [{"name": "awq"}],
+        "optimizer": [{"name": "learned_rounding", "method": "signround"}],
+    },
+}
+
+#: What ``quantkit quantize MODEL -o OUT`` runs.
+DEFAULT = "gptq_best_lr"
+
+
+def default_recipe(fast: bool = False) -> Recipe:
+    """The recipe of a plain ``quantkit quantize`` (``fast``: of ``--fast``), at
+    :class:`~quantkit.recipe.Recipe`'s default bits and group size (change them with
+    :meth:`~quantkit.recipe.Recipe.with_default`)."""
+    recipe = Recipe.from_dict(PIPELINES[DEFAULT], source="default recipe")
+    return without_block_methods(recipe) if fast else recipe
+
+
+def without_block_methods(recipe: Recipe) -> Recipe:
+    """``recipe`` without its block transforms and optimizers (what ``--fast`` runs): only the
+    per-layer solve, the costly whole-block methods (AWQ, learned rounding) left out."""
+    return attrs.evolve(recipe, transforms=(), optimizers=())
