@@ -122,7 +122,7 @@ class ModelWalker:
     _tail: TailCut | None = attrs.field(default=None, init=False, repr=False)
     _phases: dict[str, float] = attrs.field(factory=dict, init=False, repr=False)
     #: While a block's layers are solved: drop each float layer once quantized (see
-    #: :func:`_release_float`); off when block optimizers need the float layers afterwards.
+    #: :func:`_release_float`); off when block optimizers or hooks need the float layers afterwards.
     _release: bool = attrs.field(default=False, init=False, repr=False)
 
     def __attrs_post_init__(self) -> None:
@@ -252,7 +252,8 @@ class ModelWalker:
             # The NumPy runners hold the block's float weights: not needed once collected.
             self._runners.clear()
             with self._phase("solve"):
-                self._release = not optimizers
+                # (hooks may read a plan's float layer after the walk: kept for them too)
+                self._release = not optimizers and not self.hooks
                 try:
                     done = self._quantize_all(model, [p for p in inside if not p.per_expert], stats, report, i)
                 finally:
