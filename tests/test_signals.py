@@ -43,8 +43,17 @@ def _env(tmp_path: Path, pause: str | None = None) -> dict[str, str]:
     return env
 
 
+def _default_signals() -> None:
+    """In the child, before exec: SIGINT handled by default, even when the test run itself was
+    started as a background job (a non-interactive shell starts those with SIGINT ignored, the
+    child would inherit that, and Python keeps an inherited SIG_IGN: Ctrl-C is then off by
+    design, which is not what these tests are about)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _start(args, env) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "quantkit.cli", *args], env=env,
+                            preexec_fn=_default_signals if os.name == "posix" else None,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
