@@ -235,15 +235,21 @@ def test_second_ctrl_c_forces_exit():
     from quantkit import interrupt
 
     forced = []
-    with interrupt.handling(on_force=forced.append):
-        os.kill(os.getpid(), signal.SIGTERM)
-        os.kill(os.getpid(), signal.SIGTERM)
-        time.sleep(0.01)
-        assert forced == [] and interrupt.requested() == signal.SIGTERM
-        os.kill(os.getpid(), signal.SIGINT)
-        time.sleep(0.01)
-        assert forced == [signal.SIGINT]
-        assert interrupt.requested() == signal.SIGTERM  # the first signal decides the exit code
+    # SIGINT handled as in a terminal, also when the test run is a background job (started
+    # with SIGINT ignored, which interrupt.handling keeps, as Python does)
+    outer = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with interrupt.handling(on_force=forced.append):
+            os.kill(os.getpid(), signal.SIGTERM)
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.01)
+            assert forced == [] and interrupt.requested() == signal.SIGTERM
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.01)
+            assert forced == [signal.SIGINT]
+            assert interrupt.requested() == signal.SIGTERM  # the first signal decides the exit code
+    finally:
+        signal.signal(signal.SIGINT, outer)
 
 
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads /proc")
