@@ -50,15 +50,22 @@ TEXT = SHARED / "text" / "wikitext2_test.raw"
 
 def save_dir(path: Path, model_name: str, layers: int | None, dtype: str, seed: int) -> float:
     """The random model written as an mlx-lm directory; returns its weights' GB."""
-    from mlx_lm.utils import save_config, save_model
+    from mlx_lm.utils import save_model
 
     model, cfg = build(model_name, layers, dtype, seed)
     path.mkdir(parents=True)
     save_model(path, model, donate_model=True)
+    _config_and_tokenizer(path, cfg, dtype)
+    return sum(f.stat().st_size for f in path.glob("*.safetensors")) / 1e9
+
+
+def _config_and_tokenizer(path: Path, cfg: dict, dtype: str) -> None:
+    """config.json and the stories260K tokenizer (ids < 512 fit every vocabulary) beside the weights."""
+    from mlx_lm.utils import save_config
+
     save_config(dict(cfg, torch_dtype=dtype), config_path=path / "config.json")
     for name in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copyfile(SHARED / "models" / "stories260K" / name, path / name)
-    return sum(f.stat().st_size for f in path.glob("*.safetensors")) / 1e9
 
 
 def save_dir_streamed(path: Path, model_name: str, layers: int | None, dtype: str,
@@ -116,11 +123,7 @@ def save_dir_streamed(path: Path, model_name: str, layers: int | None, dtype: st
         mx.clear_cache()
     (path / "model.safetensors.index.json").write_text(json.dumps(
         {"metadata": {"total_size": total}, "weight_map": dict(sorted(index.items()))}, indent=2))
-    from mlx_lm.utils import save_config
-
-    save_config(dict(cfg, torch_dtype=dtype), config_path=path / "config.json")
-    for name in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copyfile(SHARED / "models" / "stories260K" / name, path / name)
+    _config_and_tokenizer(path, cfg, dtype)
     return total / 1e9
 
 
