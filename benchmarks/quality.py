@@ -89,7 +89,10 @@ VARIANTS: dict[str, tuple[str, dict, bool, str | None]] = {
 #: The recipes of a plain ``quantkit quantize`` and of ``--fast`` (quantkit.defaults), built by
 #: the function the CLI uses, at the run's bits and group size; ``--lr-steps`` does not apply.
 DEFAULTS = {"default": False, "fast": True}
-MLX_LM = ("mlx_gptq", "mlx_awq")
+MLX_LM = ("mlx_gptq", "mlx_awq", "mlx_dwq")
+#: mlx-lm DWQ's own defaults (``mlx_lm.quant.dwq``: Adam, learning rate 1e-6, batch 4); it is
+#: given the run's calibration windows for DWQ_EPOCHS passes (quantkit's learned rounding makes 4).
+DWQ_LR, DWQ_BATCH, DWQ_EPOCHS = 1e-6, 4, 4
 
 
 def dequantized(model: nn.Module) -> nn.Module:
@@ -139,8 +142,32 @@ def quantize(variant: str, model: nn.Module, tokens: mx.array, bits: int, group_
                      embed_group_size=group_size, embed_bits=bits, n_grid=awq_grid)
         model.set_dtype(dtype)
         return True
+    if variant == "mlx_dwq":
+        return _mlx_dwq(model, tokens, bits, group_size)
     ModelWalker(recipe=variant_recipe(variant, bits, group_size, lr_steps, awq_grid)).run(
         model, tokens)
+    return True
+
+
+def _mlx_dwq(model: nn.Module, tokens: mx.array, bits: int, group_size: int) -> bool:
+    """mlx-lm's DWQ: round to nearest with mlx-lm, then distil the float model's logits into the
+    scales and biases (``dwq_quantize``) on the calibration windows. The float model is a copy of
+    ``model`` taken before quantizing; validation windows are the first DWQ_BATCH windows."""
+    import copy
+
+    import mlx.optimizers as optim
+    from mlx_lm.quant.dwq import dwq_quantize
+    from mlx_lm.utils import quantize_model
+
+    dtype = model.model.embed_tokens.weight.dtype
+    teacher = copy.deepcopy(model)
+    quantize_model(model, {}, group_size=group_size, bits=bits)
+    rows = [(tokens[i].tolist(), 0) for i in range(tokens.shape[0])]
+    dwq_quantize(model, lambda batch, _i, split: teacher(batch),
+                 optim.Adam(learning_rate=DWQ_LR, bias_correction=True), rows * DWQ_EPOCHS,
+                 rows[:DWQ_BATCH], batch_size=DWQ_BATCH, max_seq_length=tokens.shape[1] + 1,
+                 seed=0, dtype=dtype)
+    model.eval()
     return True
 
 
