@@ -5,15 +5,18 @@ bars of a walk, and ``main`` (the ``quantkit`` program)."""
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from enum import Enum
-from typing import Any
+from pathlib import Path
+from typing import Annotated, Any, Optional
 
 import typer
 from rich.console import Console
 from rich.markup import escape
 
 from .. import interrupt
-from ..errors import describe
+from ..errors import QuantkitError, describe
 from .signals import force_exit
 
 app = typer.Typer(
@@ -76,16 +79,21 @@ def fail(message: str, code: int = 1) -> None:
     raise typer.Exit(code)
 
 
+def progress_bar(disable: bool):
+    """The commands' progress bar on stderr (rich; gone when done)."""
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    return Progress(TextColumn("{task.description}"), BarColumn(),
+                    TextColumn("{task.completed}/{task.total}"), TimeElapsedColumn(),
+                    console=err, transient=True, disable=disable)
+
+
 class ProgressView:
     """Renders walker progress events as rich progress bars on stderr."""
 
     def __init__(self, enabled: bool) -> None:
-        from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
-
         self.enabled = enabled
-        self.bar = Progress(TextColumn("{task.description}"), BarColumn(),
-                            TextColumn("{task.completed}/{task.total}"), TimeElapsedColumn(),
-                            console=err, transient=True, disable=not enabled)
+        self.bar = progress_bar(disable=not enabled)
         self.tasks: dict[str, Any] = {}
 
     def __enter__(self):
@@ -112,6 +120,60 @@ class ProgressView:
             if name not in self.tasks:
                 self.tasks[name] = self.bar.add_task(name, total=info["total"])
             self.bar.update(self.tasks[name], completed=info["index"] + 1)
+
+
+#: The options of the commands that measure models on windows of a text (eval, compare).
+TextOption = Annotated[Optional[Path], typer.Option(help="plain-text file to measure on (default: offline built-in text)")]
+SeqLenOption = Annotated[int, typer.Option(help="tokens per sequence")]
+NumSamplesOption = Annotated[int, typer.Option(help="sequences to measure")]
+SeedOption = Annotated[int, typer.Option(help="seed for choosing the windows of the text")]
+BatchSizeOption = Annotated[int, typer.Option(help="sequences per forward pass")]
+DebugOption = Annotated[bool, typer.Option(help="show full tracebacks")]
+
+
+def check_windows(num_samples: int, seq_len: int, batch_size: int, seed: int,
+                  text: Path | None) -> None:
+    """The window options of a measuring command and its text file, before any work."""
+    from ..errors import SettingsError
+    from ..validate import check_input_file, check_settings
+
+    if num_samples < 1 or seq_len < 2 or batch_size < 1:
+        fail("--num-samples and --batch-size must be ≥ 1 and --seq-len ≥ 2", 2)
+    try:
+        check_settings(seed=seed)
+        if text is not None:
+            check_input_file(text, "text file")
+    except QuantkitError as exc:
+        fail(str(exc), 2 if isinstance(exc, SettingsError) else 1)
+
+
+def interrupted_line(exc: KeyboardInterrupt) -> str:
+    """How an interruption is told: the signal's own words when it carries them."""
+    return f"interrupted ({exc})" if isinstance(exc, interrupt.Interrupted) else "interrupted"
+
+
+@contextmanager
+def reported(debug: bool, on_interrupt: Callable[[KeyboardInterrupt], str] = interrupted_line,
+             ) -> Iterator[None]:
+    """The one error path of a command's work: bad input → its one line (exit 1), Ctrl-C or a
+    stop signal → ``on_interrupt``'s line (exit 130/143), anything else is a bug → one line
+    (exit 3); ``debug`` re-raises all of them for the traceback."""
+    try:
+        yield
+    except typer.Exit:
+        raise
+    except QuantkitError as exc:
+        if debug:
+            raise
+        fail(str(exc))
+    except KeyboardInterrupt as exc:
+        if debug:
+            raise
+        fail(on_interrupt(exc), getattr(exc, "exit_code", 130))
+    except Exception as exc:  # a bug: one line, the traceback with --debug
+        if debug:
+            raise
+        internal_error(exc)
 
 
 def wide() -> Console:

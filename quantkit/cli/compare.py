@@ -15,7 +15,24 @@ from rich.table import Table
 
 from .. import interrupt
 from ..errors import QuantkitError
-from .app import app, err, fail, fmt, internal_error, out, wide
+from .app import (
+    BatchSizeOption,
+    DebugOption,
+    NumSamplesOption,
+    SeedOption,
+    SeqLenOption,
+    TextOption,
+    app,
+    check_windows,
+    err,
+    fail,
+    fmt,
+    interrupted_line,
+    out,
+    progress_bar,
+    reported,
+    wide,
+)
 from .signals import force_exit
 
 
@@ -23,45 +40,37 @@ from .signals import force_exit
 def compare(
     model_dirs: Annotated[list[str], typer.Argument(help="quantized model directories or Hugging Face repo ids (any number)")],
     reference: Annotated[str, typer.Option(help="the float model they were quantized from (a directory or a repo id)")],
-    text: Annotated[Optional[Path], typer.Option(help="plain-text file to measure on (default: offline built-in text)")] = None,
+    text: TextOption = None,
     png: Annotated[Optional[Path], typer.Option(help="write a plot of KL (log scale) against bits per weight to this PNG file")] = None,
-    seq_len: Annotated[int, typer.Option(help="tokens per sequence")] = 512,
-    num_samples: Annotated[int, typer.Option(help="sequences to measure")] = 64,
-    seed: Annotated[int, typer.Option(help="seed for choosing the windows of the text")] = 0,
-    batch_size: Annotated[int, typer.Option(help="sequences per forward pass")] = 8,
+    seq_len: SeqLenOption = 512,
+    num_samples: NumSamplesOption = 64,
+    seed: SeedOption = 0,
+    batch_size: BatchSizeOption = 8,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="print nothing (with --png: only write the plot)")] = False,
     json_out: Annotated[bool, typer.Option("--json", help="print the rows as JSON")] = False,
-    debug: Annotated[bool, typer.Option(help="show full tracebacks")] = False,
+    debug: DebugOption = False,
 ) -> None:
     """Several quantized models against their float model on the same windows of a text: bits
     per weight, size, perplexity, KL(float ‖ model) mean and 99th percentile, top-1 agreement
     and the recipe of each; --png draws KL against bits per weight."""
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
-
     from ..compare import compare_models
     from ..plotting import plot_comparison
 
-    if num_samples < 1 or seq_len < 2 or batch_size < 1:
-        fail("--num-samples and --batch-size must be ≥ 1 and --seq-len ≥ 2", 2)
-    from ..errors import SettingsError
-    from ..validate import check_input_file, check_output_file, check_settings
+    check_windows(num_samples, seq_len, batch_size, seed, text)
+    if png is not None:
+        from ..validate import check_output_file
 
-    try:
-        check_settings(seed=seed)
-        if text is not None:
-            check_input_file(text, "text file")
-        if png is not None:
+        try:
             check_output_file(png, "the plot", "pass a PNG file name")
-    except QuantkitError as exc:
-        fail(str(exc), 2 if isinstance(exc, SettingsError) else 1)
+        except QuantkitError as exc:
+            fail(str(exc))
     if png is not None:
         try:
             import matplotlib  # noqa: F401  (checked before the models run, not after)
         except ImportError:
             fail("drawing the plot needs matplotlib; install it with pip install 'quantkit[plot]'")
     start = time.perf_counter()
-    bar = Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-                   TimeElapsedColumn(), console=err, transient=True, disable=quiet or json_out)
+    bar = progress_bar(disable=quiet or json_out)
     tasks: dict[str, Any] = {}
 
     def progress(name: str, done: int, total: int) -> None:
@@ -69,7 +78,7 @@ def compare(
             tasks[name] = bar.add_task(escape(name), total=total)
         bar.update(tasks[name], completed=done)
 
-    try:
+    with reported(debug, lambda exc: f"{interrupted_line(exc)}; nothing was written"):
         with bar, interrupt.handling(force_exit):
             rows = compare_models(model_dirs, reference, text, num_samples=num_samples,
                                   seq_len=seq_len, seed=seed, batch_size=batch_size,
@@ -77,22 +86,6 @@ def compare(
         if png is not None:
             plot_comparison([r.to_dict() for r in rows], png,
                             title=f"KL to {Path(reference).name} on {text.name if text else 'the built-in text'}")
-    except QuantkitError as exc:
-        if debug:
-            raise
-        fail(str(exc))
-        return
-    except KeyboardInterrupt as exc:
-        if debug:
-            raise
-        how = f"interrupted ({exc})" if isinstance(exc, interrupt.Interrupted) else "interrupted"
-        fail(f"{how}; nothing was written", getattr(exc, "exit_code", 130))
-        return
-    except Exception as exc:  # a bug: one line, the traceback with --debug
-        if debug:
-            raise
-        internal_error(exc)
-        return
     if quiet:
         return
     ref_ppl = rows[0].fidelity.reference_perplexity if rows else None

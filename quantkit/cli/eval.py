@@ -14,40 +14,42 @@ from rich.markup import escape
 from rich.table import Table
 
 from .. import interrupt
-from ..errors import QuantkitError
-from .app import app, err, fail, internal_error, out, wide
+from .app import (
+    BatchSizeOption,
+    DebugOption,
+    NumSamplesOption,
+    SeedOption,
+    SeqLenOption,
+    TextOption,
+    app,
+    check_windows,
+    out,
+    progress_bar,
+    reported,
+    wide,
+)
 from .signals import force_exit
 
 
 @app.command("eval")
 def eval_(
     model_dir: Annotated[str, typer.Argument(help="mlx-lm model directory (quantized or not), or a Hugging Face repo id (org/name)")],
-    text: Annotated[Optional[Path], typer.Option(help="plain-text file to measure on (default: offline built-in text)")] = None,
+    text: TextOption = None,
     reference: Annotated[Optional[Path], typer.Option(help="float model directory to compare with: adds KL(reference ‖ model) mean and 99th percentile, top-1 agreement and the reference's perplexity")] = None,
-    seq_len: Annotated[int, typer.Option(help="tokens per sequence")] = 512,
-    num_samples: Annotated[int, typer.Option(help="sequences to measure")] = 64,
-    seed: Annotated[int, typer.Option(help="seed for choosing the windows of the text")] = 0,
-    batch_size: Annotated[int, typer.Option(help="sequences per forward pass")] = 8,
+    seq_len: SeqLenOption = 512,
+    num_samples: NumSamplesOption = 64,
+    seed: SeedOption = 0,
+    batch_size: BatchSizeOption = 8,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="print only the perplexity (with --reference: perplexity, KL mean, top-1 agreement)")] = False,
     json_out: Annotated[bool, typer.Option("--json", help="print the result as JSON")] = False,
-    debug: Annotated[bool, typer.Option(help="show full tracebacks")] = False,
+    debug: DebugOption = False,
 ) -> None:
     """Perplexity of MODEL_DIR on a text: exp of the mean next-token loss (lower is better).
 
     With --reference FLOAT_DIR, also its fidelity to the float model on the same windows: per
     next-token position, KL(float ‖ model) (mean and 99th percentile, nats) and top-1 agreement
     (share of positions where both models' most likely token is the same)."""
-    from ..errors import SettingsError
-    from ..validate import check_input_file, check_settings
-
-    if num_samples < 1 or seq_len < 2 or batch_size < 1:
-        fail("--num-samples and --batch-size must be ≥ 1 and --seq-len ≥ 2", 2)
-    try:
-        check_settings(seed=seed)
-        if text is not None:
-            check_input_file(text, "text file")
-    except QuantkitError as exc:
-        fail(str(exc), 2 if isinstance(exc, SettingsError) else 1)
+    check_windows(num_samples, seq_len, batch_size, seed, text)
     start = time.perf_counter()
     with interrupt.handling(force_exit):
         _eval(model_dir, text, reference, seq_len, num_samples, seed, batch_size, quiet, json_out,
@@ -56,13 +58,10 @@ def eval_(
 
 def _eval(model_dir, text, reference, seq_len, num_samples, seed, batch_size, quiet, json_out, debug,
           start):
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
-
     from ..hub import resolve_model
 
-    bar = Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-                   TimeElapsedColumn(), console=err, transient=True, disable=quiet or json_out)
-    try:
+    bar = progress_bar(disable=quiet or json_out)
+    with reported(debug):
         if reference is not None:
             from ..compare import compare_models
 
@@ -82,22 +81,6 @@ def _eval(model_dir, text, reference, seq_len, num_samples, seed, batch_size, qu
                 model_dir, text, num_samples=num_samples, seq_len=seq_len, seed=seed,
                 batch_size=batch_size,
                 progress=lambda done, total: bar.update(task, completed=done, total=total))
-    except QuantkitError as exc:
-        if debug:
-            raise
-        fail(str(exc))
-        return
-    except KeyboardInterrupt as exc:
-        if debug:
-            raise
-        fail(f"interrupted ({exc})" if isinstance(exc, interrupt.Interrupted) else "interrupted",
-             getattr(exc, "exit_code", 130))
-        return
-    except Exception as exc:  # a bug: one line, the traceback with --debug
-        if debug:
-            raise
-        internal_error(exc)
-        return
     ppl = measured.perplexity
     result = {**measured.to_dict(), "time_s": time.perf_counter() - start}
     if json_out:
