@@ -300,6 +300,35 @@ def grid_check(path: Path, out: Path) -> None:
     out.write_text(json.dumps({"model": str(path), "grid_check": result}, indent=2))
 
 
+def rtn_split(path: Path, bits: int, group_size: int, eval_samples: int, seq_len: int,
+              out: Path) -> None:
+    """Where round to nearest's loss sits in ``path``: perplexity and KL to the float model with
+    only the (tied) embedding/head rounded, with every other layer rounded, and with all of
+    them (mlx's ``nn.quantize`` at ``bits``/``group_size``), on the first windows of the
+    model's evaluation text."""
+    reference, tokenizer, _ = load_model(path)
+    reference.set_dtype(mx.float32)
+    ids = tokenize(tokenizer, read_text(SHARED / "text" / MODELS["smollm2-135m"]["eval"]))
+    windows = mx.array(np.asarray(ids[:eval_samples * seq_len]).reshape(eval_samples, seq_len))
+    result = {"float": dict(zip(("perplexity", "kl"), evaluate(reference, reference, windows)))}
+    for part in ("head_only", "all_but_head", "all"):
+        model, _, _ = load_model(path)
+        model.set_dtype(mx.float32)
+
+        def chosen(name: str, m: nn.Module, part: str = part) -> bool:
+            if not isinstance(m, (nn.Linear, nn.Embedding)):
+                return False
+            return part == "all" or (part == "head_only") == ("embed_tokens" in name)
+
+        nn.quantize(model, group_size=group_size, bits=bits, class_predicate=chosen)
+        ppl, kl = evaluate(dequantized(model), reference, windows)
+        result[part] = {"perplexity": ppl, "kl": kl}
+        print(f"{bits}-bit RTN g{group_size}, {part:<12} ppl {ppl:9.3f}  kl {kl:.4f}", flush=True)
+    out.write_text(json.dumps({"model": str(path), "bits": bits, "group_size": group_size,
+                               "eval": f"first {eval_samples}x{seq_len}", "rtn_split": result},
+                              indent=2))
+
+
 START, END = "<!-- quality.py --render: start -->", "<!-- quality.py --render: end -->"
 
 
@@ -363,7 +392,14 @@ def main() -> None:
     ap.add_argument("--render", action="store_true", help="only write docs/results-quality.md")
     ap.add_argument("--grid-check", action="store_true",
                     help="only measure 4-bit RTN on SmolLM2's (Q4_1-derived) weights, g32 vs g64")
+    ap.add_argument("--rtn-split", action="store_true",
+                    help="only measure SmolLM2's RTN loss with the embedding/head alone, the "
+                         "other layers alone, and all rounded (at --bits, first of them)")
     args = ap.parse_args()
+    if args.rtn_split:
+        rtn_split(Path(args.smollm2_dir), args.bits[0], args.group_size or 64, args.eval_samples,
+                  args.eval_seq_len, RESULTS / f"quality_smollm2-135m_rtn_split_{args.bits[0]}bit.json")
+        return
     if args.grid_check:
         grid_check(Path(args.smollm2_dir), RESULTS / "quality_smollm2-135m_q41_grid.json")
         return
