@@ -13,7 +13,7 @@ import copy
 import itertools
 import tempfile
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, MutableSequence
 from functools import partial
 from pathlib import Path
 from typing import Any, cast
@@ -42,6 +42,7 @@ from .host import (
 from .interrupt import check
 from .moe import expert_shard_stats, load_expert_stats, quantize_expert_layers, same_input
 from .pipeline import build
+from .pipeline.activations import activation_store
 from .pipeline.calibrate import (
     BlockRecorder,
     InputPool,
@@ -121,6 +122,10 @@ class ModelWalker:
     _host_forward: bool = attrs.field(default=True, init=False, repr=False)
     _tail: TailCut | None = attrs.field(default=None, init=False, repr=False)
     _phases: dict[str, float] = attrs.field(factory=dict, init=False, repr=False)
+    #: Makes the sequence a block's calibration activations are kept in (see
+    #: :func:`~quantkit.pipeline.activations.activation_store`): files on the host.
+    _activations: Callable[..., MutableSequence[mx.array]] = attrs.field(
+        default=list, init=False, repr=False)
     #: While a block's layers are solved: drop each float layer once quantized (see
     #: :func:`_release_float`); off when block optimizers or hooks need the float layers afterwards.
     _release: bool = attrs.field(default=False, init=False, repr=False)
@@ -167,8 +172,12 @@ class ModelWalker:
         With a ``checkpoint``, the state after each decoder block is saved to it, and a run
         finds there the blocks a previous (interrupted) run finished and continues after them."""
         self._host = resolve_backend(self.backend) == "numpy"
-        with host_attention(model) if self._host else contextlib.nullcontext():
-            return self._run(model, tokens, checkpoint)
+        with (host_attention(model) if self._host else contextlib.nullcontext(),
+              activation_store(self._host) as self._activations):
+            try:
+                return self._run(model, tokens, checkpoint)
+            finally:
+                self._activations = list
 
     def _run(self, model: nn.Module, tokens: mx.array, checkpoint: Checkpoint | None) -> WalkResult:
         start = time.perf_counter()
@@ -199,6 +208,8 @@ class ModelWalker:
         if needs_calibration:
             with self._phase("calibrate"):
                 inputs, block_args = self._capture(model, blocks, block_paths, batches)
+                # Parked on the host: one batch resident at a time (see pipeline/activations.py).
+                inputs = self._activations(inputs)
         # Full-precision block inputs, for strategies that compare them with the quantized ones.
         ref_inputs = list(inputs) if needs_calibration and any(
             p.quantizer.needs_reference for p in plans.values()) else None
@@ -223,8 +234,7 @@ class ModelWalker:
                                             DTYPES.get(self.dtype or ""))
                     self._install(model, inside, build.from_file(inside, resumed.files[i]))
                     if needs_calibration:
-                        inputs = [self._eval(block(x, *a, **kw))
-                                  for x, (a, kw) in zip(inputs, block_args[i])]
+                        inputs = self._advance(block, inputs, block_args[i])
                     self._swap_standins(model)
                     reload_lazily(model, resumed.files[i])
                 continue
@@ -276,10 +286,7 @@ class ModelWalker:
             inside, ctx = [], None
             if needs_calibration:
                 with self._phase("calibrate"):
-                    # Batch by batch in place: one batch's old and new activations, not all.
-                    inputs = list(inputs)
-                    for j, (a, kw) in enumerate(block_args[i]):
-                        inputs[j] = self._eval(block(inputs[j], *a, **kw))
+                    inputs = self._advance(block, inputs, block_args[i])
             # The block has produced the next block's inputs and never runs again (the layers
             # outside the blocks are calibrated from the last block's stored outputs): its
             # quantized layers replace its dense stand-ins now, so at most one block's
@@ -366,6 +373,16 @@ class ModelWalker:
     def _eval(x: mx.array) -> mx.array:
         mx.eval(x)
         return x
+
+    def _advance(self, block, inputs: MutableSequence[mx.array], args) -> MutableSequence[mx.array]:
+        """``block``'s outputs on ``inputs``, computed batch by batch in place of them: one
+        batch's old and new activations are held at a time, not all of them. (A plain list is
+        copied first: a block method may have kept the one it was shown.)"""
+        if isinstance(inputs, list):
+            inputs = list(inputs)
+        for j, (a, kw) in enumerate(args):
+            inputs[j] = self._eval(block(inputs[j], *a, **kw))
+        return inputs
 
     def _capture(self, model, blocks, block_paths, batches):
         """Inputs of block 0 and the extra arguments of every block, one entry per batch."""

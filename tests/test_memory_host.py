@@ -70,3 +70,49 @@ def test_walk_is_byte_identical_with_and_without_parking(monkeypatch):
     assert parked.keys() == plain.keys()
     for k in plain:
         np.testing.assert_array_equal(np.array(parked[k]), np.array(plain[k]), err_msg=k)
+
+
+def test_parked_activations_read_back_the_same_bytes_lazily(tmp_path):
+    from quantkit.pipeline.activations import ParkedActivations
+
+    batches = [mx.random.normal((2, 16, 64), key=mx.random.key(k)) for k in range(3)]
+    mx.eval(batches)
+    expected = [np.array(b) for b in batches]
+    before = mx.get_active_memory()
+    acts = ParkedActivations(tmp_path, batches)
+    del batches
+    # Only files now: the batches' memory is freed until one is read.
+    assert mx.get_active_memory() <= before - 3 * 2 * 16 * 64 * 4
+    assert len(acts) == 3 and len(list(tmp_path.iterdir())) == 3
+    for k in range(3):
+        np.testing.assert_array_equal(np.array(acts[k]), expected[k])
+    acts[1] = acts[1] * 2  # replaced: the old file goes, the new value reads back
+    assert len(list(tmp_path.iterdir())) == 3
+    np.testing.assert_array_equal(np.array(acts[1]), expected[1] * 2)
+    np.testing.assert_array_equal(np.array(acts[2]), expected[2])
+
+
+def test_walk_is_byte_identical_with_and_without_parked_activations(monkeypatch):
+    tokens = mx.random.randint(0, 128, (8, 32), key=mx.random.key(1))
+
+    def walk():
+        model = _tiny_llama()
+        ModelWalker(Recipe.uniform("gptq", bits=4, group_size=32), batch_size=2,
+                    backend="numpy").run(model, tokens)
+        return dict(tree_flatten(model.parameters()))
+
+    real = walker_module.activation_store
+    calls = []
+
+    def counting(on):
+        calls.append(on)
+        return real(on)
+
+    monkeypatch.setattr(walker_module, "activation_store", counting)
+    parked = walk()
+    assert calls == [True]  # the NumPy backend parks its activations
+    monkeypatch.setattr(walker_module, "activation_store", lambda on: real(False))
+    plain = walk()
+    assert parked.keys() == plain.keys()
+    for k in plain:
+        np.testing.assert_array_equal(np.array(parked[k]), np.array(plain[k]), err_msg=k)
