@@ -34,6 +34,7 @@ from collections.abc import Iterator
 from functools import partial
 from typing import Any
 
+import attrs
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
@@ -173,16 +174,91 @@ def accumulate_hessian(h: np.ndarray, n_tokens: int, x: np.ndarray,
     return h, total
 
 
+#: Smallest row chunk of a row-wise module (:func:`row_chunk`): a product of fewer rows may
+#: take another BLAS path (one row: a matrix-vector product, not bit for bit the same).
+MIN_CHUNK_ROWS = 64
+
+
+@functools.cache
+def row_slices_exact() -> bool:
+    """Whether this BLAS gives a matrix product's row slices (of at least
+    :data:`MIN_CHUNK_ROWS` rows) bit for bit as the whole product (OpenBLAS does: each entry is
+    the same dot product, summed in the same order). Checked once on a probe; where not, no
+    module runs in row chunks (:func:`row_chunk`), so results never depend on this."""
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((3 * MIN_CHUNK_ROWS + 37, 300)).astype(np.float32)
+    w = rng.standard_normal((300, 2 * XTX_COLUMNS + 40)).astype(np.float32)
+    whole = x @ w
+    bounds = [0, MIN_CHUNK_ROWS, 2 * MIN_CHUNK_ROWS + 11, x.shape[0]]
+    return all(np.array_equal(x[a:b] @ w, whole[a:b]) for a, b in zip(bounds, bounds[1:]))
+
+
+@attrs.frozen
+class RowChunk:
+    """Rows ``offset : offset + rows`` of a ``total``-row input that a row-wise module is
+    running on (see :func:`row_chunk`)."""
+
+    offset: int
+    rows: int
+    total: int
+
+    @property
+    def last(self) -> bool:
+        return self.offset + self.rows == self.total
+
+
+class _Chunk(threading.local):
+    current: RowChunk | None = None
+
+
+_CHUNK = _Chunk()
+
+
+@contextlib.contextmanager
+def row_chunk(offset: int, rows: int, total: int) -> Iterator[None]:
+    """While active (in this thread), a row-wise module (an MLP: each output row depends on its
+    own input row only) runs on rows ``offset : offset + rows`` of its ``total``-row input:
+    :class:`HostHessianCollector` gathers the chunks' rows and updates its Hessian once with the
+    whole input, as an unchunked pass would (the same bytes)."""
+    outer, _CHUNK.current = _CHUNK.current, RowChunk(offset, rows, total)
+    try:
+        yield
+    finally:
+        _CHUNK.current = outer
+
+
+def current_row_chunk() -> RowChunk | None:
+    """The chunk :func:`row_chunk` set in this thread (``None`` outside one)."""
+    return _CHUNK.current
+
+
 class HostHessianCollector(HessianCollector):
-    """:class:`~quantkit.hessian.DenseHessianCollector` computed with NumPy (float32)."""
+    """:class:`~quantkit.hessian.DenseHessianCollector` computed with NumPy (float32).
+
+    Inside :func:`row_chunk`, the rows of each chunk are copied into a buffer of the whole
+    input's rows, and the Hessian is updated once the last chunk is in: the same product of
+    the same rows as without chunks."""
 
     def __init__(self, in_features: int) -> None:
         #: NumPy while accumulating; the MLX copy once :meth:`stats` was called.
         self.h: Any = np.zeros((in_features, in_features), dtype=np.float32)
         self.n_tokens = 0
+        self._rows: np.ndarray | None = None  # the whole input, gathered chunk by chunk
 
     def update(self, x: mx.array) -> None:
         rows = np.asarray(x.astype(mx.float32).reshape(-1, x.shape[-1]))
+        chunk = _CHUNK.current
+        if chunk is not None:
+            if rows.shape[0] != chunk.rows:
+                raise RuntimeError(f"a collector in a row chunk of {chunk.rows} rows was given "
+                                   f"{rows.shape[0]}: the module is not row-wise")
+            if chunk.offset == 0:
+                self._rows = np.empty((chunk.total, rows.shape[1]), np.float32)
+            assert self._rows is not None
+            self._rows[chunk.offset:chunk.offset + chunk.rows] = rows
+            if not chunk.last:
+                return
+            rows, self._rows = self._rows, None
         if isinstance(self.h, mx.array):  # updated after stats(): back to a NumPy copy
             self.h = np.array(self.h)
         # a reused whole-product buffer only where the product is not taken in column slices

@@ -116,3 +116,50 @@ def test_walk_is_byte_identical_with_and_without_parked_activations(monkeypatch)
     assert parked.keys() == plain.keys()
     for k in plain:
         np.testing.assert_array_equal(np.array(parked[k]), np.array(plain[k]), err_msg=k)
+
+
+def test_walk_in_row_chunks_is_byte_identical(monkeypatch):
+    """The MLP run 64 rows at a time (4 chunks of each 256-row batch, in the collection passes,
+    the passes a tail cut ends inside a chunk, and the last forward pass) gives the same bytes
+    as in one piece; collectors gather whole inputs."""
+    from quantkit.pipeline import calibrate
+
+    tokens = mx.random.randint(0, 128, (8, 64), key=mx.random.key(1))
+    chunks = []
+    real_chunk = walker_module.RowChunks.__call__
+
+    def counting(self, x):
+        chunks.append(-(-x.size // x.shape[-1] // self.rows))
+        return real_chunk(self, x)
+
+    ends = []
+    real_called = calibrate.TailCut.called
+
+    def called(self, path):
+        try:
+            real_called(self, path)
+        except calibrate.ChunkEnd:
+            ends.append(path)
+            raise
+
+    monkeypatch.setattr(walker_module.RowChunks, "__call__", counting)
+    monkeypatch.setattr(calibrate.TailCut, "called", called)
+
+    def walk(row_bytes):
+        monkeypatch.setattr(walker_module, "ROW_CHUNK_BYTES", row_bytes)
+        model = _tiny_llama()
+        ModelWalker(Recipe.uniform("gptq", bits=4, group_size=32), batch_size=4,
+                    backend="numpy").run(model, tokens)
+        return dict(tree_flatten(model.parameters()))
+
+    chunked = walk(64 * 256 * 4)  # 64 rows of the 256-wide MLP
+    # 2 blocks × (2 collection passes + 2 last forward passes), 4 chunks each; the second
+    # collection pass of each block ends 3 chunks early at the down projection's input.
+    assert chunks == [4] * 8
+    assert ends == ["model.layers.0.mlp.down_proj"] * 3 + ["model.layers.1.mlp.down_proj"] * 3
+    chunks.clear()
+    whole = walk(2**40)
+    assert chunks == [1] * 8
+    assert chunked.keys() == whole.keys()
+    for k in whole:
+        np.testing.assert_array_equal(np.array(chunked[k]), np.array(whole[k]), err_msg=k)
