@@ -58,8 +58,8 @@ def resolve_backend(backend: str) -> str:
 
 
 class _Buffers(threading.local):
-    """Per thread: the work buffers by ``(shape, dtype, slot)`` while :func:`reusing_buffers`
-    is active (``pool`` is ``None`` otherwise)."""
+    """Per thread: the work buffers by ``(dtype, slot)`` while :func:`reusing_buffers` is
+    active (``pool`` is ``None`` otherwise)."""
 
     pool: dict[tuple, np.ndarray] | None = None
 
@@ -70,8 +70,11 @@ _BUFFERS = _Buffers()
 @contextlib.contextmanager
 def reusing_buffers() -> Iterator[None]:
     """While active (in this thread), :class:`HostLinear`, :class:`HostHessianCollector` and
-    host attention write their products into buffers kept by shape, reused from one call to
-    the next; they are dropped on exit (nested use keeps the outer pool).
+    host attention write their products into work buffers reused from one call to the next;
+    they are dropped on exit (nested use keeps the outer pool). One buffer per slot, as large
+    as the largest request so far, serves every shape (a view of its start): a batch's
+    products of different shapes (q/k/v, attention, an MLP's row chunks) hold the largest of
+    them between calls, not their sum.
 
     (MLX's own cache of freed CPU buffers, 32 MB by default, holds two or three of a batch's
     activations; raising it for the passes took the job's page faults down further but
@@ -88,16 +91,19 @@ def reusing_buffers() -> Iterator[None]:
 
 
 def work_buffer(shape: tuple[int, ...], dtype=np.float32, slot: str = "") -> np.ndarray:
-    """An uninitialised array of ``shape``: the pooled one inside :func:`reusing_buffers`
-    (its contents are the caller's until the next request of the same key), else a new one."""
+    """An uninitialised C-contiguous array of ``shape``: inside :func:`reusing_buffers`, a view
+    of the pooled buffer of ``slot`` (its contents are the caller's until the next request of
+    the same slot and dtype), else a new one."""
     pool = _BUFFERS.pool
     if pool is None:
         return np.empty(shape, dtype)
-    key = (tuple(shape), np.dtype(dtype), slot)
+    key = (np.dtype(dtype), slot)
+    size = int(np.prod(shape))
     buf = pool.get(key)
-    if buf is None:
-        buf = pool[key] = np.empty(shape, dtype)
-    return buf
+    if buf is None or buf.size < size:
+        pool[key] = None  # the smaller one is freed before the larger is made
+        buf = pool[key] = np.empty(max(size, 1), dtype)
+    return buf[:size].reshape(shape)
 
 
 def linear_forward(x: np.ndarray, weight_t: np.ndarray, bias: np.ndarray | None,
@@ -125,7 +131,7 @@ class HostLinear(Wrapper):
 
     def __call__(self, x: mx.array) -> mx.array:
         rows = np.asarray(x.astype(mx.float32).reshape(-1, x.shape[-1]))
-        out = work_buffer((rows.shape[0], self._weight_t.shape[1]), slot="linear")
+        out = work_buffer((rows.shape[0], self._weight_t.shape[1]))
         y = linear_forward(rows, self._weight_t, self._bias, out)
         return mx.array(y).reshape(*x.shape[:-1], y.shape[-1])  # a copy: ``out`` is free again
 
@@ -291,7 +297,7 @@ def _host_sdpa(original, queries, keys, values, cache, scale, mask, sinks=None):
             or any(a.dtype != mx.float32 for a in (queries, keys, values))):
         return original(queries, keys, values, cache=cache, scale=scale, mask=mask, sinks=sinks)
     q = np.asarray(queries)
-    out = work_buffer((*q.shape[:-1], values.shape[-1]), slot="attention")
+    out = work_buffer((*q.shape[:-1], values.shape[-1]))  # free again once copied
     out = attention_numpy(q, np.asarray(keys), np.asarray(values), scale,
                           np.asarray(mask) if isinstance(mask, mx.array) else mask, out=out)
     return mx.array(out)  # a copy: the buffer is free again

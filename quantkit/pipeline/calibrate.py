@@ -14,6 +14,8 @@ block's later collection passes at its last collected input (:class:`PassEnd`, c
 
 from __future__ import annotations
 
+import weakref
+
 import mlx.core as mx
 import mlx.nn as nn
 
@@ -89,18 +91,20 @@ def share_identical(stats: dict[str, HessianStats]) -> dict[str, HessianStats]:
 
 
 class InputPool:
-    """The input arrays seen by collectors during one forward pass, by identity."""
+    """The input arrays seen by collectors during one forward pass, by identity. Held by weak
+    reference: an input no layer reads any more is freed during the pass (the attention's
+    inputs while the MLP runs), and a new array that takes its ``id`` is not taken for it."""
 
     def __init__(self) -> None:
-        self._seen: dict[int, tuple[mx.array, str]] = {}
+        self._seen: dict[int, tuple[weakref.ref, str]] = {}
 
     def owner(self, x: mx.array, path: str) -> str:
         """The path of the first collector that saw this very array in this pass (``path``
         itself when none did)."""
         hit = self._seen.get(id(x))
-        if hit is not None and hit[0] is x:
+        if hit is not None and hit[0]() is x:
             return hit[1]
-        self._seen[id(x)] = (x, path)
+        self._seen[id(x)] = (weakref.ref(x), path)
         return path
 
     def clear(self) -> None:
