@@ -614,10 +614,14 @@ class ModelWalker:
                 for p in group:
                     stats.pop(p.path, None)
                 continue
-            results, joint_s = solve_jointly(group, stats)
-            for p, result in zip(group, results, strict=True):
+            # On the host, a shared factor and one layer's solve at a time (the same values).
+            results, joint_s = solve_jointly(group, stats, one_by_one=self._host and row_slices_exact())
+            for p in group:
+                t0 = time.perf_counter()
+                result = next(results)
+                solve_s = time.perf_counter() - t0
                 module, record = self.quantize_layer(p, stats.pop(p.path, None), result)
-                record.time_s += joint_s / len(group)
+                record.time_s += joint_s / len(group) + solve_s
                 record.block, record.rank = block_index, rank
                 done[p.path] = (module, record)
                 if self._release:
