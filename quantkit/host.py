@@ -101,7 +101,7 @@ def work_buffer(shape: tuple[int, ...], dtype=np.float32, slot: str = "") -> np.
     size = int(np.prod(shape))
     buf = pool.get(key)
     if buf is None or buf.size < size:
-        pool[key] = None  # the smaller one is freed before the larger is made
+        pool.pop(key, None)  # the smaller one is freed before the larger is made
         buf = pool[key] = np.empty(max(size, 1), dtype)
     return buf[:size].reshape(shape)
 

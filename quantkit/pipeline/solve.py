@@ -185,7 +185,7 @@ def solve_jointly(group: list[LayerPlan], stats, one_by_one: bool = False
         def each() -> Iterator[QuantResult | None]:
             for p in group:
                 r = p.quantizer.quantize(p.handler.weight(p.module).astype(mx.float32), p.spec,
-                                         shared, p.storage_dtype, factor=factor)
+                                         shared, p.storage_dtype, **{"factor": factor})
                 yield attrs.evolve(r, info=dict(r.info, joint_with=paths))
         return each(), time.perf_counter() - t0
     weights = [p.handler.weight(p.module).astype(mx.float32) for p in group]
