@@ -242,29 +242,45 @@ class HostHessianCollector(HessianCollector):
     """:class:`~quantkit.hessian.DenseHessianCollector` computed with NumPy (float32).
 
     Inside :func:`row_chunk`, the rows of each chunk are copied into a buffer of the whole
-    input's rows, and the Hessian is updated once the last chunk is in: the same product of
-    the same rows as without chunks."""
+    input's rows, and the Hessian is updated with them once the last chunk is in, when the
+    pass is over (:meth:`arrays`, called after each batch; or the next :meth:`update` or
+    :meth:`stats`): the same product of the same rows as without chunks, computed once the
+    pass's activations are freed rather than beside them."""
 
     def __init__(self, in_features: int) -> None:
         #: NumPy while accumulating; the MLX copy once :meth:`stats` was called.
         self.h: Any = np.zeros((in_features, in_features), dtype=np.float32)
         self.n_tokens = 0
         self._rows: np.ndarray | None = None  # the whole input, gathered chunk by chunk
+        self._pending: np.ndarray | None = None  # a whole input gathered, not yet added
 
     def update(self, x: mx.array) -> None:
+        self._flush()
         rows = np.asarray(x.astype(mx.float32).reshape(-1, x.shape[-1]))
         chunk = _CHUNK.current
-        if chunk is not None:
-            if rows.shape[0] != chunk.rows:
-                raise RuntimeError(f"a collector in a row chunk of {chunk.rows} rows was given "
-                                   f"{rows.shape[0]}: the module is not row-wise")
-            if chunk.offset == 0:
-                self._rows = np.empty((chunk.total, rows.shape[1]), np.float32)
-            assert self._rows is not None
-            self._rows[chunk.offset:chunk.offset + chunk.rows] = rows
-            if not chunk.last:
-                return
-            rows, self._rows = self._rows, None
+        if chunk is None:
+            self._add(rows)
+            return
+        if rows.shape[0] != chunk.rows:
+            raise RuntimeError(f"a collector in a row chunk of {chunk.rows} rows was given "
+                               f"{rows.shape[0]}: the module is not row-wise")
+        if chunk.offset == 0:
+            self._rows = np.empty((chunk.total, rows.shape[1]), np.float32)
+        assert self._rows is not None
+        self._rows[chunk.offset:chunk.offset + chunk.rows] = rows
+        if chunk.last:
+            self._pending, self._rows = self._rows, None
+
+    def _flush(self) -> None:
+        if self._pending is not None:
+            rows, self._pending = self._pending, None
+            self._add(rows)
+
+    def arrays(self) -> list[mx.array]:
+        self._flush()  # the batch's pass is over
+        return []
+
+    def _add(self, rows: np.ndarray) -> None:
         if isinstance(self.h, mx.array):  # updated after stats(): back to a NumPy copy
             self.h = np.array(self.h)
         # a reused whole-product buffer only where the product is not taken in column slices
@@ -272,6 +288,7 @@ class HostHessianCollector(HessianCollector):
         self.h, self.n_tokens = accumulate_hessian(self.h, self.n_tokens, rows, work)
 
     def stats(self) -> HessianStats:
+        self._flush()
         if self.n_tokens == 0:
             # Lazy zeros (never evaluated: a shard without tokens merges as the identity),
             # not a copy of the NumPy zeros: a tree over more shards than batches holds many.
