@@ -163,3 +163,30 @@ def test_walk_in_row_chunks_is_byte_identical(monkeypatch):
     assert chunked.keys() == whole.keys()
     for k in whole:
         np.testing.assert_array_equal(np.array(chunked[k]), np.array(whole[k]), err_msg=k)
+
+
+def test_layers_sharing_a_hessian_solved_one_by_one_give_the_stacked_result(monkeypatch):
+    """On the host, q/k/v and gate/up are factorized once and solved one layer at a time with
+    the shared factor: the same bytes as solving their stacked rows as one matrix."""
+    tokens = mx.random.randint(0, 128, (8, 32), key=mx.random.key(1))
+    real = walker_module.solve_jointly
+    seen = []
+
+    def walk(forced):
+        def solve(group, stats, one_by_one=False):
+            seen.append((len(group), one_by_one))  # what the walker asks for
+            return real(group, stats, one_by_one=forced)
+
+        monkeypatch.setattr(walker_module, "solve_jointly", solve)
+        model = _tiny_llama()
+        ModelWalker(Recipe.uniform("gptq", bits=4, group_size=32), batch_size=2,
+                    backend="numpy").run(model, tokens)
+        return dict(tree_flatten(model.parameters()))
+
+    separate = walk(True)
+    # the walker asks for it; per block: q/k/v (3), o, gate/up (2), down
+    assert (3, True) in seen and (2, True) in seen
+    stacked = walk(False)
+    assert separate.keys() == stacked.keys()
+    for k in stacked:
+        np.testing.assert_array_equal(np.array(separate[k]), np.array(stacked[k]), err_msg=k)
