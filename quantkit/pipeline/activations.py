@@ -5,7 +5,9 @@ the block's other batches, its Hessians and its solve run: on the CPU (the NumPy
 :class:`ParkedActivations` keeps each batch in a scratch file (``TMPDIR``) and hands out a
 lazy load of it, so one batch at a time is resident instead of all of them (32×256 tokens at
 hidden 1024: 8 MB instead of 32 MB). The bytes read back are the bytes written: results are
-the same bit for bit. A plain list is the in-memory variant (what the GPU path uses).
+the same bit for bit. A plain list is the in-memory variant (what the GPU path uses). Where
+``TMPDIR`` is a tmpfs the files stay in memory (outside the process's resident set): point it
+at a disk to gain the memory.
 """
 
 from __future__ import annotations
