@@ -78,6 +78,7 @@ def install() -> None:
     import quantkit.api as api
     import quantkit.host as host
     import quantkit.inverse as inverse
+    import quantkit.pipeline.solve as solve
     import quantkit.quantizers as quantizers
     import quantkit.walker as walker
     from quantkit.checkpoint import BlockFiles, DirectoryCheckpoint
@@ -106,7 +107,7 @@ def install() -> None:
         return scope()
 
     walker.ModelWalker._phase = phase
-    wrap(walker, "hessian_figures")
+    wrap(solve, "hessian_figures")  # as pipeline/solve.py calls it
     wrap(inverse.DampedCholesky, "factor_stack")
     wrap(inverse, "prepare_hessians")
     wrap(inverse, "inverse_hessian_factor")

@@ -34,6 +34,7 @@ from collections.abc import Iterator
 from functools import partial
 from typing import Any
 
+import attrs
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
@@ -57,8 +58,8 @@ def resolve_backend(backend: str) -> str:
 
 
 class _Buffers(threading.local):
-    """Per thread: the work buffers by ``(shape, dtype, slot)`` while :func:`reusing_buffers`
-    is active (``pool`` is ``None`` otherwise)."""
+    """Per thread: the work buffers by ``(dtype, slot)`` while :func:`reusing_buffers` is
+    active (``pool`` is ``None`` otherwise)."""
 
     pool: dict[tuple, np.ndarray] | None = None
 
@@ -69,8 +70,11 @@ _BUFFERS = _Buffers()
 @contextlib.contextmanager
 def reusing_buffers() -> Iterator[None]:
     """While active (in this thread), :class:`HostLinear`, :class:`HostHessianCollector` and
-    host attention write their products into buffers kept by shape, reused from one call to
-    the next; they are dropped on exit (nested use keeps the outer pool).
+    host attention write their products into work buffers reused from one call to the next;
+    they are dropped on exit (nested use keeps the outer pool). One buffer per slot, as large
+    as the largest request so far, serves every shape (a view of its start): a batch's
+    products of different shapes (q/k/v, attention, an MLP's row chunks) hold the largest of
+    them between calls, not their sum.
 
     (MLX's own cache of freed CPU buffers, 32 MB by default, holds two or three of a batch's
     activations; raising it for the passes took the job's page faults down further but
@@ -87,16 +91,19 @@ def reusing_buffers() -> Iterator[None]:
 
 
 def work_buffer(shape: tuple[int, ...], dtype=np.float32, slot: str = "") -> np.ndarray:
-    """An uninitialised array of ``shape``: the pooled one inside :func:`reusing_buffers`
-    (its contents are the caller's until the next request of the same key), else a new one."""
+    """An uninitialised C-contiguous array of ``shape``: inside :func:`reusing_buffers`, a view
+    of the pooled buffer of ``slot`` (its contents are the caller's until the next request of
+    the same slot and dtype), else a new one."""
     pool = _BUFFERS.pool
     if pool is None:
         return np.empty(shape, dtype)
-    key = (tuple(shape), np.dtype(dtype), slot)
+    key = (np.dtype(dtype), slot)
+    size = int(np.prod(shape))
     buf = pool.get(key)
-    if buf is None:
-        buf = pool[key] = np.empty(shape, dtype)
-    return buf
+    if buf is None or buf.size < size:
+        pool.pop(key, None)  # the smaller one is freed before the larger is made
+        buf = pool[key] = np.empty(max(size, 1), dtype)
+    return buf[:size].reshape(shape)
 
 
 def linear_forward(x: np.ndarray, weight_t: np.ndarray, bias: np.ndarray | None,
@@ -124,7 +131,7 @@ class HostLinear(Wrapper):
 
     def __call__(self, x: mx.array) -> mx.array:
         rows = np.asarray(x.astype(mx.float32).reshape(-1, x.shape[-1]))
-        out = work_buffer((rows.shape[0], self._weight_t.shape[1]), slot="linear")
+        out = work_buffer((rows.shape[0], self._weight_t.shape[1]))
         y = linear_forward(rows, self._weight_t, self._bias, out)
         return mx.array(y).reshape(*x.shape[:-1], y.shape[-1])  # a copy: ``out`` is free again
 
@@ -173,16 +180,107 @@ def accumulate_hessian(h: np.ndarray, n_tokens: int, x: np.ndarray,
     return h, total
 
 
+#: Smallest row chunk of a row-wise module (:func:`row_chunk`): a product of fewer rows may
+#: take another BLAS path (one row: a matrix-vector product, not bit for bit the same).
+MIN_CHUNK_ROWS = 64
+
+
+@functools.cache
+def row_slices_exact() -> bool:
+    """Whether this BLAS gives a matrix product's row slices (of at least
+    :data:`MIN_CHUNK_ROWS` rows) bit for bit as the whole product (OpenBLAS does: each entry is
+    the same dot product, summed in the same order). Checked once on a probe; where not, no
+    module runs in row chunks (:func:`row_chunk`), so results never depend on this."""
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((3 * MIN_CHUNK_ROWS + 37, 300)).astype(np.float32)
+    w = rng.standard_normal((300, 2 * XTX_COLUMNS + 40)).astype(np.float32)
+    whole = x @ w
+    bounds = [0, MIN_CHUNK_ROWS, 2 * MIN_CHUNK_ROWS + 11, x.shape[0]]
+    return all(np.array_equal(x[a:b] @ w, whole[a:b]) for a, b in zip(bounds, bounds[1:]))
+
+
+@attrs.frozen
+class RowChunk:
+    """Rows ``offset : offset + rows`` of a ``total``-row input that a row-wise module is
+    running on (see :func:`row_chunk`)."""
+
+    offset: int
+    rows: int
+    total: int
+
+    @property
+    def last(self) -> bool:
+        return self.offset + self.rows == self.total
+
+
+class _Chunk(threading.local):
+    current: RowChunk | None = None
+
+
+_CHUNK = _Chunk()
+
+
+@contextlib.contextmanager
+def row_chunk(offset: int, rows: int, total: int) -> Iterator[None]:
+    """While active (in this thread), a row-wise module (an MLP: each output row depends on its
+    own input row only) runs on rows ``offset : offset + rows`` of its ``total``-row input:
+    :class:`HostHessianCollector` gathers the chunks' rows and updates its Hessian once with the
+    whole input, as an unchunked pass would (the same bytes)."""
+    outer, _CHUNK.current = _CHUNK.current, RowChunk(offset, rows, total)
+    try:
+        yield
+    finally:
+        _CHUNK.current = outer
+
+
+def current_row_chunk() -> RowChunk | None:
+    """The chunk :func:`row_chunk` set in this thread (``None`` outside one)."""
+    return _CHUNK.current
+
+
 class HostHessianCollector(HessianCollector):
-    """:class:`~quantkit.hessian.DenseHessianCollector` computed with NumPy (float32)."""
+    """:class:`~quantkit.hessian.DenseHessianCollector` computed with NumPy (float32).
+
+    Inside :func:`row_chunk`, the rows of each chunk are copied into a buffer of the whole
+    input's rows, and the Hessian is updated with them once the last chunk is in, when the
+    pass is over (:meth:`arrays`, called after each batch; or the next :meth:`update` or
+    :meth:`stats`): the same product of the same rows as without chunks, computed once the
+    pass's activations are freed rather than beside them."""
 
     def __init__(self, in_features: int) -> None:
         #: NumPy while accumulating; the MLX copy once :meth:`stats` was called.
         self.h: Any = np.zeros((in_features, in_features), dtype=np.float32)
         self.n_tokens = 0
+        self._rows: np.ndarray | None = None  # the whole input, gathered chunk by chunk
+        self._pending: np.ndarray | None = None  # a whole input gathered, not yet added
 
     def update(self, x: mx.array) -> None:
+        self._flush()
         rows = np.asarray(x.astype(mx.float32).reshape(-1, x.shape[-1]))
+        chunk = _CHUNK.current
+        if chunk is None:
+            self._add(rows)
+            return
+        if rows.shape[0] != chunk.rows:
+            raise RuntimeError(f"a collector in a row chunk of {chunk.rows} rows was given "
+                               f"{rows.shape[0]}: the module is not row-wise")
+        if chunk.offset == 0:
+            self._rows = np.empty((chunk.total, rows.shape[1]), np.float32)
+        assert self._rows is not None
+        self._rows[chunk.offset:chunk.offset + chunk.rows] = rows
+        if chunk.last:
+            self._pending, self._rows = self._rows, None
+
+    def _flush(self) -> None:
+        if self._pending is not None:
+            rows, self._pending = self._pending, None
+            self._add(rows)
+
+    def arrays(self) -> list[mx.array]:
+        self._flush()  # the batch's pass is over
+        return []
+
+    def _add(self, rows: np.ndarray) -> None:
         if isinstance(self.h, mx.array):  # updated after stats(): back to a NumPy copy
             self.h = np.array(self.h)
         # a reused whole-product buffer only where the product is not taken in column slices
@@ -190,6 +288,7 @@ class HostHessianCollector(HessianCollector):
         self.h, self.n_tokens = accumulate_hessian(self.h, self.n_tokens, rows, work)
 
     def stats(self) -> HessianStats:
+        self._flush()
         if self.n_tokens == 0:
             # Lazy zeros (never evaluated: a shard without tokens merges as the identity),
             # not a copy of the NumPy zeros: a tree over more shards than batches holds many.
@@ -215,7 +314,7 @@ def _host_sdpa(original, queries, keys, values, cache, scale, mask, sinks=None):
             or any(a.dtype != mx.float32 for a in (queries, keys, values))):
         return original(queries, keys, values, cache=cache, scale=scale, mask=mask, sinks=sinks)
     q = np.asarray(queries)
-    out = work_buffer((*q.shape[:-1], values.shape[-1]), slot="attention")
+    out = work_buffer((*q.shape[:-1], values.shape[-1]))  # free again once copied
     out = attention_numpy(q, np.asarray(keys), np.asarray(values), scale,
                           np.asarray(mask) if isinstance(mask, mx.array) else mask, out=out)
     return mx.array(out)  # a copy: the buffer is free again

@@ -13,7 +13,7 @@ import copy
 import itertools
 import tempfile
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, MutableSequence
 from functools import partial
 from pathlib import Path
 from typing import Any, cast
@@ -23,7 +23,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 
-from .arch import ArchSpec, arch_for, decoder_blocks
+from .arch import ArchSpec, arch_for, arch_of, decoder_blocks
 from .blocks.base import BlockContext
 from .checkpoint import Checkpoint, ResumeState
 from .distributed import Distributed, ShardLayout
@@ -32,20 +32,25 @@ from .experts import AllExpertsCalibration, experts_parents
 from .hessian import HessianCollector, HessianStats
 from .host import (
     BACKENDS,
+    MIN_CHUNK_ROWS,
+    HostHessianCollector,
     HostLinear,
     host_attention,
     host_collector,
     resolve_backend,
     reusing_buffers,
+    row_slices_exact,
     runs_on_host,
 )
 from .interrupt import check
 from .moe import expert_shard_stats, load_expert_stats, quantize_expert_layers, same_input
 from .pipeline import build
+from .pipeline.activations import activation_store
 from .pipeline.calibrate import (
     BlockRecorder,
     InputPool,
     Replay,
+    RowChunks,
     SharingCollector,
     StopForward,
     TailCut,
@@ -66,6 +71,10 @@ from .registry import (
 )
 from .report import LayerRecord, RunReport
 from .validate import check_packed, check_rules, plan_winners
+
+#: Bytes of a row-wise module's widest activation computed at a time during calibration on the
+#: host (:meth:`ModelWalker._row_chunks`): 4 MB, 320 rows of a 3072-wide MLP.
+ROW_CHUNK_BYTES = 4 * 2**20
 
 
 def _hook_tuple(hooks: Iterable[WalkHook]) -> tuple[WalkHook, ...]:
@@ -120,7 +129,13 @@ class ModelWalker:
     _runners: dict = attrs.field(factory=dict, init=False, repr=False)
     _host_forward: bool = attrs.field(default=True, init=False, repr=False)
     _tail: TailCut | None = attrs.field(default=None, init=False, repr=False)
+    #: The current block's row-wise modules (paths; see :meth:`_row_chunks`).
+    _row_wise: list[str] = attrs.field(factory=list, init=False, repr=False)
     _phases: dict[str, float] = attrs.field(factory=dict, init=False, repr=False)
+    #: Makes the sequence a block's calibration activations are kept in (see
+    #: :func:`~quantkit.pipeline.activations.activation_store`): files on the host.
+    _activations: Callable[..., MutableSequence[mx.array]] = attrs.field(
+        default=list, init=False, repr=False)
     #: While a block's layers are solved: drop each float layer once quantized (see
     #: :func:`_release_float`); off when block optimizers or hooks need the float layers afterwards.
     _release: bool = attrs.field(default=False, init=False, repr=False)
@@ -167,8 +182,12 @@ class ModelWalker:
         With a ``checkpoint``, the state after each decoder block is saved to it, and a run
         finds there the blocks a previous (interrupted) run finished and continues after them."""
         self._host = resolve_backend(self.backend) == "numpy"
-        with host_attention(model) if self._host else contextlib.nullcontext():
-            return self._run(model, tokens, checkpoint)
+        with (host_attention(model) if self._host else contextlib.nullcontext(),
+              activation_store(self._host) as self._activations):
+            try:
+                return self._run(model, tokens, checkpoint)
+            finally:
+                self._activations = list
 
     def _run(self, model: nn.Module, tokens: mx.array, checkpoint: Checkpoint | None) -> WalkResult:
         start = time.perf_counter()
@@ -184,6 +203,7 @@ class ModelWalker:
             model.set_dtype(DTYPES[self.dtype])
 
         blocks = decoder_blocks(model)
+        row_wise = arch_of(model).row_wise if self._host and row_slices_exact() else ()
         paths = {id(m): p for p, m in model.named_modules()}
         block_paths = [paths[id(b)] for b in blocks]
         batches = [tokens[i : i + self.batch_size] for i in range(0, len(tokens), self.batch_size)]
@@ -199,6 +219,8 @@ class ModelWalker:
         if needs_calibration:
             with self._phase("calibrate"):
                 inputs, block_args = self._capture(model, blocks, block_paths, batches)
+                # Parked on the host: one batch resident at a time (see pipeline/activations.py).
+                inputs = self._activations(inputs)
         # Full-precision block inputs, for strategies that compare them with the quantized ones.
         ref_inputs = list(inputs) if needs_calibration and any(
             p.quantizer.needs_reference for p in plans.values()) else None
@@ -213,6 +235,7 @@ class ModelWalker:
         for i, (block, bpath) in enumerate(zip(blocks, block_paths)):
             # Plans are dropped once their block is done: with them go the original layers.
             inside = [plans.pop(k) for k in list(plans) if k.startswith(bpath + ".")]
+            self._row_wise = [f"{bpath}.{r}" for r in row_wise]
             if resumed is not None and i < resumed.next_block:
                 # A finished block: its quantized layers come from its file, and it computes
                 # the next block's inputs exactly as it did in the run that wrote it.
@@ -223,8 +246,7 @@ class ModelWalker:
                                             DTYPES.get(self.dtype or ""))
                     self._install(model, inside, build.from_file(inside, resumed.files[i]))
                     if needs_calibration:
-                        inputs = [self._eval(block(x, *a, **kw))
-                                  for x, (a, kw) in zip(inputs, block_args[i])]
+                        inputs = self._advance(model, block, inputs, block_args[i])
                     self._swap_standins(model)
                     reload_lazily(model, resumed.files[i])
                 continue
@@ -276,10 +298,7 @@ class ModelWalker:
             inside, ctx = [], None
             if needs_calibration:
                 with self._phase("calibrate"):
-                    # Batch by batch in place: one batch's old and new activations, not all.
-                    inputs = list(inputs)
-                    for j, (a, kw) in enumerate(block_args[i]):
-                        inputs[j] = self._eval(block(inputs[j], *a, **kw))
+                    inputs = self._advance(model, block, inputs, block_args[i])
             # The block has produced the next block's inputs and never runs again (the layers
             # outside the blocks are calibrated from the last block's stored outputs): its
             # quantized layers replace its dense stand-ins now, so at most one block's
@@ -296,6 +315,7 @@ class ModelWalker:
                     reload_lazily(model, path)
 
         del inside  # the last block's plans
+        self._row_wise = []
         self._final = None
         outside = list(plans.values())  # what is left: layers outside the decoder blocks
         stats = {}
@@ -367,6 +387,54 @@ class ModelWalker:
         mx.eval(x)
         return x
 
+    def _advance(self, model, block, inputs: MutableSequence[mx.array], args) -> MutableSequence[mx.array]:
+        """``block``'s outputs on ``inputs``, computed batch by batch in place of them: one
+        batch's old and new activations are held at a time, not all of them. (A plain list is
+        copied first: a block method may have kept the one it was shown.)"""
+        if isinstance(inputs, list):
+            inputs = list(inputs)
+        with self._row_chunks(model):
+            for j, (a, kw) in enumerate(args):
+                inputs[j] = self._eval(block(inputs[j], *a, **kw))
+        return inputs
+
+    @contextlib.contextmanager
+    def _row_chunks(self, model, pool: InputPool | None = None,
+                    collectors: dict[str, HessianCollector] | None = None) -> Iterator[None]:
+        """While active, the current block's row-wise modules (an MLP, from the architecture
+        table) run :data:`ROW_CHUNK_BYTES` of their widest activation at a time
+        (:class:`~quantkit.pipeline.calibrate.RowChunks`): where every layer in them with
+        weights runs on the host (:class:`HostLinear`) and, in a collection pass
+        (``collectors``), feeds a host collector that gathers whole inputs. Else as they are."""
+        current = dict(model.named_modules())
+        chunked = []
+        for path in self._row_wise:
+            module = current.get(path)
+            if module is None:
+                continue
+            # Every layer with weights in it: a HostLinear's (in a collection pass, under a
+            # catcher feeding a host collector; the catcher's path is the layer's).
+            weighted = [k for k, m in current.items()
+                        if k.startswith(path + ".") and isinstance(m.get("weight"), mx.array)]
+            wrapping = 2 if collectors is not None else 1
+            layers = [k.rsplit(".", wrapping)[0] for k in weighted]
+            ok = bool(weighted) and all(
+                k == f"{a}{'.module' * wrapping}"
+                and isinstance(current.get(f"{a}.module" if collectors is not None else a), HostLinear)
+                and (collectors is None or _host_shared(collectors.get(a)))
+                for k, a in zip(weighted, layers))
+            if ok:
+                width = max(max(current[k]["weight"].shape) for k in weighted)
+                rows = ROW_CHUNK_BYTES // (4 * width) // MIN_CHUNK_ROWS * MIN_CHUNK_ROWS
+                chunked.append((path, module, RowChunks(module, rows, pool)))
+        if chunked:
+            model.update_modules(tree_unflatten([(p, w) for p, _, w in chunked]))
+        try:
+            yield
+        finally:
+            if chunked:
+                model.update_modules(tree_unflatten([(p, m) for p, m, _ in chunked]))
+
     def _capture(self, model, blocks, block_paths, batches):
         """Inputs of block 0 and the extra arguments of every block, one entry per batch."""
         sinks: list[list] = [[] for _ in blocks]
@@ -430,12 +498,13 @@ class ModelWalker:
         passes = (forward() if reference is None or not paired
                   else paired_passes(forward(), reference(), paired, muted))
         try:
-            for out in passes:
-                mx.eval([c.arrays() for c in collectors.values()])
-                pool.clear()
-                if tail is not None:
-                    tail.end_pass()
-                del out  # the batch's (unevaluated) output: not held during the next batch
+            with self._row_chunks(model, pool, collectors):
+                for out in passes:
+                    mx.eval([c.arrays() for c in collectors.values()])
+                    pool.clear()
+                    if tail is not None:
+                        tail.end_pass()
+                    del out  # the batch's (unevaluated) output: not held during the next batch
         finally:
             if tail is not None:
                 tail.seen, tail.cut = [], False  # a pass stopped by an error is not learned from
@@ -545,10 +614,14 @@ class ModelWalker:
                 for p in group:
                     stats.pop(p.path, None)
                 continue
-            results, joint_s = solve_jointly(group, stats)
-            for p, result in zip(group, results, strict=True):
+            # On the host, a shared factor and one layer's solve at a time (the same values).
+            results, joint_s = solve_jointly(group, stats, one_by_one=self._host and row_slices_exact())
+            for p in group:
+                t0 = time.perf_counter()
+                result = next(results)
+                solve_s = time.perf_counter() - t0
                 module, record = self.quantize_layer(p, stats.pop(p.path, None), result)
-                record.time_s += joint_s / len(group)
+                record.time_s += joint_s / len(group) + solve_s
                 record.block, record.rank = block_index, rank
                 done[p.path] = (module, record)
                 if self._release:
@@ -638,6 +711,12 @@ def _park(stats: dict[str, HessianStats], path: Path) -> dict[str, HessianStats]
                 k: loaded[f"{names[id(st)]}.{k}"] for k in arrays_of(st)})
         out[key] = parked[id(st)]
     return out
+
+
+def _host_shared(collector: HessianCollector | None) -> bool:
+    """Whether ``collector`` gathers a row-chunked module's whole inputs (see
+    :class:`~quantkit.host.HostHessianCollector`)."""
+    return isinstance(collector, SharingCollector) and isinstance(collector.inner, HostHessianCollector)
 
 
 def _release_float(model: nn.Module, p: LayerPlan, quantized: nn.Module) -> None:

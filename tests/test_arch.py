@@ -277,3 +277,22 @@ def test_scaling_without_the_router_changes_an_moe_block():
                                               key=mx.random.key(3)))
     out = scaled(x, mask=None, cache=None)
     assert not np.allclose(np.array(out), np.array(ref), rtol=2e-4, atol=2e-4)
+
+
+def test_row_wise_modules_compute_each_row_from_its_own_row(family):
+    """A ``row_wise`` module's output rows are the same whichever other rows it is given:
+    rows computed alone (a slice of the input) agree with those computed together."""
+    name, model, spec = family
+    checked = 0
+    for i, block in enumerate(decoder_blocks(model)):
+        mods = _modules(block)
+        for path in spec.row_wise:
+            if path not in mods:
+                continue
+            x = _x().reshape(-1, _BASE["hidden_size"])
+            whole = mods[path](x)
+            half = x.shape[0] // 2
+            parts = mx.concatenate([mods[path](x[:half]), mods[path](x[half:])])
+            assert mx.allclose(parts, whole, rtol=1e-5, atol=1e-6).item(), f"{name} block {i}: {path}"
+            checked += 1
+    assert (checked > 0) == bool(spec.row_wise)

@@ -70,3 +70,123 @@ def test_walk_is_byte_identical_with_and_without_parking(monkeypatch):
     assert parked.keys() == plain.keys()
     for k in plain:
         np.testing.assert_array_equal(np.array(parked[k]), np.array(plain[k]), err_msg=k)
+
+
+def test_parked_activations_read_back_the_same_bytes_lazily(tmp_path):
+    from quantkit.pipeline.activations import ParkedActivations
+
+    batches = [mx.random.normal((2, 16, 64), key=mx.random.key(k)) for k in range(3)]
+    mx.eval(batches)
+    expected = [np.array(b) for b in batches]
+    before = mx.get_active_memory()
+    acts = ParkedActivations(tmp_path, batches)
+    del batches
+    # Only files now: the batches' memory is freed until one is read.
+    assert mx.get_active_memory() <= before - 3 * 2 * 16 * 64 * 4
+    assert len(acts) == 3 and len(list(tmp_path.iterdir())) == 3
+    for k in range(3):
+        np.testing.assert_array_equal(np.array(acts[k]), expected[k])
+    acts[1] = acts[1] * 2  # replaced: the old file goes, the new value reads back
+    assert len(list(tmp_path.iterdir())) == 3
+    np.testing.assert_array_equal(np.array(acts[1]), expected[1] * 2)
+    np.testing.assert_array_equal(np.array(acts[2]), expected[2])
+
+
+def test_walk_is_byte_identical_with_and_without_parked_activations(monkeypatch):
+    tokens = mx.random.randint(0, 128, (8, 32), key=mx.random.key(1))
+
+    def walk():
+        model = _tiny_llama()
+        ModelWalker(Recipe.uniform("gptq", bits=4, group_size=32), batch_size=2,
+                    backend="numpy").run(model, tokens)
+        return dict(tree_flatten(model.parameters()))
+
+    real = walker_module.activation_store
+    calls = []
+
+    def counting(on):
+        calls.append(on)
+        return real(on)
+
+    monkeypatch.setattr(walker_module, "activation_store", counting)
+    parked = walk()
+    assert calls == [True]  # the NumPy backend parks its activations
+    monkeypatch.setattr(walker_module, "activation_store", lambda on: real(False))
+    plain = walk()
+    assert parked.keys() == plain.keys()
+    for k in plain:
+        np.testing.assert_array_equal(np.array(parked[k]), np.array(plain[k]), err_msg=k)
+
+
+def test_walk_in_row_chunks_is_byte_identical(monkeypatch):
+    """The MLP run 64 rows at a time (4 chunks of each 256-row batch, in the collection passes,
+    the passes a tail cut ends inside a chunk, and the last forward pass) gives the same bytes
+    as in one piece; collectors gather whole inputs."""
+    from quantkit.pipeline import calibrate
+
+    tokens = mx.random.randint(0, 128, (8, 64), key=mx.random.key(1))
+    chunks = []
+    real_chunk = walker_module.RowChunks.__call__
+
+    def counting(self, x):
+        chunks.append(-(-x.size // x.shape[-1] // self.rows))
+        return real_chunk(self, x)
+
+    ends = []
+    real_called = calibrate.TailCut.called
+
+    def called(self, path):
+        try:
+            real_called(self, path)
+        except calibrate.ChunkEnd:
+            ends.append(path)
+            raise
+
+    monkeypatch.setattr(walker_module.RowChunks, "__call__", counting)
+    monkeypatch.setattr(calibrate.TailCut, "called", called)
+
+    def walk(row_bytes):
+        monkeypatch.setattr(walker_module, "ROW_CHUNK_BYTES", row_bytes)
+        model = _tiny_llama()
+        ModelWalker(Recipe.uniform("gptq", bits=4, group_size=32), batch_size=4,
+                    backend="numpy").run(model, tokens)
+        return dict(tree_flatten(model.parameters()))
+
+    chunked = walk(64 * 256 * 4)  # 64 rows of the 256-wide MLP
+    # 2 blocks × (2 collection passes + 2 last forward passes), 4 chunks each; the second
+    # collection pass of each block ends 3 chunks early at the down projection's input.
+    assert chunks == [4] * 8
+    assert ends == ["model.layers.0.mlp.down_proj"] * 3 + ["model.layers.1.mlp.down_proj"] * 3
+    chunks.clear()
+    whole = walk(2**40)
+    assert chunks == [1] * 8
+    assert chunked.keys() == whole.keys()
+    for k in whole:
+        np.testing.assert_array_equal(np.array(chunked[k]), np.array(whole[k]), err_msg=k)
+
+
+def test_layers_sharing_a_hessian_solved_one_by_one_give_the_stacked_result(monkeypatch):
+    """On the host, q/k/v and gate/up are factorized once and solved one layer at a time with
+    the shared factor: the same bytes as solving their stacked rows as one matrix."""
+    tokens = mx.random.randint(0, 128, (8, 32), key=mx.random.key(1))
+    real = walker_module.solve_jointly
+    seen = []
+
+    def walk(forced):
+        def solve(group, stats, one_by_one=False):
+            seen.append((len(group), one_by_one))  # what the walker asks for
+            return real(group, stats, one_by_one=forced)
+
+        monkeypatch.setattr(walker_module, "solve_jointly", solve)
+        model = _tiny_llama()
+        ModelWalker(Recipe.uniform("gptq", bits=4, group_size=32), batch_size=2,
+                    backend="numpy").run(model, tokens)
+        return dict(tree_flatten(model.parameters()))
+
+    separate = walk(True)
+    # the walker asks for it; per block: q/k/v (3), o, gate/up (2), down
+    assert (3, True) in seen and (2, True) in seen
+    stacked = walk(False)
+    assert separate.keys() == stacked.keys()
+    for k in stacked:
+        np.testing.assert_array_equal(np.array(separate[k]), np.array(stacked[k]), err_msg=k)

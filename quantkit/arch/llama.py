@@ -19,4 +19,5 @@ LLAMA = ArchSpec(
         ScaleGroup("post_attention_layernorm", MLP, scope="mlp"),
         ScaleGroup("mlp.up_proj", ("mlp.down_proj",), kind="linear"),
     ),
+    row_wise=("mlp",),
 )

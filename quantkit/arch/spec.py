@@ -46,6 +46,9 @@ class ArchSpec:
     ``blocks``: attribute path from the model to its list of decoder blocks.
     ``shared_inputs``: groups of linears that read the very same input (their Hessians are one).
     ``scale_groups``: norm→linear and linear→linear mappings for activation-aware scaling.
+    ``row_wise``: submodules whose output rows each depend on the same input row only (an
+    MLP, not attention): calibration on a CPU may run them a slice of rows at a time
+    (:class:`~quantkit.pipeline.calibrate.RowChunks`); ``tests/test_arch.py`` checks it.
 
     Paths are relative to a decoder block. A family whose blocks differ (DeepSeek's dense first
     blocks, Qwen3-MoE's ``mlp_only_layers``) lists the groups of every kind of block: a group
@@ -57,6 +60,7 @@ class ArchSpec:
     blocks: str = "model.layers"
     shared_inputs: tuple[tuple[str, ...], ...] = ()
     scale_groups: tuple[ScaleGroup, ...] = ()
+    row_wise: tuple[str, ...] = ()
 
     def shared_inputs_in(self, present: set[str] | frozenset[str]) -> list[tuple[str, ...]]:
         """The ``shared_inputs`` groups whose paths are all in ``present`` (a block's paths)."""

@@ -5,6 +5,7 @@ together, one module each, in the order data flows:
 - :mod:`.plan` — what happens to each layer (:class:`LayerPlan`), and the output's
   ``config["quantization"]``;
 - :mod:`.calibrate` — capture block inputs, gather each layer's statistics;
+- :mod:`.activations` — where a block's calibration activations wait between passes;
 - :mod:`.solve` — one matrix: strategy, fallback, error figures, packing (dense and expert);
 - :mod:`.build` — the only place quantized layers are made from packed arrays;
 - :mod:`.shards` — write a finished block, reload it lazily, assemble mlx-lm's shard layout;

@@ -14,10 +14,13 @@ block's later collection passes at its last collected input (:class:`PassEnd`, c
 
 from __future__ import annotations
 
+import weakref
+
 import mlx.core as mx
 import mlx.nn as nn
 
 from ..hessian import HessianCollector, HessianStats
+from ..host import MIN_CHUNK_ROWS, current_row_chunk, row_chunk
 from ..interrupt import check
 from ..registry import Wrapper
 
@@ -88,26 +91,83 @@ def share_identical(stats: dict[str, HessianStats]) -> dict[str, HessianStats]:
 
 
 class InputPool:
-    """The input arrays seen by collectors during one forward pass, by identity."""
+    """The input arrays seen by collectors during one forward pass, by identity. Held by weak
+    reference: an input no layer reads any more is freed during the pass (the attention's
+    inputs while the MLP runs), and a new array that takes its ``id`` is not taken for it."""
 
     def __init__(self) -> None:
-        self._seen: dict[int, tuple[mx.array, str]] = {}
+        self._seen: dict[int, tuple[weakref.ref, str]] = {}
 
     def owner(self, x: mx.array, path: str) -> str:
         """The path of the first collector that saw this very array in this pass (``path``
         itself when none did)."""
         hit = self._seen.get(id(x))
-        if hit is not None and hit[0] is x:
+        if hit is not None and hit[0]() is x:
             return hit[1]
-        self._seen[id(x)] = (x, path)
+        self._seen[id(x)] = (weakref.ref(x), path)
         return path
 
     def clear(self) -> None:
         self._seen.clear()
 
+    def mark(self) -> int:
+        """A point to :meth:`release` back to."""
+        return len(self._seen)
+
+    def release(self, mark: int) -> None:
+        """Forget the arrays seen since ``mark`` (a row chunk's: no later layer reads them)."""
+        for key in list(self._seen)[mark:]:
+            del self._seen[key]
+
 
 class PassEnd(Exception):
     """Raised by the last collector of a calibration pass (see :class:`TailCut`)."""
+
+
+class ChunkEnd(Exception):
+    """Raised by the last collector of a pass in a row chunk before the last one: the rest of
+    that chunk feeds no collector (see :class:`TailCut`, :class:`RowChunks`)."""
+
+
+class RowChunks(Wrapper):
+    """Runs a row-wise module (each output row depends on its own input row only: an MLP) on
+    ``rows`` rows of its input at a time, so that its wide intermediate activations (an MLP's
+    gate, up and their product) are held for one chunk, not for the whole batch; collectors
+    inside gather whole inputs (:func:`quantkit.host.row_chunk`). Each chunk's outputs are
+    evaluated before the next; the arrays ``pool`` saw during a chunk are forgotten after it.
+    The same bytes as one call on the whole input where every product inside is a BLAS product
+    of at least :data:`~quantkit.host.MIN_CHUNK_ROWS` rows (a short last chunk joins the one
+    before) and the rest is element-wise."""
+
+    def __init__(self, module: nn.Module, rows: int, pool: InputPool | None = None) -> None:
+        super().__init__(module)
+        self.rows = max(rows, MIN_CHUNK_ROWS)
+        self.pool = pool
+
+    def __call__(self, x: mx.array) -> mx.array:
+        flat = x.reshape(-1, x.shape[-1])
+        total = flat.shape[0]
+        starts = list(range(0, total, self.rows))
+        if len(starts) > 1 and total - starts[-1] < MIN_CHUNK_ROWS:
+            starts.pop()
+        if len(starts) == 1:
+            return self.module(x)
+        outs = []
+        for a, b in zip(starts, starts[1:] + [total]):
+            mark = self.pool.mark() if self.pool is not None else 0
+            try:
+                with row_chunk(a, b - a, total):
+                    y = self.module(flat[a:b])
+                mx.eval(y)
+                outs.append(y)
+            except ChunkEnd:  # the last chunk ends the pass (PassEnd)
+                pass
+            finally:
+                if self.pool is not None:
+                    self.pool.release(mark)
+        if len(outs) < len(starts):
+            raise RuntimeError("a pass cut in a row chunk went on after the last chunk")
+        return mx.concatenate(outs).reshape(*x.shape[:-1], -1)
 
 
 class TailCut:
@@ -128,9 +188,22 @@ class TailCut:
         self.seen: list[str] = []
         self.cut = False
         self.enabled = True
+        self._chunk: object = None  # the row chunk before the last one being run, and
+        self._in_chunk: list[str] = []  # the collectors called in it
 
     def called(self, path: str) -> None:
-        """Collector ``path`` has taken its input: end the pass if it is the last one."""
+        """Collector ``path`` has taken its input: end the pass if it is the last one. In a
+        row chunk (:class:`RowChunks`) the call counts at the module's last chunk; at an earlier
+        chunk, the last collector ends that chunk (:class:`ChunkEnd`)."""
+        chunk = current_row_chunk()
+        if chunk is not None and not chunk.last:
+            if chunk is not self._chunk:
+                self._chunk, self._in_chunk = chunk, []
+            self._in_chunk.append(path)
+            if (self.order is not None and self.enabled
+                    and self.seen + self._in_chunk == self.order):
+                raise ChunkEnd
+            return
         self.seen.append(path)
         if self.order is None or not self.enabled:
             return

@@ -157,20 +157,43 @@ def solve_groups(plans: list[LayerPlan], stats: dict[str, HessianStats]) -> list
     return order
 
 
-def solve_jointly(group: list[LayerPlan], stats) -> tuple[list[QuantResult | None], float]:
+def solve_jointly(group: list[LayerPlan], stats, one_by_one: bool = False
+                  ) -> tuple[Iterator[QuantResult | None], float]:
     """Layers sharing one Hessian, spec and row-independent quantizer are solved as one
-    matrix (their rows stacked): one factorization, one pass of the column loop. Returns
-    ``[None] * len(group)`` (solve each on its own) when that does not apply or fails."""
+    matrix (their rows stacked): one factorization, one pass of the column loop. Yields
+    ``None`` for each (solve each on its own) when that does not apply or fails; returns the
+    results and the seconds spent.
+
+    ``one_by_one``: where the quantizer takes a precomputed factor (GPTQ without act-order),
+    factorize once and solve each layer with it when the caller asks for its result (the
+    iterator is lazy): the same values where the column loop's products give a matrix's row
+    slices as the stacked matrix's (each output row depends on its own weight row only), with
+    one layer's copies held at a time instead of the stack's (the CPU path, see
+    :func:`quantkit.host.row_slices_exact`)."""
     if len(group) == 1:
-        return [None], 0.0
+        return iter([None]), 0.0
     t0 = time.perf_counter()
     p0 = group[0]
+    strategy = p0.quantizer.factor_strategy() if one_by_one else None
+    if strategy is not None:
+        try:
+            factor = strategy.factor(stats[p0.path].h)
+        except FactorizationError:
+            return iter([None] * len(group)), time.perf_counter() - t0
+        paths, shared = [p.path for p in group], stats[p0.path]
+
+        def each() -> Iterator[QuantResult | None]:
+            for p in group:
+                r = p.quantizer.quantize(p.handler.weight(p.module).astype(mx.float32), p.spec,
+                                         shared, p.storage_dtype, **{"factor": factor})
+                yield attrs.evolve(r, info=dict(r.info, joint_with=paths))
+        return each(), time.perf_counter() - t0
     weights = [p.handler.weight(p.module).astype(mx.float32) for p in group]
     try:
         joint = p0.quantizer.quantize(mx.concatenate(weights, axis=0), p0.spec,
                                       stats[p0.path], p0.storage_dtype)
     except FactorizationError:
-        return [None] * len(group), 0.0
+        return iter([None] * len(group)), 0.0
     results: list[QuantResult | None] = []
     start = 0
     for w in weights:
@@ -185,7 +208,7 @@ def solve_jointly(group: list[LayerPlan], stats) -> tuple[list[QuantResult | Non
             packed=None if joint.packed is None else {k: v[rows] for k, v in joint.packed.items()},
             info=dict(joint.info, joint_with=[p.path for p in group]),
         ))
-    return results, time.perf_counter() - t0
+    return iter(results), time.perf_counter() - t0
 
 
 def exchange_layers(group: Distributed, plans: list[LayerPlan],
