@@ -83,7 +83,9 @@ def main() -> None:
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--num-samples", type=int, default=32)
     parser.add_argument("--seq-len", type=int, default=256)
-    parser.add_argument("--strategy", default="gptq")
+    parser.add_argument("--strategy", default="gptq",
+                        help="--strategy of the CLI runs; 'default': none, the default pipeline "
+                             "(learned rounding after the solve)")
     parser.add_argument("--baseline", type=Path, help="another checkout to run the same job with")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
@@ -104,7 +106,8 @@ def main() -> None:
                 out = Path(tmp) / f"out-{label}-{len(extra)}"
                 cmd = [py, "-m", "quantkit.cli", "quantize", str(model), "-o", str(out),
                        "--calibration", str(text), "--num-samples", str(args.num_samples),
-                       "--seq-len", str(args.seq_len), "--strategy", args.strategy, "-q", *extra]
+                       "--seq-len", str(args.seq_len), "-q", *extra,
+                       *(["--strategy", args.strategy] if args.strategy != "default" else [])]
                 r = timed(cmd, code)
                 rows.append({"run": f"{label} quantize {' '.join(extra) or '(defaults)'}",
                              "code": str(code), **r})

@@ -32,7 +32,9 @@ class BlockContext:
     """What a block-level method sees of one decoder block.
 
     ``block``: the decoder block itself (modify it in place; ``update_modules`` to swap layers).
-    ``inputs``: this process's calibration inputs of the block, one array per batch.
+    ``inputs``: this process's calibration inputs of the block, one array per batch; valid
+    while the method runs (on a CPU they are read from scratch files removed once the block
+    is done: copy what you keep).
     ``forward(module, j)``: run ``module`` (the block, or a copy of it) on batch ``j`` with the
     extra arguments the model passes it (masks, caches), returning its output.
     ``arch``: the model family's table (norm→linear mappings, shared inputs).
