@@ -155,7 +155,8 @@ def test_signal_to_the_launcher_stops_every_rank(stories_dir, tinystories_text, 
     proc = _start(args, env)
     _wait_for(tmp_path / "paused", proc)
     ranks = _children(proc.pid)
-    assert len(ranks) == 2
+    # While rank 0 writes, rank 1 has passed the last barrier and may already have exited.
+    assert len(ranks) == 2 if phase != "write" else 1 <= len(ranks) <= 2
     proc.send_signal(sig)
     _, stderr = proc.communicate(timeout=60)
     assert proc.returncode == 128 + sig, stderr
