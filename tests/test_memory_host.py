@@ -27,6 +27,20 @@ def _tiny_llama() -> nn.Module:
     return model
 
 
+def _numpy_walk(tokens: mx.array) -> dict:
+    """The tiny llama's parameters after a GPTQ walk on the NumPy backend, batches of 2."""
+    model = _tiny_llama()
+    ModelWalker(Recipe.uniform("gptq", bits=4, group_size=32), batch_size=2,
+                backend="numpy").run(model, tokens)
+    return dict(tree_flatten(model.parameters()))
+
+
+def _assert_same(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for k in b:
+        np.testing.assert_array_equal(np.array(a[k]), np.array(b[k]), err_msg=k)
+
+
 def test_parked_statistics_are_the_same_values_and_objects(tmp_path):
     shared = HessianStats(h=mx.random.normal((256, 256)), n_tokens=10)
     own = HessianStats(h=mx.random.normal((64, 64)), n_tokens=3)
@@ -48,12 +62,8 @@ def test_parked_statistics_are_the_same_values_and_objects(tmp_path):
 def test_walk_is_byte_identical_with_and_without_parking(monkeypatch):
     tokens = mx.random.randint(0, 128, (8, 32), key=mx.random.key(1))
 
-    def walk():
-        model = _tiny_llama()
-        # 4 batches over 8 shards: partial statistics wait in the tree.
-        ModelWalker(Recipe.uniform("gptq", bits=4, group_size=32), batch_size=2,
-                    backend="numpy").run(model, tokens)
-        return dict(tree_flatten(model.parameters()))
+    # 4 batches over 8 shards: partial statistics wait in the tree.
+    walk = lambda: _numpy_walk(tokens)  # noqa: E731
 
     calls = []
     real = walker_module._parking
@@ -67,9 +77,7 @@ def test_walk_is_byte_identical_with_and_without_parking(monkeypatch):
     assert calls and all(calls)  # the NumPy backend parks
     monkeypatch.setattr(walker_module, "_parking", lambda on: real(False))
     plain = walk()
-    assert parked.keys() == plain.keys()
-    for k in plain:
-        np.testing.assert_array_equal(np.array(parked[k]), np.array(plain[k]), err_msg=k)
+    _assert_same(parked, plain)
 
 
 def test_parked_activations_read_back_the_same_bytes_lazily(tmp_path):
@@ -95,11 +103,7 @@ def test_parked_activations_read_back_the_same_bytes_lazily(tmp_path):
 def test_walk_is_byte_identical_with_and_without_parked_activations(monkeypatch):
     tokens = mx.random.randint(0, 128, (8, 32), key=mx.random.key(1))
 
-    def walk():
-        model = _tiny_llama()
-        ModelWalker(Recipe.uniform("gptq", bits=4, group_size=32), batch_size=2,
-                    backend="numpy").run(model, tokens)
-        return dict(tree_flatten(model.parameters()))
+    walk = lambda: _numpy_walk(tokens)  # noqa: E731
 
     real = walker_module.activation_store
     calls = []
@@ -113,9 +117,7 @@ def test_walk_is_byte_identical_with_and_without_parked_activations(monkeypatch)
     assert calls == [True]  # the NumPy backend parks its activations
     monkeypatch.setattr(walker_module, "activation_store", lambda on: real(False))
     plain = walk()
-    assert parked.keys() == plain.keys()
-    for k in plain:
-        np.testing.assert_array_equal(np.array(parked[k]), np.array(plain[k]), err_msg=k)
+    _assert_same(parked, plain)
 
 
 def test_walk_in_row_chunks_is_byte_identical(monkeypatch):
