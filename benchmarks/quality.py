@@ -85,6 +85,9 @@ VARIANTS: dict[str, tuple[str, dict, bool, str | None]] = {
     "gptq_best_lr": ("gptq", BEST, False, "signround"),
     "gptq_best_lr_scales": ("gptq", BEST, False, "scales"),
     "awq_gptq_best_lr": ("gptq", BEST, True, "signround"),
+    "gptq_best_lr_fm": ("gptq", BEST, False, "signround"),
+    "gptq_best_lr_head": ("gptq", BEST, False, "signround"),
+    "gptq_best_lr_fm_head": ("gptq", BEST, False, "signround"),
 }
 #: The recipes of a plain ``quantkit quantize`` and of ``--fast`` (quantkit.defaults), built by
 #: the function the CLI uses, at the run's bits and group size; ``--lr-steps`` does not apply.
@@ -180,7 +183,10 @@ def variant_recipe(variant: str, bits: int, group_size: int, lr_steps: int | Non
     return attrs.evolve(
         Recipe.uniform(strategy, bits=bits, group_size=group_size, **options),
         transforms=(ActivationAwareScaling(n_grid=awq_grid),) if awq else (),
-        optimizers=(LearnedRounding(method=lr, steps=lr_steps),) if lr else (),  # None: epochs
+        optimizers=(LearnedRounding(method=lr, steps=lr_steps,
+                                    target="float_model" if "_fm" in variant else "float_block",
+                                    head=variant.endswith("_head")),)
+        if lr else (),  # None: epochs
     )
 
 

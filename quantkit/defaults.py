@@ -32,6 +32,11 @@ PIPELINES: dict[str, dict[str, Any]] = {
         "default": _GPTQ_BEST,
         "optimizer": [{"name": "learned_rounding", "method": "signround"}],
     },
+    "gptq_best_lr_fm_head": {
+        "default": _GPTQ_BEST,
+        "optimizer": [{"name": "learned_rounding", "method": "signround", "target": "float_model",
+                       "head": True}],
+    },
     # AWQ needs the model family's table (quantkit/arch/): a model without one is refused.
     "awq_gptq_best_lr": {
         "default": _GPTQ_BEST,
@@ -41,7 +46,7 @@ PIPELINES: dict[str, dict[str, Any]] = {
 }
 
 #: What ``quantkit quantize MODEL -o OUT`` runs.
-DEFAULT = "gptq_best_lr"
+DEFAULT = "gptq_best_lr_fm_head"
 
 
 def default_recipe(fast: bool = False) -> Recipe:

@@ -59,6 +59,7 @@ from .pipeline.calibrate import (
     share_identical,
 )
 from .pipeline.dtypes import DTYPES, restore_dtypes
+from .pipeline.head import FloatLogits, Head, as_linear_pair, head_inputs, regroup, write_back
 from .pipeline.hooks import Progress, WalkHook
 from .pipeline.plan import LayerPlan, layer_cost, plan_layers, quantization_config, rebind
 from .pipeline.shards import final_arrays, float_params_from_file, reload_lazily
@@ -222,9 +223,12 @@ class ModelWalker:
                 # Parked on the host: one batch resident at a time (see pipeline/activations.py).
                 inputs = self._activations(inputs)
         # Full-precision block inputs, for strategies that compare them with the quantized ones.
-        ref_inputs = list(inputs) if needs_calibration and any(
-            p.quantizer.needs_reference for p in plans.values()) else None
-        if ref_inputs is not None and (self.distributed.size > 1 or resumed is not None):
+        float_model_targets = any(getattr(o, "target", None) == "float_model"
+                                  for o in (getattr(self.recipe, "optimizers", ()) or ()))
+        ref_inputs = self._activations(list(inputs)) if needs_calibration and (
+            float_model_targets or any(p.quantizer.needs_reference for p in plans.values())) else None
+        if ref_inputs is not None and any(p.quantizer.needs_reference for p in plans.values()) \
+                and (self.distributed.size > 1 or resumed is not None):
             raise RecipeError("strategies that need full-precision inputs (gptaq) run in one "
                               "process without --resume; use gptq for distributed or resumed runs")
         transforms = tuple(getattr(self.recipe, "transforms", ()) or ())
@@ -240,6 +244,9 @@ class ModelWalker:
                 # A finished block: its quantized layers come from its file, and it computes
                 # the next block's inputs exactly as it did in the run that wrote it.
                 with self._phase("resume"):
+                    if ref_inputs is not None:  # the float model's activations, as in that run
+                        ref_inputs = self._activations(self._eval(block(x, *a, **kw))
+                                                       for x, (a, kw) in zip(ref_inputs, block_args[i]))
                     # Its other parameters (norms, kept layers) come from the file too: block
                     # transforms may have changed them.
                     float_params_from_file(model, [p.path for p in inside], resumed.files[i], bpath,
@@ -262,7 +269,8 @@ class ModelWalker:
             targets = None
             if optimizers:  # the float block's outputs, before its layers are replaced
                 with self._phase("calibrate"):
-                    targets = [self._eval(block(x, *a, **kw)) for x, (a, kw) in zip(inputs, block_args[i])]
+                    targets = [self._eval(block(x, *a, **kw)) for x, (a, kw) in zip(
+                        ref_inputs if float_model_targets else inputs, block_args[i])]
             with self._phase("calibrate"):
                 stats = self._collect_sharded(
                     model, inside, layout, partial(block_forward, block, inputs, block_args[i]),
@@ -270,7 +278,8 @@ class ModelWalker:
                     tail_cut=True,
                 ) if needs_calibration else {}
                 if ref_inputs is not None:
-                    ref_inputs = [self._eval(block(x, *a, **kw)) for x, (a, kw) in zip(ref_inputs, block_args[i])]
+                    ref_inputs = self._activations(list(targets) if float_model_targets else (
+                        self._eval(block(x, *a, **kw)) for x, (a, kw) in zip(ref_inputs, block_args[i])))
             # The NumPy runners hold the block's float weights: not needed once collected.
             self._runners.clear()
             with self._phase("solve"):
@@ -324,6 +333,11 @@ class ModelWalker:
                 stats = self._collect_outside(model, blocks, block_paths, outside, batches, inputs, layout)
         with self._phase("solve"):
             self._quantize_all(model, outside, stats, report, None)
+        head_optimizers = [o for o in optimizers if getattr(o, "head", False)]
+        if head_optimizers and needs_calibration and outside:
+            with self._phase("optimize"):
+                self._optimize_head(model, blocks, block_paths, outside, batches, inputs,
+                                    ref_inputs, head_optimizers, report)
         restore_dtypes(model, orig_dtypes)
         quantization = self._config(report)
         report.time_s = time.perf_counter() - start
@@ -355,6 +369,49 @@ class ModelWalker:
             forward=lambda module, j: module(inputs[j], *args[j][0], **args[j][1]),
             arch=arch, reduce=self.distributed.sum, seed=index, spec=self.recipe.default.spec,
         )
+
+    def _optimize_head(self, model, blocks, block_paths, outside: list[LayerPlan], batches,
+                       last_outputs, float_outputs, optimizers, report: RunReport) -> None:
+        """Run ``optimizers`` on the output head as one more block (quantkit.pipeline.head):
+        inputs the quantized model's final hidden states, targets the float head's logits on the
+        float model's (``float_outputs``: the last block's float outputs; ``None``: the same
+        inputs)."""
+        current = dict(model.named_modules())
+        candidates = {p.path: (current[p.path], p.handler.catcher) for p in outside}
+
+        def inputs_from(outputs):
+            replays = [Replay(b, None) for b in blocks[:-1]] + [Replay(blocks[-1], outputs)]
+            model.update_modules(tree_unflatten(list(zip(block_paths, replays))))
+            try:
+                return head_inputs(model, candidates, lambda j: model(batches[j]), len(batches))
+            finally:
+                model.update_modules(tree_unflatten(list(zip(block_paths, blocks))))
+
+        found = inputs_from(last_outputs)
+        if found is None:
+            return
+        path, xq = found
+        plan = next(p for p in outside if p.path == path)
+        pair = as_linear_pair(plan.module, current[path])
+        if pair is None:
+            return
+        flt, linear = pair
+        size = max((o.batch_size or 1) for o in optimizers)
+        xq = self._activations(regroup(xq, size))
+        xf = xq if float_outputs is None else self._activations(regroup(inputs_from(float_outputs)[1], size))
+        model_type = getattr(model, "model_type", None) or getattr(
+            getattr(model, "args", None), "model_type", "unknown")
+        ctx = BlockContext(
+            index=len(blocks), path=path, block=Head(linear), inputs=xq,
+            forward=lambda module, j: module(xq[j]), arch=ArchSpec(model_types=(model_type,)),
+            reduce=self.distributed.sum, float_layers={"head": flt}, seed=len(blocks),
+            spec=self.recipe.default.spec, objective="kl",
+        )
+        self._emit("block", index=len(blocks), total=len(blocks), path=path)
+        for o in optimizers:
+            self._record_method(report, len(blocks), "optimizer", o,
+                                o.optimize(ctx, FloatLogits(flt, xf)))
+        write_back(current[path], linear)
 
     def _record_method(self, report: RunReport, index: int, kind: str, method, figures) -> None:
         entry = {"block": index, "kind": kind, "name": getattr(method, "name", type(method).__name__),

@@ -393,3 +393,56 @@ def test_awq_search_on_the_first_sequences():
     alone = ActivationAwareScaling(bits=3, group_size=32, n_grid=8, search_samples=None).apply(first)
     assert [g["error_unscaled"] for g in figures["groups"]] == \
         pytest.approx([g["error_unscaled"] for g in alone["groups"]], rel=1e-5)
+
+
+# -- the output head and the float model's own activations as targets ------------------------
+
+def test_kl_divergence_matches_float64():
+    from quantkit.kernels.rounding import kl_divergence
+
+    rng = np.random.default_rng(0)
+    p, q = rng.normal(0, 3, (2, 5, 40)), rng.normal(0, 3, (2, 5, 40))
+    lp = p - np.log(np.exp(p).sum(-1, keepdims=True))
+    lq = q - np.log(np.exp(q).sum(-1, keepdims=True))
+    want = (np.exp(lp) * (lp - lq)).sum(-1)
+    got = np.array(kl_divergence(mx.array(p, dtype=mx.float32), mx.array(q, dtype=mx.float32)))
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6)
+    assert np.all(np.array(kl_divergence(mx.array(p, dtype=mx.float32),
+                                         mx.array(p, dtype=mx.float32))) < 1e-5)
+
+
+def _head_arrays(model) -> list[np.ndarray]:
+    head = model.lm_head if "lm_head" in model else model.model.embed_tokens
+    return [np.array(head[k]) for k in ("weight", "scales", "biases")]
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_learned_rounding_tunes_the_head_against_the_float_model(tied):
+    from quantkit import Recipe
+    from quantkit.walker import ModelWalker
+
+    def run(optimizer):
+        mx.random.seed(0)
+        model = llama.Model(llama.ModelArgs(
+            model_type="llama", hidden_size=64, num_hidden_layers=2, intermediate_size=128,
+            num_attention_heads=4, num_key_value_heads=4, rms_norm_eps=1e-5, vocab_size=96,
+            tie_word_embeddings=tied))
+        model.set_dtype(mx.float32)
+        tokens = mx.random.randint(0, 96, (6, 32), key=mx.random.key(1))
+        events = []
+        recipe = attrs.evolve(Recipe.uniform("gptq", bits=3, group_size=32), optimizers=(optimizer,))
+        ModelWalker(recipe=recipe, batch_size=4,
+                    progress=lambda e, info: events.append((e, info))).run(model, tokens)
+        return model, [i for e, i in events if e == "optimizer"]
+
+    base = LearnedRounding(method="signround", steps=12, eval_every=4)
+    model, tuned = run(attrs.evolve(base, target="float_model", head=True))
+    assert [t["block"] for t in tuned] == [0, 1, 2]  # the head is block 2, after the last one
+    assert all(t["figures"]["loss_after"] <= t["figures"]["loss_before"] for t in tuned)
+    assert tuned[-1]["figures"]["loss_after"] < tuned[-1]["figures"]["loss_before"]
+    again, _ = run(attrs.evolve(base, target="float_model", head=True))
+    for a, b in zip(_head_arrays(model), _head_arrays(again)):
+        np.testing.assert_array_equal(a, b)  # deterministic
+    plain, plain_tuned = run(base)
+    assert len(plain_tuned) == 2
+    assert any(not np.array_equal(a, b) for a, b in zip(_head_arrays(model), _head_arrays(plain)))

@@ -44,6 +44,9 @@ class BlockContext:
     (given to optimizers; empty for transforms).
     ``spec``: the run's default quantization (the recipe default's spec), for methods that
     round as the solve will (e.g. AWQ's search); ``None`` where there is no recipe.
+    ``objective``: how an optimizer compares the outputs with their targets: ``"mse"`` (hidden
+    states of a decoder block) or ``"kl"`` (logits: the output head, see
+    :class:`~quantkit.blocks.rounding.LearnedRounding`'s ``head``).
     """
 
     index: int
@@ -56,6 +59,7 @@ class BlockContext:
     float_layers: Mapping[str, nn.Module] = attrs.field(factory=dict)
     seed: int = 0
     spec: QuantSpec | None = None
+    objective: str = attrs.field(default="mse", validator=attrs.validators.in_(("mse", "kl")))
 
 
 class BlockTransform(abc.ABC):

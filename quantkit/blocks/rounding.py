@@ -40,7 +40,7 @@ from mlx_lm.models import base
 from mlx_lm.models.switch_layers import QuantizedSwitchLinear, SwitchLinear
 
 from ..kernels.packing import pack_bits
-from ..kernels.rounding import grid_position, learned_weight, sign_step
+from ..kernels.rounding import grid_position, kl_divergence, learned_weight, sign_step
 from .base import BlockContext, BlockOptimizer, register_optimizer
 
 _STORAGE = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
@@ -86,6 +86,15 @@ class LearnedRounding(BlockOptimizer):
         default=2, validator=_none_or_positive)
     #: Passes over the calibration sequences when ``steps`` is ``None``.
     epochs: float = attrs.field(default=4.0, validator=attrs.validators.gt(0))
+    #: What the block's output is compared with: ``"float_block"``, the float block run on the
+    #: quantized model's activations (the block corrects its own error only);
+    #: ``"float_model"``, the float model's own activations at that depth (the block also
+    #: corrects the error accumulated by the blocks before it, as AutoRound does).
+    target: str = attrs.field(default="float_block",
+                              validator=attrs.validators.in_(("float_block", "float_model")))
+    #: Also tune the output head (``lm_head`` or a tied embedding) after the last block, against
+    #: the float head's logits (KL divergence), as one more block (quantkit.pipeline.head).
+    head: bool = False
 
     def optimize(self, ctx: BlockContext, targets: Sequence[mx.array]) -> dict[str, Any]:
         layers = self._layers(ctx)
@@ -107,12 +116,16 @@ class LearnedRounding(BlockOptimizer):
                     L.u, q.get("v", mx.zeros_like(L.u)), L.scales, L.biases, q["ds"], q["db"],
                     L.bits, storage)[0]
 
+        kl = ctx.objective == "kl"
+
         def batch_loss(p: dict, j: int, rows: slice) -> mx.array:
             set_weights(p)
             if rows == slice(None):
                 out = ctx.forward(ctx.block, j)
             else:
                 out = ctx.forward(_Rows(ctx.block, rows, targets[j].shape[0]), j)
+            if kl:
+                return mx.mean(kl_divergence(targets[j][rows], out))
             return mx.mean(mx.square(out - targets[j][rows]))
 
         def full_loss(p: dict | None) -> float:
@@ -122,15 +135,24 @@ class LearnedRounding(BlockOptimizer):
             else:
                 set_weights(p)
             total = mx.zeros((2,))
-            for j in range(len(ctx.inputs)):
-                d = ctx.forward(ctx.block, j) - targets[j]
-                total = total + mx.stack([mx.sum(mx.square(d)), mx.array(float(d.size))])
+            # Logits are wide (the vocabulary): measured a step's rows at a time.
+            for j, rows in (chunks if kl else [(j, slice(None)) for j in range(len(ctx.inputs))]):
+                if kl:
+                    n = targets[j].shape[0]
+                    d = kl_divergence(targets[j][rows], ctx.forward(_Rows(ctx.block, rows, n), j))
+                    part = mx.stack([mx.sum(d), mx.array(float(d.size))])
+                else:
+                    d = ctx.forward(ctx.block, j) - targets[j]
+                    part = mx.stack([mx.sum(mx.square(d)), mx.array(float(d.size))])
+                total = total + part
                 mx.eval(total)
             total = ctx.reduce(total)
             return float(cast(float, (total[0] / total[1]).item()))
 
         rng = np.random.default_rng(ctx.seed + ctx.index)
         chunks = _chunks([t.shape[0] for t in targets], self.batch_size)
+        if kl and self.batch_size is None:  # whole batches of logits: too wide
+            chunks = _chunks([t.shape[0] for t in targets], 1)
         steps = self.steps
         if steps is None:  # the same number on every process: from the chunks of all of them
             total, processes = cast(list[float], ctx.reduce(mx.array([float(len(chunks)), 1.0])).tolist())

@@ -40,3 +40,12 @@ def learned_weight(u: mx.array, v: mx.array, scales0: mx.array, biases0: mx.arra
 def sign_step(x: mx.array, grad: mx.array, lr: float, bound: float) -> mx.array:
     """One signed-gradient step, clipped to ``[-bound, bound]``."""
     return mx.clip(x - lr * mx.sign(grad), -bound, bound)
+
+
+def kl_divergence(target_logits: mx.array, logits: mx.array) -> mx.array:
+    """``KL(softmax(target) ‖ softmax(logits))`` over the last axis, per position (float32)."""
+    log_p = target_logits.astype(mx.float32)
+    log_p = log_p - mx.logsumexp(log_p, axis=-1, keepdims=True)
+    log_q = logits.astype(mx.float32)
+    log_q = log_q - mx.logsumexp(log_q, axis=-1, keepdims=True)
+    return mx.sum(mx.exp(log_p) * (log_p - log_q), axis=-1)

@@ -70,4 +70,13 @@ def activation_store(park: bool) -> Iterator[Callable[..., MutableSequence[mx.ar
         yield list
         return
     with tempfile.TemporaryDirectory(prefix="quantkit-acts-") as tmp:
-        yield lambda arrays=(): ParkedActivations(Path(tmp), arrays)
+        count = itertools.count()
+
+        def parked(arrays: Iterable[mx.array] = ()) -> ParkedActivations:
+            # Each sequence in its own folder: two (the quantized and the float model's
+            # activations) never share a file name.
+            folder = Path(tmp) / f"s{next(count)}"
+            folder.mkdir()
+            return ParkedActivations(folder, arrays)
+
+        yield parked
