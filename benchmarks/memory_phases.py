@@ -116,6 +116,14 @@ def install() -> None:
     wrap(host.HostHessianCollector, "update", "HostHessianCollector.update")
     for cls in (BlockFiles, DirectoryCheckpoint):
         wrap(cls, "save", cls.__name__ + ".save")
+    # The default pipeline's block optimizer (learned rounding): its setup, each step's
+    # gradients (ending in the sum over processes) and the exact objective, its write-back.
+    import quantkit.blocks.rounding as rounding
+
+    wrap(walker.ModelWalker, "_optimize")
+    for name in ("optimize", "_layers", "_write"):
+        wrap(rounding.LearnedRounding, name)
+    wrap(rounding, "_reduce_tree", "rounding.step")
 
 
 def main() -> None:
