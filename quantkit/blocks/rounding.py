@@ -95,20 +95,19 @@ class LearnedRounding(BlockOptimizer):
         # part in every sum, with zero contributions: the processes' sums must pair up.
         storage = _STORAGE[self.storage]
         params = {L.path: self._initial(L) for L in layers}
+        mx.eval(params)
+        tuned = [_Tuned(L, storage) for L in layers]
 
         def install(which: str) -> None:
             ctx.block.update_modules(tree_unflatten(
-                [(L.path, L.standin if which == "dense" else L.module) for L in layers]))
+                [(L.path, t if which == "tuned" else L.module) for L, t in zip(layers, tuned)]))
 
-        def set_weights(p: dict) -> None:
-            for L in layers:
-                q = p[L.path]
-                L.standin.weight = learned_weight(
-                    L.u, q.get("v", mx.zeros_like(L.u)), L.scales, L.biases, q["ds"], q["db"],
-                    L.bits, storage)[0]
+        def use(p: dict | None, recompute: bool = False) -> None:
+            for t in tuned:
+                t.use(None if p is None else p[t.layer.path], recompute)
 
         def batch_loss(p: dict, j: int, rows: slice) -> mx.array:
-            set_weights(p)
+            use(p, recompute=True)
             if rows == slice(None):
                 out = ctx.forward(ctx.block, j)
             else:
@@ -116,11 +115,7 @@ class LearnedRounding(BlockOptimizer):
             return mx.mean(mx.square(out - targets[j][rows]))
 
         def full_loss(p: dict | None) -> float:
-            if p is None:  # the solve's own values
-                for L in layers:
-                    L.standin.weight = _dequantized(L.module)
-            else:
-                set_weights(p)
+            use(p)  # None: the solve's own values
             total = mx.zeros((2,))
             for j in range(len(ctx.inputs)):
                 d = ctx.forward(ctx.block, j) - targets[j]
@@ -136,12 +131,15 @@ class LearnedRounding(BlockOptimizer):
             total, processes = cast(list[float], ctx.reduce(mx.array([float(len(chunks)), 1.0])).tolist())
             steps = max(1, math.ceil(self.epochs * total / processes))
         lr0 = self.lr if self.lr is not None else 1.0 / max(steps, 1)
-        install("dense")
+        install("tuned")
         try:
             # The objective needs no gradients: measured with the attention the pipeline
             # installed (NumPy on a CPU, see quantkit.host), the steps with MLX's own.
             before = best = full_loss(None)
-            best_params, best_step = None, 0
+            # The best measured state is kept as the stored values it gives (packed codes,
+            # scales, biases: ~1/6 of the float offsets at 4 bits), not as the offsets.
+            best_stored: dict[str, dict[str, mx.array]] | None = None
+            best_step = 0
             order: list[int] = []
             for step in range(steps):
                 if not order:
@@ -153,20 +151,33 @@ class LearnedRounding(BlockOptimizer):
                             lambda p, j=j, rows=rows: batch_loss(p, j, rows))(params)
                     else:  # no batch here
                         grads = tree_map(mx.zeros_like, params)
+                    # One layer's gradients evaluated at a time (the same values): the
+                    # backward passes of the block's layers do not all run at once.
+                    for path in reversed(list(grads)):
+                        mx.eval(grads[path])
                     grads = _reduce_tree(ctx, grads)
                     lr = lr0 * (1 - step / steps)
+                    # The old offsets are referenced by nothing but the step's graph: MLX may
+                    # write the new ones over them.
                     params = {path: {k: sign_step(x, grads[path][k], lr, _BOUNDS[k])
                                      for k, x in q.items()} for path, q in params.items()}
+                    del grads
+                    use(None)
                     mx.eval(params)
                 if (step + 1) % self.eval_every == 0 or step + 1 == steps:
                     loss = full_loss(params)
                     if loss < best:
-                        best, best_params, best_step = loss, params, step + 1
+                        best, best_step = loss, step + 1
+                        best_stored = {}
+                        for L in layers:  # one layer's weight made at a time
+                            best_stored[L.path] = _stored(L, params[L.path], storage)
+                            mx.eval(best_stored[L.path])
         finally:
             install("quantized")
-        if best_params is not None:
+        if best_stored is not None:
             for L in layers:
-                self._write(L, best_params[L.path], storage)
+                L.module.update(best_stored[L.path])
+                mx.eval(L.module.parameters())
         return {"layers": len(layers), "loss_before": before, "loss_after": best,
                 "best_step": best_step, "method": self.method, "steps": steps}
 
@@ -185,6 +196,8 @@ class LearnedRounding(BlockOptimizer):
             u = codes
             if self.method == "signround" and flt is not None and flt.weight.shape == codes.shape:
                 u = grid_position(flt.weight, scales, biases)
+            del flt  # (the float layer is read once: u holds what is needed of it)
+            mx.eval(u, scales, biases)
             if kind is nn.QuantizedLinear:
                 standin: nn.Module = nn.Linear(codes.shape[-1], codes.shape[-2], bias="bias" in m)
             else:
@@ -192,7 +205,8 @@ class LearnedRounding(BlockOptimizer):
                                        bias="bias" in m)
             if "bias" in m:
                 standin.bias = m.bias.astype(mx.float32)
-            standin.weight = _dequantized(m)
+            # Its weight is made for each call (see _Tuned), never held.
+            del standin["weight"]
             out.append(_Layer(path, m, standin, u, scales, biases, m.bits))
         return out
 
@@ -202,14 +216,55 @@ class LearnedRounding(BlockOptimizer):
             p["v"] = mx.clip(_codes(L.module) - L.u, -0.5, 0.5)
         return p
 
-    def _write(self, L: _Layer, q: dict, storage: mx.Dtype) -> None:
-        _, codes, s, b = learned_weight(L.u, q.get("v", mx.zeros_like(L.u)), L.scales, L.biases,
-                                        q["ds"], q["db"], L.bits, storage)
-        m = L.module
-        m.weight = pack_bits(codes.astype(mx.uint8), L.bits)
-        m.scales = s.astype(m.scales.dtype)
-        m.biases = b.astype(m.biases.dtype)
-        mx.eval(m.parameters())
+def _stored(L: _Layer, q: dict, storage: mx.Dtype) -> dict[str, mx.array]:
+    """The arrays ``L``'s quantized layer stores for the learned parameters ``q`` (its
+    ``weight``, ``scales`` and ``biases``, in the layer's dtypes)."""
+    _, codes, s, b = learned_weight(L.u, q.get("v", mx.zeros_like(L.u)), L.scales, L.biases,
+                                    q["ds"], q["db"], L.bits, storage)
+    m = L.module
+    return {"weight": pack_bits(codes.astype(mx.uint8), L.bits),
+            "scales": s.astype(m.scales.dtype), "biases": b.astype(m.biases.dtype)}
+
+
+class _Tuned(nn.Module):
+    """Stands in for a quantized layer while it is tuned: computes with the dense weight its
+    current learned parameters give (:meth:`use`; ``None``: the solve's own values), made afresh
+    for each call and dropped after it, so that no dense weight of the block is held between
+    calls. With ``recompute`` (a gradient step) the weight and the layer's product run inside
+    ``mx.checkpoint``: the backward pass recomputes them from the parameters and the layer's
+    input instead of holding them (the same operations, so the same values)."""
+
+    def __init__(self, layer: _Layer, storage: mx.Dtype) -> None:
+        super().__init__()
+        object.__setattr__(self, "layer", layer)
+        object.__setattr__(self, "_storage", storage)
+        self.use(None)
+
+    def use(self, q: dict | None, recompute: bool = False) -> None:
+        object.__setattr__(self, "_q", q)
+        object.__setattr__(self, "_recompute", recompute)
+
+    def _weight(self, p: tuple[mx.array, ...]) -> mx.array:
+        L = self.layer
+        if not p:
+            return _dequantized(L.module)
+        ds, db, *v = p
+        return learned_weight(L.u, v[0] if v else mx.zeros_like(L.u), L.scales, L.biases,
+                              ds, db, L.bits, self._storage)[0]
+
+    def __call__(self, x: mx.array, *args: Any, **kwargs: Any) -> mx.array:
+        standin = self.layer.standin
+
+        def run(x: mx.array, *p: mx.array) -> mx.array:
+            standin["weight"] = self._weight(p)
+            try:
+                return standin(x, *args, **kwargs)
+            finally:
+                del standin["weight"]
+
+        q = self._q
+        p = () if q is None else (q["ds"], q["db"], *([q["v"]] if "v" in q else []))
+        return (mx.checkpoint(run) if self._recompute else run)(x, *p)
 
 
 def _chunks(batch_rows: list[int], size: int | None) -> list[tuple[int, slice]]:
@@ -255,6 +310,12 @@ def _dequantized(m: nn.Module) -> mx.array:
 
 
 def _reduce_tree(ctx: BlockContext, tree: dict) -> dict:
+    """``tree`` (a dict per layer) summed over the processes of the run, one flat buffer per
+    layer (a copy of one layer's gradients at a time, not of the block's)."""
+    return {path: _reduce_flat(ctx, q) for path, q in tree.items()}
+
+
+def _reduce_flat(ctx: BlockContext, tree: dict) -> dict:
     """``tree`` summed over the processes of the run, as one flat buffer."""
     flat: Any = tree_flatten(tree)
     if not flat:
