@@ -375,6 +375,7 @@ class ModelWalker:
             index=index, path=path, block=block, inputs=inputs,
             forward=lambda module, j: module(inputs[j], *args[j][0], **args[j][1]),
             arch=arch, reduce=self.distributed.sum, seed=index, spec=self.recipe.default.spec,
+            store=self._activations,
         )
 
     def _record_method(self, report: RunReport, index: int, kind: str, method, figures) -> None:

@@ -15,7 +15,7 @@ error, never a silent replacement.
 from __future__ import annotations
 
 import abc
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, MutableSequence, Sequence
 from typing import Any, ClassVar, TypeVar
 
 import attrs
@@ -44,6 +44,9 @@ class BlockContext:
     (given to optimizers; empty for transforms).
     ``spec``: the run's default quantization (the recipe default's spec), for methods that
     round as the solve will (e.g. AWQ's search); ``None`` where there is no recipe.
+    ``store(arrays=())``: a new sequence to keep block-sized arrays in between uses (a list;
+    on a CPU, scratch files under ``TMPDIR`` read back, the same bytes, on each access — see
+    :mod:`quantkit.pipeline.activations` — so that what a method keeps aside is not resident).
     """
 
     index: int
@@ -56,6 +59,7 @@ class BlockContext:
     float_layers: Mapping[str, nn.Module] = attrs.field(factory=dict)
     seed: int = 0
     spec: QuantSpec | None = None
+    store: Callable[..., MutableSequence[mx.array]] = list
 
 
 class BlockTransform(abc.ABC):

@@ -28,7 +28,7 @@ from __future__ import annotations
 import contextlib
 import math
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, MutableSequence, Sequence
 from typing import Any, ClassVar, cast
 
 import attrs
@@ -40,7 +40,7 @@ from mlx_lm.models import base
 from mlx_lm.models.switch_layers import QuantizedSwitchLinear, SwitchLinear
 
 from ..kernels.packing import pack_bits
-from ..kernels.rounding import grid_position, learned_weight, sign_step
+from ..kernels.rounding import grid_position, learned_weight, learned_weight_grads, sign_step
 from .base import BlockContext, BlockOptimizer, register_optimizer
 
 _STORAGE = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
@@ -51,11 +51,19 @@ _BOUNDS = {"v": 0.5, "ds": 0.5, "db": 1.0}
 class _Layer:
     path: str
     module: nn.Module  # the quantized layer (written back in place)
-    standin: nn.Module  # a dense layer computing with the learned weight
-    u: mx.array  # position of each weight on its grid (the codes when there is no float weight)
+    standin: nn.Module  # a dense layer computing with the learned weight (no weight of its own)
+    kept: MutableSequence[mx.array]  # where ``u`` waits (see BlockContext.store)
+    slot: int
     scales: mx.array
     biases: mx.array
     bits: int
+
+    @property
+    def u(self) -> mx.array:
+        """The position of each weight on its grid (the codes when there is no float weight);
+        on a CPU read back from its scratch file at each use, so it is resident only while
+        a computation needs it."""
+        return self.kept[self.slot]
 
 
 def _none_or_positive(_: Any, attribute: Any, value: int | None) -> None:
@@ -96,7 +104,8 @@ class LearnedRounding(BlockOptimizer):
         storage = _STORAGE[self.storage]
         params = {L.path: self._initial(L) for L in layers}
         mx.eval(params)
-        tuned = [_Tuned(L, storage) for L in layers]
+        calls: list[str] = []  # the tuned layers in the order a forward pass calls them
+        tuned = [_Tuned(L, storage, calls) for L in layers]
 
         def install(which: str) -> None:
             ctx.block.update_modules(tree_unflatten(
@@ -127,8 +136,8 @@ class LearnedRounding(BlockOptimizer):
         rng = np.random.default_rng(ctx.seed + ctx.index)
         chunks = _chunks([t.shape[0] for t in targets], self.batch_size)
         steps = self.steps
+        total, processes = cast(list[float], ctx.reduce(mx.array([float(len(chunks)), 1.0])).tolist())
         if steps is None:  # the same number on every process: from the chunks of all of them
-            total, processes = cast(list[float], ctx.reduce(mx.array([float(len(chunks)), 1.0])).tolist())
             steps = max(1, math.ceil(self.epochs * total / processes))
         lr0 = self.lr if self.lr is not None else 1.0 / max(steps, 1)
         install("tuned")
@@ -145,25 +154,38 @@ class LearnedRounding(BlockOptimizer):
                 if not order:
                     order = list(rng.permutation(len(chunks)))
                 with _mlx_attention(ctx.block):
+                    calls.clear()
                     if order:
                         j, rows = chunks[int(order.pop())]
                         _, grads = mx.value_and_grad(
                             lambda p, j=j, rows=rows: batch_loss(p, j, rows))(params)
                     else:  # no batch here
                         grads = tree_map(mx.zeros_like, params)
-                    # One layer's gradients evaluated at a time (the same values): the
-                    # backward passes of the block's layers do not all run at once.
-                    for path in reversed(list(grads)):
-                        mx.eval(grads[path])
-                    grads = _reduce_tree(ctx, grads)
+                    use(None)  # (the tuned layers let go of the offsets)
                     lr = lr0 * (1 - step / steps)
-                    # The old offsets are referenced by nothing but the step's graph: MLX may
-                    # write the new ones over them.
-                    params = {path: {k: sign_step(x, grads[path][k], lr, _BOUNDS[k])
-                                     for k, x in q.items()} for path, q in params.items()}
-                    del grads
-                    use(None)
-                    mx.eval(params)
+                    if processes == 1:
+                        # Layer by layer in the order the backward pass reaches them (the
+                        # calls reversed): its gradients evaluated, its offsets stepped (the
+                        # same values): the old offsets are freed as the pass leaves each layer,
+                        # and one layer's gradients are held at a time.
+                        for path in [*reversed(calls), *(p for p in params if p not in calls)]:
+                            g = grads.pop(path)
+                            mx.eval(g)
+                            params[path] = {k: sign_step(x, g[k], lr, _BOUNDS[k])
+                                            for k, x in params[path].items()}
+                            del g
+                            mx.eval(params[path])
+                    else:
+                        # Summed over the processes in one fixed order on every process (a
+                        # process without a batch has no calls); one layer's backward pass
+                        # evaluated at a time.
+                        for path in reversed(list(grads)):
+                            mx.eval(grads[path])
+                        grads = _reduce_tree(ctx, grads)
+                        params = {path: {k: sign_step(x, grads[path][k], lr, _BOUNDS[k])
+                                         for k, x in q.items()} for path, q in params.items()}
+                        del grads
+                        mx.eval(params)
                 if (step + 1) % self.eval_every == 0 or step + 1 == steps:
                     loss = full_loss(params)
                     if loss < best:
@@ -183,6 +205,7 @@ class LearnedRounding(BlockOptimizer):
 
     def _layers(self, ctx: BlockContext) -> list[_Layer]:
         out = []
+        kept = ctx.store()
         leaves: Any = tree_flatten(ctx.block.leaf_modules(),
                                                      is_leaf=nn.Module.is_module)
         for path, m in leaves:
@@ -198,16 +221,18 @@ class LearnedRounding(BlockOptimizer):
                 u = grid_position(flt.weight, scales, biases)
             del flt  # (the float layer is read once: u holds what is needed of it)
             mx.eval(u, scales, biases)
+            kept.append(u)
+            shape = codes.shape
+            del u, codes
             if kind is nn.QuantizedLinear:
-                standin: nn.Module = nn.Linear(codes.shape[-1], codes.shape[-2], bias="bias" in m)
+                standin: nn.Module = nn.Linear(shape[-1], shape[-2], bias="bias" in m)
             else:
-                standin = SwitchLinear(codes.shape[-1], codes.shape[-2], codes.shape[0],
-                                       bias="bias" in m)
+                standin = SwitchLinear(shape[-1], shape[-2], shape[0], bias="bias" in m)
             if "bias" in m:
                 standin.bias = m.bias.astype(mx.float32)
             # Its weight is made for each call (see _Tuned), never held.
             del standin["weight"]
-            out.append(_Layer(path, m, standin, u, scales, biases, m.bits))
+            out.append(_Layer(path, m, standin, kept, len(kept) - 1, scales, biases, m.bits))
         return out
 
     def _initial(self, L: _Layer) -> dict[str, mx.array]:
@@ -226,6 +251,25 @@ def _stored(L: _Layer, q: dict, storage: mx.Dtype) -> dict[str, mx.array]:
             "scales": s.astype(m.scales.dtype), "biases": b.astype(m.biases.dtype)}
 
 
+def _learned_weight(L: _Layer, storage: mx.Dtype) -> Callable[..., mx.array]:
+    """``(ds, db, v) ->`` the dense weight of ``L`` (:func:`learned_weight`), whose gradients
+    are :func:`learned_weight_grads`: MLX's own values, without holding the forward pass's
+    full-size intermediates."""
+
+    @mx.custom_function
+    def weight(ds: mx.array, db: mx.array, v: mx.array) -> mx.array:
+        return learned_weight(L.u, v, L.scales, L.biases, ds, db, L.bits, storage)[0]
+
+    @weight.vjp
+    def weight_vjp(primals: tuple, cotangent: mx.array, output: mx.array) -> tuple:
+        ds, db, v = primals
+        dv, dds, ddb = learned_weight_grads(L.u, v, L.scales, L.biases, ds, db, L.bits, storage,
+                                            cotangent)
+        return dds, ddb, dv
+
+    return cast(Callable[..., mx.array], weight)
+
+
 class _Tuned(nn.Module):
     """Stands in for a quantized layer while it is tuned: computes with the dense weight its
     current learned parameters give (:meth:`use`; ``None``: the solve's own values), made afresh
@@ -234,10 +278,11 @@ class _Tuned(nn.Module):
     ``mx.checkpoint``: the backward pass recomputes them from the parameters and the layer's
     input instead of holding them (the same operations, so the same values)."""
 
-    def __init__(self, layer: _Layer, storage: mx.Dtype) -> None:
+    def __init__(self, layer: _Layer, storage: mx.Dtype, calls: list[str]) -> None:
         super().__init__()
         object.__setattr__(self, "layer", layer)
-        object.__setattr__(self, "_storage", storage)
+        object.__setattr__(self, "_calls", calls)
+        object.__setattr__(self, "_learned", _learned_weight(layer, storage))
         self.use(None)
 
     def use(self, q: dict | None, recompute: bool = False) -> None:
@@ -249,11 +294,12 @@ class _Tuned(nn.Module):
         if not p:
             return _dequantized(L.module)
         ds, db, *v = p
-        return learned_weight(L.u, v[0] if v else mx.zeros_like(L.u), L.scales, L.biases,
-                              ds, db, L.bits, self._storage)[0]
+        return self._learned(ds, db, v[0] if v else mx.zeros_like(L.u))
 
     def __call__(self, x: mx.array, *args: Any, **kwargs: Any) -> mx.array:
         standin = self.layer.standin
+        if self.layer.path not in self._calls:
+            self._calls.append(self.layer.path)
 
         def run(x: mx.array, *p: mx.array) -> mx.array:
             standin["weight"] = self._weight(p)
