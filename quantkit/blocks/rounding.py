@@ -26,6 +26,7 @@ the objective never increases. Deterministic for a given ``ctx.seed``.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import sys
 from collections.abc import Callable, Iterator, MutableSequence, Sequence
@@ -123,11 +124,27 @@ class LearnedRounding(BlockOptimizer):
                 out = ctx.forward(_Rows(ctx.block, rows, targets[j].shape[0]), j)
             return mx.mean(mx.square(out - targets[j][rows]))
 
+        # The objective's forward passes run ``batch_size`` sequences at a time where the
+        # outputs are the same bytes as a whole batch's (on a CPU, see _rows_exact); the
+        # differences are summed over whole batches as ever.
+        rows_exact = self.batch_size is not None and _rows_exact()
+
+        def forward(j: int) -> mx.array:
+            n = targets[j].shape[0]
+            if not rows_exact or n <= cast(int, self.batch_size):
+                return ctx.forward(ctx.block, j)
+            size = cast(int, self.batch_size)
+            parts = []
+            for r in range(0, n, size):  # one part's intermediates held at a time
+                parts.append(ctx.forward(_Rows(ctx.block, slice(r, min(r + size, n)), n), j))
+                mx.eval(parts[-1])
+            return mx.concatenate(parts)
+
         def full_loss(p: dict | None) -> float:
             use(p)  # None: the solve's own values
             total = mx.zeros((2,))
             for j in range(len(ctx.inputs)):
-                d = ctx.forward(ctx.block, j) - targets[j]
+                d = forward(j) - targets[j]
                 total = total + mx.stack([mx.sum(mx.square(d)), mx.array(float(d.size))])
                 mx.eval(total)
             total = ctx.reduce(total)
@@ -311,6 +328,24 @@ class _Tuned(nn.Module):
         q = self._q
         p = () if q is None else (q["ds"], q["db"], *([q["v"]] if "v" in q else []))
         return (mx.checkpoint(run) if self._recompute else run)(x, *p)
+
+
+@functools.cache
+def _rows_exact() -> bool:
+    """Whether a block's outputs on some of a batch's sequences are, bit for bit, the rows of
+    its output on the whole batch: on a CPU, where MLX multiplies with a BLAS whose row slices
+    of a product are the whole product's (checked once on a probe, as
+    :func:`quantkit.host.row_slices_exact` checks NumPy's); attention, norms and elementwise
+    operations are per sequence or per row. Not assumed on a GPU."""
+    if mx.default_device() != mx.cpu:
+        return False
+    k1, k2 = mx.random.split(mx.random.key(0))
+    x = mx.random.normal((3 * 64 + 37, 300), key=k1)
+    w = mx.random.normal((300, 2 * 256 + 40), key=k2)
+    whole = x @ w
+    bounds = [0, 64, 2 * 64 + 11, x.shape[0]]
+    return all(np.array_equal(np.array(x[a:b] @ w), np.array(whole[a:b]))
+               for a, b in zip(bounds, bounds[1:]))
 
 
 def _chunks(batch_rows: list[int], size: int | None) -> list[tuple[int, slice]]:
