@@ -349,6 +349,15 @@ class GPTQQuantizer(Quantizer):
         solve, info = self._solver(spec, stats, storage_dtype, factor)
         return quantize_by_rows(solve, weight, spec, self.chunk_mb, info)
 
+    def shared_solver(self, spec, stats, storage_dtype=mx.float32
+                      ) -> Callable[[mx.array], QuantResult]:
+        """A function quantizing each of several weights that share ``stats`` (layers reading
+        the same input) as :meth:`quantize` would, the factorization (of the permuted Hessian
+        with ``act_order``) done once, here; raises :class:`FactorizationError` as
+        :meth:`quantize` does."""
+        solve, info = self._solver(spec, stats, storage_dtype)
+        return lambda weight: quantize_by_rows(solve, weight, spec, self.chunk_mb, info)
+
     def quantize_chunks(self, weight, spec, stats, storage_dtype=mx.float32):
         solve, info = self._solver(spec, stats, storage_dtype)
         step = rows_per_chunk(*weight.shape, int(self.chunk_mb * 2**20))
