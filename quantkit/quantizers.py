@@ -379,9 +379,9 @@ class GPTQQuantizer(Quantizer):
         perm = None
         if self.act_order:
             perm = np.argsort(-np.asarray(h_diag), kind="stable")
-            h = h[mx.array(perm)][:, mx.array(perm)]
         if factor is None:
-            factor = self.inverse_strategy().factor(h)
+            strategy = self.inverse_strategy()
+            factor = strategy.factor(h) if perm is None else strategy.factor_permuted(h, perm)
         info = {"damping": factor.damping, "dead_inputs": factor.n_dead}
         return partial(self._solve, spec=spec, u=factor.u, perm=perm, h_diag=h_diag,
                        storage_dtype=storage_dtype), info

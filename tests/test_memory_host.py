@@ -203,3 +203,26 @@ def test_layers_sharing_a_hessian_solved_one_by_one_give_the_stacked_result(monk
     assert separate.keys() == stacked.keys()
     for k in stacked:
         np.testing.assert_array_equal(np.array(separate[k]), np.array(stacked[k]), err_msg=k)
+
+
+def test_act_order_factor_permutes_while_copying_the_same_bytes():
+    """GPTQ's act-order factorizes the permuted Hessian: permuted while it is copied to float64
+    (no permuted float32 copy held), the same factor bit for bit as of the permuted copy, for
+    both inverse strategies; dead inputs and damping follow the permutation."""
+    from quantkit.inverse import DampedCholesky, EscalatingCholesky
+    from quantkit.kernels.linalg import prepare_hessians
+
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((600, 300)).astype(np.float32)
+    x[:, 7] = 0.0  # a dead input
+    h = x.T @ x
+    perm = np.argsort(-np.diagonal(h), kind="stable")
+    permuted = np.ascontiguousarray(h[perm][:, perm])
+    direct, damp, dead = prepare_hessians(h[None], 0.01, perm)
+    ref, ref_damp, ref_dead = prepare_hessians(permuted[None], 0.01)
+    assert np.array_equal(direct, ref) and np.array_equal(damp, ref_damp)
+    assert dead.tolist() == ref_dead.tolist() == [1]
+    for strategy in (DampedCholesky(0.01), EscalatingCholesky(0.01)):
+        a = strategy.factor_permuted(mx.array(h), perm)
+        b = strategy.factor(mx.array(permuted))
+        assert np.array_equal(np.array(a.u), np.array(b.u)) and a.n_dead == b.n_dead == 1
