@@ -147,6 +147,7 @@ class LearnedRounding(BlockOptimizer):
                 d = forward(j) - targets[j]
                 total = total + mx.stack([mx.sum(mx.square(d)), mx.array(float(d.size))])
                 mx.eval(total)
+            use(None)  # (the dense weights go)
             total = ctx.reduce(total)
             return float(cast(float, (total[0] / total[1]).item()))
 
@@ -289,11 +290,12 @@ def _learned_weight(L: _Layer, storage: mx.Dtype) -> Callable[..., mx.array]:
 
 class _Tuned(nn.Module):
     """Stands in for a quantized layer while it is tuned: computes with the dense weight its
-    current learned parameters give (:meth:`use`; ``None``: the solve's own values), made afresh
-    for each call and dropped after it, so that no dense weight of the block is held between
-    calls. With ``recompute`` (a gradient step) the weight and the layer's product run inside
-    ``mx.checkpoint``: the backward pass recomputes them from the parameters and the layer's
-    input instead of holding them (the same operations, so the same values)."""
+    current learned parameters give (:meth:`use`; ``None``: the solve's own values). With
+    ``recompute`` (a gradient step) the weight is made for each call and the layer's product
+    runs inside ``mx.checkpoint``: the backward pass recomputes them from the parameters and
+    the layer's input instead of holding them (the same operations, so the same values).
+    Without (measuring the objective, part after part of every batch) the weight is made at
+    the first call and kept until the next :meth:`use`."""
 
     def __init__(self, layer: _Layer, storage: mx.Dtype, calls: list[str]) -> None:
         super().__init__()
@@ -305,6 +307,7 @@ class _Tuned(nn.Module):
     def use(self, q: dict | None, recompute: bool = False) -> None:
         object.__setattr__(self, "_q", q)
         object.__setattr__(self, "_recompute", recompute)
+        object.__setattr__(self, "_kept", None)
 
     def _weight(self, p: tuple[mx.array, ...]) -> mx.array:
         L = self.layer
@@ -319,7 +322,7 @@ class _Tuned(nn.Module):
             self._calls.append(self.layer.path)
 
         def run(x: mx.array, *p: mx.array) -> mx.array:
-            standin["weight"] = self._weight(p)
+            standin["weight"] = self._weight(p) if self._recompute else self._kept
             try:
                 return standin(x, *args, **kwargs)
             finally:
@@ -327,7 +330,12 @@ class _Tuned(nn.Module):
 
         q = self._q
         p = () if q is None else (q["ds"], q["db"], *([q["v"]] if "v" in q else []))
-        return (mx.checkpoint(run) if self._recompute else run)(x, *p)
+        if self._recompute:
+            return mx.checkpoint(run)(x, *p)
+        if self._kept is None:
+            object.__setattr__(self, "_kept", self._weight(p))
+            mx.eval(self._kept)
+        return run(x)
 
 
 @functools.cache
