@@ -50,6 +50,15 @@ CASES: dict[str, tuple[str, list[str], str | None]] = {
     "moe-mxfp4": ("stories260K-moe4", [],
                   '[default]\nstrategy = "gptq"\nmode = "mxfp4"\nbits = 4\ngroup_size = 32\n'),
     "moe-gptq-2proc": ("stories260K-moe4", ["--strategy", "gptq", "--processes", "2"], None),
+    # The default pipeline (GPTQ, then learned rounding against each block's float outputs),
+    # and with AWQ before the solve and the optimizer's other method; recorded before the
+    # block methods' memory cuts (branch lrmem), which must not change a byte.
+    "dense-default": ("stories260K-pad192", [], None),
+    "dense-default-2proc": ("stories260K-pad192", ["--processes", "2"], None),
+    "moe-default": ("stories260K-moe4", [], None),
+    "dense-awq-lr-scales": ("stories260K-pad192", [],
+                            '[default]\nstrategy = "gptq"\n[[transform]]\nname = "awq"\n'
+                            '[[optimizer]]\nname = "learned_rounding"\nmethod = "scales"\n'),
 }
 
 
