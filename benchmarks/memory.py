@@ -11,6 +11,7 @@ their ratio, target ≤ 1.10×); ``--baseline DIR`` adds the same runs with anot
 code (e.g. main before streaming).
 
     OPENBLAS_NUM_THREADS=1 python benchmarks/memory.py [--blocks 16] [--baseline /work/main]
+        [--strategy default] [--only-defaults]
 
 Needs GNU time (``apt-get install -y time``). Prints a table; writes
 benchmarks/results/memory_<blocks>blocks.json.
@@ -87,6 +88,8 @@ def main() -> None:
                         help="--strategy of the CLI runs; 'default': none, the default pipeline "
                              "(learned rounding after the solve)")
     parser.add_argument("--baseline", type=Path, help="another checkout to run the same job with")
+    parser.add_argument("--only-defaults", action="store_true",
+                        help="skip the --no-checkpoint run (a long job's memory figure only)")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
     if not Path(TIME).exists():
@@ -102,7 +105,8 @@ def main() -> None:
         rows.append({"run": "import floor", "code": str(REPO), **floor})
         codes = [("this", REPO)] + ([("baseline", args.baseline.resolve())] if args.baseline else [])
         for label, code in codes:
-            for extra in ([], ["--no-checkpoint"]) if label == "this" else ([],):
+            for extra in ([], ["--no-checkpoint"]) if label == "this" and not args.only_defaults \
+                    else ([],):
                 out = Path(tmp) / f"out-{label}-{len(extra)}"
                 cmd = [py, "-m", "quantkit.cli", "quantize", str(model), "-o", str(out),
                        "--calibration", str(text), "--num-samples", str(args.num_samples),
@@ -119,8 +123,9 @@ def main() -> None:
         r["rss_ratio"] = r["max_rss_mb"] * 2**20 / size
         print(f"{r['run']:44s} {r['wall_s']:8.1f} {r['max_rss_mb']:11.0f} {r['rss_ratio']:11.1%}")
     this = [r for r in rows if r["run"].startswith("this quantize")]
-    ratio = this[0]["wall_s"] / this[1]["wall_s"]
-    print(f"checkpoint cost: defaults / --no-checkpoint = {ratio:.3f}x (target ≤ 1.10x)")
+    ratio = this[0]["wall_s"] / this[1]["wall_s"] if len(this) > 1 else None
+    if ratio is not None:
+        print(f"checkpoint cost: defaults / --no-checkpoint = {ratio:.3f}x (target ≤ 1.10x)")
     result = {
         "model_bytes": size, "blocks": args.blocks, "hidden": args.hidden, "mlp": args.mlp,
         "vocab": args.vocab, "dtype": args.dtype, "num_samples": args.num_samples,

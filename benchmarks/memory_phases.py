@@ -116,6 +116,16 @@ def install() -> None:
     wrap(host.HostHessianCollector, "update", "HostHessianCollector.update")
     for cls in (BlockFiles, DirectoryCheckpoint):
         wrap(cls, "save", cls.__name__ + ".save")
+    # The default pipeline's block optimizer (learned rounding): its setup, each step's
+    # gradients (ending in the sum over processes; the update and the exact objective follow
+    # it), the stored values of a new best state.
+    import quantkit.blocks.rounding as rounding
+
+    wrap(walker.ModelWalker, "_optimize")
+    for name in ("optimize", "_layers"):
+        wrap(rounding.LearnedRounding, name)
+    wrap(rounding, "_reduce_tree", "rounding.step")
+    wrap(rounding, "_stored", "rounding.best")
 
 
 def main() -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import abc
+from collections.abc import Callable
 
 import attrs
 import mlx.core as mx
@@ -34,6 +35,12 @@ class InverseStrategy(abc.ABC):
 
     @abc.abstractmethod
     def factor(self, h: mx.array) -> InverseFactor: ...
+
+    def factor_permuted(self, h: mx.array, perm: np.ndarray) -> InverseFactor:
+        """:meth:`factor` of ``h`` with its rows and columns permuted by ``perm`` (GPTQ's
+        act-order); override to permute without a permuted copy of ``h``."""
+        index = mx.array(perm)
+        return self.factor(h[index][:, index])
 
     def factor_many(self, hs: mx.array) -> list[InverseFactor | FactorizationError]:
         """One outcome per matrix of the stack ``hs (E, n, n)``: what :meth:`factor` gives it
@@ -72,6 +79,9 @@ class DampedCholesky(InverseStrategy):
     def factor(self, h: mx.array) -> InverseFactor:
         return self.factor_stack(h[None])[0]
 
+    def factor_permuted(self, h: mx.array, perm: np.ndarray) -> InverseFactor:
+        return self.factor_stack(h[None], perm=perm)[0]
+
     def factor_many(self, hs: mx.array) -> list[InverseFactor | FactorizationError]:
         if resolve_backend(self.backend) != "blocked":
             return super().factor_many(hs)
@@ -88,18 +98,23 @@ class DampedCholesky(InverseStrategy):
                     out.append(exc)
             return out
 
-    def factor_stack(self, hs: mx.array, block: int | None = None) -> list[InverseFactor]:
-        """Factors of every matrix of ``hs (E, n, n)``, computed together (diagonal blocks of
-        ``block``, default :attr:`block`); raises :class:`FactorizationError` when any matrix
-        cannot be factorized."""
+    def factor_stack(self, hs: mx.array, block: int | None = None,
+                     perm: np.ndarray | None = None) -> list[InverseFactor]:
+        """Factors of every matrix of ``hs (E, n, n)`` (rows and columns permuted by ``perm``
+        when given), computed together (diagonal blocks of ``block``, default :attr:`block`);
+        raises :class:`FactorizationError` when any matrix cannot be factorized."""
         backend = resolve_backend(self.backend)
         if backend == "blocked":
+            if perm is not None:
+                index = mx.array(perm)
+                hs = hs[:, index][:, :, index]
             hd, _, n_dead = prepare_hessians_mlx(hs, self.damping)
             u = blocked_factor_mlx(hd, block or self.block)
         else:
-            # prepare_hessians makes its own float64 copy: read hs in place (no float32 copy),
-            # and let the factor overwrite that copy (one n² float64 matrix at a time).
-            hd64, _, n_dead = prepare_hessians(np.asarray(hs), self.damping)
+            # prepare_hessians makes its own float64 copy (permuted as it copies): read hs in
+            # place (no float32 copy), and let the factor overwrite that copy (one n² float64
+            # matrix at a time).
+            hd64, _, n_dead = prepare_hessians(np.asarray(hs), self.damping, perm)
             u32 = inverse_hessian_factor(hd64, backend, overwrite=True).astype(np.float32)
             del hd64  # (the float64 factor) before MLX copies the float32 one
             u = mx.array(u32)
@@ -122,11 +137,17 @@ class EscalatingCholesky(InverseStrategy):
     block: int = 512
 
     def factor(self, h: mx.array) -> InverseFactor:
+        return self._escalate(lambda strategy: strategy.factor(h))
+
+    def factor_permuted(self, h: mx.array, perm: np.ndarray) -> InverseFactor:
+        return self._escalate(lambda strategy: strategy.factor_permuted(h, perm))
+
+    def _escalate(self, attempt: Callable[[DampedCholesky], InverseFactor]) -> InverseFactor:
         damping = self.damping
         last: FactorizationError | None = None
         for _ in range(self.max_attempts):
             try:
-                return DampedCholesky(damping, self.backend, self.block).factor(h)
+                return attempt(DampedCholesky(damping, self.backend, self.block))
             except FactorizationError as exc:
                 last = exc
                 damping *= self.growth

@@ -349,6 +349,15 @@ class GPTQQuantizer(Quantizer):
         solve, info = self._solver(spec, stats, storage_dtype, factor)
         return quantize_by_rows(solve, weight, spec, self.chunk_mb, info)
 
+    def shared_solver(self, spec, stats, storage_dtype=mx.float32
+                      ) -> Callable[[mx.array], QuantResult]:
+        """A function quantizing each of several weights that share ``stats`` (layers reading
+        the same input) as :meth:`quantize` would, the factorization (of the permuted Hessian
+        with ``act_order``) done once, here; raises :class:`FactorizationError` as
+        :meth:`quantize` does."""
+        solve, info = self._solver(spec, stats, storage_dtype)
+        return lambda weight: quantize_by_rows(solve, weight, spec, self.chunk_mb, info)
+
     def quantize_chunks(self, weight, spec, stats, storage_dtype=mx.float32):
         solve, info = self._solver(spec, stats, storage_dtype)
         step = rows_per_chunk(*weight.shape, int(self.chunk_mb * 2**20))
@@ -370,9 +379,9 @@ class GPTQQuantizer(Quantizer):
         perm = None
         if self.act_order:
             perm = np.argsort(-np.asarray(h_diag), kind="stable")
-            h = h[mx.array(perm)][:, mx.array(perm)]
         if factor is None:
-            factor = self.inverse_strategy().factor(h)
+            strategy = self.inverse_strategy()
+            factor = strategy.factor(h) if perm is None else strategy.factor_permuted(h, perm)
         info = {"damping": factor.damping, "dead_inputs": factor.n_dead}
         return partial(self._solve, spec=spec, u=factor.u, perm=perm, h_diag=h_diag,
                        storage_dtype=storage_dtype), info

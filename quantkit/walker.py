@@ -13,7 +13,7 @@ import copy
 import itertools
 import tempfile
 import time
-from collections.abc import Callable, Iterable, Iterator, MutableSequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, MutableSequence
 from functools import partial
 from pathlib import Path
 from typing import Any, cast
@@ -45,7 +45,7 @@ from .host import (
 from .interrupt import check
 from .moe import expert_shard_stats, load_expert_stats, quantize_expert_layers, same_input
 from .pipeline import build
-from .pipeline.activations import activation_store
+from .pipeline.activations import ParkedLayers, activation_store
 from .pipeline.calibrate import (
     BlockRecorder,
     InputPool,
@@ -138,8 +138,11 @@ class ModelWalker:
     _activations: Callable[..., MutableSequence[mx.array]] = attrs.field(
         default=list, init=False, repr=False)
     #: While a block's layers are solved: drop each float layer once quantized (see
-    #: :func:`_release_float`); off when block optimizers or hooks need the float layers afterwards.
+    #: :func:`_release_float`; parked for block optimizers); off when hooks need them afterwards.
     _release: bool = attrs.field(default=False, init=False, repr=False)
+    #: While a block with block optimizers is solved and optimized: where its float layers
+    #: wait (see :class:`~quantkit.pipeline.activations.ParkedLayers`).
+    _parked: ParkedLayers | None = attrs.field(default=None, init=False, repr=False)
 
     def __attrs_post_init__(self) -> None:
         # The recipe's [moe] options (e.g. calibrate_all_experts) on the expert handler.
@@ -269,8 +272,11 @@ class ModelWalker:
             targets = None
             if optimizers:  # the float block's outputs, before its layers are replaced
                 with self._phase("calibrate"):
-                    targets = [self._eval(block(x, *a, **kw)) for x, (a, kw) in zip(
-                        ref_inputs if float_model_targets else inputs, block_args[i])]
+                    # Parked on the host like the inputs: one batch resident at a time.
+                    source = ref_inputs if float_model_targets else inputs
+                    targets = self._activations()
+                    for j, (a, kw) in enumerate(block_args[i]):
+                        targets.append(self._eval(block(source[j], *a, **kw)))
             with self._phase("calibrate"):
                 stats = self._collect_sharded(
                     model, inside, layout, partial(block_forward, block, inputs, block_args[i]),
@@ -284,7 +290,11 @@ class ModelWalker:
             self._runners.clear()
             with self._phase("solve"):
                 # (hooks may read a plan's float layer after the walk: kept for them too)
-                self._release = not optimizers and not self.hooks
+                self._release = not self.hooks
+                # Block optimizers read the float layers after the solve: each is parked
+                # (scratch files on the host) once its quantized layer is made.
+                self._parked = ParkedLayers(self._activations(), bpath + ".") \
+                    if optimizers and not self.hooks else None
                 try:
                     done = self._quantize_all(model, [p for p in inside if not p.per_expert], stats, report, i)
                 finally:
@@ -297,11 +307,22 @@ class ModelWalker:
                     )
             if optimizers:
                 assert ctx is not None
+                float_layers: Mapping[str, nn.Module]
+                if self._parked is not None:
+                    for p in inside:  # those another process solved, and expert layers
+                        if p.path[len(bpath) + 1:] not in self._parked:
+                            p.module = self._parked.park(p.path, p.module)
+                    float_layers = self._parked
+                else:
+                    float_layers = {p.path[len(bpath) + 1:]: p.module for p in inside}
                 with self._phase("optimize"):
-                    self._optimize(model, report, attrs.evolve(
-                        ctx, float_layers={p.path[len(bpath) + 1:]: p.module for p in inside}),
-                        inside, optimizers, targets)
-                del targets
+                    self._optimize(model, report, attrs.evolve(ctx, float_layers=float_layers),
+                                   inside, optimizers, targets)
+                del targets[:]  # (their scratch files on the host)
+                del targets, float_layers
+                if self._parked is not None:
+                    self._parked.close()
+                    self._parked = None
             # Its plans hold the block's original float layers, its context the activations:
             # neither is needed for the last forward pass, which they would double.
             inside, ctx = [], None
@@ -368,6 +389,7 @@ class ModelWalker:
             index=index, path=path, block=block, inputs=inputs,
             forward=lambda module, j: module(inputs[j], *args[j][0], **args[j][1]),
             arch=arch, reduce=self.distributed.sum, seed=index, spec=self.recipe.default.spec,
+            store=self._activations,
         )
 
     def _optimize_head(self, model, blocks, block_paths, outside: list[LayerPlan], batches,
@@ -682,7 +704,7 @@ class ModelWalker:
                 record.block, record.rank = block_index, rank
                 done[p.path] = (module, record)
                 if self._release:
-                    _release_float(model, p, module)
+                    _release_float(model, p, module, self._parked)
         done = exchange_layers(self.distributed, plans, done, owners)
         new_modules = []
         for p in plans:
@@ -776,13 +798,19 @@ def _host_shared(collector: HessianCollector | None) -> bool:
     return isinstance(collector, SharingCollector) and isinstance(collector.inner, HostHessianCollector)
 
 
-def _release_float(model: nn.Module, p: LayerPlan, quantized: nn.Module) -> None:
+def _release_float(model: nn.Module, p: LayerPlan, quantized: nn.Module,
+                   parked: ParkedLayers | None = None) -> None:
     """Free a quantized layer's float weight while the rest of its block is solved: the model
     gets the quantized layer now, and the plan keeps a shell of the original whose weight is a
     lazy placeholder of the same shape and dtype, never computed (:func:`quantkit.pipeline.build.dense_standin`
-    makes the stand-in from the shell). No forward pass runs until :meth:`ModelWalker._install`."""
-    shell = copy.copy(p.module)
-    weight = shell.weight
-    shell.weight = mx.zeros(weight.shape, weight.dtype)
-    p.module = shell
+    makes the stand-in from the shell). No forward pass runs until :meth:`ModelWalker._install`.
+    With ``parked``, the weight is put aside there first (for the block optimizers), under the
+    layer's path in its block."""
+    if parked is not None:
+        p.module = parked.park(p.path, p.module)
+    else:
+        shell = copy.copy(p.module)
+        weight = shell.weight
+        shell.weight = mx.zeros(weight.shape, weight.dtype)
+        p.module = shell
     model.update_modules(tree_unflatten([(p.path, quantized)]))

@@ -6,6 +6,7 @@ from __future__ import annotations
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
+import pytest
 from mlx.utils import tree_flatten
 
 from quantkit import Recipe
@@ -167,9 +168,11 @@ def test_walk_in_row_chunks_is_byte_identical(monkeypatch):
         np.testing.assert_array_equal(np.array(chunked[k]), np.array(whole[k]), err_msg=k)
 
 
-def test_layers_sharing_a_hessian_solved_one_by_one_give_the_stacked_result(monkeypatch):
+@pytest.mark.parametrize("options", [{}, {"act_order": True, "scale_search": "hessian"}])
+def test_layers_sharing_a_hessian_solved_one_by_one_give_the_stacked_result(monkeypatch, options):
     """On the host, q/k/v and gate/up are factorized once and solved one layer at a time with
-    the shared factor: the same bytes as solving their stacked rows as one matrix."""
+    the shared factor (with act-order: the permuted Hessian's, as the default pipeline's GPTQ
+    runs): the same bytes as solving their stacked rows as one matrix."""
     tokens = mx.random.randint(0, 128, (8, 32), key=mx.random.key(1))
     real = walker_module.solve_jointly
     seen = []
@@ -181,14 +184,45 @@ def test_layers_sharing_a_hessian_solved_one_by_one_give_the_stacked_result(monk
 
         monkeypatch.setattr(walker_module, "solve_jointly", solve)
         model = _tiny_llama()
-        ModelWalker(Recipe.uniform("gptq", bits=4, group_size=32), batch_size=2,
+        ModelWalker(Recipe.uniform("gptq", bits=4, group_size=32, **options), batch_size=2,
                     backend="numpy").run(model, tokens)
         return dict(tree_flatten(model.parameters()))
 
+    from quantkit.quantizers import GPTQQuantizer
+
+    shared = []
+    real_shared = GPTQQuantizer.shared_solver
+    monkeypatch.setattr(GPTQQuantizer, "shared_solver",
+                        lambda self, *a: shared.append(1) or real_shared(self, *a))
     separate = walk(True)
     # the walker asks for it; per block: q/k/v (3), o, gate/up (2), down
     assert (3, True) in seen and (2, True) in seen
+    # with act-order through the quantizer's shared solver (one factorization per group)
+    assert len(shared) == (2 * 2 if options else 0)
     stacked = walk(False)
     assert separate.keys() == stacked.keys()
     for k in stacked:
         np.testing.assert_array_equal(np.array(separate[k]), np.array(stacked[k]), err_msg=k)
+
+
+def test_act_order_factor_permutes_while_copying_the_same_bytes():
+    """GPTQ's act-order factorizes the permuted Hessian: permuted while it is copied to float64
+    (no permuted float32 copy held), the same factor bit for bit as of the permuted copy, for
+    both inverse strategies; dead inputs and damping follow the permutation."""
+    from quantkit.inverse import DampedCholesky, EscalatingCholesky
+    from quantkit.kernels.linalg import prepare_hessians
+
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((600, 300)).astype(np.float32)
+    x[:, 7] = 0.0  # a dead input
+    h = x.T @ x
+    perm = np.argsort(-np.diagonal(h), kind="stable")
+    permuted = np.ascontiguousarray(h[perm][:, perm])
+    direct, damp, dead = prepare_hessians(h[None], 0.01, perm)
+    ref, ref_damp, ref_dead = prepare_hessians(permuted[None], 0.01)
+    assert np.array_equal(direct, ref) and np.array_equal(damp, ref_damp)
+    assert dead.tolist() == ref_dead.tolist() == [1]
+    for strategy in (DampedCholesky(0.01), EscalatingCholesky(0.01)):
+        a = strategy.factor_permuted(mx.array(h), perm)
+        b = strategy.factor(mx.array(permuted))
+        assert np.array_equal(np.array(a.u), np.array(b.u)) and a.n_dead == b.n_dead == 1

@@ -15,7 +15,7 @@ error, never a silent replacement.
 from __future__ import annotations
 
 import abc
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, MutableSequence, Sequence
 from typing import Any, ClassVar, TypeVar
 
 import attrs
@@ -41,12 +41,16 @@ class BlockContext:
     ``reduce(x)``: the sum of ``x`` over every process of the run (``x`` itself in one process);
     anything a method decides from statistics must go through it so all ranks decide alike.
     ``float_layers``: the block's float layers before the solve, by path relative to the block
-    (given to optimizers; empty for transforms).
+    (given to optimizers; empty for transforms); like ``inputs``, valid while the method runs
+    (on a CPU each access reads the layer's weight back from a scratch file).
     ``spec``: the run's default quantization (the recipe default's spec), for methods that
     round as the solve will (e.g. AWQ's search); ``None`` where there is no recipe.
     ``objective``: how an optimizer compares the outputs with their targets: ``"mse"`` (hidden
     states of a decoder block) or ``"kl"`` (logits: the output head, see
     :class:`~quantkit.blocks.rounding.LearnedRounding`'s ``head``).
+    ``store(arrays=())``: a new sequence to keep block-sized arrays in between uses (a list;
+    on a CPU, scratch files under ``TMPDIR`` read back, the same bytes, on each access — see
+    :mod:`quantkit.pipeline.activations` — so that what a method keeps aside is not resident).
     """
 
     index: int
@@ -60,6 +64,7 @@ class BlockContext:
     seed: int = 0
     spec: QuantSpec | None = None
     objective: str = attrs.field(default="mse", validator=attrs.validators.in_(("mse", "kl")))
+    store: Callable[..., MutableSequence[mx.array]] = list
 
 
 class BlockTransform(abc.ABC):
@@ -81,8 +86,9 @@ class BlockOptimizer(abc.ABC):
 
     @abc.abstractmethod
     def optimize(self, ctx: BlockContext, targets: Sequence[mx.array]) -> dict[str, Any]:
-        """``targets[j]``: the float block's output on batch ``j``. Adjust ``ctx.block``'s
-        quantized layers in place; return figures for the run report (JSON-able)."""
+        """``targets[j]``: the float block's output on batch ``j`` (valid while the method
+        runs, as ``ctx.inputs``). Adjust ``ctx.block``'s quantized layers in place; return
+        figures for the run report (JSON-able)."""
 
 
 TRANSFORMS: dict[str, type[BlockTransform]] = {}

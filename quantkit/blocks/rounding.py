@@ -26,9 +26,10 @@ the objective never increases. Deterministic for a given ``ctx.seed``.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, MutableSequence, Sequence
 from typing import Any, ClassVar, cast
 
 import attrs
@@ -40,7 +41,13 @@ from mlx_lm.models import base
 from mlx_lm.models.switch_layers import QuantizedSwitchLinear, SwitchLinear
 
 from ..kernels.packing import pack_bits
-from ..kernels.rounding import grid_position, kl_divergence, learned_weight, sign_step
+from ..kernels.rounding import (
+    grid_position,
+    kl_divergence,
+    learned_weight,
+    learned_weight_grads,
+    sign_step,
+)
 from .base import BlockContext, BlockOptimizer, register_optimizer
 
 _STORAGE = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
@@ -51,11 +58,19 @@ _BOUNDS = {"v": 0.5, "ds": 0.5, "db": 1.0}
 class _Layer:
     path: str
     module: nn.Module  # the quantized layer (written back in place)
-    standin: nn.Module  # a dense layer computing with the learned weight
-    u: mx.array  # position of each weight on its grid (the codes when there is no float weight)
+    standin: nn.Module  # a dense layer computing with the learned weight (no weight of its own)
+    kept: MutableSequence[mx.array]  # where ``u`` waits (see BlockContext.store)
+    slot: int
     scales: mx.array
     biases: mx.array
     bits: int
+
+    @property
+    def u(self) -> mx.array:
+        """The position of each weight on its grid (the codes when there is no float weight);
+        on a CPU read back from its scratch file at each use, so it is resident only while
+        a computation needs it."""
+        return self.kept[self.slot]
 
 
 def _none_or_positive(_: Any, attribute: Any, value: int | None) -> None:
@@ -104,22 +119,22 @@ class LearnedRounding(BlockOptimizer):
         # part in every sum, with zero contributions: the processes' sums must pair up.
         storage = _STORAGE[self.storage]
         params = {L.path: self._initial(L) for L in layers}
+        mx.eval(params)
+        calls: list[str] = []  # the tuned layers in the order a forward pass calls them
+        tuned = [_Tuned(L, storage, calls) for L in layers]
 
         def install(which: str) -> None:
             ctx.block.update_modules(tree_unflatten(
-                [(L.path, L.standin if which == "dense" else L.module) for L in layers]))
+                [(L.path, t if which == "tuned" else L.module) for L, t in zip(layers, tuned)]))
 
-        def set_weights(p: dict) -> None:
-            for L in layers:
-                q = p[L.path]
-                L.standin.weight = learned_weight(
-                    L.u, q.get("v", mx.zeros_like(L.u)), L.scales, L.biases, q["ds"], q["db"],
-                    L.bits, storage)[0]
+        def use(p: dict | None, recompute: bool = False) -> None:
+            for t in tuned:
+                t.use(None if p is None else p[t.layer.path], recompute)
 
         kl = ctx.objective == "kl"
 
         def batch_loss(p: dict, j: int, rows: slice) -> mx.array:
-            set_weights(p)
+            use(p, recompute=True)
             if rows == slice(None):
                 out = ctx.forward(ctx.block, j)
             else:
@@ -128,24 +143,36 @@ class LearnedRounding(BlockOptimizer):
                 return mx.mean(kl_divergence(targets[j][rows], out))
             return mx.mean(mx.square(out - targets[j][rows]))
 
+        # The objective's forward passes run ``batch_size`` sequences at a time where the
+        # outputs are the same bytes as a whole batch's (on a CPU, see _rows_exact); the
+        # differences are summed over whole batches as ever.
+        rows_exact = self.batch_size is not None and _rows_exact()
+
+        def forward(j: int) -> mx.array:
+            n = targets[j].shape[0]
+            if not rows_exact or n <= cast(int, self.batch_size):
+                return ctx.forward(ctx.block, j)
+            size = cast(int, self.batch_size)
+            parts = []
+            for r in range(0, n, size):  # one part's intermediates held at a time
+                parts.append(ctx.forward(_Rows(ctx.block, slice(r, min(r + size, n)), n), j))
+                mx.eval(parts[-1])
+            return mx.concatenate(parts)
+
         def full_loss(p: dict | None) -> float:
-            if p is None:  # the solve's own values
-                for L in layers:
-                    L.standin.weight = _dequantized(L.module)
-            else:
-                set_weights(p)
+            use(p)  # None: the solve's own values
             total = mx.zeros((2,))
-            # Logits are wide (the vocabulary): measured a step's rows at a time.
-            for j, rows in (chunks if kl else [(j, slice(None)) for j in range(len(ctx.inputs))]):
-                if kl:
+            if kl:  # logits are as wide as the vocabulary: a step's rows at a time
+                for j, rows in chunks:
                     n = targets[j].shape[0]
                     d = kl_divergence(targets[j][rows], ctx.forward(_Rows(ctx.block, rows, n), j))
-                    part = mx.stack([mx.sum(d), mx.array(float(d.size))])
-                else:
-                    d = ctx.forward(ctx.block, j) - targets[j]
-                    part = mx.stack([mx.sum(mx.square(d)), mx.array(float(d.size))])
-                total = total + part
+                    total = total + mx.stack([mx.sum(d), mx.array(float(d.size))])
+                    mx.eval(total)
+            for j in range(0 if kl else len(ctx.inputs)):
+                d = forward(j) - targets[j]
+                total = total + mx.stack([mx.sum(mx.square(d)), mx.array(float(d.size))])
                 mx.eval(total)
+            use(None)  # (the dense weights go)
             total = ctx.reduce(total)
             return float(cast(float, (total[0] / total[1]).item()))
 
@@ -154,46 +181,76 @@ class LearnedRounding(BlockOptimizer):
         if kl and self.batch_size is None:  # whole batches of logits: too wide
             chunks = _chunks([t.shape[0] for t in targets], 1)
         steps = self.steps
+        total, processes = cast(list[float], ctx.reduce(mx.array([float(len(chunks)), 1.0])).tolist())
         if steps is None:  # the same number on every process: from the chunks of all of them
-            total, processes = cast(list[float], ctx.reduce(mx.array([float(len(chunks)), 1.0])).tolist())
             steps = max(1, math.ceil(self.epochs * total / processes))
         lr0 = self.lr if self.lr is not None else 1.0 / max(steps, 1)
-        install("dense")
+        install("tuned")
         try:
             # The objective needs no gradients: measured with the attention the pipeline
             # installed (NumPy on a CPU, see quantkit.host), the steps with MLX's own.
             before = best = full_loss(None)
-            best_params, best_step = None, 0
+            # The best measured state is kept as the stored values it gives (packed codes,
+            # scales, biases: ~1/6 of the float offsets at 4 bits), not as the offsets.
+            best_stored: dict[str, dict[str, mx.array]] | None = None
+            best_step = 0
             order: list[int] = []
             for step in range(steps):
                 if not order:
                     order = list(rng.permutation(len(chunks)))
                 with _mlx_attention(ctx.block):
+                    calls.clear()
                     if order:
                         j, rows = chunks[int(order.pop())]
                         _, grads = mx.value_and_grad(
                             lambda p, j=j, rows=rows: batch_loss(p, j, rows))(params)
                     else:  # no batch here
                         grads = tree_map(mx.zeros_like, params)
-                    grads = _reduce_tree(ctx, grads)
+                    use(None)  # (the tuned layers let go of the offsets)
                     lr = lr0 * (1 - step / steps)
-                    params = {path: {k: sign_step(x, grads[path][k], lr, _BOUNDS[k])
-                                     for k, x in q.items()} for path, q in params.items()}
-                    mx.eval(params)
+                    if processes == 1:
+                        # Layer by layer in the order the backward pass reaches them (the
+                        # calls reversed): its gradients evaluated, its offsets stepped (the
+                        # same values): the old offsets are freed as the pass leaves each layer,
+                        # and one layer's gradients are held at a time.
+                        for path in [*reversed(calls), *(p for p in params if p not in calls)]:
+                            g = grads.pop(path)
+                            mx.eval(g)
+                            params[path] = {k: sign_step(x, g[k], lr, _BOUNDS[k])
+                                            for k, x in params[path].items()}
+                            del g
+                            mx.eval(params[path])
+                    else:
+                        # Summed over the processes in one fixed order on every process (a
+                        # process without a batch has no calls); one layer's backward pass
+                        # evaluated at a time.
+                        for path in reversed(list(grads)):
+                            mx.eval(grads[path])
+                        grads = _reduce_tree(ctx, grads)
+                        params = {path: {k: sign_step(x, grads[path][k], lr, _BOUNDS[k])
+                                         for k, x in q.items()} for path, q in params.items()}
+                        del grads
+                        mx.eval(params)
                 if (step + 1) % self.eval_every == 0 or step + 1 == steps:
                     loss = full_loss(params)
                     if loss < best:
-                        best, best_params, best_step = loss, params, step + 1
+                        best, best_step = loss, step + 1
+                        best_stored = {}
+                        for L in layers:  # one layer's weight made at a time
+                            best_stored[L.path] = _stored(L, params[L.path], storage)
+                            mx.eval(best_stored[L.path])
         finally:
             install("quantized")
-        if best_params is not None:
+        if best_stored is not None:
             for L in layers:
-                self._write(L, best_params[L.path], storage)
+                L.module.update(best_stored[L.path])
+                mx.eval(L.module.parameters())
         return {"layers": len(layers), "loss_before": before, "loss_after": best,
                 "best_step": best_step, "method": self.method, "steps": steps}
 
     def _layers(self, ctx: BlockContext) -> list[_Layer]:
         out = []
+        kept = ctx.store()
         leaves: Any = tree_flatten(ctx.block.leaf_modules(),
                                                      is_leaf=nn.Module.is_module)
         for path, m in leaves:
@@ -207,15 +264,20 @@ class LearnedRounding(BlockOptimizer):
             u = codes
             if self.method == "signround" and flt is not None and flt.weight.shape == codes.shape:
                 u = grid_position(flt.weight, scales, biases)
+            del flt  # (the float layer is read once: u holds what is needed of it)
+            mx.eval(u, scales, biases)
+            kept.append(u)
+            shape = codes.shape
+            del u, codes
             if kind is nn.QuantizedLinear:
-                standin: nn.Module = nn.Linear(codes.shape[-1], codes.shape[-2], bias="bias" in m)
+                standin: nn.Module = nn.Linear(shape[-1], shape[-2], bias="bias" in m)
             else:
-                standin = SwitchLinear(codes.shape[-1], codes.shape[-2], codes.shape[0],
-                                       bias="bias" in m)
+                standin = SwitchLinear(shape[-1], shape[-2], shape[0], bias="bias" in m)
             if "bias" in m:
                 standin.bias = m.bias.astype(mx.float32)
-            standin.weight = _dequantized(m)
-            out.append(_Layer(path, m, standin, u, scales, biases, m.bits))
+            # Its weight is made for each call (see _Tuned), never held.
+            del standin["weight"]
+            out.append(_Layer(path, m, standin, kept, len(kept) - 1, scales, biases, m.bits))
         return out
 
     def _initial(self, L: _Layer) -> dict[str, mx.array]:
@@ -224,14 +286,101 @@ class LearnedRounding(BlockOptimizer):
             p["v"] = mx.clip(_codes(L.module) - L.u, -0.5, 0.5)
         return p
 
-    def _write(self, L: _Layer, q: dict, storage: mx.Dtype) -> None:
-        _, codes, s, b = learned_weight(L.u, q.get("v", mx.zeros_like(L.u)), L.scales, L.biases,
-                                        q["ds"], q["db"], L.bits, storage)
-        m = L.module
-        m.weight = pack_bits(codes.astype(mx.uint8), L.bits)
-        m.scales = s.astype(m.scales.dtype)
-        m.biases = b.astype(m.biases.dtype)
-        mx.eval(m.parameters())
+def _stored(L: _Layer, q: dict, storage: mx.Dtype) -> dict[str, mx.array]:
+    """The arrays ``L``'s quantized layer stores for the learned parameters ``q`` (its
+    ``weight``, ``scales`` and ``biases``, in the layer's dtypes)."""
+    _, codes, s, b = learned_weight(L.u, q.get("v", mx.zeros_like(L.u)), L.scales, L.biases,
+                                    q["ds"], q["db"], L.bits, storage)
+    m = L.module
+    return {"weight": pack_bits(codes.astype(mx.uint8), L.bits),
+            "scales": s.astype(m.scales.dtype), "biases": b.astype(m.biases.dtype)}
+
+
+def _learned_weight(L: _Layer, storage: mx.Dtype) -> Callable[..., mx.array]:
+    """``(ds, db, v) ->`` the dense weight of ``L`` (:func:`learned_weight`), whose gradients
+    are :func:`learned_weight_grads`: MLX's own values, without holding the forward pass's
+    full-size intermediates."""
+
+    @mx.custom_function
+    def weight(ds: mx.array, db: mx.array, v: mx.array) -> mx.array:
+        return learned_weight(L.u, v, L.scales, L.biases, ds, db, L.bits, storage)[0]
+
+    @weight.vjp
+    def weight_vjp(primals: tuple, cotangent: mx.array, output: mx.array) -> tuple:
+        ds, db, v = primals
+        dv, dds, ddb = learned_weight_grads(L.u, v, L.scales, L.biases, ds, db, L.bits, storage,
+                                            cotangent)
+        return dds, ddb, dv
+
+    return cast(Callable[..., mx.array], weight)
+
+
+class _Tuned(nn.Module):
+    """Stands in for a quantized layer while it is tuned: computes with the dense weight its
+    current learned parameters give (:meth:`use`; ``None``: the solve's own values). With
+    ``recompute`` (a gradient step) the weight is made for each call and the layer's product
+    runs inside ``mx.checkpoint``: the backward pass recomputes them from the parameters and
+    the layer's input instead of holding them (the same operations, so the same values).
+    Without (measuring the objective, part after part of every batch) the weight is made at
+    the first call and kept until the next :meth:`use`."""
+
+    def __init__(self, layer: _Layer, storage: mx.Dtype, calls: list[str]) -> None:
+        super().__init__()
+        object.__setattr__(self, "layer", layer)
+        object.__setattr__(self, "_calls", calls)
+        object.__setattr__(self, "_learned", _learned_weight(layer, storage))
+        self.use(None)
+
+    def use(self, q: dict | None, recompute: bool = False) -> None:
+        object.__setattr__(self, "_q", q)
+        object.__setattr__(self, "_recompute", recompute)
+        object.__setattr__(self, "_kept", None)
+
+    def _weight(self, p: tuple[mx.array, ...]) -> mx.array:
+        L = self.layer
+        if not p:
+            return _dequantized(L.module)
+        ds, db, *v = p
+        return self._learned(ds, db, v[0] if v else mx.zeros_like(L.u))
+
+    def __call__(self, x: mx.array, *args: Any, **kwargs: Any) -> mx.array:
+        standin = self.layer.standin
+        if self.layer.path not in self._calls:
+            self._calls.append(self.layer.path)
+
+        def run(x: mx.array, *p: mx.array) -> mx.array:
+            standin["weight"] = self._weight(p) if self._recompute else self._kept
+            try:
+                return standin(x, *args, **kwargs)
+            finally:
+                del standin["weight"]
+
+        q = self._q
+        p = () if q is None else (q["ds"], q["db"], *([q["v"]] if "v" in q else []))
+        if self._recompute:
+            return mx.checkpoint(run)(x, *p)
+        if self._kept is None:
+            object.__setattr__(self, "_kept", self._weight(p))
+            mx.eval(self._kept)
+        return run(x)
+
+
+@functools.cache
+def _rows_exact() -> bool:
+    """Whether a block's outputs on some of a batch's sequences are, bit for bit, the rows of
+    its output on the whole batch: on a CPU, where MLX multiplies with a BLAS whose row slices
+    of a product are the whole product's (checked once on a probe, as
+    :func:`quantkit.host.row_slices_exact` checks NumPy's); attention, norms and elementwise
+    operations are per sequence or per row. Not assumed on a GPU."""
+    if mx.default_device() != mx.cpu:
+        return False
+    k1, k2 = mx.random.split(mx.random.key(0))
+    x = mx.random.normal((3 * 64 + 37, 300), key=k1)
+    w = mx.random.normal((300, 2 * 256 + 40), key=k2)
+    whole = x @ w
+    bounds = [0, 64, 2 * 64 + 11, x.shape[0]]
+    return all(np.array_equal(np.array(x[a:b] @ w), np.array(whole[a:b]))
+               for a, b in zip(bounds, bounds[1:]))
 
 
 def _chunks(batch_rows: list[int], size: int | None) -> list[tuple[int, slice]]:
@@ -277,6 +426,12 @@ def _dequantized(m: nn.Module) -> mx.array:
 
 
 def _reduce_tree(ctx: BlockContext, tree: dict) -> dict:
+    """``tree`` (a dict per layer) summed over the processes of the run, one flat buffer per
+    layer (a copy of one layer's gradients at a time, not of the block's)."""
+    return {path: _reduce_flat(ctx, q) for path, q in tree.items()}
+
+
+def _reduce_flat(ctx: BlockContext, tree: dict) -> dict:
     """``tree`` summed over the processes of the run, as one flat buffer."""
     flat: Any = tree_flatten(tree)
     if not flat:

@@ -24,14 +24,24 @@ from ..errors import FactorizationError
 from .blocked_cholesky import reversed_factor_numpy
 
 
-def prepare_hessians(h: np.ndarray, damping: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def prepare_hessians(h: np.ndarray, damping: float, perm: np.ndarray | None = None
+                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Float64 copy of a stack ``h (E, n, n)`` with, in each matrix, dead inputs neutralised and
     ``damping · mean(diag)`` added to the diagonal. Returns ``(H, damp_value (E,), n_dead (E,))``.
+    ``perm``: the copy is of ``h[:, perm][:, :, perm]`` (rows and columns permuted), made a
+    block of rows at a time: no permuted copy of ``h`` besides the float64 one.
 
     A dead input (zero diagonal: the column never saw a non-zero activation) gets a unit-scale
     diagonal entry, so it neither breaks the factorization nor receives error from other columns.
     """
-    h = np.array(h, dtype=np.float64, copy=True)
+    if perm is None:
+        h = np.array(h, dtype=np.float64, copy=True)
+    else:
+        out = np.empty(h.shape, dtype=np.float64)
+        for e in range(len(h)):
+            for a in range(0, len(perm), 256):
+                out[e, a : a + 256] = h[e][perm[a : a + 256]][:, perm]
+        h = out
     if not np.all(np.isfinite(h)):
         raise FactorizationError("Hessian has NaN/Inf entries (non-finite calibration activations)")
     diag = np.diagonal(h, axis1=-2, axis2=-1).copy()

@@ -42,6 +42,34 @@ def sign_step(x: mx.array, grad: mx.array, lr: float, bound: float) -> mx.array:
     return mx.clip(x - lr * mx.sign(grad), -bound, bound)
 
 
+def learned_weight_grads(u: mx.array, v: mx.array, scales0: mx.array, biases0: mx.array,
+                         ds: mx.array, db: mx.array, bits: int, storage: mx.Dtype,
+                         cotangent: mx.array) -> tuple[mx.array, mx.array, mx.array]:
+    """``(dv, dds, ddb)``: the gradients of :func:`learned_weight`'s weight for the weight's
+    ``cotangent``, the values MLX's automatic differentiation gives (the same operations:
+    ``round`` passes gradients straight through, ``clip`` none at or beyond its bounds, the
+    storage casts round the scale and bias gradients as they round the values), computed from
+    the inputs again instead of from the forward pass's full-size intermediates, so that a
+    backward pass holds a few weight-sized temporaries instead of about ten."""
+    hi = (1 << bits) - 1
+    x = u + v
+    r = x + (mx.round(x) - x)
+    passes = mx.greater(r, 0.0)  # maximum(r, 0)'s gradient mask
+    m = mx.maximum(r, 0.0)
+    passes_hi = mx.less(m, float(hi))  # minimum(m, hi)'s
+    codes = mx.minimum(m, float(hi))
+    g = scales0.shape[-1]
+    grouped = codes.reshape(*codes.shape[:-1], g, -1)
+    dw = cotangent.reshape(grouped.shape)
+    s = (scales0 * (1 + ds)).astype(storage).astype(mx.float32)
+    d_s = mx.sum(dw * grouped, axis=-1, keepdims=True).reshape(s.shape)
+    d_b = mx.sum(dw, axis=-1, keepdims=True).reshape(s.shape)
+    dds = d_s.astype(storage).astype(mx.float32) * scales0
+    ddb = d_b.astype(storage).astype(mx.float32) * scales0
+    dv = ((dw * s[..., None]).reshape(codes.shape) * passes_hi) * passes
+    return dv, dds, ddb
+
+
 def kl_divergence(target_logits: mx.array, logits: mx.array) -> mx.array:
     """``KL(softmax(target) ‖ softmax(logits))`` over the last axis, per position (float32)."""
     log_p = target_logits.astype(mx.float32)

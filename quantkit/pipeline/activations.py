@@ -13,12 +13,16 @@ at a disk to gain the memory.
 from __future__ import annotations
 
 import contextlib
+import copy
 import itertools
 import tempfile
-from collections.abc import Callable, Iterable, Iterator, MutableSequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, MutableSequence
 from pathlib import Path
 
 import mlx.core as mx
+import mlx.nn as nn
+
+_FILE_NUMBERS = itertools.count()
 
 
 class ParkedActivations(MutableSequence):
@@ -28,7 +32,8 @@ class ParkedActivations(MutableSequence):
 
     def __init__(self, directory: Path, arrays: Iterable[mx.array] = ()) -> None:
         self._dir = directory
-        self._names = (f"a{k}.safetensors" for k in itertools.count())
+        # Unique across the sequences sharing ``directory``.
+        self._names = (f"a{k}.safetensors" for k in _FILE_NUMBERS)
         self._files: list[Path] = []
         for x in arrays:
             self.append(x)
@@ -62,6 +67,51 @@ class ParkedActivations(MutableSequence):
         self._files.insert(j, self._write(x))
 
 
+class ParkedLayers(Mapping[str, nn.Module]):
+    """Float layers put aside once their quantized layers are made, for the block optimizers
+    that read them afterwards (:attr:`~quantkit.blocks.base.BlockContext.float_layers`): each
+    layer's weight waits in ``store`` (an activation sequence: scratch files on the host, see
+    :class:`ParkedActivations`; a list elsewhere), its module as a shell whose weight is a lazy
+    placeholder, never computed. ``layers[path]`` (``path`` without ``prefix``: relative to
+    the block) is a copy of the shell holding the weight as ``store`` gives it back (on the
+    host a fresh lazy load, the bytes written: what a reader does not keep is not resident)."""
+
+    def __init__(self, store: MutableSequence[mx.array], prefix: str = "") -> None:
+        self._store = store
+        self._prefix = prefix
+        self._shells: dict[str, tuple[nn.Module, int]] = {}
+
+    def park(self, path: str, module: nn.Module) -> nn.Module:
+        """Put ``module``'s weight aside (``path``: the layer's path in the model); returns the
+        shell to keep instead of ``module`` (its weight: a placeholder of the same shape and
+        dtype)."""
+        if path.startswith(self._prefix):
+            path = path[len(self._prefix):]
+        weight = module.weight
+        self._store.append(weight)
+        shell = copy.copy(module)
+        shell.weight = mx.zeros(weight.shape, weight.dtype)
+        self._shells[path] = (shell, len(self._store) - 1)
+        return shell
+
+    def __getitem__(self, path: str) -> nn.Module:
+        shell, k = self._shells[path]
+        layer = copy.copy(shell)
+        layer.weight = self._store[k]
+        return layer
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._shells)
+
+    def __len__(self) -> int:
+        return len(self._shells)
+
+    def close(self) -> None:
+        """Drop every parked weight (and its scratch file)."""
+        del self._store[:]
+        self._shells.clear()
+
+
 @contextlib.contextmanager
 def activation_store(park: bool) -> Iterator[Callable[..., MutableSequence[mx.array]]]:
     """A factory of activation sequences for one run: :class:`ParkedActivations` in a temporary
@@ -70,13 +120,4 @@ def activation_store(park: bool) -> Iterator[Callable[..., MutableSequence[mx.ar
         yield list
         return
     with tempfile.TemporaryDirectory(prefix="quantkit-acts-") as tmp:
-        count = itertools.count()
-
-        def parked(arrays: Iterable[mx.array] = ()) -> ParkedActivations:
-            # Each sequence in its own folder: two (the quantized and the float model's
-            # activations) never share a file name.
-            folder = Path(tmp) / f"s{next(count)}"
-            folder.mkdir()
-            return ParkedActivations(folder, arrays)
-
-        yield parked
+        yield lambda arrays=(): ParkedActivations(Path(tmp), arrays)

@@ -165,6 +165,7 @@ def solve_jointly(group: list[LayerPlan], stats, one_by_one: bool = False
     results and the seconds spent.
 
     ``one_by_one``: where the quantizer takes a precomputed factor (GPTQ without act-order),
+    or gives a solver for weights sharing statistics (``shared_solver``: GPTQ with act-order),
     factorize once and solve each layer with it when the caller asks for its result (the
     iterator is lazy): the same values where the column loop's products give a matrix's row
     slices as the stacked matrix's (each output row depends on its own weight row only), with
@@ -188,6 +189,19 @@ def solve_jointly(group: list[LayerPlan], stats, one_by_one: bool = False
                                          shared, p.storage_dtype, **{"factor": factor})
                 yield attrs.evolve(r, info=dict(r.info, joint_with=paths))
         return each(), time.perf_counter() - t0
+    shared_solver = getattr(p0.quantizer, "shared_solver", None) if one_by_one else None
+    if shared_solver is not None:  # (GPTQ with act-order: the factor is of the permuted Hessian)
+        try:
+            solve = shared_solver(p0.spec, stats[p0.path], p0.storage_dtype)
+        except FactorizationError:
+            return iter([None] * len(group)), time.perf_counter() - t0
+        paths = [p.path for p in group]
+
+        def each_shared() -> Iterator[QuantResult | None]:
+            for p in group:
+                r = solve(p.handler.weight(p.module).astype(mx.float32))
+                yield attrs.evolve(r, info=dict(r.info, joint_with=paths))
+        return each_shared(), time.perf_counter() - t0
     weights = [p.handler.weight(p.module).astype(mx.float32) for p in group]
     try:
         joint = p0.quantizer.quantize(mx.concatenate(weights, axis=0), p0.spec,
