@@ -274,6 +274,7 @@ class ModelWalker:
                 with self._phase("calibrate"):
                     # Parked on the host like the inputs: one batch resident at a time.
                     source = ref_inputs if float_model_targets else inputs
+                    assert source is not None
                     targets = self._activations()
                     for j, (a, kw) in enumerate(block_args[i]):
                         targets.append(self._eval(block(source[j], *a, **kw)))

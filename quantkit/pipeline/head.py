@@ -56,7 +56,7 @@ def head_inputs(model: nn.Module, candidates: dict[str, tuple[nn.Module, Callabl
 
 def regroup(batches: Sequence[mx.array], size: int) -> list[mx.array]:
     """The sequences of ``batches`` (``(n, length, hidden)`` each) in batches of ``size``."""
-    out = []
+    out: list[mx.array] = []
     for x in batches:
         out.extend(x[r : r + size] for r in range(0, x.shape[0], size))
     return out
