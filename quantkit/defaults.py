@@ -46,7 +46,7 @@ PIPELINES: dict[str, dict[str, Any]] = {
 }
 
 #: What ``quantkit quantize MODEL -o OUT`` runs.
-DEFAULT = "gptq_best_lr_fm_head"
+DEFAULT = "gptq_best_lr"
 
 
 def default_recipe(fast: bool = False) -> Recipe:

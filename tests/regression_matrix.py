@@ -34,8 +34,9 @@ GENERATOR = "OPENBLAS_NUM_THREADS=1 PYTHONPATH=$PWD python tests/regression_matr
 #: Tiny calibration: 8 sequences of 64 tokens from the TinyStories sample.
 CALIBRATION = ["--num-samples", "8", "--seq-len", "64", "--seed", "0"]
 
-_SIGNROUND = ('[default]\nstrategy = "gptq"\nact_order = true\nscale_search = "hessian"\n'
-              '[[optimizer]]\nname = "learned_rounding"\nmethod = "signround"\n')
+_FM_HEAD = ('[default]\nstrategy = "gptq"\nact_order = true\nscale_search = "hessian"\n'
+            '[[optimizer]]\nname = "learned_rounding"\nmethod = "signround"\n'
+            'target = "float_model"\nhead = true\n')
 
 #: name → (fixture under ../shared/models, extra CLI arguments, recipe TOML or None)
 CASES: dict[str, tuple[str, list[str], str | None]] = {
@@ -53,18 +54,17 @@ CASES: dict[str, tuple[str, list[str], str | None]] = {
     "moe-mxfp4": ("stories260K-moe4", [],
                   '[default]\nstrategy = "gptq"\nmode = "mxfp4"\nbits = 4\ngroup_size = 32\n'),
     "moe-gptq-2proc": ("stories260K-moe4", ["--strategy", "gptq", "--processes", "2"], None),
-    # The default pipeline before learned rounding took the float model's activations as
-    # targets and tuned the head (GPTQ, then learned rounding against each float block on the
-    # quantized activations), and with AWQ before the solve and the optimizer's other method;
-    # recorded before the block methods' memory cuts (branch lrmem), which must not change a byte.
-    "dense-lr-signround": ("stories260K-pad192", [], _SIGNROUND),
-    "dense-lr-signround-2proc": ("stories260K-pad192", ["--processes", "2"], _SIGNROUND),
-    "moe-lr-signround": ("stories260K-moe4", [], _SIGNROUND),
-    # The default pipeline (quantkit/defaults.py).
+    # The default pipeline (GPTQ, then learned rounding against each block's float outputs),
+    # and with AWQ before the solve and the optimizer's other method; recorded before the
+    # block methods' memory cuts (branch lrmem), which must not change a byte.
     "dense-default": ("stories260K-pad192", [], None),
-    # (16 sequences: a batch for each process, so that learned rounding has steps to take)
-    "dense-default-2proc": ("stories260K-pad192", ["--processes", "2", "--num-samples", "16"], None),
+    "dense-default-2proc": ("stories260K-pad192", ["--processes", "2"], None),
     "moe-default": ("stories260K-moe4", [], None),
+    # Learned rounding towards the float model's own activations, then the output head (KL);
+    # 2 processes on 16 sequences: a batch for each, so that the steps have data everywhere.
+    "dense-lr-fm-head": ("stories260K-pad192", [], _FM_HEAD),
+    "dense-lr-fm-head-2proc": ("stories260K-pad192", ["--processes", "2", "--num-samples", "16"],
+                               _FM_HEAD),
     "dense-awq-lr-scales": ("stories260K-pad192", [],
                             '[default]\nstrategy = "gptq"\n[[transform]]\nname = "awq"\n'
                             '[[optimizer]]\nname = "learned_rounding"\nmethod = "scales"\n'),
