@@ -226,16 +226,15 @@ class ModelWalker:
                 # Parked on the host: one batch resident at a time (see pipeline/activations.py).
                 inputs = self._activations(inputs)
         # Full-precision block inputs, for strategies that compare them with the quantized ones.
-        float_model_targets = any(getattr(o, "target", None) == "float_model"
-                                  for o in (getattr(self.recipe, "optimizers", ()) or ()))
+        transforms = tuple(getattr(self.recipe, "transforms", ()) or ())
+        optimizers = tuple(getattr(self.recipe, "optimizers", ()) or ())
+        float_model_targets = any(getattr(o, "target", None) == "float_model" for o in optimizers)
         ref_inputs = self._activations(list(inputs)) if needs_calibration and (
             float_model_targets or any(p.quantizer.needs_reference for p in plans.values())) else None
         if ref_inputs is not None and any(p.quantizer.needs_reference for p in plans.values()) \
                 and (self.distributed.size > 1 or resumed is not None):
             raise RecipeError("strategies that need full-precision inputs (gptaq) run in one "
                               "process without --resume; use gptq for distributed or resumed runs")
-        transforms = tuple(getattr(self.recipe, "transforms", ()) or ())
-        optimizers = tuple(getattr(self.recipe, "optimizers", ()) or ())
         if (transforms or optimizers) and not needs_calibration:
             raise RecipeError("block transforms and optimizers need calibration data; use a "
                               "strategy that calibrates (e.g. gptq), not only rtn")
@@ -248,8 +247,10 @@ class ModelWalker:
                 # the next block's inputs exactly as it did in the run that wrote it.
                 with self._phase("resume"):
                     if ref_inputs is not None:  # the float model's activations, as in that run
+                        previous = ref_inputs
                         ref_inputs = self._activations(self._eval(block(x, *a, **kw))
                                                        for x, (a, kw) in zip(ref_inputs, block_args[i]))
+                        del previous[:]
                     # Its other parameters (norms, kept layers) come from the file too: block
                     # transforms may have changed them.
                     float_params_from_file(model, [p.path for p in inside], resumed.files[i], bpath,
@@ -285,8 +286,11 @@ class ModelWalker:
                     tail_cut=True,
                 ) if needs_calibration else {}
                 if ref_inputs is not None:
-                    ref_inputs = self._activations(list(targets) if float_model_targets else (
-                        self._eval(block(x, *a, **kw)) for x, (a, kw) in zip(ref_inputs, block_args[i])))
+                    previous = ref_inputs
+                    # With float-model targets, the targets are the next block's float inputs.
+                    ref_inputs = targets if float_model_targets else self._activations(
+                        self._eval(block(x, *a, **kw)) for x, (a, kw) in zip(ref_inputs, block_args[i]))
+                    del previous[:]  # (their scratch files on the host)
             # The NumPy runners hold the block's float weights: not needed once collected.
             self._runners.clear()
             with self._phase("solve"):
@@ -319,7 +323,8 @@ class ModelWalker:
                 with self._phase("optimize"):
                     self._optimize(model, report, attrs.evolve(ctx, float_layers=float_layers),
                                    inside, optimizers, targets)
-                del targets[:]  # (their scratch files on the host)
+                if targets is not ref_inputs:
+                    del targets[:]  # (their scratch files on the host)
                 del targets, float_layers
                 if self._parked is not None:
                     self._parked.close()

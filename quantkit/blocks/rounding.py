@@ -168,10 +168,11 @@ class LearnedRounding(BlockOptimizer):
                     d = kl_divergence(targets[j][rows], ctx.forward(_Rows(ctx.block, rows, n), j))
                     total = total + mx.stack([mx.sum(d), mx.array(float(d.size))])
                     mx.eval(total)
-            for j in range(0 if kl else len(ctx.inputs)):
-                d = forward(j) - targets[j]
-                total = total + mx.stack([mx.sum(mx.square(d)), mx.array(float(d.size))])
-                mx.eval(total)
+            else:
+                for j in range(len(ctx.inputs)):
+                    d = forward(j) - targets[j]
+                    total = total + mx.stack([mx.sum(mx.square(d)), mx.array(float(d.size))])
+                    mx.eval(total)
             use(None)  # (the dense weights go)
             total = ctx.reduce(total)
             return float(cast(float, (total[0] / total[1]).item()))
