@@ -131,7 +131,8 @@ def cli_job(model_dir: Path, out: Path, args, *extra: str) -> dict:
     cmd = [sys.executable, "-m", "quantkit.cli", "quantize", str(model_dir), "-o", str(out),
            "--calibration", str(TEXT), "--num-samples", str(args.samples), "--seq-len",
            str(args.seq_len), "--batch-size", str(args.batch_size), "--bits", str(args.bits),
-           "--group-size", str(args.group_size), "--json", *extra]
+           "--group-size", str(args.group_size), "--json",
+           *(["--strategy", args.strategy] if args.strategy != "default" else []), *extra]
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
     t0, c0 = time.perf_counter(), _children_cpu()
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
@@ -200,6 +201,9 @@ def main() -> None:
     p.add_argument("--dtype", default=None, choices=sorted(DTYPES),
                    help="weight dtype of the model dir (default: float32 on CPU, bfloat16 on a GPU)")
     p.add_argument("--calib-dtype", default=None, help="core's calibration dtype (as the CLI's default)")
+    p.add_argument("--strategy", default="default",
+                   help="the CLI runs' --strategy (default: none, the default pipeline; gptq: what "
+                        "the core and mlx-lm run)")
     p.add_argument("--mlx-lm-timeout", type=float, default=600.0, help="0: skip mlx-lm")
     p.add_argument("--skip-core", action="store_true")
     p.add_argument("--warmup", action="store_true",
@@ -221,6 +225,7 @@ def main() -> None:
     args.calib_dtype = args.calib_dtype or "float32"
     device = "cpu" if on_cpu else "gpu"
     row: dict = {"model": args.model, "layers": args.layers, "samples": args.samples,
+                 "cli_strategy": args.strategy,
                  "seq_len": args.seq_len, "dtype": args.dtype, "device": str(mx.default_device()),
                  "mlx": mx.__version__, "machine": platform.platform(), "cpus": os.cpu_count(),
                  "loadavg_start": os.getloadavg()}
@@ -250,7 +255,8 @@ def main() -> None:
     print(f"{args.model} ({row['weights_gb']:.2f} GB {args.dtype}), {args.samples}×{args.seq_len} "
           f"tokens, {row['device']}")
     print(f"{'run':34s} {'seconds':>8s} {'CPU s':>8s}")
-    print(f"{'quantkit quantize (defaults)':34s} {row['cli']['wall_s']:8.2f} {row['cli']['cpu_s']:8.2f}")
+    cli_name = "quantkit quantize" + (f" --strategy {args.strategy}" if args.strategy != "default" else "")
+    print(f"{cli_name:34s} {row['cli']['wall_s']:8.2f} {row['cli']['cpu_s']:8.2f}")
     if "cli_no_checkpoint" in row:
         print(f"{'quantkit quantize --no-checkpoint':34s} {row['cli_no_checkpoint']['wall_s']:8.2f} "
               f"{row['cli_no_checkpoint']['cpu_s']:8.2f}")

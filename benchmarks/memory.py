@@ -5,7 +5,8 @@ size. Target (issue 17): max RSS ≤ 35% of the float model on a 16-block ~0.8 G
 The model: mlx-lm ``llama`` ``ModelArgs`` with hidden 1024, 16 blocks, MLP 3072, vocab 512,
 16 heads, untied head (0.84 GB float32), the stories260K tokenizer. Calibration: 32×256 tokens
 of the TinyStories sample by default (the activations of the default 128×512 alone take
-268 MB at hidden 1024). Rows: the import floor (``python -c 'import quantkit.cli ...'``),
+268 MB at hidden 1024). Rows: the import floor (what the program imports before its work: ``quantkit.cli``,
+``quantkit.api``, mlx-lm's llama model; not transformers, see :mod:`quantkit.mlxlm`),
 the default run (checkpointing on) and ``--no-checkpoint`` (the checkpoint's time cost is
 their ratio, target ≤ 1.10×); ``--baseline DIR`` adds the same runs with another checkout's
 code (e.g. main before streaming).
@@ -100,8 +101,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="quantkit-memory-") as tmp:
         model = Path(tmp) / "model"
         size = build_model(model, args.blocks, args.hidden, args.mlp, args.vocab, args.dtype)
-        floor = timed([py, "-c", "import quantkit.cli, quantkit.api, mlx_lm, mlx_lm.utils, transformers"],
-                      REPO)
+        floor = timed([py, "-c", "from quantkit import mlxlm; mlxlm.defer_package_init(); "
+                           "import quantkit.cli, quantkit.api, mlx_lm.models.llama"], REPO)
         rows.append({"run": "import floor", "code": str(REPO), **floor})
         codes = [("this", REPO)] + ([("baseline", args.baseline.resolve())] if args.baseline else [])
         for label, code in codes:

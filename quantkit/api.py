@@ -28,6 +28,7 @@ from .distributed import Distributed
 from .errors import DistributedError, OutputError
 from .host import resolve_backend
 from .io import block_staging_dir, check_output, load_model, save_streamed
+from .mlxlm import bits_per_weight
 from .pipeline.source import Background, hash_weights, scan_weights
 from .quantizers import Quantizer, RTNQuantizer
 from .recipe import Recipe
@@ -93,8 +94,6 @@ def quantize_directory(
 
     ``registry``: the layer handlers (e.g. a copy whose ``SwitchLinearHandler`` has
     ``calibrate_all_experts``, see :func:`quantkit.experts.with_all_experts`)."""
-    from mlx_lm.utils import compute_bits_per_weight
-
     check_settings(seed=seed)  # reliab: before any work
     distributed = distributed or Distributed()
     writer = distributed.rank == 0  # the only rank that touches the output path
@@ -163,7 +162,7 @@ def quantize_directory(
                                     backend=backend, registry=registry)
             report = result.report
             report.phases = {**phases, **report.phases}
-            report.bits_per_weight = float(compute_bits_per_weight(model))
+            report.bits_per_weight = float(bits_per_weight(model))
             report.settings.update({
                 "source": str(model_dir), "seed": seed, "calibration_data": data.to_report(),
                 "calibration": calib.describe(),

@@ -20,12 +20,18 @@ from .errors import ModelLoadError
 
 _REPO_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*")
 
-#: What ``snapshot_download`` fetches: the files mlx-lm reads (its own list when it has one).
-try:
-    from mlx_lm.utils import DEFAULT_ALLOW_PATTERNS as ALLOW_PATTERNS
-except ImportError:  # older mlx-lm
-    ALLOW_PATTERNS = ["*.json", "model*.safetensors", "*.py", "tokenizer.model", "*.tiktoken",
-                      "tiktoken.model", "*.txt", "*.jsonl", "*.jinja"]
+#: What ``snapshot_download`` fetches when mlx-lm has no list of its own (older mlx-lm).
+ALLOW_PATTERNS = ["*.json", "model*.safetensors", "*.py", "tokenizer.model", "*.tiktoken",
+                  "tiktoken.model", "*.txt", "*.jsonl", "*.jinja"]
+
+
+def allow_patterns() -> list[str]:
+    """The files mlx-lm reads (its own list when it has one; imported only for a download)."""
+    try:
+        from mlx_lm.utils import DEFAULT_ALLOW_PATTERNS
+    except ImportError:
+        return ALLOW_PATTERNS
+    return list(DEFAULT_ALLOW_PATTERNS)
 
 
 def is_repo_id(name: str) -> bool:
@@ -64,7 +70,7 @@ def resolve_model(name: str | Path, what: str = "model directory") -> Path:
     try:
         # HF_HUB_CACHE / HF_HUB_OFFLINE are read when huggingface_hub is imported; pass them
         # explicitly so that their values now count.
-        local = snapshot_download(text, allow_patterns=ALLOW_PATTERNS,
+        local = snapshot_download(text, allow_patterns=allow_patterns(),
                                   cache_dir=os.environ.get("HF_HUB_CACHE") or None,
                                   local_files_only=offline)
     except GatedRepoError:

@@ -33,13 +33,18 @@ def load_model(
     block; mlx-lm's sharded layout and a model's ``sanitize`` work lazily too);
     ``check_finite``: refuse NaN/Inf weights, checked from the files a chunk at a time (see
     :func:`quantkit.pipeline.source.scan_weights`), never by evaluating the model."""
-    from mlx_lm.utils import load_model as _load_model
-    from mlx_lm.utils import load_tokenizer
+    from .mlxlm import load_float_model, plain_tokenizer
 
     path = Path(path)
     config = check_model_dir(path, allow_quantized)  # reliab: validation pass
     try:
-        model, config = _load_model(path, lazy=lazy)
+        # the light path (no transformers import) for float models; mlx-lm's loader otherwise
+        loaded = load_float_model(path, lazy=lazy)
+        if loaded is None:
+            from mlx_lm.utils import load_model as _load_model
+
+            loaded = _load_model(path, lazy=lazy)
+        model, config = loaded
     except ValueError as exc:
         msg = describe(exc)
         if "not supported" in msg or "model_type" in msg:
@@ -54,7 +59,11 @@ def load_model(
 
         scan_weights(path)
     try:
-        tokenizer = load_tokenizer(path)
+        tokenizer = plain_tokenizer(path)
+        if tokenizer is None:
+            from mlx_lm.utils import load_tokenizer
+
+            tokenizer = load_tokenizer(path)
     except Exception as exc:
         raise ModelLoadError(f"cannot load the tokenizer from {path}: {describe(exc)}") from None
     return model, tokenizer, config
@@ -139,7 +148,7 @@ def _write_atomically(
     """The output directory written into a hidden partial sibling (weights by
     ``write_weights(tmp)``, then config.json, the source's tokenizer files and ``extra_files``),
     flushed, and renamed into place; on any failure the partial directory is removed."""
-    from mlx_lm.utils import save_config
+    from .mlxlm import write_config
 
     out_dir = check_output(out_dir, overwrite, source_dir)
     parent = out_dir.parent
@@ -150,7 +159,7 @@ def _write_atomically(
         raise OutputError(f"cannot write to {parent} ({_why(exc)}); choose a writable output path") from None
     try:
         write_weights(tmp)
-        save_config(dict(config), config_path=tmp / "config.json")
+        write_config(config, tmp / "config.json")
         for pattern in COPY_PATTERNS:
             for src in sorted(Path(source_dir).glob(pattern)):
                 if src.is_file() and src.name not in NOT_COPIED:

@@ -134,8 +134,8 @@ def _check_model_args(config: dict[str, Any], config_path: Path) -> None:
     import inspect
 
     try:
-        from mlx_lm.utils import _get_classes
-        _, args_class = _get_classes(config)
+        from .mlxlm import model_classes
+        _, args_class = model_classes(config)
     except Exception:  # unknown model_type and the like: the loader reports those
         return
     try:

@@ -26,6 +26,10 @@ from .signals import force_exit
 # ``python -m quantkit.cli`` imports this package while ``sys.argv[0]`` is still "-m".
 if sys.argv[0] == "-m" or os.path.basename(sys.argv[0]) == "quantkit":
     interrupt.install(force_exit)  # the `quantkit` program: before the imports below
+    # mlx-lm's package __init__ (and with it transformers) runs only if a command needs it
+    from .. import mlxlm
+
+    mlxlm.defer_package_init()
 
 # ruff: noqa: E402 (the imports below come after the signal handlers, on purpose)
 # The commands register themselves on ``app``, in the order ``quantkit --help`` lists them.

@@ -100,7 +100,7 @@ def assemble(directory: Path, blocks: list[Path], rest: dict[str, mx.array], mod
     """Make the output shards in ``directory``: the block files (hard-linked when
     ``keep_blocks`` — they stay a checkpoint until the output is in place — else moved), the
     ``rest`` tensors as the last shard, and ``model.safetensors.index.json``."""
-    from mlx_lm.utils import get_total_parameters
+    from ..mlxlm import total_parameters
 
     n = len(blocks) + 1
     weight_map: dict[str, str] = {}
@@ -123,7 +123,7 @@ def assemble(directory: Path, blocks: list[Path], rest: dict[str, mx.array], mod
         weight_map[name] = last
         total += value.nbytes
     index: dict[str, Any] = {
-        "metadata": {"total_size": total, "total_parameters": get_total_parameters(model)},
+        "metadata": {"total_size": total, "total_parameters": total_parameters(model)},
         "weight_map": dict(sorted(weight_map.items())),
     }
     (directory / "model.safetensors.index.json").write_text(json.dumps(index, indent=4))
