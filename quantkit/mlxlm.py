@@ -31,7 +31,7 @@ import math
 import sys
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 #: ``tokenizer_config.json`` classes whose encoding is ``tokenizer.json``'s as it stands
 #: (``transformers`` adds nothing in Python; tested equal on the shared models' tokenizers).
@@ -118,7 +118,7 @@ def model_module_name(config: dict[str, Any]) -> str | None:
     return by_type.get(model_type, model_type)
 
 
-def model_classes(config: dict[str, Any]) -> tuple[type, type]:
+def model_classes(config: dict[str, Any]) -> tuple[Any, Any]:
     """``(Model, ModelArgs)`` for ``config``, as mlx-lm picks them; ``ValueError`` for a model
     type the installed mlx-lm does not have."""
     name = model_module_name(config)
@@ -171,7 +171,7 @@ def load_float_model(path: Path, *, lazy: bool) -> tuple[Any, dict[str, Any]] | 
     model_class, args_class = model_classes(config)
     weights: dict[str, Any] = {}
     for f in files:
-        weights.update(mx.load(str(f)))
+        weights.update(cast(dict[str, Any], mx.load(str(f))))
     model = model_class(args_class.from_dict(config))
     if hasattr(model, "sanitize"):
         weights = model.sanitize(weights)
@@ -281,11 +281,12 @@ def total_parameters(model: Any) -> int:
     from mlx.utils import tree_flatten
 
     total = 0
-    for _, m in tree_flatten(model.leaf_modules(), is_leaf=lambda m: isinstance(m, nn.Module)):
+    leaves = cast(list[tuple[str, Any]], tree_flatten(model.leaf_modules(), is_leaf=lambda m: isinstance(m, nn.Module)))
+    for _, m in leaves:
         if hasattr(m, "bits"):
             total += (m.bias.size if hasattr(m, "bias") else 0) + m.weight.size * 32 // m.bits
         else:
-            total += sum(v.size for _, v in tree_flatten(m.parameters()))
+            total += sum(v.size for _, v in cast(list[tuple[str, Any]], tree_flatten(m.parameters())))
     return total
 
 
@@ -294,7 +295,8 @@ def bits_per_weight(model: Any) -> float:
     import mlx.core as mx
     from mlx.utils import tree_flatten
 
-    stored = sum(v.nbytes for _, v in tree_flatten(model) if isinstance(v, mx.array))
+    leaves = cast(list[tuple[str, Any]], tree_flatten(model))
+    stored = sum(v.nbytes for _, v in leaves if isinstance(v, mx.array))
     return stored * 8 / total_parameters(model)
 
 

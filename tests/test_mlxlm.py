@@ -7,7 +7,6 @@ import json
 import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -113,9 +112,9 @@ def test_the_quantize_program_never_imports_transformers(tmp_path):
     src = shared_path("models", "stories260K")
     argv = ["quantkit", "quantize", str(src), "-o", str(tmp_path / "out"), "--fast",
             "--num-samples", "4", "--seq-len", "32"]
-    program = ("import atexit, sys; sys.argv = %r; atexit.register(lambda: print('MODULES', "
+    program = (f"import atexit, sys; sys.argv = {argv!r}; atexit.register(lambda: print('MODULES', "
                "' '.join(m for m in sys.modules if m.startswith(('transformers', 'mlx_lm'))), "
-               "file=sys.stderr)); from quantkit.cli import main; main()" % argv)
+               "file=sys.stderr)); from quantkit.cli import main; main()")
     run = subprocess.run([sys.executable, "-c", program], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-2000:]
     assert (tmp_path / "out" / "config.json").exists()
