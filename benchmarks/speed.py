@@ -49,6 +49,12 @@ MODELS = {
         rope_theta=1000000.0,
     )),
     # Qwen/Qwen3-30B-A3B config.json (128 experts, top 8); use --layers to shorten it.
+    # meta-llama/Llama-3.1-70B config.json (for its per-block peak: run with --layers 2)
+    "llama3-70b": ("llama", dict(
+        model_type="llama", hidden_size=8192, num_hidden_layers=80, intermediate_size=28672,
+        num_attention_heads=64, num_key_value_heads=8, rms_norm_eps=1e-5, vocab_size=128256,
+        max_position_embeddings=131072, tie_word_embeddings=False, rope_theta=500000.0,
+    )),
     "qwen3-moe": ("qwen3_moe", dict(
         model_type="qwen3_moe", hidden_size=2048, num_hidden_layers=48, intermediate_size=6144,
         num_attention_heads=32, num_key_value_heads=4, head_dim=128, rms_norm_eps=1e-6,
