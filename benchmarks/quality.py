@@ -91,6 +91,10 @@ VARIANTS: dict[str, tuple[str, dict, bool, str | None]] = {
     "gptq_best_lr_e8": ("gptq", BEST, False, "signround"),
     "gptq_best_lr_e12": ("gptq", BEST, False, "signround"),
     "gptq_best_lr_fm_e8": ("gptq", BEST, False, "signround"),
+    "gptq_best_lr_sf": ("gptq", BEST, False, "signround"),
+    "gptq_best_lr_sf_e8": ("gptq", BEST, False, "signround"),
+    "gptq_best_lr_lr2": ("gptq", BEST, False, "signround"),
+    "gptq_best_lr_sf_lr2": ("gptq", BEST, False, "signround"),
 }
 #: Learned rounding options of a variant beyond its method, target and head (the class's
 #: defaults otherwise; ``--lr-steps`` overrides the epochs).
@@ -98,6 +102,10 @@ LR_OPTIONS: dict[str, dict] = {
     "gptq_best_lr_e8": {"epochs": 8.0},
     "gptq_best_lr_e12": {"epochs": 12.0},
     "gptq_best_lr_fm_e8": {"epochs": 8.0},
+    "gptq_best_lr_sf": {"start": "float"},
+    "gptq_best_lr_sf_e8": {"start": "float", "epochs": 8.0},
+    "gptq_best_lr_lr2": {"lr": 1 / 32},  # twice the default step at 64 steps (32 sequences)
+    "gptq_best_lr_sf_lr2": {"start": "float", "lr": 1 / 32},
 }
 #: The recipes of a plain ``quantkit quantize`` and of ``--fast`` (quantkit.defaults), built by
 #: the function the CLI uses, at the run's bits and group size; ``--lr-steps`` does not apply.
