@@ -88,6 +88,24 @@ VARIANTS: dict[str, tuple[str, dict, bool, str | None]] = {
     "gptq_best_lr_fm": ("gptq", BEST, False, "signround"),
     "gptq_best_lr_head": ("gptq", BEST, False, "signround"),
     "gptq_best_lr_fm_head": ("gptq", BEST, False, "signround"),
+    "gptq_best_lr_e8": ("gptq", BEST, False, "signround"),
+    "gptq_best_lr_e12": ("gptq", BEST, False, "signround"),
+    "gptq_best_lr_fm_e8": ("gptq", BEST, False, "signround"),
+    "gptq_best_lr_sf": ("gptq", BEST, False, "signround"),
+    "gptq_best_lr_sf_e8": ("gptq", BEST, False, "signround"),
+    "gptq_best_lr_lr2": ("gptq", BEST, False, "signround"),
+    "gptq_best_lr_sf_lr2": ("gptq", BEST, False, "signround"),
+}
+#: Learned rounding options of a variant beyond its method, target and head (the class's
+#: defaults otherwise; ``--lr-steps`` overrides the epochs).
+LR_OPTIONS: dict[str, dict] = {
+    "gptq_best_lr_e8": {"epochs": 8.0},
+    "gptq_best_lr_e12": {"epochs": 12.0},
+    "gptq_best_lr_fm_e8": {"epochs": 8.0},
+    "gptq_best_lr_sf": {"start": "float"},
+    "gptq_best_lr_sf_e8": {"start": "float", "epochs": 8.0},
+    "gptq_best_lr_lr2": {"lr": 1 / 32},  # twice the default step at 64 steps (32 sequences)
+    "gptq_best_lr_sf_lr2": {"start": "float", "lr": 1 / 32},
 }
 #: The recipes of a plain ``quantkit quantize`` and of ``--fast`` (quantkit.defaults), built by
 #: the function the CLI uses, at the run's bits and group size; ``--lr-steps`` does not apply.
@@ -185,7 +203,8 @@ def variant_recipe(variant: str, bits: int, group_size: int, lr_steps: int | Non
         transforms=(ActivationAwareScaling(n_grid=awq_grid),) if awq else (),
         optimizers=(LearnedRounding(method=lr, steps=lr_steps,
                                     target="float_model" if "_fm" in variant else "float_block",
-                                    head=variant.endswith("_head")),)
+                                    head=variant.endswith("_head"),
+                                    **LR_OPTIONS.get(variant, {})),)
         if lr else (),  # None: epochs
     )
 
@@ -220,7 +239,7 @@ def run_model(name: str, args) -> None:
     eval_ids = tokenize(tokenizer, read_text(SHARED / "text" / spec["eval"]))
     n = args.eval_samples * args.eval_seq_len
     windows = mx.array(np.asarray(eval_ids[:n]).reshape(args.eval_samples, args.eval_seq_len))
-    out = RESULTS / f"quality_{name}.json"
+    out = RESULTS / f"quality_{name}{'_' + args.tag if args.tag else ''}.json"
     old = json.loads(out.read_text()) if out.exists() else {}
     rows = {_key(r): r for r in old.get("results", []) if "variant" in r}
     group_size = args.group_size or spec["group_size"]
@@ -395,6 +414,10 @@ def main() -> None:
                     help="learned rounding steps per block in the *_lr variants (default: the "
                          "class's, a number of passes over the calibration set)")
     ap.add_argument("--awq-grid", type=int, default=20, help="AWQ grid points")
+    ap.add_argument("--tag", default=None,
+                    help="write the rows to benchmarks/results/quality_<model>_<tag>.json (rows "
+                         "of earlier runs there are kept) instead of quality_<model>.json, which "
+                         "--render reads")
     ap.add_argument("--render", action="store_true", help="only write docs/results-quality.md")
     ap.add_argument("--grid-check", action="store_true",
                     help="only measure 4-bit RTN on SmolLM2's (Q4_1-derived) weights, g32 vs g64")

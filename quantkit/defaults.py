@@ -37,6 +37,26 @@ PIPELINES: dict[str, dict[str, Any]] = {
         "optimizer": [{"name": "learned_rounding", "method": "signround", "target": "float_model",
                        "head": True}],
     },
+    # Candidates for issue 18's SmolLM2-135M 4-bit target (docs/results-quality.md): more
+    # learned-rounding steps (8 or 12 passes over the calibration set instead of 4), and the
+    # float model's activations as targets without the head stage.
+    "gptq_best_lr_e8": {
+        "default": _GPTQ_BEST,
+        "optimizer": [{"name": "learned_rounding", "method": "signround", "epochs": 8.0}],
+    },
+    "gptq_best_lr_e12": {
+        "default": _GPTQ_BEST,
+        "optimizer": [{"name": "learned_rounding", "method": "signround", "epochs": 12.0}],
+    },
+    "gptq_best_lr_fm": {
+        "default": _GPTQ_BEST,
+        "optimizer": [{"name": "learned_rounding", "method": "signround", "target": "float_model"}],
+    },
+    "gptq_best_lr_fm_e8": {
+        "default": _GPTQ_BEST,
+        "optimizer": [{"name": "learned_rounding", "method": "signround", "target": "float_model",
+                       "epochs": 8.0}],
+    },
     # AWQ needs the model family's table (quantkit/arch/): a model without one is refused.
     "awq_gptq_best_lr": {
         "default": _GPTQ_BEST,

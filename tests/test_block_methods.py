@@ -446,3 +446,46 @@ def test_learned_rounding_tunes_the_head_against_the_float_model(tied):
     plain, plain_tuned = run(base)
     assert len(plain_tuned) == 2
     assert any(not np.array_equal(a, b) for a, b in zip(_head_arrays(model), _head_arrays(plain)))
+
+
+@pytest.mark.parametrize("start", ["code", "float"])
+def test_signround_starts_on_the_solves_codes(start):
+    """Both starts reproduce the solve's codes (where its code is within one step of the float
+    weight's position, as the offsets' range allows); ``"float"`` leaves a weight at its own
+    position where the solve kept the nearest code, ``"code"`` puts it at its code's centre."""
+    model = tiny_llama()
+    tokens = mx.random.randint(0, 96, (4, 32), key=mx.random.key(1))
+    ctx, _ = _quantized_block(model, LLAMA, tokens, bits=3)
+    # The solve moved weights off their nearest codes, as GPTQ's error feedback does: the float
+    # weights the offsets start from are not the ones the codes were rounded from.
+    floats = {}
+    for i, (path, m) in enumerate(ctx.float_layers.items()):
+        moved = copy.copy(m)
+        moved.weight = m.weight + 0.02 * mx.random.normal(m.weight.shape, key=mx.random.key(i))
+        floats[path] = moved
+    ctx = attrs.evolve(ctx, float_layers=floats)
+    opt = LearnedRounding(method="signround", start=start)
+    layers = opt._layers(ctx)
+    assert layers
+    moved_any = False
+    for L in layers:
+        v = np.array(opt._initial(L)["v"])
+        u = np.array(L.u)
+        nearest = np.clip(np.round(u), 0, 2**L.bits - 1)
+        solve = np.array(_codes_of(L.module))
+        near = np.abs(solve - u) <= 1.0
+        assert np.all(np.abs(v) <= 0.5)
+        assert np.array_equal(np.clip(np.round(u + v), 0, 2**L.bits - 1)[near], solve[near])
+        moved_any |= bool(np.any(nearest != solve))
+        inside = np.abs(u - solve) <= 0.4
+        if start == "float":
+            assert np.all(v[inside] == 0)
+        else:
+            assert np.allclose((u + v)[inside], solve[inside], atol=1e-5)
+    assert moved_any
+
+
+def _codes_of(m: nn.Module) -> mx.array:
+    ones = mx.ones(m.scales.shape, mx.float32)
+    return mx.dequantize(m.weight, ones, mx.zeros_like(ones), group_size=m.group_size,
+                         bits=m.bits, mode="affine", dtype=mx.float32)

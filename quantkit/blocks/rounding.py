@@ -110,6 +110,14 @@ class LearnedRounding(BlockOptimizer):
     #: Also tune the output head (``lm_head`` or a tied embedding) after the last block, against
     #: the float head's logits (KL divergence), as one more block (quantkit.pipeline.head).
     head: bool = False
+    #: Where ``signround`` starts each weight on its grid (always on the solve's code):
+    #: ``"code"``, the centre of the code (``u + v`` = the code; a weight changes code only
+    #: after its offset has moved half a step); ``"float"``, the point of the code's interval
+    #: nearest to the float weight's position, at least ``start_margin`` inside it (``v = 0``
+    #: where the solve kept the nearest code, as AutoRound starts from round to nearest).
+    start: str = attrs.field(default="code", validator=attrs.validators.in_(("code", "float")))
+    start_margin: float = attrs.field(default=0.1, validator=[attrs.validators.ge(0),
+                                                              attrs.validators.lt(0.5)])
 
     def optimize(self, ctx: BlockContext, targets: Sequence[mx.array]) -> dict[str, Any]:
         layers = self._layers(ctx)
@@ -284,7 +292,12 @@ class LearnedRounding(BlockOptimizer):
     def _initial(self, L: _Layer) -> dict[str, mx.array]:
         p = {"ds": mx.zeros(L.scales.shape), "db": mx.zeros(L.biases.shape)}
         if self.method == "signround":
-            p["v"] = mx.clip(_codes(L.module) - L.u, -0.5, 0.5)
+            codes = _codes(L.module)
+            if self.start == "float":
+                m = 0.5 - self.start_margin
+                p["v"] = mx.clip(mx.clip(L.u, codes - m, codes + m) - L.u, -0.5, 0.5)
+            else:
+                p["v"] = mx.clip(codes - L.u, -0.5, 0.5)
         return p
 
 def _stored(L: _Layer, q: dict, storage: mx.Dtype) -> dict[str, mx.array]:
