@@ -29,16 +29,15 @@ from .blocks.base import BlockContext
 from .checkpoint import Checkpoint, ResumeState
 from .distributed import Distributed, ShardLayout
 from .errors import CheckpointError, ModelLoadError, RecipeError
-from .experts import AllExpertsCalibration, experts_parents
-from .hessian import HessianCollector, HessianStats
+from .hessian import HessianStats
 from .host import BACKENDS, host_attention, resolve_backend, reusing_buffers, row_slices_exact
 from .interrupt import check
-from .moe import expert_shard_stats, load_expert_stats, quantize_expert_layers, same_input
 from .pipeline import build
 from .pipeline.activations import ParkedLayers, activation_store
 from .pipeline.calibrate import BlockRecorder, Replay, StopForward, block_forward
 from .pipeline.collect import BlockPasses, Runners, collect_sharded, row_chunks
 from .pipeline.dtypes import DTYPES, restore_dtypes
+from .pipeline.expert_layers import collect_experts, quantize_expert_layers, same_input
 from .pipeline.head import FloatLogits, Head, as_linear_pair, head_inputs, regroup, write_back
 from .pipeline.hooks import Progress, WalkHook
 from .pipeline.install import StandIns, release_float
@@ -491,15 +490,10 @@ class ModelWalker:
                           report, block_index, n_tokens: int, standins: StandIns):
         """Expert layers of one block: one Hessian per expert, a batch of experts per forward
         pass over the ``n_tokens`` calibration tokens, after the block's other layers are
-        quantized (see quantkit.moe). Each expert's statistics go through the same shard tree
+        quantized (see :mod:`quantkit.pipeline.expert_layers`). Each expert's statistics go through the same shard tree
         as dense layers', and each rank solves its share of the experts, so the result does
         not depend on the number of processes."""
-        def collect(active, collectors):
-            merged = self.distributed.reduce_stats(layout, lambda positions: expert_shard_stats(
-                partial(_run_collectors, model), active, collectors, lambda: (run_batch(j) for j in positions)))
-            for p in active:
-                load_expert_stats(collectors[p.path], p.path, merged)
-
+        collect = collect_experts(model, self.distributed, layout, run_batch)
         new_modules = []
         for p, module, records in quantize_expert_layers(
                 plans, collect, self.fallback, n_tokens, self.distributed,
@@ -580,19 +574,3 @@ class ModelWalker:
     def _config(self, report: RunReport) -> dict[str, Any]:
         return quantization_config(self.recipe, report)
 
-
-def _run_collectors(model, wanted: list[LayerPlan], collectors: dict[str, HessianCollector],
-                    forward) -> None:
-    """Expert layers' collection passes: catchers on ``wanted`` (every expert of a layer whose
-    handler calibrates all experts sees every token) while ``forward()`` runs."""
-    catchers = [(p.path, p.handler.catcher(p.module, collectors[p.path])) for p in wanted]
-    model.update_modules(tree_unflatten(catchers))
-    every = experts_parents(model, [p.path for p in wanted
-                                    if getattr(p.handler, "calibrate_all_experts", False)])
-    try:
-        model.update_modules(tree_unflatten([(k, AllExpertsCalibration(m, k)) for k, m in every]))
-        for _ in forward():
-            mx.eval([c.arrays() for c in collectors.values()])
-    finally:
-        model.update_modules(tree_unflatten(every))
-        model.update_modules(tree_unflatten([(p.path, p.module) for p in wanted]))

@@ -9,6 +9,8 @@ together, one module each, in the order data flows:
   merged over shards and processes;
 - :mod:`.activations` — where a block's calibration activations wait between passes;
 - :mod:`.solve` — one matrix: strategy, fallback, error figures, packing (dense and expert);
+- :mod:`.expert_layers` — a block's expert layers: per-expert Hessians a batch of experts per
+  pass, experts dealt out to processes;
 - :mod:`.build` — the only place quantized layers are made from packed arrays;
 - :mod:`.install` — quantized layers into the model (dense stand-ins while their block runs);
 - :mod:`.shards` — write a finished block, reload it lazily, assemble mlx-lm's shard layout;
