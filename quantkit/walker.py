@@ -268,11 +268,11 @@ class ModelWalker:
                 # layer after the walk (kept for them). Block optimizers read the float layers
                 # after the solve: each is parked (scratch files on the host) once its
                 # quantized layer is made.
-                parked = ParkedLayers(state.store(), bpath + ".") \
-                    if optimizers and not self.hooks else None
+                release = not any(getattr(h, "keeps_float_layers", True) for h in self.hooks)
+                parked = ParkedLayers(state.store(), bpath + ".") if optimizers and release else None
                 done = self._quantize_all(model, [p for p in inside if not p.per_expert], stats, report, i,
                                           host=host, standins=state.standins,
-                                          release=not self.hooks, parked=parked)
+                                          release=release, parked=parked)
                 experts = [p for p in inside if p.per_expert]
                 if experts:
                     done += self._quantize_experts(
