@@ -48,7 +48,7 @@ from .checkpoint import BlockFiles
 from .errors import FactorizationError, QuantkitError
 from .hessian import HessianStats
 from .interrupt import check
-from .pipeline.calibrate import BlockRecorder, Replay, StopForward
+from .pipeline.calibrate import capture, replaying
 from .pipeline.dtypes import DTYPES, restore_dtypes
 from .pipeline.hooks import Progress, WalkHook
 from .pipeline.plan import LayerPlan
@@ -355,29 +355,10 @@ class KLProbe:
             self.model.set_dtype(dtype)
         self.modules = dict(tree_flatten(self.model.leaf_modules(), is_leaf=nn.Module.is_module))
         self.batches = [tokens[i : i + batch_size, :-1] for i in range(0, tokens.shape[0], batch_size)]
-        self.inputs, self.args = self._capture()
+        self.inputs, self.args = capture(self.model, self.blocks, self.block_paths, self.batches)
         self.reference = list(self._logits())
         mx.eval(self.reference)
         self.calls = 0
-
-    def _capture(self) -> tuple[list[mx.array], list[list[tuple[tuple, dict]]]]:
-        """Block 0's inputs of every batch and the extra arguments (masks) of every block."""
-        sinks: list[list] = [[] for _ in self.blocks]
-        last = len(self.blocks) - 1
-        self.model.update_modules(tree_unflatten([
-            (p, BlockRecorder(b, sink, last=i == last))
-            for i, (p, b, sink) in enumerate(zip(self.block_paths, self.blocks, sinks))]))
-        try:
-            for batch in self.batches:
-                try:
-                    self.model(batch)
-                except StopForward:
-                    pass
-        finally:
-            self.model.update_modules(tree_unflatten(list(zip(self.block_paths, self.blocks))))
-        inputs = [x for x, _, _ in sinks[0]]
-        mx.eval(inputs)
-        return inputs, [[(a, kw) for _, a, kw in sink] for sink in sinks]
 
     def _logits(self):
         """The copy's logits, batch by batch (lazy): its blocks run one at a time over every
@@ -392,13 +373,9 @@ class KLProbe:
                 reload_lazily(self.model, self.files[i])
                 if self.dtype is not None:
                     block.set_dtype(self.dtype)
-        replays = [Replay(b, None) for b in self.blocks[:-1]] + [Replay(self.blocks[-1], hidden)]
-        self.model.update_modules(tree_unflatten(list(zip(self.block_paths, replays))))
-        try:
+        with replaying(self.model, self.blocks, self.block_paths, hidden):
             for batch in self.batches:
                 yield self.model(batch)
-        finally:
-            self.model.update_modules(tree_unflatten(list(zip(self.block_paths, self.blocks))))
 
     def __call__(self, path: str, weight: mx.array) -> float:
         from .evaluate import logit_stats

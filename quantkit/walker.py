@@ -22,7 +22,7 @@ from typing import Any
 import attrs
 import mlx.core as mx
 import mlx.nn as nn
-from mlx.utils import tree_flatten, tree_unflatten
+from mlx.utils import tree_flatten
 
 from .arch import ArchSpec, arch_for, arch_of, decoder_blocks
 from .blocks.base import BlockContext
@@ -34,7 +34,7 @@ from .host import BACKENDS, host_attention, resolve_backend, reusing_buffers, ro
 from .interrupt import check
 from .pipeline import build
 from .pipeline.activations import ParkedLayers, activation_store
-from .pipeline.calibrate import BlockRecorder, Replay, StopForward, block_forward
+from .pipeline.calibrate import block_forward, capture, replaying
 from .pipeline.collect import BlockPasses, Runners, collect_sharded, row_chunks
 from .pipeline.dtypes import DTYPES, restore_dtypes
 from .pipeline.expert_layers import collect_experts, quantize_expert_layers, same_input
@@ -191,9 +191,11 @@ class ModelWalker:
                           standins=StandIns(on=standins and needs_calibration, host=host))
         if needs_calibration:
             with state.phase("calibrate"):
-                inputs, block_args = self._capture(model, blocks, block_paths, batches)
+                captured, block_args = capture(model, blocks, block_paths, batches, lambda b: self._emit(
+                    "capture", index=b, total=len(batches)))
                 # Parked on the host: one batch resident at a time (see pipeline/activations.py).
-                inputs = state.store(inputs)
+                inputs = state.store(captured)
+                del captured
         # Full-precision block inputs, for strategies that compare them with the quantized ones.
         transforms = tuple(getattr(self.recipe, "transforms", ()) or ())
         optimizers = tuple(getattr(self.recipe, "optimizers", ()) or ())
@@ -379,12 +381,8 @@ class ModelWalker:
         candidates = {p.path: (current[p.path], p.handler.catcher) for p in outside}
 
         def inputs_from(outputs):
-            replays = [Replay(b, None) for b in blocks[:-1]] + [Replay(blocks[-1], outputs)]
-            model.update_modules(tree_unflatten(list(zip(block_paths, replays))))
-            try:
+            with replaying(model, blocks, block_paths, outputs):
                 return head_inputs(model, candidates, lambda j: model(batches[j]), len(batches))
-            finally:
-                model.update_modules(tree_unflatten(list(zip(block_paths, blocks))))
 
         found = inputs_from(last_outputs)
         if found is None:
@@ -450,39 +448,14 @@ class ModelWalker:
                 inputs[j] = self._eval(block(inputs[j], *a, **kw))
         return inputs
 
-    def _capture(self, model, blocks, block_paths, batches):
-        """Inputs of block 0 and the extra arguments of every block, one entry per batch."""
-        sinks: list[list] = [[] for _ in blocks]
-        originals = list(blocks)
-        model.update_modules(tree_unflatten([
-            (p, BlockRecorder(b, s, last=(i == len(blocks) - 1)))
-            for i, (p, b, s) in enumerate(zip(block_paths, blocks, sinks))
-        ]))
-        try:
-            for b, batch in enumerate(batches):
-                self._emit("capture", index=b, total=len(batches))
-                try:
-                    model(batch)
-                except StopForward:
-                    pass
-        finally:
-            model.update_modules(tree_unflatten(list(zip(block_paths, originals))))
-        inputs = [self._eval(x) for x, _, _ in sinks[0]]
-        block_args = [[(a, kw) for _, a, kw in s] for s in sinks]
-        return inputs, block_args
-
     def _collect_outside(self, model, blocks, block_paths, plans, batches, last_outputs,
                          layout: ShardLayout, host: bool) -> dict[str, HessianStats]:
         """Statistics of the layers outside the blocks (the output head): the blocks replay
         their stored outputs; the layers run as they are (no NumPy runners)."""
-        replays = [Replay(b, None) for b in blocks[:-1]] + [Replay(blocks[-1], last_outputs)]
-        model.update_modules(tree_unflatten(list(zip(block_paths, replays))))
         # The output head's outputs (logits) are not needed: MLX, lazy, never computes them.
-        try:
+        with replaying(model, blocks, block_paths, last_outputs):
             return collect_sharded(model, plans, self.distributed, layout, lambda j: model(batches[j]),
                                    BlockPasses(host=host, runners=Runners(host=False)))
-        finally:
-            model.update_modules(tree_unflatten(list(zip(block_paths, blocks))))
 
     # -- solving ----------------------------------------------------------------------------
 
