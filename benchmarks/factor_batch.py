@@ -2,7 +2,7 @@
 
 ``E`` Hessians ``(n, n)`` factorized with ``DampedCholesky.factor`` each (the old MoE path) or
 together with ``DampedCholesky.factor_stack`` (one host round-trip per diagonal block for the
-whole stack), both with the damping / dead-input preparation. ``quantkit.moe.expert_factors``
+whole stack), both with the damping / dead-input preparation. ``quantkit.pipeline.expert_layers.expert_factors``
 calls ``factor_many``, which is ``factor_stack`` on the ``blocked`` backend and one by one on
 the host backends (where the stack measured slower on a CPU). Backends: ``numpy`` (float64 LAPACK on the
 host, the CPU default) and ``blocked`` (matmuls on MLX's default device, diagonal blocks on the

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import shutil
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -28,6 +30,7 @@ from .distributed import Distributed
 from .errors import DistributedError, OutputError
 from .host import resolve_backend
 from .io import block_staging_dir, check_output, load_model, save_streamed
+from .launch import TEMP_PREFIX
 from .mlxlm import bits_per_weight
 from .pipeline.source import Background, hash_weights, scan_weights
 from .quantizers import Quantizer, RTNQuantizer
@@ -154,6 +157,15 @@ def quantize_directory(
             model_dir, tokens, weight_digests=hashes(), **settings))
     elif writer:
         staging = block_staging_dir(out_dir)
+        store = BlockFiles(staging)
+    else:
+        # The other ranks write their finished blocks to scratch files too and drop them from
+        # memory as rank 0 does: no rank's memory grows with the model's depth. Under
+        # quantkit's launcher, in its directory (removed when the launcher exits, or by the
+        # next launch if it was killed); else in TMPDIR.
+        hostfile = os.environ.get("MLX_HOSTFILE", "")
+        parent = Path(hostfile).parent if Path(hostfile).parent.name.startswith(TEMP_PREFIX) else None
+        staging = Path(tempfile.mkdtemp(prefix=f"quantkit-rank{distributed.rank}-", dir=parent))
         store = BlockFiles(staging)
     try:
         with ckpt or contextlib.nullcontext(), _keep_only_progress(ckpt):

@@ -12,7 +12,7 @@ questions, each a hook the walker calls:
   the same tree. The floating-point operations are the same for any world size, so 1, 2 or 4
   processes produce byte-identical Hessians — and so byte-identical output;
 * which rank does which unit of work (:meth:`Distributed.share`, given the units' estimated
-  costs: the walker's layers, :mod:`quantkit.moe`'s experts) and how the results reach everyone
+  costs: the walker's layers, :mod:`quantkit.pipeline.expert_layers`'s experts) and how the results reach everyone
   (:meth:`Distributed.exchange`: JSON-able metadata with named arrays, sent to every rank with
   ``all_gather``, padded to equal sizes: the ring backend has no point-to-point transfer
   except between neighbours). Every rank then installs the full quantized block.

@@ -1,7 +1,7 @@
 """Every expert calibrated: statistics from every token, outputs from the model's own routing.
 
 A router sends each token to ``top_k`` of a layer's experts; rarely picked experts get few or
-no calibration tokens, and :mod:`quantkit.moe` quantizes those "starved" experts without a
+no calibration tokens, and :mod:`quantkit.pipeline.expert_layers` quantizes those "starved" experts without a
 Hessian. With ``SwitchLinearHandler(calibrate_all_experts=True)`` (CLI
 ``--moe-calibrate-all-experts``) each expert's Hessian is collected from *all* calibration
 tokens instead. llm-compressor's ``moe_calibrate_all_experts`` and GPTQModel's

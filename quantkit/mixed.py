@@ -26,10 +26,12 @@ of the unquantized model.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import heapq
 import math
 import re
+import tempfile
 from collections import Counter
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -42,12 +44,15 @@ import numpy as np
 from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
 from .arch import decoder_blocks
+from .checkpoint import BlockFiles
 from .errors import FactorizationError, QuantkitError
 from .hessian import HessianStats
 from .interrupt import check
+from .pipeline.calibrate import capture, replaying
 from .pipeline.dtypes import DTYPES, restore_dtypes
 from .pipeline.hooks import Progress, WalkHook
 from .pipeline.plan import LayerPlan
+from .pipeline.shards import reload_lazily
 from .quantizers import Quantizer, RTNQuantizer
 from .recipe import Recipe
 from .registry import Wrapper
@@ -272,6 +277,9 @@ class _Profiler(WalkHook):
     kl: dict[str, dict[QuantSpec, float]] = attrs.field(factory=dict)
     #: Per layer, the gradient of the output KL in the low-bit model (``kl-grad``).
     kl_grads: dict[str, np.ndarray] | None = None
+    #: Whether the walk keeps every float layer (to put them back into the model afterwards);
+    #: a streamed measurement needs only their shapes (:class:`~quantkit.pipeline.hooks.WalkHook`).
+    keeps_float_layers: bool = True
 
     def planned(self, plans: dict[str, LayerPlan]) -> None:
         for p in plans.values():
@@ -318,18 +326,56 @@ class _Profiler(WalkHook):
 class KLProbe:
     """The output KL(float ‖ float with one layer's weight replaced), mean over the next-token
     positions of ``tokens``. Holds its own copy of the model (``model`` is not touched) and the
-    float logits of every batch."""
+    float logits of every batch; each probe runs the copy one decoder block at a time over all
+    batches (from block 0's inputs, captured once), then the head.
+
+    ``spill``: stream the copy. ``model`` is then the probe's own, loaded lazily for it alone
+    (not copied: a copy would share, and so materialize, the original's lazy loads); its
+    decoder blocks are written once, a block at a time, to files in the directory ``spill``
+    and read back lazily for each use and dropped after it, so one block's weights are
+    resident at a time instead of the whole model."""
 
     def __init__(self, model: nn.Module, tokens: mx.array, batch_size: int = 4,
-                 dtype: mx.Dtype | None = mx.float32) -> None:
-        self.model = copy.deepcopy(model)
+                 dtype: mx.Dtype | None = mx.float32, spill: Path | None = None) -> None:
+        self.model = model if spill is not None else copy.deepcopy(model)
+        self.dtype = dtype
+        self.blocks = decoder_blocks(self.model)
+        names = {id(m): p for p, m in self.model.named_modules()}
+        self.block_paths = [names[id(b)] for b in self.blocks]
+        self.files: list[Path] | None = None
+        if spill is not None:
+            self.files = []
+            for i, (block, path) in enumerate(zip(self.blocks, self.block_paths)):
+                check("plan")
+                self.files.append(spill / f"probe-block-{i:04d}.safetensors")
+                flat: list[tuple[str, mx.array]] = tree_flatten(block.parameters())  # type: ignore[assignment]
+                mx.save_safetensors(str(self.files[-1]), {f"{path}.{k}": v for k, v in flat})
+                reload_lazily(self.model, self.files[-1])
         if dtype is not None:
             self.model.set_dtype(dtype)
         self.modules = dict(tree_flatten(self.model.leaf_modules(), is_leaf=nn.Module.is_module))
         self.batches = [tokens[i : i + batch_size, :-1] for i in range(0, tokens.shape[0], batch_size)]
-        self.reference = [self.model(b) for b in self.batches]
+        self.inputs, self.args = capture(self.model, self.blocks, self.block_paths, self.batches)
+        self.reference = list(self._logits())
         mx.eval(self.reference)
         self.calls = 0
+
+    def _logits(self):
+        """The copy's logits, batch by batch (lazy): its blocks run one at a time over every
+        batch (with ``spill``, each block read back for it and dropped after it), then the
+        final norm and head on the last block's outputs."""
+        hidden = list(self.inputs)
+        for i, block in enumerate(self.blocks):
+            check("plan")  # a place to stop at every planning block (quantkit.interrupt)
+            hidden = [block(x, *a, **kw) for x, (a, kw) in zip(hidden, self.args[i])]
+            mx.eval(hidden)
+            if self.files is not None:
+                reload_lazily(self.model, self.files[i])
+                if self.dtype is not None:
+                    block.set_dtype(self.dtype)
+        with replaying(self.model, self.blocks, self.block_paths, hidden):
+            for batch in self.batches:
+                yield self.model(batch)
 
     def __call__(self, path: str, weight: mx.array) -> float:
         from .evaluate import logit_stats
@@ -339,9 +385,10 @@ class KLProbe:
         module.weight = weight.astype(old.dtype)
         try:
             total, count = 0.0, 0
-            for batch, ref in zip(self.batches, self.reference):
+            for j, logits in enumerate(self._logits()):  # (run to its end: it puts the blocks back)
+                ref = self.reference[j]
                 check("plan")  # a place to stop at every planning batch (quantkit.interrupt)
-                kl = logit_stats(ref, self.model(batch))["kl"]
+                kl = logit_stats(ref, logits)["kl"]
                 total += cast(float, mx.sum(kl).item())
                 count += kl.size
         finally:
@@ -523,14 +570,16 @@ def plan_mixed_precision(
     candidates: Sequence[QuantSpec] = DEFAULT_CANDIDATES, recipe: Recipe | None = None,
     sensitivity: str = "kl-fast", fisher_samples: int = 16, batch_size: int = 8,
     dtype: str | None = "float32", progress: Progress | None = None,
+    reload: Callable[[], nn.Module] | None = None,
 ) -> MixedPlan:
     """Choose per-layer bits and group sizes for ``model`` meeting ``target_bpw``:
     :func:`measure_sensitivity` then :meth:`Sensitivity.plan`. The profiling walk quantizes at
-    the candidate whose cost is closest to ``target_bpw``."""
+    the candidate whose cost is closest to ``target_bpw``. ``reload``: stream the measurement
+    (see :func:`measure_sensitivity`)."""
     return measure_sensitivity(
         model, tokens, candidates=candidates, recipe=recipe, sensitivity=sensitivity,
         fisher_samples=fisher_samples, batch_size=batch_size, dtype=dtype, progress=progress,
-        reference_bpw=target_bpw,
+        reference_bpw=target_bpw, reload=reload,
     ).plan(target_bpw)
 
 
@@ -539,7 +588,7 @@ def measure_sensitivity(
     candidates: Sequence[QuantSpec] = DEFAULT_CANDIDATES, recipe: Recipe | None = None,
     sensitivity: str = "kl-fast", fisher_samples: int = 16, batch_size: int = 8,
     dtype: str | None = "float32", progress: Progress | None = None,
-    reference_bpw: float = 4.0,
+    reference_bpw: float = 4.0, reload: Callable[[], nn.Module] | None = None,
 ) -> Sensitivity:
     """Every layer's predicted error at every candidate spec, from one sequential profiling walk
     over calibration ``tokens`` that quantizes at the candidate closest to ``reference_bpw``.
@@ -560,7 +609,15 @@ def measure_sensitivity(
     layer (the reference) and scales the layer's plain output errors to it; ``"kl-grad"`` takes
     one gradient of that KL in the model rounded to nearest at the cheapest candidate
     (:func:`kl_gradients`, as mlx-lm's ``dynamic_quant`` does) and predicts each candidate's
-    KL to first order, ``g·(Q_s(W) − W)`` (one backward pass in all)."""
+    KL to first order, ``g·(Q_s(W) − W)`` (one backward pass in all).
+
+    ``reload``: stream the measurement, for a ``model`` loaded lazily from a directory
+    (:func:`quantkit.io.load_model` with ``lazy=True``) that is dropped afterwards: ``reload()``
+    loads another lazy instance of it for the KL probe (``kl``, ``kl-fast``: streamed too, see
+    :class:`KLProbe`), and the profiling walk writes each finished block to a scratch directory
+    (``TMPDIR``) and frees its float weights, as the quantization walk does, so one block's
+    weights are resident at a time. ``model`` is then left with its layers quantized, not
+    restored. ``fisher`` and ``kl-grad`` take gradients through the whole model: they hold it."""
     if sensitivity not in SENSITIVITIES:
         raise BudgetError(f"sensitivity {sensitivity!r} is unknown; use one of {list(SENSITIVITIES)}")
     base = recipe or Recipe()
@@ -571,41 +628,30 @@ def measure_sensitivity(
     total_params = sum(v.size for _, v in tree_flatten(model.parameters()))
     scale_bits = 16 if any(v in (mx.float16, mx.bfloat16) for v in orig_dtypes.values()) else 32
     reference = _reference_spec(candidates, reference_bpw, scale_bits)
-    profiler = _Profiler(candidates=candidates, reference=reference, kl_all=sensitivity == "kl")
+    profiler = _Profiler(candidates=candidates, reference=reference, kl_all=sensitivity == "kl",
+                         keeps_float_layers=reload is None)
     walker = ModelWalker(
         recipe=base.with_default(bits=reference.bits, group_size=reference.group_size),
         batch_size=batch_size, dtype=dtype, progress=progress, hooks=(profiler,),
     )
     profiler.fallback = walker.fallback
-    if sensitivity in ("kl", "kl-fast"):
-        profiler.kl_probe = KLProbe(model, tokens[:fisher_samples],
-                                  dtype=None if dtype is None else DTYPES[dtype])
-    if sensitivity == "kl-grad":
-        low = sorted(candidates, key=lambda s: (s.bits_per_weight(scale_bits), -s.group_size))
-        profiler.kl_grads = kl_gradients(model, tokens[:fisher_samples], list(walker.plan(model)),
-                                       low, dtype=None if dtype is None else DTYPES[dtype])
-    if sensitivity == "fisher":
-        paths = list(walker.plan(model))
-        if dtype is not None:
-            model.set_dtype(DTYPES[dtype])
-        try:
-            profiler.weights = output_fisher(model, tokens[:fisher_samples], paths)
-        finally:
-            restore_dtypes(model, orig_dtypes)
-    try:
-        walker.run(model, tokens)
-    finally:
-        model.update_modules(tree_unflatten([(p.path, p.module) for p in profiler.plans.values()]))
-        restore_dtypes(model, orig_dtypes)
+    with tempfile.TemporaryDirectory(prefix="quantkit-plan-") if reload is not None \
+            else contextlib.nullcontext() as scratch:
+        spill = None if scratch is None else Path(scratch)
+        if sensitivity in ("kl", "kl-fast"):
+            profiler.kl_probe = KLProbe(model if reload is None else reload(), tokens[:fisher_samples],
+                                        dtype=None if dtype is None else DTYPES[dtype], spill=spill)
+        param_bits = _profile(model, tokens, walker, profiler, sensitivity, candidates, scale_bits,
+                              fisher_samples, dtype, orig_dtypes, spill)
+        profiler.kl_probe = None  # (its copy of the model and its scratch files go)
 
     # Fixed cost: every parameter not in a planned layer's weight, at its dtype.
     planned_weights = {f"{p.path}.weight" for p in profiler.plans.values()}
-    fixed_bits = sum(v.nbytes * 8 for k, v in tree_flatten(model.parameters())
-                     if k not in planned_weights)
+    fixed_bits = sum(bits for k, bits in param_bits.items() if k not in planned_weights)
     layers, pinned = [], {}
     for path, p in profiler.plans.items():
-        weight = p.handler.weight(p.module)
-        sbits = 8 * weight.dtype.size
+        weight = p.handler.weight(p.module)  # (streamed: a shell, its shape without values)
+        sbits = 8 * orig_dtypes.get(f"{path}.weight", weight.dtype).size
         errs = profiler.errors.get(path)
         if errs and sensitivity in ("kl", "kl-fast", "kl-grad"):
             errs = _kl_errors(errs, profiler.kl.get(path, {}))
@@ -619,6 +665,36 @@ def measure_sensitivity(
     return Sensitivity(layers=tuple(layers), fixed_bits=fixed_bits, total_params=total_params,
                        pinned=pinned, paths=tuple(profiler.plans), base=base, reference=reference,
                        sensitivity=sensitivity)
+
+
+def _profile(model: nn.Module, tokens: mx.array, walker: ModelWalker, profiler: _Profiler,
+             sensitivity: str, candidates: Sequence[QuantSpec], scale_bits: int, fisher_samples: int,
+             dtype: str | None, orig_dtypes: dict[str, mx.Dtype], spill: Path | None) -> dict[str, int]:
+    """The profiling walk (after the gradients ``kl-grad`` and ``fisher`` need); returns the
+    bits of every parameter of the float model. With ``spill`` (streamed) the walk's finished
+    blocks go there and ``model`` keeps its quantized layers; else it is put back as it was."""
+    if sensitivity == "kl-grad":
+        low = sorted(candidates, key=lambda s: (s.bits_per_weight(scale_bits), -s.group_size))
+        profiler.kl_grads = kl_gradients(model, tokens[:fisher_samples], list(walker.plan(model)),
+                                       low, dtype=None if dtype is None else DTYPES[dtype])
+    if sensitivity == "fisher":
+        paths = list(walker.plan(model))
+        if dtype is not None:
+            model.set_dtype(DTYPES[dtype])
+        try:
+            profiler.weights = output_fisher(model, tokens[:fisher_samples], paths)
+        finally:
+            restore_dtypes(model, orig_dtypes)
+    param_bits = {k: v.nbytes * 8 for k, v in tree_flatten(model.parameters())}
+    if spill is not None:
+        walker.run(model, tokens, checkpoint=BlockFiles(spill))
+        return param_bits
+    try:
+        walker.run(model, tokens)
+    finally:
+        model.update_modules(tree_unflatten([(p.path, p.module) for p in profiler.plans.values()]))
+        restore_dtypes(model, orig_dtypes)
+    return param_bits
 
 
 def _kl_errors(errors: dict[QuantSpec, float], kl: dict[QuantSpec, float]) -> dict[QuantSpec, float]:
@@ -681,11 +757,14 @@ def plan_directory(
     from .io import load_model
 
     check_settings(seed=seed, target_bpw=target_bpw)  # before any work
-    model, tokenizer, _ = load_model(model_dir)
+    # Read lazily and streamed, as the quantization walk is: the weights stay on disk until
+    # a block uses them (the NaN/Inf check reads the files a chunk at a time).
+    model, tokenizer, _ = load_model(model_dir, lazy=True)
     tokens = calibration_tokens(tokenizer, calibration, num_samples, seq_len, seed)
-    return plan_mixed_precision(model, tokens, target_bpw, candidates=candidates, recipe=recipe,
-                                sensitivity=sensitivity, batch_size=batch_size, dtype=dtype,
-                                progress=progress)
+    return plan_mixed_precision(
+        model, tokens, target_bpw, candidates=candidates, recipe=recipe, sensitivity=sensitivity,
+        batch_size=batch_size, dtype=dtype, progress=progress,
+        reload=lambda: load_model(model_dir, lazy=True, check_finite=False)[0])
 
 
 def parse_candidates(text: str) -> tuple[QuantSpec, ...]:

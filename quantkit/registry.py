@@ -79,7 +79,7 @@ class EmbeddingCatcher(Wrapper):
 class LayerHandler(abc.ABC):
     """How the walker treats one layer class: its weight, its calibration wrapper, its rebuild."""
 
-    #: Whether the layer holds experts calibrated one Hessian per expert (see quantkit.moe).
+    #: Whether the layer holds experts calibrated one Hessian per expert (see quantkit.pipeline.expert_layers).
     per_expert: ClassVar[bool] = False
 
     def weight(self, module: nn.Module) -> mx.array:
@@ -121,7 +121,7 @@ class SwitchLinearHandler(LayerHandler):
 
     ``expert_batch_size``: experts whose Hessians are collected and solved together; the block's
     calibration forward runs once per batch, so memory holds ``expert_batch_size`` Hessians per
-    expert layer instead of all of them (see :mod:`quantkit.moe`). ``min_token_share``: an expert
+    expert layer instead of all of them (see :mod:`quantkit.pipeline.expert_layers`). ``min_token_share``: an expert
     sent less than this fraction of the calibration tokens (or none) is "starved" and quantized
     with ``starved`` (a calibration-free strategy) instead of the recipe's; the default, 0.5%,
     is GPTQModel's.

@@ -4,78 +4,51 @@ For each decoder block: run the block's current inputs through it with collector
 that need statistics; quantize those layers (dropping each Hessian once used); run the now
 quantized block to produce the next block's inputs. Layers outside the blocks (output head,
 tied embedding) are done last, from the final block's outputs.
+
+The walker is configuration and wiring: nothing on it changes during a run. What a run changes
+as it goes is a :class:`WalkState` that :meth:`ModelWalker.run` makes; what changes from block
+to block is a :class:`~quantkit.pipeline.collect.BlockPasses`. The stages are in
+:mod:`quantkit.pipeline`.
 """
 
 from __future__ import annotations
 
 import contextlib
-import copy
-import itertools
-import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, MutableSequence
 from functools import partial
-from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import attrs
 import mlx.core as mx
 import mlx.nn as nn
-from mlx.utils import tree_flatten, tree_unflatten
+from mlx.utils import tree_flatten
 
 from .arch import ArchSpec, arch_for, arch_of, decoder_blocks
 from .blocks.base import BlockContext
 from .checkpoint import Checkpoint, ResumeState
 from .distributed import Distributed, ShardLayout
 from .errors import CheckpointError, ModelLoadError, RecipeError
-from .experts import AllExpertsCalibration, experts_parents
-from .hessian import HessianCollector, HessianStats
-from .host import (
-    BACKENDS,
-    MIN_CHUNK_ROWS,
-    HostHessianCollector,
-    HostLinear,
-    host_attention,
-    host_collector,
-    resolve_backend,
-    reusing_buffers,
-    row_slices_exact,
-    runs_on_host,
-)
+from .hessian import HessianStats
+from .host import BACKENDS, host_attention, resolve_backend, reusing_buffers, row_slices_exact
 from .interrupt import check
-from .moe import expert_shard_stats, load_expert_stats, quantize_expert_layers, same_input
 from .pipeline import build
 from .pipeline.activations import ParkedLayers, activation_store
-from .pipeline.calibrate import (
-    BlockRecorder,
-    InputPool,
-    Replay,
-    RowChunks,
-    SharingCollector,
-    StopForward,
-    TailCut,
-    block_forward,
-    paired_passes,
-    share_identical,
-)
+from .pipeline.calibrate import block_forward, capture, replaying
+from .pipeline.collect import BlockPasses, Runners, collect_sharded, row_chunks
 from .pipeline.dtypes import DTYPES, restore_dtypes
+from .pipeline.expert_layers import collect_experts, quantize_expert_layers, same_input
 from .pipeline.head import FloatLogits, Head, as_linear_pair, head_inputs, regroup, write_back
 from .pipeline.hooks import Progress, WalkHook
+from .pipeline.install import StandIns, release_float
 from .pipeline.plan import LayerPlan, layer_cost, plan_layers, quantization_config, rebind
 from .pipeline.shards import final_arrays, float_params_from_file, reload_lazily
 from .pipeline.solve import exchange_layers, quantize_layer, solve_groups, solve_jointly
 from .quantizers import Quantizer, QuantResult, RTNQuantizer
 from .recipe import Recipe
-from .registry import (
-    DEFAULT_REGISTRY,
-    LayerRegistry,
-)
+from .registry import DEFAULT_REGISTRY, LayerRegistry
 from .report import LayerRecord, RunReport
 from .validate import check_packed, check_rules, plan_winners
-
-#: Bytes of a row-wise module's widest activation computed at a time during calibration on the
-#: host (:meth:`ModelWalker._row_chunks`): 4 MB, 320 rows of a 3072-wide MLP.
-ROW_CHUNK_BYTES = 4 * 2**20
 
 
 def _hook_tuple(hooks: Iterable[WalkHook]) -> tuple[WalkHook, ...]:
@@ -90,6 +63,35 @@ class WalkResult:
 
 
 @attrs.define
+class WalkState:
+    """What one walk changes as it goes (made by :meth:`ModelWalker.run`, dropped at its end).
+
+    ``host``: the calibration's dense arithmetic runs on the NumPy backend; ``store``: makes
+    the sequences a block's calibration activations are kept in (files on the host, see
+    :func:`~quantkit.pipeline.activations.activation_store`); ``standins``: installs each
+    block's quantized layers (as dense stand-ins until the block has run for the last time);
+    ``phases``: wall time per phase, for the report."""
+
+    host: bool
+    store: Callable[..., MutableSequence[mx.array]]
+    standins: StandIns
+    phases: dict[str, float] = attrs.field(factory=dict)
+
+    @contextlib.contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        """Add the wall time of the ``with`` body to phase ``name`` of the report. Forward
+        passes (``calibrate``, ``resume``) on the NumPy backend reuse its work buffers batch
+        after batch (:func:`~quantkit.host.reusing_buffers`), dropped when the phase ends."""
+        t0 = time.perf_counter()
+        passes = self.host and name in ("calibrate", "resume")
+        try:
+            with reusing_buffers() if passes else contextlib.nullcontext():
+                yield
+        finally:
+            self.phases[name] = self.phases.get(name, 0.0) + time.perf_counter() - t0
+
+
+@attrs.frozen
 class ModelWalker:
     """Wiring: recipe + layer registry + fallback strategy. ``run`` does the work.
 
@@ -125,41 +127,10 @@ class ModelWalker:
     #: Code following the walk layer by layer (:class:`~quantkit.pipeline.hooks.WalkHook`),
     #: e.g. the mixed-precision profiler (:func:`quantkit.mixed.measure_sensitivity`).
     hooks: tuple[WalkHook, ...] = attrs.field(default=(), converter=_hook_tuple)
-    _final: list | None = attrs.field(default=None, init=False, repr=False)
-    _host: bool = attrs.field(default=False, init=False, repr=False)
-    _runners: dict = attrs.field(factory=dict, init=False, repr=False)
-    _host_forward: bool = attrs.field(default=True, init=False, repr=False)
-    _tail: TailCut | None = attrs.field(default=None, init=False, repr=False)
-    #: The current block's row-wise modules (paths; see :meth:`_row_chunks`).
-    _row_wise: list[str] = attrs.field(factory=list, init=False, repr=False)
-    _phases: dict[str, float] = attrs.field(factory=dict, init=False, repr=False)
-    #: Makes the sequence a block's calibration activations are kept in (see
-    #: :func:`~quantkit.pipeline.activations.activation_store`): files on the host.
-    _activations: Callable[..., MutableSequence[mx.array]] = attrs.field(
-        default=list, init=False, repr=False)
-    #: While a block's layers are solved: drop each float layer once quantized (see
-    #: :func:`_release_float`; parked for block optimizers); off when hooks need them afterwards.
-    _release: bool = attrs.field(default=False, init=False, repr=False)
-    #: While a block with block optimizers is solved and optimized: where its float layers
-    #: wait (see :class:`~quantkit.pipeline.activations.ParkedLayers`).
-    _parked: ParkedLayers | None = attrs.field(default=None, init=False, repr=False)
-
-    def __attrs_post_init__(self) -> None:
-        # The recipe's [moe] options (e.g. calibrate_all_experts) on the expert handler.
-        self.registry = self.recipe.layer_registry(self.registry)
-
-    @contextlib.contextmanager
-    def _phase(self, name: str) -> Iterator[None]:
-        """Add the wall time of the ``with`` body to phase ``name`` of the report. Forward
-        passes (``calibrate``, ``resume``) on the NumPy backend reuse its work buffers batch
-        after batch (:func:`~quantkit.host.reusing_buffers`), dropped when the phase ends."""
-        t0 = time.perf_counter()
-        passes = self._host and name in ("calibrate", "resume")
-        try:
-            with reusing_buffers() if passes else contextlib.nullcontext():
-                yield
-        finally:
-            self._phases[name] = self._phases.get(name, 0.0) + time.perf_counter() - t0
+    #: ``registry`` with the recipe's ``[moe]`` options (e.g. calibrate_all_experts) on the
+    #: expert handler: the registry the walk plans with.
+    layer_registry: LayerRegistry = attrs.field(init=False, repr=False, default=attrs.Factory(
+        lambda self: self.recipe.layer_registry(self.registry), takes_self=True))
 
     def _emit(self, event: str, **info: Any) -> None:
         check(event)  # reliab: every progress event is a place to stop (quantkit.interrupt)
@@ -171,7 +142,7 @@ class ModelWalker:
     def plan(self, model: nn.Module, report: RunReport | None = None) -> dict[str, LayerPlan]:
         """Decide, for every leaf module, what happens to it (:func:`quantkit.pipeline.plan.plan_layers`).
         Skipped layers go to ``report``; then every hook sees the plans."""
-        plans = plan_layers(model, self.recipe, self.registry, report,
+        plans = plan_layers(model, self.recipe, self.layer_registry, report,
                             use_model_predicate=self.use_model_predicate)
         for hook in self.hooks:
             hook.planned(plans)
@@ -185,17 +156,14 @@ class ModelWalker:
 
         With a ``checkpoint``, the state after each decoder block is saved to it, and a run
         finds there the blocks a previous (interrupted) run finished and continues after them."""
-        self._host = resolve_backend(self.backend) == "numpy"
-        with (host_attention(model) if self._host else contextlib.nullcontext(),
-              activation_store(self._host) as self._activations):
-            try:
-                return self._run(model, tokens, checkpoint)
-            finally:
-                self._activations = list
+        host = resolve_backend(self.backend) == "numpy"
+        with (host_attention(model) if host else contextlib.nullcontext(),
+              activation_store(host) as store):
+            return self._run(model, tokens, checkpoint, host, store)
 
-    def _run(self, model: nn.Module, tokens: mx.array, checkpoint: Checkpoint | None) -> WalkResult:
+    def _run(self, model: nn.Module, tokens: mx.array, checkpoint: Checkpoint | None, host: bool,
+             store: Callable[..., MutableSequence[mx.array]]) -> WalkResult:
         start = time.perf_counter()
-        self._phases = {}
         report = RunReport()
         plans = self.plan(model, report)
         if not plans:
@@ -207,7 +175,7 @@ class ModelWalker:
             model.set_dtype(DTYPES[self.dtype])
 
         blocks = decoder_blocks(model)
-        row_wise = arch_of(model).row_wise if self._host and row_slices_exact() else ()
+        row_wise = arch_of(model).row_wise if host and row_slices_exact() else ()
         paths = {id(m): p for p, m in model.named_modules()}
         block_paths = [paths[id(b)] for b in blocks]
         batches = [tokens[i : i + self.batch_size] for i in range(0, len(tokens), self.batch_size)]
@@ -219,17 +187,20 @@ class ModelWalker:
         standins = self.dense_standins
         if standins is None:
             standins = mx.default_device() == mx.cpu or not mx.metal.is_available()
-        self._final = [] if standins and needs_calibration else None
+        state = WalkState(host=host, store=store,
+                          standins=StandIns(on=standins and needs_calibration, host=host))
         if needs_calibration:
-            with self._phase("calibrate"):
-                inputs, block_args = self._capture(model, blocks, block_paths, batches)
+            with state.phase("calibrate"):
+                captured, block_args = capture(model, blocks, block_paths, batches, lambda b: self._emit(
+                    "capture", index=b, total=len(batches)))
                 # Parked on the host: one batch resident at a time (see pipeline/activations.py).
-                inputs = self._activations(inputs)
+                inputs = state.store(captured)
+                del captured
         # Full-precision block inputs, for strategies that compare them with the quantized ones.
         transforms = tuple(getattr(self.recipe, "transforms", ()) or ())
         optimizers = tuple(getattr(self.recipe, "optimizers", ()) or ())
         float_model_targets = any(getattr(o, "target", None) == "float_model" for o in optimizers)
-        ref_inputs = self._activations(list(inputs)) if needs_calibration and (
+        ref_inputs = state.store(list(inputs)) if needs_calibration and (
             float_model_targets or any(p.quantizer.needs_reference for p in plans.values())) else None
         if ref_inputs is not None and any(p.quantizer.needs_reference for p in plans.values()) \
                 and (self.distributed.size > 1 or resumed is not None):
@@ -241,135 +212,135 @@ class ModelWalker:
         for i, (block, bpath) in enumerate(zip(blocks, block_paths)):
             # Plans are dropped once their block is done: with them go the original layers.
             inside = [plans.pop(k) for k in list(plans) if k.startswith(bpath + ".")]
-            self._row_wise = [f"{bpath}.{r}" for r in row_wise]
+            # Made anew for each block: its NumPy runners, its tail cut, its row-wise modules.
+            passes = BlockPasses(host=host, runners=Runners(host),
+                                 row_wise=tuple(f"{bpath}.{r}" for r in row_wise))
             if resumed is not None and i < resumed.next_block:
                 # A finished block: its quantized layers come from its file, and it computes
                 # the next block's inputs exactly as it did in the run that wrote it.
-                with self._phase("resume"):
+                with state.phase("resume"):
                     if ref_inputs is not None:  # the float model's activations, as in that run
                         previous = ref_inputs
-                        ref_inputs = self._activations(self._eval(block(x, *a, **kw))
-                                                       for x, (a, kw) in zip(ref_inputs, block_args[i]))
+                        ref_inputs = state.store(self._eval(block(x, *a, **kw))
+                                                 for x, (a, kw) in zip(ref_inputs, block_args[i]))
                         del previous[:]
                     # Its other parameters (norms, kept layers) come from the file too: block
                     # transforms may have changed them.
                     float_params_from_file(model, [p.path for p in inside], resumed.files[i], bpath,
-                                            DTYPES.get(self.dtype or ""))
-                    self._install(model, inside, build.from_file(inside, resumed.files[i]))
+                                           DTYPES.get(self.dtype or ""))
+                    state.standins.install(model, inside, build.from_file(inside, resumed.files[i]))
                     if needs_calibration:
-                        inputs = self._advance(model, block, inputs, block_args[i])
-                    self._swap_standins(model)
+                        inputs = self._advance(model, block, inputs, block_args[i], passes.row_wise)
+                    state.standins.swap(model)
                     reload_lazily(model, resumed.files[i])
                 continue
-            self._runners.clear()
-            self._tail = TailCut()  # learned anew for each block
             self._emit("block", index=i, total=len(blocks), path=bpath)
             ctx = None
             if transforms or optimizers:
-                ctx = self._context(model, i, bpath, block, inputs, block_args[i])
+                ctx = self._context(model, i, bpath, block, inputs, block_args[i], state.store)
             for t in transforms:  # before statistics: they see the transformed weights
                 self._record_method(report, i, "transform", t, t.apply(ctx))
                 rebind(model, inside)
             targets = None
             if optimizers:  # the float block's outputs, before its layers are replaced
-                with self._phase("calibrate"):
+                with state.phase("calibrate"):
                     # Parked on the host like the inputs: one batch resident at a time.
                     source = ref_inputs if float_model_targets else inputs
                     assert source is not None
-                    targets = self._activations()
+                    targets = state.store()
                     for j, (a, kw) in enumerate(block_args[i]):
                         targets.append(self._eval(block(source[j], *a, **kw)))
-            with self._phase("calibrate"):
-                stats = self._collect_sharded(
-                    model, inside, layout, partial(block_forward, block, inputs, block_args[i]),
+            with state.phase("calibrate"):
+                stats = collect_sharded(
+                    model, inside, self.distributed, layout,
+                    partial(block_forward, block, inputs, block_args[i]), passes,
                     None if ref_inputs is None else partial(block_forward, block, ref_inputs, block_args[i]),
                     tail_cut=True,
                 ) if needs_calibration else {}
                 if ref_inputs is not None:
                     previous = ref_inputs
                     # With float-model targets, the targets are the next block's float inputs.
-                    ref_inputs = targets if float_model_targets else self._activations(
+                    ref_inputs = targets if float_model_targets else state.store(
                         self._eval(block(x, *a, **kw)) for x, (a, kw) in zip(ref_inputs, block_args[i]))
                     del previous[:]  # (their scratch files on the host)
             # The NumPy runners hold the block's float weights: not needed once collected.
-            self._runners.clear()
-            with self._phase("solve"):
-                # (hooks may read a plan's float layer after the walk: kept for them too)
-                self._release = not self.hooks
-                # Block optimizers read the float layers after the solve: each is parked
-                # (scratch files on the host) once its quantized layer is made.
-                self._parked = ParkedLayers(self._activations(), bpath + ".") \
-                    if optimizers and not self.hooks else None
-                try:
-                    done = self._quantize_all(model, [p for p in inside if not p.per_expert], stats, report, i)
-                finally:
-                    self._release = False
+            passes.runners.clear()
+            with state.phase("solve"):
+                # Each float layer is dropped once quantized, unless hooks read a plan's float
+                # layer after the walk (kept for them). Block optimizers read the float layers
+                # after the solve: each is parked (scratch files on the host) once its
+                # quantized layer is made.
+                release = not any(getattr(h, "keeps_float_layers", True) for h in self.hooks)
+                parked = ParkedLayers(state.store(), bpath + ".") if optimizers and release else None
+                done = self._quantize_all(model, [p for p in inside if not p.per_expert], stats, report, i,
+                                          host=host, standins=state.standins,
+                                          release=release, parked=parked)
                 experts = [p for p in inside if p.per_expert]
                 if experts:
                     done += self._quantize_experts(
                         model, experts, layout, partial(block_forward, block, inputs, block_args[i]),
-                        report, i, tokens.size,
+                        report, i, tokens.size, state.standins,
                     )
             if optimizers:
                 assert ctx is not None
                 float_layers: Mapping[str, nn.Module]
-                if self._parked is not None:
+                if parked is not None:
                     for p in inside:  # those another process solved, and expert layers
-                        if p.path[len(bpath) + 1:] not in self._parked:
-                            p.module = self._parked.park(p.path, p.module)
-                    float_layers = self._parked
+                        if p.path[len(bpath) + 1:] not in parked:
+                            p.module = parked.park(p.path, p.module)
+                    float_layers = parked
                 else:
                     float_layers = {p.path[len(bpath) + 1:]: p.module for p in inside}
-                with self._phase("optimize"):
+                with state.phase("optimize"):
                     self._optimize(model, report, attrs.evolve(ctx, float_layers=float_layers),
-                                   inside, optimizers, targets)
+                                   inside, optimizers, targets, state.standins)
                 if targets is not ref_inputs:
                     del targets[:]  # (their scratch files on the host)
                 del targets, float_layers
-                if self._parked is not None:
-                    self._parked.close()
-                    self._parked = None
+                if parked is not None:
+                    parked.close()
+            parked = None
             # Its plans hold the block's original float layers, its context the activations:
             # neither is needed for the last forward pass, which they would double.
             inside, ctx = [], None
             if needs_calibration:
-                with self._phase("calibrate"):
-                    inputs = self._advance(model, block, inputs, block_args[i])
+                with state.phase("calibrate"):
+                    inputs = self._advance(model, block, inputs, block_args[i], passes.row_wise)
             # The block has produced the next block's inputs and never runs again (the layers
             # outside the blocks are calibrated from the last block's stored outputs): its
             # quantized layers replace its dense stand-ins now, so at most one block's
             # stand-ins are ever held.
-            self._swap_standins(model)
-            self._runners.clear()
+            state.standins.swap(model)
+            passes.runners.clear()
             del done
             if checkpoint is not None:
                 # Written out, the block's arrays become lazy loads of its file: the memory a
                 # run holds does not grow with the number of blocks.
-                with self._phase("write"):
+                with state.phase("write"):
                     path = checkpoint.save(i, final_arrays(block, bpath, orig_dtypes),
                                            [r for r in report.layers if r.block == i])
                     reload_lazily(model, path)
 
         del inside  # the last block's plans
-        self._row_wise = []
-        self._final = None
         outside = list(plans.values())  # what is left: layers outside the decoder blocks
         stats = {}
         if needs_calibration and any(p.needs_stats for p in outside):
-            with self._phase("calibrate"):
-                stats = self._collect_outside(model, blocks, block_paths, outside, batches, inputs, layout)
-        with self._phase("solve"):
-            self._quantize_all(model, outside, stats, report, None)
+            with state.phase("calibrate"):
+                stats = self._collect_outside(model, blocks, block_paths, outside, batches, inputs,
+                                              layout, host)
+        with state.phase("solve"):
+            # The blocks are done: these layers go in as they are (no stand-ins).
+            self._quantize_all(model, outside, stats, report, None, host=host, standins=StandIns())
         head_optimizers = [o for o in optimizers if getattr(o, "head", False)]
         if head_optimizers and needs_calibration and outside:
-            with self._phase("optimize"):
+            with state.phase("optimize"):
                 self._optimize_head(model, blocks, block_paths, outside, batches, inputs,
-                                    ref_inputs, head_optimizers, report)
+                                    ref_inputs, head_optimizers, report, state.store)
         restore_dtypes(model, orig_dtypes)
         quantization = self._config(report)
         report.time_s = time.perf_counter() - start
         report.world_size = self.distributed.size
-        report.phases = dict(self._phases)
+        report.phases = dict(state.phases)
         report.settings = {"recipe": self.recipe.to_dict(), "num_samples": int(tokens.shape[0]),
                            "seq_len": int(tokens.shape[1]), "calibration_dtype": self.dtype}
         try:
@@ -380,7 +351,8 @@ class ModelWalker:
 
     # -- block methods ----------------------------------------------------------------------
 
-    def _context(self, model, index: int, path: str, block, inputs, args) -> BlockContext:
+    def _context(self, model, index: int, path: str, block, inputs, args,
+                 store: Callable[..., MutableSequence[mx.array]]) -> BlockContext:
         """The :class:`BlockContext` of block ``index`` (its inputs, forward, architecture table
         and a sum over every rank)."""
         model_type = getattr(model, "model_type", None) or getattr(
@@ -395,11 +367,12 @@ class ModelWalker:
             index=index, path=path, block=block, inputs=inputs,
             forward=lambda module, j: module(inputs[j], *args[j][0], **args[j][1]),
             arch=arch, reduce=self.distributed.sum, seed=index, spec=self.recipe.default.spec,
-            store=self._activations,
+            store=store,
         )
 
     def _optimize_head(self, model, blocks, block_paths, outside: list[LayerPlan], batches,
-                       last_outputs, float_outputs, optimizers, report: RunReport) -> None:
+                       last_outputs, float_outputs, optimizers, report: RunReport,
+                       store: Callable[..., MutableSequence[mx.array]]) -> None:
         """Run ``optimizers`` on the output head as one more block (quantkit.pipeline.head):
         inputs the quantized model's final hidden states, targets the float head's logits on the
         float model's (``float_outputs``: the last block's float outputs; ``None``: the same
@@ -408,12 +381,8 @@ class ModelWalker:
         candidates = {p.path: (current[p.path], p.handler.catcher) for p in outside}
 
         def inputs_from(outputs):
-            replays = [Replay(b, None) for b in blocks[:-1]] + [Replay(blocks[-1], outputs)]
-            model.update_modules(tree_unflatten(list(zip(block_paths, replays))))
-            try:
+            with replaying(model, blocks, block_paths, outputs):
                 return head_inputs(model, candidates, lambda j: model(batches[j]), len(batches))
-            finally:
-                model.update_modules(tree_unflatten(list(zip(block_paths, blocks))))
 
         found = inputs_from(last_outputs)
         if found is None:
@@ -425,8 +394,8 @@ class ModelWalker:
             return
         flt, linear = pair
         size = max((o.batch_size or 1) for o in optimizers)
-        xq = self._activations(regroup(xq, size))
-        xf = xq if float_outputs is None else self._activations(regroup(inputs_from(float_outputs)[1], size))
+        xq = store(regroup(xq, size))
+        xf = xq if float_outputs is None else store(regroup(inputs_from(float_outputs)[1], size))
         model_type = getattr(model, "model_type", None) or getattr(
             getattr(model, "args", None), "model_type", "unknown")
         ctx = BlockContext(
@@ -448,183 +417,56 @@ class ModelWalker:
         self._emit(kind, **entry)
 
     def _optimize(self, model, report: RunReport, ctx: BlockContext, inside: list[LayerPlan],
-                  optimizers, targets) -> None:
+                  optimizers, targets, standins: StandIns) -> None:
         """Run the optimizers on the block's quantized layers (dense stand-ins put aside), then
         put stand-ins of the optimized layers back for the block's last forward pass."""
-        self._swap_standins(model)
+        standins.swap(model)
         for o in optimizers:
             self._record_method(report, ctx.index, "optimizer", o, o.optimize(ctx, targets))
-        if self._final is not None:
+        if standins.on:
             current = dict(model.named_modules())
-            self._install(model, inside, [(p.path, current[p.path]) for p in inside])
+            standins.install(model, inside, [(p.path, current[p.path]) for p in inside])
 
-    def _runner(self, module: nn.Module) -> nn.Module:
-        """What computes ``module``'s outputs during calibration: a :class:`HostLinear` (made
-        once per block) with NumPy compute, else the module itself."""
-        if not (self._host and self._host_forward and runs_on_host(module)):
-            return module
-        if id(module) not in self._runners:
-            self._runners[id(module)] = (module, HostLinear(module))
-        return self._runners[id(module)][1]
+    # -- forward passes ---------------------------------------------------------------------
 
     @staticmethod
     def _eval(x: mx.array) -> mx.array:
         mx.eval(x)
         return x
 
-    def _advance(self, model, block, inputs: MutableSequence[mx.array], args) -> MutableSequence[mx.array]:
+    def _advance(self, model, block, inputs: MutableSequence[mx.array], args,
+                 row_wise: tuple[str, ...]) -> MutableSequence[mx.array]:
         """``block``'s outputs on ``inputs``, computed batch by batch in place of them: one
         batch's old and new activations are held at a time, not all of them. (A plain list is
-        copied first: a block method may have kept the one it was shown.)"""
+        copied first: a block method may have kept the one it was shown.) The block's
+        ``row_wise`` modules run a slice of rows at a time where they can
+        (:func:`~quantkit.pipeline.collect.row_chunks`)."""
         if isinstance(inputs, list):
             inputs = list(inputs)
-        with self._row_chunks(model):
+        with row_chunks(model, row_wise):
             for j, (a, kw) in enumerate(args):
                 inputs[j] = self._eval(block(inputs[j], *a, **kw))
         return inputs
 
-    @contextlib.contextmanager
-    def _row_chunks(self, model, pool: InputPool | None = None,
-                    collectors: dict[str, HessianCollector] | None = None) -> Iterator[None]:
-        """While active, the current block's row-wise modules (an MLP, from the architecture
-        table) run :data:`ROW_CHUNK_BYTES` of their widest activation at a time
-        (:class:`~quantkit.pipeline.calibrate.RowChunks`): where every layer in them with
-        weights runs on the host (:class:`HostLinear`) and, in a collection pass
-        (``collectors``), feeds a host collector that gathers whole inputs. Else as they are."""
-        current = dict(model.named_modules())
-        chunked = []
-        for path in self._row_wise:
-            module = current.get(path)
-            if module is None:
-                continue
-            # Every layer with weights in it: a HostLinear's (in a collection pass, under a
-            # catcher feeding a host collector; the catcher's path is the layer's).
-            weighted = [k for k, m in current.items()
-                        if k.startswith(path + ".") and isinstance(m.get("weight"), mx.array)]
-            wrapping = 2 if collectors is not None else 1
-            layers = [k.rsplit(".", wrapping)[0] for k in weighted]
-            ok = bool(weighted) and all(
-                k == f"{a}{'.module' * wrapping}"
-                and isinstance(current.get(f"{a}.module" if collectors is not None else a), HostLinear)
-                and (collectors is None or _host_shared(collectors.get(a)))
-                for k, a in zip(weighted, layers))
-            if ok:
-                width = max(max(current[k]["weight"].shape) for k in weighted)
-                rows = ROW_CHUNK_BYTES // (4 * width) // MIN_CHUNK_ROWS * MIN_CHUNK_ROWS
-                chunked.append((path, module, RowChunks(module, rows, pool)))
-        if chunked:
-            model.update_modules(tree_unflatten([(p, w) for p, _, w in chunked]))
-        try:
-            yield
-        finally:
-            if chunked:
-                model.update_modules(tree_unflatten([(p, m) for p, m, _ in chunked]))
+    def _collect_outside(self, model, blocks, block_paths, plans, batches, last_outputs,
+                         layout: ShardLayout, host: bool) -> dict[str, HessianStats]:
+        """Statistics of the layers outside the blocks (the output head): the blocks replay
+        their stored outputs; the layers run as they are (no NumPy runners)."""
+        # The output head's outputs (logits) are not needed: MLX, lazy, never computes them.
+        with replaying(model, blocks, block_paths, last_outputs):
+            return collect_sharded(model, plans, self.distributed, layout, lambda j: model(batches[j]),
+                                   BlockPasses(host=host, runners=Runners(host=False)))
 
-    def _capture(self, model, blocks, block_paths, batches):
-        """Inputs of block 0 and the extra arguments of every block, one entry per batch."""
-        sinks: list[list] = [[] for _ in blocks]
-        originals = list(blocks)
-        model.update_modules(tree_unflatten([
-            (p, BlockRecorder(b, s, last=(i == len(blocks) - 1)))
-            for i, (p, b, s) in enumerate(zip(block_paths, blocks, sinks))
-        ]))
-        try:
-            for b, batch in enumerate(batches):
-                self._emit("capture", index=b, total=len(batches))
-                try:
-                    model(batch)
-                except StopForward:
-                    pass
-        finally:
-            model.update_modules(tree_unflatten(list(zip(block_paths, originals))))
-        inputs = [self._eval(x) for x, _, _ in sinks[0]]
-        block_args = [[(a, kw) for _, a, kw in s] for s in sinks]
-        return inputs, block_args
-
-    def _collect(self, model, plans: list[LayerPlan], forward, reference=None, tail_cut=False
-                 ) -> tuple[dict[str, HessianStats], dict[str, str]]:
-        """Install collectors on the layers of ``plans`` that need them and run ``forward()``,
-        an iterable of per-batch forward passes. Only the collectors are evaluated, so MLX
-        computes no more of each forward than the collected inputs depend on.
-
-        Layers that read the very same input array (q/k/v projections; gate/up) share one
-        collector: their Hessian is accumulated once and the same :class:`HessianStats` object
-        is returned under each of their paths. Returns ``(stats, owners)``: ``owners[path]`` is
-        the path whose collector accumulated ``path``'s inputs.
-
-        ``reference()``, when given, yields the same batches' full-precision forward passes:
-        each runs just before its batch's ``forward`` pass, with the collectors of strategies
-        that need it set to ``recording`` (they keep the layer inputs it shows them) and the
-        other collectors muted.
-
-        ``tail_cut``: ``forward`` runs a decoder block whose outputs are not used (see
-        :class:`~quantkit.pipeline.calibrate.TailCut`): each pass may end right after the
-        block's last collected input."""
-        wanted = [p for p in plans if p.needs_stats]
-        if not wanted:
-            return {}, {}
-        pool = InputPool()
-        collectors: dict[str, HessianCollector] = {}
-        catchers = []
-        # Passes end after the block's last collected input only when every collector is a
-        # sharing one (no full-precision reference passes in between).
-        tail = self._tail if tail_cut and not any(p.quantizer.needs_reference for p in wanted) else None
-        for p in wanted:
-            inner = p.quantizer.collector(p.handler, p.module)
-            if p.quantizer.needs_reference:
-                collectors[p.path] = inner
-            else:
-                inner = host_collector(inner) if self._host else inner
-                collectors[p.path] = SharingCollector(p.path, inner, pool, tail)
-            catchers.append((p.path, p.handler.catcher(self._runner(p.module), collectors[p.path])))
-        model.update_modules(tree_unflatten(catchers))
-        paired = [collectors[p.path] for p in wanted if p.quantizer.needs_reference]
-        muted = [c for c in collectors.values() if isinstance(c, SharingCollector)]
-        passes = (forward() if reference is None or not paired
-                  else paired_passes(forward(), reference(), paired, muted))
-        try:
-            with self._row_chunks(model, pool, collectors):
-                for out in passes:
-                    mx.eval([c.arrays() for c in collectors.values()])
-                    pool.clear()
-                    if tail is not None:
-                        tail.end_pass()
-                    del out  # the batch's (unevaluated) output: not held during the next batch
-        finally:
-            if tail is not None:
-                tail.seen, tail.cut = [], False  # a pass stopped by an error is not learned from
-            model.update_modules(tree_unflatten([(p.path, p.module) for p in wanted]))
-        owners = {k: getattr(c, "owner", None) or k for k, c in collectors.items()}
-        owned = {k: c.stats() for k, c in collectors.items() if owners[k] == k}
-        return {k: owned[owners[k]] for k in collectors}, owners
-
-    def _run_collectors(self, model, wanted: list[LayerPlan],
-                        collectors: dict[str, HessianCollector], forward) -> None:
-        catchers = [(p.path, p.handler.catcher(p.module, collectors[p.path])) for p in wanted]
-        model.update_modules(tree_unflatten(catchers))
-        every = experts_parents(model, [p.path for p in wanted
-                                        if getattr(p.handler, "calibrate_all_experts", False)])
-        try:
-            model.update_modules(tree_unflatten([(k, AllExpertsCalibration(m, k)) for k, m in every]))
-            for _ in forward():
-                mx.eval([c.arrays() for c in collectors.values()])
-        finally:
-            model.update_modules(tree_unflatten(every))
-            model.update_modules(tree_unflatten([(p.path, p.module) for p in wanted]))
+    # -- solving ----------------------------------------------------------------------------
 
     def _quantize_experts(self, model, plans: list[LayerPlan], layout: ShardLayout, run_batch,
-                          report, block_index, n_tokens: int):
+                          report, block_index, n_tokens: int, standins: StandIns):
         """Expert layers of one block: one Hessian per expert, a batch of experts per forward
         pass over the ``n_tokens`` calibration tokens, after the block's other layers are
-        quantized (see quantkit.moe). Each expert's statistics go through the same shard tree
+        quantized (see :mod:`quantkit.pipeline.expert_layers`). Each expert's statistics go through the same shard tree
         as dense layers', and each rank solves its share of the experts, so the result does
         not depend on the number of processes."""
-        def collect(active, collectors):
-            merged = self.distributed.reduce_stats(layout, lambda positions: expert_shard_stats(
-                partial(self._run_collectors, model), active, collectors, lambda: (run_batch(j) for j in positions)))
-            for p in active:
-                load_expert_stats(collectors[p.path], p.path, merged)
-
+        collect = collect_experts(model, self.distributed, layout, run_batch)
         new_modules = []
         for p, module, records in quantize_expert_layers(
                 plans, collect, self.fallback, n_tokens, self.distributed,
@@ -635,59 +477,15 @@ class ModelWalker:
                 report.add(record)
                 self._emit("layer", record=record)
             new_modules.append((p.path, module))
-        self._install(model, plans, new_modules)
+        standins.install(model, plans, new_modules)
         return new_modules
 
-    def _install(self, model, plans: list[LayerPlan], new_modules: list[tuple[str, nn.Module]]):
-        """Put the quantized layers in place: with dense stand-ins, copies of the original
-        layers holding the dequantized weights until their block has run for the last time
-        (see ``dense_standins`` and :meth:`_swap_standins`)."""
-        installed = new_modules
-        if self._final is not None:
-            self._final.extend(new_modules)
-            by_path = {p.path: p for p in plans}
-            installed = [(k, build.dense_standin(by_path[k].module, m, self._host))
-                         for k, m in new_modules]
-        if installed:
-            model.update_modules(tree_unflatten(installed))
-
-    def _swap_standins(self, model) -> None:
-        """Replace the dense stand-ins installed so far by the quantized layers they stand for."""
-        if self._final:
-            model.update_modules(tree_unflatten(self._final))
-            self._final.clear()
-
-    def _collect_sharded(self, model, plans, layout: ShardLayout, run_batch, run_reference=None,
-                         tail_cut=False) -> dict[str, HessianStats]:
-        """``_collect`` once per calibration shard of this rank (``run_batch(j)``: the forward
-        pass of local batch ``j``); shard statistics combined across ranks in shard order."""
-        if not any(p.needs_stats for p in plans):
-            return {}
-        # On the host, shard statistics waiting in the merge tree go to scratch files (read
-        # back, the same bytes, when merged): they do not sit beside the ones being collected.
-        with _parking(self._host) as park:
-            merged = self.distributed.reduce_stats(layout, lambda positions: self._collect(
-                model, plans, lambda: (run_batch(j) for j in positions),
-                None if run_reference is None else lambda: (run_reference(j) for j in positions),
-                tail_cut=tail_cut,
-            )[0], park)
-            mx.eval([st.h for st in merged.values() if st.n_tokens > 0])  # before the files go
-        return share_identical(merged)
-
-    def _collect_outside(self, model, blocks, block_paths, plans, batches, last_outputs, layout):
-        replays = [Replay(b, None) for b in blocks[:-1]] + [Replay(blocks[-1], last_outputs)]
-        model.update_modules(tree_unflatten(list(zip(block_paths, replays))))
-        # The output head's outputs (logits) are not needed: MLX, lazy, never computes them.
-        self._runners.clear()
-        self._host_forward = False
-        try:
-            return self._collect_sharded(model, plans, layout, lambda j: model(batches[j]))
-        finally:
-            self._host_forward = True
-            model.update_modules(tree_unflatten(list(zip(block_paths, blocks))))
-
-    def _quantize_all(self, model, plans, stats, report, block_index) -> list[tuple[str, nn.Module]]:
-        """Quantize this rank's share of ``plans``; every rank installs all of them."""
+    def _quantize_all(self, model, plans, stats, report, block_index, *, host: bool,
+                      standins: StandIns, release: bool = False,
+                      parked: ParkedLayers | None = None) -> list[tuple[str, nn.Module]]:
+        """Quantize this rank's share of ``plans``; every rank installs all of them (through
+        ``standins``). ``release``: drop each float layer once quantized
+        (:func:`~quantkit.pipeline.install.release_float`; into ``parked`` when given)."""
         owners = dict(zip([p.path for p in plans],
                           self.distributed.share([layer_cost(p) for p in plans]), strict=True))
         rank = self.distributed.rank
@@ -700,7 +498,7 @@ class ModelWalker:
                     stats.pop(p.path, None)
                 continue
             # On the host, a shared factor and one layer's solve at a time (the same values).
-            results, joint_s = solve_jointly(group, stats, one_by_one=self._host and row_slices_exact())
+            results, joint_s = solve_jointly(group, stats, one_by_one=host and row_slices_exact())
             for p in group:
                 t0 = time.perf_counter()
                 result = next(results)
@@ -709,8 +507,8 @@ class ModelWalker:
                 record.time_s += joint_s / len(group) + solve_s
                 record.block, record.rank = block_index, rank
                 done[p.path] = (module, record)
-                if self._release:
-                    _release_float(model, p, module, self._parked)
+                if release:
+                    release_float(model, p, module, parked)
         done = exchange_layers(self.distributed, plans, done, owners)
         new_modules = []
         for p in plans:
@@ -718,7 +516,7 @@ class ModelWalker:
             report.add(record)
             self._emit("layer", record=record)
             new_modules.append((p.path, module))
-        self._install(model, plans, new_modules)
+        standins.install(model, plans, new_modules)
         return new_modules
 
     def _resume(self, model, plans: dict[str, LayerPlan], report: RunReport,
@@ -749,74 +547,3 @@ class ModelWalker:
     def _config(self, report: RunReport) -> dict[str, Any]:
         return quantization_config(self.recipe, report)
 
-
-@contextlib.contextmanager
-def _parking(on: bool) -> Iterator[Callable[[dict[str, HessianStats]], dict[str, HessianStats]] | None]:
-    """A ``park`` for :meth:`Distributed.reduce_stats` (``None`` unless ``on``): statistics
-    written to a safetensors file in a temporary directory (``TMPDIR``) and replaced by lazy
-    loads of it; the directory is removed on exit."""
-    if not on:
-        yield None
-        return
-    with tempfile.TemporaryDirectory(prefix="quantkit-stats-") as tmp:
-        files = (Path(tmp) / f"{k}.safetensors" for k in itertools.count())
-        yield lambda stats: _park(stats, next(files))
-
-
-def _park(stats: dict[str, HessianStats], path: Path) -> dict[str, HessianStats]:
-    """``stats`` with their arrays saved to ``path`` and read back lazily (their memory is
-    freed until a merge reads them); entries that are one object stay one object."""
-    def arrays_of(st: HessianStats) -> dict[str, mx.array]:
-        return {f.name: v for f in attrs.fields(type(st))
-                if isinstance(v := getattr(st, f.name), mx.array)}
-
-    names: dict[int, str] = {}
-    saved: dict[str, mx.array] = {}
-    for st in stats.values():
-        if st is not None and st.n_tokens > 0 and id(st) not in names:
-            names[id(st)] = f"s{len(names)}"
-            saved.update({f"{names[id(st)]}.{k}": v for k, v in arrays_of(st).items()})
-    if not saved:
-        return stats
-    mx.save_safetensors(str(path), saved)
-    del saved
-    loaded = cast(dict[str, mx.array], mx.load(str(path)))
-    # MLX holds the file open until the arrays are read: unlinked now, nothing is left behind
-    # should the process be killed (SIGKILL skips the directory's removal).
-    with contextlib.suppress(OSError):
-        path.unlink()
-    parked: dict[int, HessianStats] = {}
-    out: dict[str, HessianStats] = {}
-    for key, st in stats.items():
-        if st is None or id(st) not in names:
-            out[key] = st
-            continue
-        if id(st) not in parked:
-            parked[id(st)] = attrs.evolve(st, **{
-                k: loaded[f"{names[id(st)]}.{k}"] for k in arrays_of(st)})
-        out[key] = parked[id(st)]
-    return out
-
-
-def _host_shared(collector: HessianCollector | None) -> bool:
-    """Whether ``collector`` gathers a row-chunked module's whole inputs (see
-    :class:`~quantkit.host.HostHessianCollector`)."""
-    return isinstance(collector, SharingCollector) and isinstance(collector.inner, HostHessianCollector)
-
-
-def _release_float(model: nn.Module, p: LayerPlan, quantized: nn.Module,
-                   parked: ParkedLayers | None = None) -> None:
-    """Free a quantized layer's float weight while the rest of its block is solved: the model
-    gets the quantized layer now, and the plan keeps a shell of the original whose weight is a
-    lazy placeholder of the same shape and dtype, never computed (:func:`quantkit.pipeline.build.dense_standin`
-    makes the stand-in from the shell). No forward pass runs until :meth:`ModelWalker._install`.
-    With ``parked``, the weight is put aside there first (for the block optimizers), under the
-    layer's path in its block."""
-    if parked is not None:
-        p.module = parked.park(p.path, p.module)
-    else:
-        shell = copy.copy(p.module)
-        weight = shell.weight
-        shell.weight = mx.zeros(weight.shape, weight.dtype)
-        p.module = shell
-    model.update_modules(tree_unflatten([(p.path, quantized)]))

@@ -44,10 +44,10 @@ def interrupted(quantize, stories_dir, tmp_path, monkeypatch):
     out = tmp_path / "o"
     original = ModelWalker._quantize_all
 
-    def stop(self, model, plans, stats, report, block_index):
+    def stop(self, model, plans, stats, report, block_index, **kw):
         if block_index == 2:
             raise KeyboardInterrupt
-        return original(self, model, plans, stats, report, block_index)
+        return original(self, model, plans, stats, report, block_index, **kw)
 
     with monkeypatch.context() as m:
         m.setattr(ModelWalker, "_quantize_all", stop)

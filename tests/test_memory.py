@@ -14,6 +14,7 @@ from test_moe import tiny_model
 from quantkit import Recipe
 from quantkit.kernels.blocked_cholesky import blocked_factor_mlx
 from quantkit.kernels.linalg import prepare_hessian
+from quantkit.pipeline.install import StandIns
 from quantkit.walker import ModelWalker
 
 RECIPE = Recipe.uniform("gptq", bits=4, group_size=32)
@@ -70,24 +71,29 @@ def test_stand_ins_do_not_accumulate_over_blocks():
     assert not any(_dense_layers(b) for b in blocks)
 
 
-class _SwapAtTheEnd(ModelWalker):
+def _swap_at_the_end(monkeypatch) -> None:
     """The walk as it was: every block's stand-ins kept until the last block has run."""
+    real, swaps = StandIns.swap, {}
 
-    def _swap_standins(self, model) -> None:
-        self.swaps = getattr(self, "swaps", 0) + 1
-        if self.swaps == len(model.model.layers):
-            super()._swap_standins(model)
+    def swap(self, model) -> None:
+        swaps[id(self)] = swaps.get(id(self), 0) + 1
+        if swaps[id(self)] == len(model.model.layers):
+            real(self, model)
+
+    monkeypatch.setattr(StandIns, "swap", swap)
 
 
 @pytest.mark.parametrize("kind", ["llama", "qwen3_moe"])
-def test_early_swap_gives_the_same_model(kind):
+def test_early_swap_gives_the_same_model(kind, monkeypatch):
     """Swapping a block's stand-ins right after its last forward changes no value: the packed
     model is byte for byte the one the swap after the last block gives (expert layers too)."""
     outputs = []
-    for cls in (ModelWalker, _SwapAtTheEnd):
+    for late in (False, True):
+        if late:
+            _swap_at_the_end(monkeypatch)
         model = _tiny_llama(3) if kind == "llama" else tiny_model(kind)
         tokens = _tokens(model.args.vocab_size)
-        result = cls(recipe=RECIPE, batch_size=4, dense_standins=True, backend="mlx").run(model, tokens)
+        result = ModelWalker(recipe=RECIPE, batch_size=4, dense_standins=True, backend="mlx").run(model, tokens)
         assert not any(_dense_layers(b) for b in model.model.layers)
         outputs.append((dict(tree_flatten(model.parameters())),
                         [(r.path, r.status, r.hessian_error) for r in result.report.layers]))
@@ -117,20 +123,24 @@ def test_blocked_factor_transient_is_a_few_n_squared():
     np.testing.assert_allclose(np.array(u), ref, rtol=0, atol=2e-5 * np.abs(ref).max())
 
 
-class _ExpertPeak(ModelWalker):
-    """Records the memory an expert phase (collection, factors, solves, packing, install)
-    allocates beyond what was held when it began."""
+def _expert_peaks(monkeypatch) -> list[int]:
+    """The memory each expert phase of a walk (collection, factors, solves, packing, install)
+    allocates beyond what was held when it began, appended to the list returned."""
+    real, transients = ModelWalker._quantize_experts, []
 
-    def _quantize_experts(self, model, plans, *args, **kwargs):
+    def measured(self, model, plans, *args, **kwargs):
         mx.eval(model.parameters())
         mx.reset_peak_memory()
         base = mx.get_active_memory()
-        out = super()._quantize_experts(model, plans, *args, **kwargs)
-        self.transients = [*getattr(self, "transients", []), mx.get_peak_memory() - base]
+        out = real(self, model, plans, *args, **kwargs)
+        transients.append(mx.get_peak_memory() - base)
         return out
 
+    monkeypatch.setattr(ModelWalker, "_quantize_experts", measured)
+    return transients
 
-def test_expert_phase_transient_is_a_few_hessian_batches():
+
+def test_expert_phase_transient_is_a_few_hessian_batches(monkeypatch):
     """An expert layer's phase holds a few batches of per-expert Hessians (the shard tree's
     partial statistics, the damped stack and its factors) and nothing the size of all experts:
     the stand-ins beside the originals are at most the dense block's own weights. Measured
@@ -153,9 +163,10 @@ def test_expert_phase_transient_is_a_few_hessian_batches():
     mx.eval(model.parameters())
     registry = DEFAULT_REGISTRY.copy()
     registry.register(SwitchLinear, SwitchLinearHandler(expert_batch_size=batch))
-    walker = _ExpertPeak(recipe=Recipe.uniform("gptq", bits=4, group_size=32, linalg="blocked"),
+    transients = _expert_peaks(monkeypatch)
+    walker = ModelWalker(recipe=Recipe.uniform("gptq", bits=4, group_size=32, linalg="blocked"),
                          registry=registry, batch_size=2, dense_standins=True, backend="mlx")
     walker.run(model, _tokens(128))
     hessians = batch * width * width * 4  # one expert batch of the gate projection
-    assert len(walker.transients) == 1
-    assert walker.transients[0] < 8 * hessians, walker.transients[0] / hessians
+    assert len(transients) == 1
+    assert transients[0] < 8 * hessians, transients[0] / hessians

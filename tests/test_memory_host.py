@@ -12,7 +12,9 @@ from mlx.utils import tree_flatten
 from quantkit import Recipe
 from quantkit import walker as walker_module
 from quantkit.hessian import HessianStats
-from quantkit.walker import ModelWalker, _park
+from quantkit.pipeline import collect as collect_module
+from quantkit.pipeline.collect import park
+from quantkit.walker import ModelWalker
 
 
 def _tiny_llama() -> nn.Module:
@@ -49,7 +51,7 @@ def test_parked_statistics_are_the_same_values_and_objects(tmp_path):
     mx.eval(shared.h, own.h)
     expected = {"shared": np.array(shared.h), "own": np.array(own.h)}
     before = mx.get_active_memory()
-    parked = _park({"q": shared, "k": shared, "o": own, "e": empty}, tmp_path / "0.safetensors")
+    parked = park({"q": shared, "k": shared, "o": own, "e": empty}, tmp_path / "0.safetensors")
     del shared, own
     # Lazy loads of the file: the arrays' memory is freed until a merge reads them.
     assert mx.get_active_memory() <= before - 256 * 256 * 4
@@ -67,16 +69,16 @@ def test_walk_is_byte_identical_with_and_without_parking(monkeypatch):
     walk = lambda: _numpy_walk(tokens)  # noqa: E731
 
     calls = []
-    real = walker_module._parking
+    real = collect_module.parking
 
     def counting(on):
         calls.append(on)
         return real(on)
 
-    monkeypatch.setattr(walker_module, "_parking", counting)
+    monkeypatch.setattr(collect_module, "parking", counting)
     parked = walk()
     assert calls and all(calls)  # the NumPy backend parks
-    monkeypatch.setattr(walker_module, "_parking", lambda on: real(False))
+    monkeypatch.setattr(collect_module, "parking", lambda on: real(False))
     plain = walk()
     _assert_same(parked, plain)
 
@@ -129,7 +131,7 @@ def test_walk_in_row_chunks_is_byte_identical(monkeypatch):
 
     tokens = mx.random.randint(0, 128, (8, 64), key=mx.random.key(1))
     chunks = []
-    real_chunk = walker_module.RowChunks.__call__
+    real_chunk = collect_module.RowChunks.__call__
 
     def counting(self, x):
         chunks.append(-(-x.size // x.shape[-1] // self.rows))
@@ -145,11 +147,11 @@ def test_walk_in_row_chunks_is_byte_identical(monkeypatch):
             ends.append(path)
             raise
 
-    monkeypatch.setattr(walker_module.RowChunks, "__call__", counting)
+    monkeypatch.setattr(collect_module.RowChunks, "__call__", counting)
     monkeypatch.setattr(calibrate.TailCut, "called", called)
 
     def walk(row_bytes):
-        monkeypatch.setattr(walker_module, "ROW_CHUNK_BYTES", row_bytes)
+        monkeypatch.setattr(collect_module, "ROW_CHUNK_BYTES", row_bytes)
         model = _tiny_llama()
         ModelWalker(Recipe.uniform("gptq", bits=4, group_size=32), batch_size=4,
                     backend="numpy").run(model, tokens)

@@ -115,6 +115,25 @@ def test_sensitive_layers_get_more_bits(pad_dir, stories_tokens):
     assert compute_bits_per_weight(model) == pytest.approx(plan.bits_per_weight, rel=1e-9)
 
 
+def test_streamed_measurement_is_the_in_memory_one(pad_dir, stories_tokens):
+    """Measured streamed (the model read lazily; the KL probe's copy run a block at a time,
+    read back from scratch files; the walk's finished blocks written out and their float
+    weights freed), every layer's figures, costs and the fixed bits are exactly the ones the
+    in-memory measurement gives."""
+    from quantkit.mixed import measure_sensitivity
+
+    calib, _ = stories_tokens
+    kwargs = dict(reference_bpw=4.5, sensitivity="kl-fast", fisher_samples=1,
+                  candidates=[QuantSpec(b, 64) for b in (3, 4, 6)])
+    model, _, _ = load_model(pad_dir)
+    in_memory = measure_sensitivity(model, calib[:4], **kwargs)
+    lazy, _, _ = load_model(pad_dir, lazy=True)
+    streamed = measure_sensitivity(
+        lazy, calib[:4], **kwargs, reload=lambda: load_model(pad_dir, lazy=True, check_finite=False)[0])
+    assert streamed.layers and all(len(lo.options) == 3 for lo in streamed.layers)
+    assert streamed == in_memory
+
+
 def test_plan_keeps_the_base_recipes_skips_and_strategy(pad_dir, stories_tokens):
     from quantkit.mixed import plan_mixed_precision
 

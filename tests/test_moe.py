@@ -221,7 +221,7 @@ def test_batched_expert_factors_equal_per_expert_path(case, monkeypatch):
     expert alone does: on a CPU byte-identical packed weights and equal report figures, with
     NumPy's float64 factor and with the blocked MLX one (to tolerance on a GPU). ``starved``: expert 3 gets no tokens (a subset of
     the batch is factorized); ``shared``: one Hessian for all experts (factorized once)."""
-    import quantkit.moe as moe
+    import quantkit.pipeline.expert_layers as moe
 
     recipe = Recipe.uniform(bits=4, group_size=32, linalg="blocked") if case == "blocked" \
         else RECIPE
@@ -479,7 +479,7 @@ def test_up_projection_takes_the_gate_projections_hessians(kind, monkeypatch):
     import quantkit.walker as walker
 
     shared = []
-    same_input = walker.same_input  # quantkit.moe.same_input, as the walker calls it
+    same_input = walker.same_input  # quantkit.pipeline.expert_layers.same_input, as the walker calls it
 
     def spy(model, plans):
         shared.append(same_input(model, plans))

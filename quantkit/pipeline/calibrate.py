@@ -14,10 +14,13 @@ block's later collection passes at its last collected input (:class:`PassEnd`, c
 
 from __future__ import annotations
 
+import contextlib
 import weakref
+from collections.abc import Callable, Iterator, Sequence
 
 import mlx.core as mx
 import mlx.nn as nn
+from mlx.utils import tree_unflatten
 
 from ..hessian import HessianCollector, HessianStats
 from ..host import MIN_CHUNK_ROWS, current_row_chunk, row_chunk
@@ -49,7 +52,7 @@ class Replay(Wrapper):
     """Stands in for a decoder block while the output head is calibrated: the last block replays
     its stored outputs, earlier blocks pass through."""
 
-    def __init__(self, block: nn.Module, outputs: list[mx.array] | None) -> None:
+    def __init__(self, block: nn.Module, outputs: Sequence[mx.array] | None) -> None:
         super().__init__(block)
         self.outputs = outputs
         self.calls = 0
@@ -60,6 +63,51 @@ class Replay(Wrapper):
         out = self.outputs[self.calls]
         self.calls += 1
         return out
+
+
+#: Per batch, a block's extra arguments: ``(args, kwargs)`` (masks, caches).
+BlockArgs = list[tuple[tuple, dict]]
+
+
+def capture(model: nn.Module, blocks: Sequence[nn.Module], block_paths: Sequence[str],
+            batches: Sequence[mx.array], before: Callable[[int], None] | None = None,
+            ) -> tuple[list[mx.array], list[BlockArgs]]:
+    """Block 0's inputs (evaluated) and every block's extra arguments, one entry per batch:
+    each block stands aside for a :class:`BlockRecorder` while ``batches`` run through
+    ``model`` (``before(b)``: called before batch ``b``)."""
+    sinks: list[list] = [[] for _ in blocks]
+    model.update_modules(tree_unflatten([
+        (p, BlockRecorder(b, s, last=(i == len(blocks) - 1)))
+        for i, (p, b, s) in enumerate(zip(block_paths, blocks, sinks))
+    ]))
+    try:
+        for b, batch in enumerate(batches):
+            if before is not None:
+                before(b)
+            try:
+                model(batch)
+            except StopForward:
+                pass
+    finally:
+        model.update_modules(tree_unflatten(list(zip(block_paths, blocks))))
+    inputs = [x for x, _, _ in sinks[0]]
+    for x in inputs:
+        mx.eval(x)
+    return inputs, [[(a, kw) for _, a, kw in s] for s in sinks]
+
+
+@contextlib.contextmanager
+def replaying(model: nn.Module, blocks: Sequence[nn.Module], block_paths: Sequence[str],
+              outputs: Sequence[mx.array]) -> Iterator[None]:
+    """While active, ``model(batch)`` computes what follows the decoder blocks (final norm,
+    head) from the last block's stored ``outputs``, one per call in order (:class:`Replay`);
+    the blocks are put back on exit."""
+    replays = [Replay(b, None) for b in blocks[:-1]] + [Replay(blocks[-1], outputs)]
+    model.update_modules(tree_unflatten(list(zip(block_paths, replays))))
+    try:
+        yield
+    finally:
+        model.update_modules(tree_unflatten(list(zip(block_paths, blocks))))
 
 
 def block_forward(block: nn.Module, inputs: list[mx.array], args: list, j: int) -> mx.array | None:

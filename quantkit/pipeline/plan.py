@@ -38,7 +38,7 @@ class LayerPlan:
 
     @property
     def per_expert(self) -> bool:
-        """Calibrated one Hessian per expert, in expert-batch passes (see quantkit.moe)."""
+        """Calibrated one Hessian per expert, in expert-batch passes (see quantkit.pipeline.expert_layers)."""
         return self.quantizer.needs_hessian and self.handler.per_expert
 
 

@@ -1,6 +1,6 @@
 """Solve: one weight matrix and its statistics → its packed arrays, with the strategy's fallback,
 the Hessian-weighted error figures and what the run report records — written once, for a dense
-layer (:func:`quantize_layer`) and for one expert of a MoE layer (:mod:`quantkit.moe`) alike
+layer (:func:`quantize_layer`) and for one expert of a MoE layer (:mod:`quantkit.pipeline.expert_layers`) alike
 (:func:`solve_matrix`). Layers sharing a Hessian are solved as one matrix first
 (:func:`solve_groups`, :func:`solve_jointly`); with several processes each solves its share and
 :func:`exchange_layers` hands every rank the others'."""

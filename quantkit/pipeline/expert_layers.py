@@ -1,4 +1,7 @@
-"""Mixture-of-experts layers: one Hessian per expert, collected and solved a batch at a time.
+"""Expert layers (mixture of experts): one Hessian per expert, collected and solved a batch at a time.
+
+(This is how the walk quantizes a block's expert layers; :mod:`quantkit.experts` is the
+``calibrate_all_experts`` option's wrapper, which these collection passes install.)
 
 mlx-lm's ``SwitchLinear`` holds all experts of a layer in one ``(experts, out, in)`` weight and
 is called with the expert ``indices`` of every row. Experts see different tokens, and the
@@ -42,25 +45,28 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterable
+from functools import partial
 from typing import Any, cast
 
 import attrs
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
+from mlx.utils import tree_unflatten
 
-from .arch import shared_input_groups
-from .distributed import Distributed, Item
-from .errors import FactorizationError
-from .hessian import ExpertHessianStats, HessianCollector, HessianStats
-from .interrupt import check
-from .inverse import InverseFactor
-from .pipeline import build
-from .pipeline.plan import LayerPlan
-from .pipeline.solve import solve_matrix
-from .quantizers import Quantizer
-from .registry import SwitchLinearHandler
-from .report import LayerRecord
+from ..arch import shared_input_groups
+from ..distributed import Distributed, Item, ShardLayout
+from ..errors import FactorizationError
+from ..experts import AllExpertsCalibration, experts_parents
+from ..hessian import ExpertHessianStats, HessianCollector, HessianStats
+from ..interrupt import check
+from ..inverse import InverseFactor
+from ..quantizers import Quantizer
+from ..registry import SwitchLinearHandler
+from ..report import LayerRecord
+from . import build
+from .plan import LayerPlan
+from .solve import solve_matrix
 
 #: Runs the block's calibration forward with ``collectors`` (keyed by path) on ``plans``.
 Collect = Callable[[list[LayerPlan], dict[str, HessianCollector]], None]
@@ -356,3 +362,37 @@ def same_input(model: nn.Module, plans: list[LayerPlan]) -> dict[str, str]:
     by_path = {p.path: p for p in plans}
     return {path: lead for path, lead in shared_input_groups(model, by_path).items()
             if by_path[lead].handler == by_path[path].handler}
+
+
+def run_expert_collectors(model: nn.Module, wanted: list[LayerPlan],
+                          collectors: dict[str, HessianCollector], forward) -> None:
+    """A :data:`RunCollectors`: catchers with ``collectors`` on ``wanted``'s layers (and, for a
+    handler with ``calibrate_all_experts``, every expert of the layer's experts module run on
+    every token: :class:`~quantkit.experts.AllExpertsCalibration`) while ``forward()``'s passes
+    run; the model's layers are put back afterwards."""
+    catchers = [(p.path, p.handler.catcher(p.module, collectors[p.path])) for p in wanted]
+    model.update_modules(tree_unflatten(catchers))
+    every = experts_parents(model, [p.path for p in wanted
+                                    if getattr(p.handler, "calibrate_all_experts", False)])
+    try:
+        model.update_modules(tree_unflatten([(k, AllExpertsCalibration(m, k)) for k, m in every]))
+        for _ in forward():
+            mx.eval([c.arrays() for c in collectors.values()])
+    finally:
+        model.update_modules(tree_unflatten(every))
+        model.update_modules(tree_unflatten([(p.path, p.module) for p in wanted]))
+
+
+def collect_experts(model: nn.Module, group: Distributed, layout: ShardLayout, run_batch) -> Collect:
+    """The :data:`Collect` of one block for :func:`quantize_expert_layers`: each calibration
+    shard of this rank (``run_batch(j)``: the block's forward pass on local batch ``j``) through
+    :func:`expert_shard_stats`, merged across ``group``'s ranks in shard order like dense
+    layers' statistics, loaded back into the collectors."""
+    def collect(active: list[LayerPlan], collectors: dict[str, HessianCollector]) -> None:
+        merged = group.reduce_stats(layout, lambda positions: expert_shard_stats(
+            partial(run_expert_collectors, model), active, collectors,
+            lambda: (run_batch(j) for j in positions)))
+        for p in active:
+            load_expert_stats(collectors[p.path], p.path, merged)
+
+    return collect
