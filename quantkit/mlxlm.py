@@ -196,6 +196,10 @@ class PlainTokenizer:
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         return list(self._backend.encode(text, add_special_tokens=add_special_tokens).ids)
 
+    def get_vocab(self) -> dict[str, int]:
+        """Token → id, added tokens included (as ``transformers``' ``get_vocab``)."""
+        return dict(self._backend.get_vocab(with_added_tokens=True))
+
     @functools.cached_property
     def _full(self) -> Any:
         from mlx_lm.utils import load_tokenizer

@@ -73,6 +73,7 @@ def test_plain_tokenizer_encodes_as_mlx_lms():
         assert ours.encode(sample) == list(theirs.encode(sample))
         assert ours.encode(sample, add_special_tokens=False) == list(theirs.encode(sample, add_special_tokens=False))
     assert ours.eos_token_id == theirs.eos_token_id
+    assert ours.get_vocab() == dict(theirs.get_vocab())
     assert ours.vocab_size == theirs.vocab_size
 
 

@@ -367,10 +367,10 @@ def _interrupt_at_block(monkeypatch, block: int):
     """Ctrl-C while block ``block`` is being quantized."""
     original = ModelWalker._quantize_all
 
-    def interrupted(self, model, plans, stats, report, block_index):
+    def interrupted(self, model, plans, stats, report, block_index, **kw):
         if block_index == block:
             raise KeyboardInterrupt
-        return original(self, model, plans, stats, report, block_index)
+        return original(self, model, plans, stats, report, block_index, **kw)
 
     monkeypatch.setattr(ModelWalker, "_quantize_all", interrupted)
 
@@ -405,10 +405,10 @@ def test_sigterm_is_a_clean_stop(quantize, stories_dir, tmp_path, monkeypatch):
 
     original = ModelWalker._quantize_all
 
-    def terminated(self, model, plans, stats, report, block_index):
+    def terminated(self, model, plans, stats, report, block_index, **kw):
         if block_index == 2:
             os.kill(os.getpid(), signal.SIGTERM)
-        return original(self, model, plans, stats, report, block_index)
+        return original(self, model, plans, stats, report, block_index, **kw)
 
     monkeypatch.setattr(ModelWalker, "_quantize_all", terminated)
     before = signal.getsignal(signal.SIGTERM)

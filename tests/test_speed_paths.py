@@ -489,7 +489,9 @@ def test_shared_hessians_are_collected_once(stories_pad_dir, stories_tokens):
     block = model.model.layers[0]
     inside = [p for k, p in plans.items() if k.startswith("model.layers.0.")]
     x = model.model.embed_tokens(calib[:4, :64])
-    stats, owners = walker._collect(model, inside, lambda: [block(x, mask="causal", cache=None)])
+    from quantkit.pipeline.collect import BlockPasses, collect
+
+    stats, owners = collect(model, inside, lambda: [block(x, mask="causal", cache=None)], BlockPasses())
     a = "model.layers.0.self_attn."
     assert owners[a + "v_proj"] == a + "q_proj" and owners[a + "o_proj"] == a + "o_proj"
     m = "model.layers.0.mlp."
