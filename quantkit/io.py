@@ -220,7 +220,9 @@ def remove_stale(parent: Path, name: str) -> list[Path]:
 
 
 def process_alive(pid: int) -> bool:
-    """Whether process ``pid`` exists (this process always does)."""
+    """Whether process ``pid`` runs (this process always does). A zombie does not: a killed
+    rank whose new parent (a container's PID 1, say) never reaps it keeps its PID but will never
+    touch its files again."""
     if pid == os.getpid():
         return True
     try:
@@ -228,8 +230,14 @@ def process_alive(pid: int) -> bool:
     except ProcessLookupError:
         return False
     except PermissionError:
-        return True
-    return True
+        pass
+    if not Path("/proc/self/stat").exists():
+        return True  # no /proc (macOS): the signal test is all there is
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False  # exited in between
+    return state not in ("Z", "X")
 
 
 def _replace_dir(tmp: Path, out_dir: Path) -> None:

@@ -9,6 +9,9 @@ import errno
 import json
 import os
 import shutil
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import mlx.core as mx
@@ -359,6 +362,27 @@ def test_stale_partials_of_dead_runs_are_removed(quantize, stories_dir, tmp_path
     result = quantize(stories_dir, tmp_path / "o", "--strategy", "rtn")
     assert result.exit_code == 0, result.output
     assert not stale.exists()
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads /proc")
+def test_partials_of_unreaped_killed_processes_are_removed(quantize, stories_dir, tmp_path):
+    """A rank killed with its launcher is re-parented; where the new parent never reaps it (a
+    container's PID 1) its PID stays taken by a zombie, which will never finish its files."""
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        child.kill()
+        deadline = time.monotonic() + 10
+        while Path(f"/proc/{child.pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z":
+            assert time.monotonic() < deadline, "the killed child never became a zombie"
+            time.sleep(0.01)
+        stale = tmp_path / f".o.partial-{child.pid}-abcd"
+        stale.mkdir()
+        (stale / "block-0000.safetensors").write_bytes(b"half")
+        result = quantize(stories_dir, tmp_path / "o", "--strategy", "rtn")
+        assert result.exit_code == 0, result.output
+        assert not stale.exists()
+    finally:
+        child.wait()
 
 
 # -- interruption, checkpoints, internal errors ----------------------------------------------------
