@@ -8,6 +8,7 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -27,12 +28,12 @@ from .checkpoint import (
 )
 from .data import Calibration, load_calibration
 from .distributed import Distributed
-from .errors import DistributedError, OutputError
+from .errors import DistributedError, ModelLoadError, OutputError
 from .host import resolve_backend
 from .io import block_staging_dir, check_output, load_model, save_streamed
 from .launch import TEMP_PREFIX
 from .mlxlm import bits_per_weight
-from .pipeline.source import Background, hash_weights, scan_weights
+from .pipeline.source import Background, scan_weights
 from .quantizers import Quantizer, RTNQuantizer
 from .recipe import Recipe
 from .registry import DEFAULT_REGISTRY, LayerRegistry
@@ -122,15 +123,14 @@ def quantize_directory(
     if distributed.size > 1 and resume:
         raise DistributedError("--resume is not supported with several processes yet; "
                                "resume in one process or start over with --overwrite")
-    # The weights stay on disk until a block uses them; one streaming pass over the files
-    # checks them for NaN/Inf and, for a checkpoint's fingerprint, hashes their bytes.
+    # The weights stay on disk until a block uses them. One streaming pass over the files, on
+    # a thread beside the tokenization and the blocks' work, checks them for NaN/Inf and, for a
+    # checkpoint's fingerprint, hashes their bytes; see _scanned for where its verdict counts.
     phases: dict[str, float] = {}
     with _timed(phases, "load"):
         model, tokenizer, config = load_model(model_dir, lazy=True, check_finite=False)
-    # A checkpoint to verify needs the weights' sha256s now: taken in the same pass.
-    verify = writer and distributed.size == 1 and keep and resume and holds_blocks(ckpt_path)
-    with _timed(phases, "check"):
-        digests = scan_weights(model_dir, digest=verify)
+    digest = writer and distributed.size == 1 and keep
+    scan = Background(lambda: scan_weights(model_dir, digest=digest))
     with _timed(phases, "tokenize"):
         data = load_calibration(tokenizer, calib, num_samples, seq_len, seed,
                                 max_positions=config.get("max_position_embeddings"))
@@ -143,13 +143,9 @@ def quantize_directory(
     store: Checkpoint | None = None
     staging: Path | None = None
     if writer and distributed.size == 1 and keep:
-        # The weights' sha256s (the fingerprint covers their content): taken by the scan above
-        # when a checkpoint is to be verified, else on a thread beside the first block's work
-        # (the fingerprint is first needed when block 0 is committed).
-        if verify:
-            hashes = lambda: digests  # noqa: E731
-        else:
-            hashes = Background(lambda: hash_weights(model_dir)).result
+        # The weights' sha256s (the fingerprint covers their content) come from the scan: the
+        # fingerprint is first needed to verify a checkpoint or to commit block 0.
+        hashes = _waited(phases, scan)
         settings = dict(recipe=recipe.to_dict(), dtype=dtype, batch_size=batch_size,
                         shards=distributed.num_shards, backend=resolve_backend(backend),
                         **({"all_experts": True} if _all_experts(registry) else {}))
@@ -168,10 +164,11 @@ def quantize_directory(
         staging = Path(tempfile.mkdtemp(prefix=f"quantkit-rank{distributed.rank}-", dir=parent))
         store = BlockFiles(staging)
     try:
-        with ckpt or contextlib.nullcontext(), _keep_only_progress(ckpt):
+        with _scanned(scan), ckpt or contextlib.nullcontext(), _keep_only_progress(ckpt):
             result = quantize_model(model, tokens, recipe, batch_size=batch_size, dtype=dtype,
-                                    progress=progress, checkpoint=store, distributed=distributed,
-                                    backend=backend, registry=registry)
+                                    progress=_polling(scan, progress), checkpoint=store,
+                                    distributed=distributed, backend=backend, registry=registry)
+            _waited(phases, scan)()  # bad weights: no output
             report = result.report
             report.phases = {**phases, **report.phases}
             report.bits_per_weight = float(bits_per_weight(model))
@@ -221,6 +218,40 @@ def _finished_output(out_dir: str | Path, model_dir: str | Path) -> DirectoryRes
 def _all_experts(registry: LayerRegistry) -> bool:
     handler = registry.handler(SwitchLinear)
     return bool(getattr(handler, "calibrate_all_experts", False))
+
+
+@contextlib.contextmanager
+def _scanned(scan: Background):
+    """The weight scan's verdict over the run: an error of the run is replaced by the scan's
+    when the weights are bad (NaN weights make NaN Hessians, a truncated file an MLX read error:
+    the scan's message names the tensor or file). Interrupts are not held up by it."""
+    try:
+        yield
+    except Exception:
+        try:
+            scan.result()
+        except ModelLoadError as bad:
+            raise bad from None
+        raise
+
+
+def _polling(scan: Background, progress: Progress | None) -> Progress:
+    """``progress`` that first raises the scan's error once it has found one: a run on bad
+    weights stops at the next event instead of finishing its blocks."""
+    def polled(event: str, info: dict) -> None:
+        if (error := scan.error()) is not None:
+            raise error
+        if progress is not None:
+            progress(event, info)
+    return polled
+
+
+def _waited(phases: dict[str, float], scan: Background) -> Callable[[], Any]:
+    """``scan.result``, the time spent waiting for it added to the ``check`` phase."""
+    def result() -> Any:
+        with _timed(phases, "check"):
+            return scan.result()
+    return result
 
 
 @contextlib.contextmanager

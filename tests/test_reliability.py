@@ -11,6 +11,7 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -31,7 +32,7 @@ from quantkit import (
 )
 from quantkit.checkpoint import DirectoryCheckpoint, checkpoint_dir
 from quantkit.cli import app
-from quantkit.errors import CheckpointError
+from quantkit.errors import CheckpointError, ModelLoadError
 
 runner = CliRunner()
 
@@ -117,6 +118,64 @@ def test_nan_inf_weights(quantize, model_copy, tmp_path, bad):
     mx.save_safetensors(str(f), weights)
     line = one_line_error(quantize(model_copy, tmp_path / "o"))
     assert "model.layers.2.mlp.up_proj.weight" in line and "NaN/Inf" in line
+
+
+def _bad_scan(delay: float = 0.0):
+    """A weight scan (see quantkit.api) that finds a NaN after ``delay`` seconds."""
+    def scan(model_dir, digest=False):
+        time.sleep(delay)
+        raise ModelLoadError("weight model.layers.3.mlp.up_proj.weight in M has 1 NaN/Inf "
+                             "values; the checkpoint is corrupt")
+    return scan
+
+
+def test_the_scan_s_verdict_replaces_an_error_bad_weights_caused(quantize, stories_dir,
+                                                                  tmp_path, monkeypatch):
+    """The scan runs beside the blocks' work: when the run fails first (here: at block 0, as NaN
+    weights fail a factorization) and the scan then finds bad weights, the user is told about the
+    weights, not about the symptom."""
+    monkeypatch.setattr("quantkit.api.scan_weights", _bad_scan(delay=1.0))
+    original = ModelWalker._quantize_all
+
+    def failing(self, model, plans, stats, report, block_index, **kw):
+        if block_index == 0:
+            raise FactorizationError("Hessian has NaN/Inf entries")
+        return original(self, model, plans, stats, report, block_index, **kw)
+
+    monkeypatch.setattr(ModelWalker, "_quantize_all", failing)
+    line = one_line_error(quantize(stories_dir, tmp_path / "o"))
+    assert "model.layers.3.mlp.up_proj.weight" in line and "NaN/Inf" in line
+    assert no_leftovers(tmp_path, "o")
+
+
+def test_a_run_on_bad_weights_stops_at_the_scan_s_verdict(quantize, stories_dir, tmp_path,
+                                                          monkeypatch):
+    """Once the scan has found bad weights the run stops at its next progress event: no block
+    is solved after that (here the verdict is in before the first block)."""
+    monkeypatch.setattr("quantkit.api.scan_weights", _bad_scan())
+    import quantkit.api as api
+
+    original_load = api.load_calibration
+
+    def after_the_scan(*args, **kwargs):
+        deadline = time.monotonic() + 10
+        while any(t.name == "quantkit-scan" for t in threading.enumerate()):
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        return original_load(*args, **kwargs)
+
+    monkeypatch.setattr(api, "load_calibration", after_the_scan)
+    solved = []
+    original = ModelWalker._quantize_all
+
+    def counting(self, *args, **kw):
+        solved.append(1)
+        return original(self, *args, **kw)
+
+    monkeypatch.setattr(ModelWalker, "_quantize_all", counting)
+    line = one_line_error(quantize(stories_dir, tmp_path / "o"))
+    assert "NaN/Inf" in line and not solved
+    assert no_leftovers(tmp_path, "o")
 
 
 # -- recipes --------------------------------------------------------------------------------------

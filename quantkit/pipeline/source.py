@@ -19,8 +19,9 @@ import numpy as np
 
 from ..errors import ModelLoadError
 
-#: Bytes read at a time (a tensor is checked in pieces of at most this size).
-CHUNK_BYTES = 16 * 2**20
+#: Bytes read at a time (a tensor is checked in pieces of at most this size). Small: the scan
+#: runs beside the blocks' work (see quantkit.api), so its buffer adds to their peak memory.
+CHUNK_BYTES = 4 * 2**20
 
 #: safetensors float dtypes NumPy has (checked with ``np.isfinite``, ~4x a bit test).
 _NUMPY_FLOATS = {"F64": np.float64, "F32": np.float32, "F16": np.float16}
@@ -132,23 +133,20 @@ def _read(fh, n: int, h) -> bytes:
     return data
 
 
-def hash_weights(model_dir: str | Path) -> dict[str, str]:
-    """``{file name: sha256 of its bytes}`` of every ``*.safetensors`` of ``model_dir``."""
-    from .shards import file_sha256
-
-    return {f.name: file_sha256(f) for f in weight_files(Path(model_dir))}
-
-
 class Background:
-    """``fn()`` computed on a daemon thread (hashing releases the GIL, so it overlaps the
-    calibration); :meth:`result` waits for it and re-raises its exception."""
+    """``fn()`` computed on a daemon thread (reading, hashing and NumPy's checks release the
+    GIL, so a scan of the weight files overlaps the calibration); :meth:`result` waits for it
+    and re-raises its exception, :meth:`error` tells without waiting."""
 
-    def __init__(self, fn: Callable[[], Any]) -> None:
+    def __init__(self, fn: Callable[[], Any], name: str = "quantkit-scan") -> None:
         self._value: Any = None
         self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._run, args=(fn,), daemon=True,
-                                         name="quantkit-hash")
+        self._thread = threading.Thread(target=self._run, args=(fn,), daemon=True, name=name)
         self._thread.start()
+
+    def error(self) -> BaseException | None:
+        """The exception ``fn`` raised, if it has finished with one (never waits)."""
+        return None if self._thread.is_alive() else self._error
 
     def _run(self, fn: Callable[[], Any]) -> None:
         try:
