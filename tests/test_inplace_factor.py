@@ -68,3 +68,35 @@ def test_inplace_factor_holds_no_second_matrix():
     # The copying path allocates ~4 n² float64; in place: the triangular inverse's (n/2)²
     # product and NumPy's buffer for writing it into a strided view (measured 0.47 n²).
     assert peak < 0.6 * work.nbytes, peak / work.nbytes
+
+
+@pytest.mark.parametrize("shape", [(300, 300), (3, 512, 512)])  # one block, an expert stack
+def test_lapack_triangular_inverse_matches_numpy_s_inverse(shape):
+    """The GPU path's diagonal blocks are inverted on the host by LAPACK's dtrtri (a third of
+    an LU inverse's flops): the inverses of NumPy's Cholesky factors, to float64 rounding, and
+    the factors themselves bit for bit those of ``np.linalg.cholesky``."""
+    import mlx.core as mx
+
+    from quantkit.kernels.blocked_cholesky import _host_block_factor
+
+    hd, _, _ = prepare_hessians(_hessians(int(np.prod(shape[:-2])), shape[-1], seed=2), 0.01)
+    hd = hd.reshape(shape).astype(np.float32)
+    lower, inverse = _host_block_factor(mx.array(hd))
+    expected = np.linalg.cholesky(hd.astype(np.float64))
+    np.testing.assert_array_equal(lower, expected)
+    ref = np.linalg.inv(expected)
+    assert np.abs(inverse - ref).max() <= 1e-12 * np.abs(ref).max()
+    assert np.all(np.triu(inverse, 1) == 0)
+    # NumPy's wheels export dtrtri beside dpotrf: the recursive fallback is not what ran.
+    assert lapack._trtri_entry_point() is not None
+
+
+def test_host_block_factor_refuses_an_indefinite_block():
+    import mlx.core as mx
+
+    from quantkit.kernels.blocked_cholesky import _host_block_factor
+
+    h = _hessians(1, 256)[0]
+    h[9, 9] = -1.0
+    with pytest.raises(FactorizationError, match="Cholesky factorization failed"):
+        _host_block_factor(mx.array(h))
