@@ -28,10 +28,13 @@ import importlib
 import importlib.util
 import json
 import math
+import os
 import sys
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, cast
+
+from .text_split import split_rule, split_text
 
 #: ``tokenizer_config.json`` classes whose encoding is ``tokenizer.json``'s as it stands
 #: (``transformers`` adds nothing in Python; tested equal on the shared models' tokenizers).
@@ -187,14 +190,37 @@ class PlainTokenizer:
     tokenizer a quantization run uses (``encode``, ``eos_token_id``, ``vocab_size``). Chat
     templates are rendered by mlx-lm's tokenizer, loaded the first time one is asked for."""
 
-    def __init__(self, path: Path, backend: Any, eos_token_id: int | None) -> None:
+    def __init__(self, path: Path, backend: Any, eos_token_id: int | None,
+                 split: str | None = None) -> None:
         self._path = path
         self._backend = backend
         self.eos_token_id = eos_token_id
         self.vocab_size: int = backend.get_vocab_size(with_added_tokens=False)
+        #: Where a long text may be cut to be encoded in parallel (:mod:`quantkit.text_split`).
+        self.split = split
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        return list(self._backend.encode(text, add_special_tokens=add_special_tokens).ids)
+        """Token ids of ``text``: a long text cut where :attr:`split` allows and its pieces
+        encoded in parallel, the same ids as one call on the whole text."""
+        ends = self._special_ends if add_special_tokens else ([], [])
+        pieces = [text]
+        if self.split is not None and ends is not None:
+            pieces = split_text(text, self.split, 4 * (os.cpu_count() or 1))
+        if len(pieces) == 1 or ends is None:
+            return list(self._backend.encode(text, add_special_tokens=add_special_tokens).ids)
+        encodings = self._backend.encode_batch(pieces, add_special_tokens=False)
+        return [*ends[0], *(i for e in encodings for i in e.ids), *ends[1]]
+
+    @functools.cached_property
+    def _special_ends(self) -> tuple[list[int], list[int]] | None:
+        """The ids the post-processor puts before and after a text's own (e.g. BOS); None if
+        it does more than that (the text is then encoded whole)."""
+        bare = self._backend.encode("a", add_special_tokens=False).ids
+        full = self._backend.encode("a", add_special_tokens=True).ids
+        for k in range(len(full) - len(bare) + 1):
+            if full[k:k + len(bare)] == bare:
+                return full[:k], full[k + len(bare):]
+        return None
 
     def get_vocab(self) -> dict[str, int]:
         """Token → id, added tokens included (as ``transformers``' ``get_vocab``)."""
@@ -246,7 +272,11 @@ def plain_tokenizer(path: Path) -> PlainTokenizer | None:
             present = token_id is not None and bool(probe) and probe[index] == token_id
             if bool(config[key]) != present:
                 return None
-    return PlainTokenizer(path, backend, eos_id)
+    try:
+        split = split_rule(json.loads((path / "tokenizer.json").read_text()))
+    except (OSError, ValueError):
+        split = None
+    return PlainTokenizer(path, backend, eos_id, split)
 
 
 def write_config(config: dict[str, Any], path: Path) -> None:

@@ -77,6 +77,88 @@ def test_plain_tokenizer_encodes_as_mlx_lms():
     assert ours.vocab_size == theirs.vocab_size
 
 
+TEXTS = ("tinystories_sample.txt", "tinyshakespeare.txt", "jane_austen.txt", "wikitext2_test.raw")
+
+
+def test_long_texts_cut_and_encoded_in_parallel_give_mlx_lms_tokens():
+    """A long text is cut where no token can span the cut (stories260K: SentencePiece-style,
+    before a space) and its pieces encoded in parallel: the same ids as mlx-lm's tokenizer on
+    the whole text."""
+    from mlx_lm.utils import load_tokenizer
+
+    from quantkit.text_split import split_text
+
+    path = shared_path("models", "stories260K")
+    ours, theirs = mlxlm.plain_tokenizer(path), load_tokenizer(path)
+    assert ours is not None and ours.split == "space"
+    text = shared_path("text", "wikitext2_test.raw").read_text()
+    assert len(split_text(text, ours.split, 8)) == 8  # the cut path is what runs
+    assert ours.encode(text) == list(theirs.encode(text))
+    assert ours.encode(text, add_special_tokens=False) == list(theirs.encode(text, add_special_tokens=False))
+
+
+def _byte_level_tokenizer(path, text: str):
+    """A byte-level BPE (GPT-2's regex after single-digit splits, as SmolLM2's) trained here."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)])
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=1500, special_tokens=["<|endoftext|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(text.splitlines(), trainer)
+    tok.post_processor = processors.TemplateProcessing(
+        single="<|endoftext|> $A", special_tokens=[("<|endoftext|>", tok.token_to_id("<|endoftext|>"))])
+    path.mkdir()
+    tok.save(str(path / "tokenizer.json"))
+    (path / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<|endoftext|>",
+        "eos_token": "<|endoftext|>", "add_bos_token": True}))
+    return tok
+
+
+@pytest.mark.parametrize("text_name", TEXTS)
+def test_byte_level_texts_cut_before_a_word_encode_as_a_whole(text_name, tmp_path):
+    """Byte-level BPE: cut before a space that starts a word, the pieces give the whole text's
+    ids (BOS included once, at the start)."""
+    from quantkit.text_split import split_text
+
+    whole = _byte_level_tokenizer(tmp_path / "tok", shared_path("text", "tinystories_sample.txt").read_text())
+    ours = mlxlm.plain_tokenizer(tmp_path / "tok")
+    assert ours is not None and ours.split == "byte-level"
+    text = shared_path("text", text_name).read_text()
+    pieces = split_text(text, ours.split, 8)
+    assert "".join(pieces) == text and (len(pieces) > 1) == (len(text) >= 64 * 1024)
+    assert ours.encode(text) == whole.encode(text).ids
+    assert ours.encode(text, add_special_tokens=False) == whole.encode(text, add_special_tokens=False).ids
+
+
+def test_tokenizers_whose_pieces_could_differ_are_not_cut():
+    """Layouts where a cut could change the tokens are encoded whole: another pre-tokenizer
+    pattern (Llama-3's), a prefix space, a SentencePiece vocabulary with ``▁`` inside a token,
+    an added token holding a space."""
+    from quantkit.text_split import split_rule
+
+    path = shared_path("models", "stories260K")
+    spec = json.loads((path / "tokenizer.json").read_text())
+    assert split_rule(spec) == "space"
+    inner = json.loads(json.dumps(spec))
+    inner["model"]["vocab"]["a\u2581b"] = len(inner["model"]["vocab"])
+    assert split_rule(inner) is None
+    spaced = dict(spec, added_tokens=[*spec["added_tokens"], {"content": "<a b>"}])
+    assert split_rule(spaced) is None
+    byte_level = {"model": {"type": "BPE", "vocab": {}}, "normalizer": None,
+                  "pre_tokenizer": {"type": "ByteLevel", "add_prefix_space": False, "use_regex": True}}
+    assert split_rule(byte_level) == "byte-level"
+    assert split_rule({**byte_level, "pre_tokenizer": {**byte_level["pre_tokenizer"], "add_prefix_space": True}}) is None
+    llama3 = {**byte_level, "pre_tokenizer": {"type": "Sequence", "pretokenizers": [
+        {"type": "Split", "pattern": {"Regex": "(?i:'s|'t)|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+"},
+         "behavior": "Isolated", "invert": False},
+        {"type": "ByteLevel", "add_prefix_space": False, "use_regex": False}]}}
+    assert split_rule(llama3) is None
+
+
 def test_tokenizers_that_may_encode_differently_take_mlx_lms(tmp_path):
     """A tokenizer class that may change the encoding in Python, or a BOS/EOS setting that
     ``tokenizer.json`` does not carry out, is left to mlx-lm's tokenizer."""
