@@ -209,7 +209,10 @@ class PlainTokenizer:
         if len(pieces) == 1 or ends is None:
             return list(self._backend.encode(text, add_special_tokens=add_special_tokens).ids)
         encodings = self._backend.encode_batch(pieces, add_special_tokens=False)
-        return [*ends[0], *(i for e in encodings for i in e.ids), *ends[1]]
+        ids = [*ends[0], *(i for e in encodings for i in e.ids), *ends[1]]
+        del encodings
+        _return_free_memory()  # what the encoding threads freed stays in their arenas otherwise
+        return ids
 
     @functools.cached_property
     def _special_ends(self) -> tuple[list[int], list[int]] | None:
@@ -238,6 +241,18 @@ class PlainTokenizer:
 
     def apply_chat_template(self, *args: Any, **kwargs: Any) -> Any:
         return self._full.apply_chat_template(*args, **kwargs)
+
+
+def _return_free_memory() -> None:
+    """Hand memory freed in every malloc arena back to the system (glibc's ``malloc_trim``;
+    nothing elsewhere). The tokenizer's worker threads free ~10 MB of encodings into arenas of
+    their own, which glibc keeps: resident memory a whole run long, measured on a 200 KB text."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def _token_text(value: Any) -> str | None:

@@ -21,7 +21,7 @@ from ..errors import ModelLoadError
 
 #: Bytes read at a time (a tensor is checked in pieces of at most this size). Small: the scan
 #: runs beside the blocks' work (see quantkit.api), so its buffer adds to their peak memory.
-CHUNK_BYTES = 4 * 2**20
+CHUNK_BYTES = 2**20
 
 #: safetensors float dtypes NumPy has (checked with ``np.isfinite``, ~4x a bit test).
 _NUMPY_FLOATS = {"F64": np.float64, "F32": np.float32, "F16": np.float16}
