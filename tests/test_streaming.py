@@ -10,6 +10,7 @@ import weakref
 from pathlib import Path
 
 import mlx.core as mx
+import numpy as np
 import pytest
 from conftest import shared_path
 from mlx.utils import tree_flatten
@@ -127,6 +128,30 @@ def test_sharded_source_gives_the_same_output(fixture, tmp_path):
     a = quantize_directory(src, tmp_path / "a", RECIPE, **kw)
     b = quantize_directory(split, tmp_path / "b", RECIPE, **kw)
     assert tensor_digest(a.out_dir) == tensor_digest(b.out_dir)
+
+
+def test_a_sharded_model_is_scanned_on_threads_with_the_file_by_file_result(tmp_path):
+    """Shards are scanned by several threads: the same sha256s as reading file after file, and
+    of two damaged shards the first in name order is the one named."""
+    import hashlib
+
+    from quantkit.errors import ModelLoadError
+    from quantkit.pipeline.source import scan_weights
+
+    for k in range(5):
+        w = mx.random.normal((256, 128), key=mx.random.key(k))
+        mx.save_safetensors(str(tmp_path / f"model-{k:05d}-of-00005.safetensors"), {f"w{k}": w})
+    expected = {f.name: hashlib.sha256(f.read_bytes()).hexdigest()
+                for f in sorted(tmp_path.glob("*.safetensors"))}
+    assert scan_weights(tmp_path, digest=True, workers=3) == expected
+    assert scan_weights(tmp_path, digest=True, workers=1) == expected
+    for k in (1, 3):  # two bad shards: shard 1's NaN is reported, whichever thread ends first
+        bad = np.array(mx.random.normal((256, 128), key=mx.random.key(k)))
+        bad[k, k] = np.nan
+        mx.save_safetensors(str(tmp_path / f"model-{k:05d}-of-00005.safetensors"), {f"w{k}": mx.array(bad)})
+    for workers in (1, 2, 5):
+        with pytest.raises(ModelLoadError, match="weight w1 in .* has 1 NaN/Inf values"):
+            scan_weights(tmp_path, workers=workers)
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import struct
 import threading
 from collections.abc import Callable
@@ -44,20 +45,65 @@ def weight_files(model_dir: Path) -> list[Path]:
     return sorted(f for f in Path(model_dir).glob("*.safetensors") if f.is_file())
 
 
-def scan_weights(model_dir: str | Path, *, digest: bool = False) -> dict[str, str]:
+def scan_weights(model_dir: str | Path, *, digest: bool = False,
+                 workers: int | None = None) -> dict[str, str]:
     """Read every ``*.safetensors`` of ``model_dir`` once. Raises :class:`ModelLoadError` naming
-    the first tensor holding NaN/Inf, or a file that is truncated or not safetensors. Returns
-    ``{file name: sha256 of its bytes}`` when ``digest`` (else ``{}``)."""
+    the first tensor holding NaN/Inf, or a file that is truncated or not safetensors (of the
+    first such file in name order). Returns ``{file name: sha256 of its bytes}`` when ``digest``
+    (else ``{}``).
+
+    The files of a sharded model are read by ``workers`` threads at once (default: one per core,
+    at most one per file): hashing and the NaN/Inf test release the GIL, so a model of many
+    shards is scanned several times faster than file after file."""
+    files = weight_files(Path(model_dir))
+    workers = min(len(files), workers or os.cpu_count() or 1)
+    results: list[tuple[str | None, BaseException | None]] = [(None, None)] * len(files)
+    if workers <= 1:
+        results = [_scan_one(f, digest) for f in files]
+    else:
+        _on_threads(lambda i: results.__setitem__(i, _scan_one(files[i], digest)), len(files),
+                    workers)
     out = {}
-    for f in weight_files(Path(model_dir)):
-        try:
-            h = _scan_file(f, digest)
-        except OSError as exc:  # unreadable (permissions), a directory named *.safetensors, ...
-            why = (exc.strerror or type(exc).__name__).lower()
-            raise ModelLoadError(f"cannot read weight file {f}: {why}; check the file") from None
+    for f, (h, error) in zip(files, results):
+        if error is not None:
+            raise error
         if h is not None:
             out[f.name] = h
     return out
+
+
+def _scan_one(f: Path, digest: bool) -> tuple[str | None, BaseException | None]:
+    """:func:`_scan_file`'s digest, or the error (returned, so that the first file's wins)."""
+    try:
+        return _scan_file(f, digest), None
+    except OSError as exc:  # unreadable (permissions), a directory named *.safetensors, ...
+        why = (exc.strerror or type(exc).__name__).lower()
+        return None, ModelLoadError(f"cannot read weight file {f}: {why}; check the file")
+    except BaseException as exc:  # a ModelLoadError, or anything else: the caller raises it
+        return None, exc
+
+
+def _on_threads(task: Callable[[int], None], n: int, workers: int) -> None:
+    """``task(i)`` for ``i`` in ``range(n)`` on ``workers`` daemon threads (an interrupted
+    caller is never held up by them, unlike an executor's threads at exit); returns when all
+    are done."""
+    items = iter(range(n))
+    lock = threading.Lock()
+
+    def work() -> None:
+        while True:
+            with lock:
+                i = next(items, None)
+            if i is None:
+                return
+            task(i)
+
+    threads = [threading.Thread(target=work, daemon=True, name="quantkit-scan-file")
+               for _ in range(workers)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
 
 
 def _corrupt(f: Path, why: str) -> ModelLoadError:
