@@ -95,6 +95,15 @@ VARIANTS: dict[str, tuple[str, dict, bool, str | None]] = {
     "gptq_best_lr_sf_e8": ("gptq", BEST, False, "signround"),
     "gptq_best_lr_lr2": ("gptq", BEST, False, "signround"),
     "gptq_best_lr_sf_lr2": ("gptq", BEST, False, "signround"),
+    "gptq_best_lr_hd": ("gptq", BEST, False, "signround"),
+    "gptq_best_lr_hd1": ("gptq", BEST, False, "signround"),
+}
+#: Recipe rules of a variant: the tied embedding / output head with more GPTQ damping (its
+#: rows are also looked up as input embeddings, where every weight's error counts alike: the
+#: damping's identity term stands for that use).
+RULES: dict[str, list[dict]] = {
+    "gptq_best_lr_hd": [{"match": "model.embed_tokens", "damping": 0.1}],
+    "gptq_best_lr_hd1": [{"match": "model.embed_tokens", "damping": 1.0}],
 }
 #: Learned rounding options of a variant beyond its method, target and head (the class's
 #: defaults otherwise; ``--lr-steps`` overrides the epochs).
@@ -199,7 +208,8 @@ def variant_recipe(variant: str, bits: int, group_size: int, lr_steps: int | Non
         return default_recipe(fast=DEFAULTS[variant]).with_default(bits=bits, group_size=group_size)
     strategy, options, awq, lr = VARIANTS[variant]
     return attrs.evolve(
-        Recipe.uniform(strategy, bits=bits, group_size=group_size, **options),
+        Recipe.from_dict({"default": {"strategy": strategy, "bits": bits, "group_size": group_size,
+                                      **options}, "rules": RULES.get(variant, [])}),
         transforms=(ActivationAwareScaling(n_grid=awq_grid),) if awq else (),
         optimizers=(LearnedRounding(method=lr, steps=lr_steps,
                                     target="float_model" if "_fm" in variant else "float_block",

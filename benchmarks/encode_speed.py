@@ -1,12 +1,12 @@
 """Calibration-text encoding (not a test): one ``tokenizers`` call on the whole text against
 quantkit's cut-and-encode-in-parallel (:mod:`quantkit.text_split`), with the ids compared.
 
-    python benchmarks/tokenize.py [--smollm2-dir /tmp/smollm2-135m] [--repeat 3]
+    python benchmarks/encode_speed.py [--smollm2-dir /tmp/smollm2-135m] [--repeat 3]
 
 Tokenizers: stories260K's (SentencePiece-style BPE, the one ``benchmarks/job.py`` and
 ``benchmarks/memory.py`` copy into their models) and SmolLM2's (GPT-2 byte-level BPE; convert it
 first, see ``benchmarks/quality.py``). Texts: every file in ``../shared/text``. Prints a table;
-writes benchmarks/results/tokenize_<machine>.json (best of ``--repeat`` runs each).
+writes benchmarks/results/encode_speed_<machine>.json (best of ``--repeat`` runs each).
 """
 
 from __future__ import annotations
@@ -60,7 +60,7 @@ def main() -> None:
             print(f"{name:14s} {str(tok.split):11s} {text_path.name:24s} {len(text):9d} {whole_s:8.3f} "
                   f"{cut_s:7.3f} {whole_s / cut_s:6.2f}x {row['equal']}")
     machine = "cpu" if os.cpu_count() and os.cpu_count() <= 4 else f"{os.cpu_count()}cores"
-    out = args.json or REPO / "benchmarks" / "results" / f"tokenize_{machine}.json"
+    out = args.json or REPO / "benchmarks" / "results" / f"encode_speed_{machine}.json"
     out.write_text(json.dumps({"machine": platform.platform(), "cpus": os.cpu_count(),
                                "loadavg": os.getloadavg(), "repeat": args.repeat, "rows": rows},
                               indent=1))
