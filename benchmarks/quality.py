@@ -30,6 +30,7 @@ the tables of ``docs/results-quality.md`` from those files.
     python benchmarks/quality.py --models stories260K-pad192 --bits 3
     python benchmarks/quality.py --models smollm2-135m --bits 3 4 --only rtn gptq awq_gptq_best
     python benchmarks/quality.py --render
+    python benchmarks/quality.py --tied-head --bits 4   # SmolLM2's tied head alone, see TIED_HEAD
 """
 
 from __future__ import annotations
@@ -364,6 +365,44 @@ def rtn_split(path: Path, bits: int, group_size: int, eval_samples: int, seq_len
                               indent=2))
 
 
+#: ``--tied-head``: the tied embedding / head's strategy (None: round to nearest as the rest).
+TIED_HEAD: dict[str, dict | None] = {
+    "rtn": None, "gptq": {}, "gptq_best": BEST, "gptq_damping_0.1": {"damping": 0.1},
+    "gptq_damping_1": {"damping": 1.0}, "gptq_best_damping_0.1": {**BEST, "damping": 0.1},
+}
+
+
+def tied_head(path: Path, bits: int, group_size: int, args, out: Path) -> None:
+    """SmolLM2's tied embedding / output head solved in several ways while every other layer is
+    rounded to nearest: what each way does to the head's share of the loss (calibration and
+    evaluation as :func:`run_model`'s)."""
+    reference, tokenizer, _ = load_model(path)
+    reference.set_dtype(mx.float32)
+    spec = MODELS["smollm2-135m"]
+    calibration = make_batches(tokenize(tokenizer, read_text(SHARED / "text" / spec["calibration"])),
+                               args.num_samples, args.seq_len, seed=0)
+    ids = tokenize(tokenizer, read_text(SHARED / "text" / spec["eval"]))
+    n = args.eval_samples * args.eval_seq_len
+    windows = mx.array(np.asarray(ids[:n]).reshape(args.eval_samples, args.eval_seq_len))
+    rows = {}
+    for name, options in TIED_HEAD.items():
+        rules = [] if options is None else [
+            {"match": "model.embed_tokens", "strategy": "gptq", **options}]
+        recipe = Recipe.from_dict({"default": {"strategy": "rtn", "bits": bits,
+                                               "group_size": group_size}, "rules": rules})
+        model, _, _ = load_model(path)
+        t0 = time.perf_counter()
+        ModelWalker(recipe=recipe).run(model, calibration)
+        ppl, kl = evaluate(dequantized(model), reference, windows)
+        rows[name] = {"perplexity": ppl, "kl": kl, "time_s": round(time.perf_counter() - t0, 1)}
+        print(f"{bits}-bit g{group_size}, others RTN, tied head {name:<22} ppl {ppl:8.3f}  "
+              f"kl {kl:.4f}", flush=True)
+    out.write_text(json.dumps({"model": str(path), "bits": bits, "group_size": group_size,
+                               "calibration": f"{spec['calibration']} {args.num_samples}x{args.seq_len} seed 0",
+                               "eval": f"{spec['eval']} first {args.eval_samples}x{args.eval_seq_len}",
+                               "tied_head": rows}, indent=2))
+
+
 START, END = "<!-- quality.py --render: start -->", "<!-- quality.py --render: end -->"
 
 
@@ -434,7 +473,14 @@ def main() -> None:
     ap.add_argument("--rtn-split", action="store_true",
                     help="only measure SmolLM2's RTN loss with the embedding/head alone, the "
                          "other layers alone, and all rounded (at --bits, first of them)")
+    ap.add_argument("--tied-head", action="store_true",
+                    help="only measure SmolLM2 with the other layers rounded to nearest and its "
+                         "tied embedding/head solved in each way of TIED_HEAD (at --bits, first)")
     args = ap.parse_args()
+    if args.tied_head:
+        tied_head(Path(args.smollm2_dir), args.bits[0], args.group_size or 64, args,
+                  RESULTS / f"quality_smollm2-135m_tied_head_{args.bits[0]}bit.json")
+        return
     if args.rtn_split:
         rtn_split(Path(args.smollm2_dir), args.bits[0], args.group_size or 64, args.eval_samples,
                   args.eval_seq_len, RESULTS / f"quality_smollm2-135m_rtn_split_{args.bits[0]}bit.json")

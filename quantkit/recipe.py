@@ -11,7 +11,8 @@ block methods, loaded before the rest is validated) and whole-block methods run 
 decoder block's solve: ``[[transform]]`` / ``[[optimizer]]`` tables, each a registered ``name``
 plus that class's options, in the order they run. A ``[moe]`` table sets the options of the
 mixture-of-experts layer handler (:class:`~quantkit.registry.SwitchLinearHandler`), e.g.
-``calibrate_all_experts`` and ``hessian_shrinkage``.
+``calibrate_all_experts`` and ``hessian_shrinkage``; an ``[embedding]`` table those of the
+embedding handler (:class:`~quantkit.registry.EmbeddingHandler`): ``tied_damping``.
 """
 
 from __future__ import annotations
@@ -24,13 +25,14 @@ from pathlib import Path
 from typing import Any
 
 import attrs
+import mlx.nn as nn
 from mlx_lm.models.switch_layers import SwitchLinear
 
 from .blocks.base import OPTIMIZERS, TRANSFORMS, BlockOptimizer, BlockTransform
 from .errors import PluginError, RecipeError, SpecError, describe
 from .plugins import load_plugins
 from .quantizers import Quantizer, check_options_class, strategy_options
-from .registry import DEFAULT_REGISTRY, LayerRegistry, SwitchLinearHandler
+from .registry import DEFAULT_REGISTRY, EmbeddingHandler, LayerRegistry, SwitchLinearHandler
 from .specs import QuantSpec
 from .strategies import STRATEGIES
 from .validate import check_input_file
@@ -39,7 +41,7 @@ SKIP = "skip"
 SPEC_KEYS = ("bits", "group_size", "mode")
 RULE_KEYS = ("match", "strategy", *SPEC_KEYS)
 #: Top-level keys of a recipe table (``transform`` / ``optimizer``: arrays of tables).
-TOP_KEYS = ("plugins", "default", "rules", "transform", "optimizer", "moe")
+TOP_KEYS = ("plugins", "default", "rules", "transform", "optimizer", "moe", "embedding")
 
 
 def _is_bool(v: Any) -> bool:
@@ -66,6 +68,12 @@ MOE_KEYS: dict[str, tuple[Any, str]] = {
     "expert_batch_size": (_is_positive_int, "an integer ≥ 1"),
     "min_token_share": (_is_share, "a number in [0, 1]"),
     "shared_hessian": (_is_bool, "true or false"),
+}
+
+
+#: ``[embedding]`` keys: options of :class:`~quantkit.registry.EmbeddingHandler`.
+EMBEDDING_KEYS: dict[str, tuple[Any, str]] = {
+    "tied_damping": (_is_nonnegative, "a number ≥ 0"),
 }
 
 
@@ -139,16 +147,23 @@ class Recipe:
     #: ``[moe]``: the options of the mixture-of-experts layer handler this recipe sets, as
     #: sorted ``(key, value)`` pairs (see :data:`MOE_KEYS` and :meth:`layer_registry`).
     moe: tuple[tuple[str, Any], ...] = ()
+    #: ``[embedding]``: the options of the embedding handler this recipe sets (see
+    #: :data:`EMBEDDING_KEYS`), as sorted ``(key, value)`` pairs.
+    embedding: tuple[tuple[str, Any], ...] = ()
 
     def layer_registry(self, base: LayerRegistry = DEFAULT_REGISTRY) -> LayerRegistry:
-        """``base``, or a copy whose ``SwitchLinear`` handler takes the ``[moe]`` options."""
-        if not self.moe:
+        """``base``, or a copy whose ``SwitchLinear`` and ``Embedding`` handlers take the
+        ``[moe]`` and ``[embedding]`` options."""
+        if not self.moe and not self.embedding:
             return base
-        handler = base.handler(SwitchLinear)
-        if not isinstance(handler, SwitchLinearHandler):
-            handler = SwitchLinearHandler()
         out = base.copy()
-        out.register(SwitchLinear, attrs.evolve(handler, **dict(self.moe)))
+        for cls, make, options in ((SwitchLinear, SwitchLinearHandler, self.moe),
+                                   (nn.Embedding, EmbeddingHandler, self.embedding)):
+            if options:
+                handler = base.handler(cls)
+                if not isinstance(handler, make):
+                    handler = make()
+                out.register(cls, attrs.evolve(handler, **dict(options)))
         return out
 
     def with_moe(self, **options: Any) -> Recipe:
@@ -177,6 +192,8 @@ class Recipe:
             out["optimizer"] = [method_to_dict(o) for o in self.optimizers]
         if self.moe:
             out["moe"] = dict(self.moe)
+        if self.embedding:
+            out["embedding"] = dict(self.embedding)
         return out
 
     def to_toml(self, header: str = "") -> str:
@@ -192,8 +209,9 @@ class Recipe:
         for key in ("transform", "optimizer"):
             for method in raw.get(key, []):
                 lines += ["", f"[[{key}]]", *(_toml_pair(k, v) for k, v in method.items())]
-        if "moe" in raw:
-            lines += ["", "[moe]", *(_toml_pair(k, v) for k, v in raw["moe"].items())]
+        for key in ("moe", "embedding"):
+            if key in raw:
+                lines += ["", f"[{key}]", *(_toml_pair(k, v) for k, v in raw[key].items())]
         return "\n".join(lines) + "\n"
 
     @classmethod
@@ -233,7 +251,7 @@ class Recipe:
         if unknown:
             raise RecipeError(
                 f"{source}: unknown top-level key {sorted(unknown)[0]!r}; use plugins = [...], "
-                "[default], [[rules]], [[transform]], [[optimizer]] and [moe]"
+                "[default], [[rules]], [[transform]], [[optimizer]], [moe] and [embedding]"
             )
         plugins_raw = raw.get("plugins", [])
         if not isinstance(plugins_raw, list) or not all(isinstance(p, str) for p in plugins_raw):
@@ -267,9 +285,12 @@ class Recipe:
                                     "block transform", source)
         optimizers = _build_methods(raw.get("optimizer", []), OPTIMIZERS, "optimizer",
                                     "block optimizer", source)
-        moe = _build_moe(raw.get("moe", {}), source)
+        moe = _build_table(raw.get("moe", {}), MOE_KEYS, "moe", "expert-layer options, e.g. "
+                           "calibrate_all_experts = true", source)
+        embedding = _build_table(raw.get("embedding", {}), EMBEDDING_KEYS, "embedding",
+                                 "embedding options, e.g. tied_damping = 0.1", source)
         return cls(default=default, rules=tuple(rules), inherited=tuple(owned), plugins=plugins,
-                   transforms=transforms, optimizers=optimizers, moe=moe)
+                   transforms=transforms, optimizers=optimizers, moe=moe, embedding=embedding)
 
 
 def method_to_dict(method: Any) -> dict[str, Any]:
@@ -327,19 +348,23 @@ def _build_methods(raw: Any, table: Mapping[str, type], key: str, kind: str,
     return tuple(out)
 
 
-def _build_moe(raw: Any, source: str) -> tuple[tuple[str, Any], ...]:
-    where = f"{source} [moe]"
+#: Table keys whose numbers are kept as floats (an integer in TOML is read as one).
+_FLOAT_KEYS = ("hessian_shrinkage", "min_token_share", "tied_damping")
+
+
+def _build_table(raw: Any, keys: Mapping[str, tuple[Any, str]], name: str, what: str,
+                 source: str) -> tuple[tuple[str, Any], ...]:
+    """A handler's options table (``[moe]``, ``[embedding]``), validated against ``keys``."""
+    where = f"{source} [{name}]"
     if not isinstance(raw, Mapping):
-        raise RecipeError(f"{source}: 'moe' must be a table ([moe]) of expert-layer options, "
-                          f"e.g. calibrate_all_experts = true")
+        raise RecipeError(f"{source}: '{name}' must be a table ([{name}]) of {what}")
     for key, value in raw.items():
-        if key not in MOE_KEYS:
-            raise RecipeError(f"{where}: unknown key {key!r}; allowed keys: {sorted(MOE_KEYS)}")
-        check, wanted = MOE_KEYS[key]
+        if key not in keys:
+            raise RecipeError(f"{where}: unknown key {key!r}; allowed keys: {sorted(keys)}")
+        check, wanted = keys[key]
         if not check(value):
             raise RecipeError(f"{where}: key {key!r} must be {wanted}, got {value!r}")
-    return tuple(sorted((k, float(v) if k in ("hessian_shrinkage", "min_token_share") else v)
-                        for k, v in raw.items()))
+    return tuple(sorted((k, float(v) if k in _FLOAT_KEYS else v) for k, v in raw.items()))
 
 
 def _toml_pair(key: str, value: Any) -> str:

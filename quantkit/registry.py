@@ -89,6 +89,11 @@ class LayerHandler(abc.ABC):
     def collector(self, module: nn.Module) -> HessianCollector:
         return DenseHessianCollector(self.weight(module).shape[-1])
 
+    def adapt(self, quantizer: Quantizer) -> Quantizer:
+        """The quantizer this layer class is solved with, given the recipe's (itself, unless
+        the handler knows better for its class)."""
+        return quantizer
+
     @abc.abstractmethod
     def catcher(self, module: nn.Module, collector: HessianCollector) -> nn.Module:
         """A module that stands in for ``module`` during calibration and feeds ``collector``."""
@@ -108,11 +113,27 @@ class LinearHandler(LayerHandler):
         return LinearCatcher(module, collector)
 
 
+@attrs.frozen
 class EmbeddingHandler(LayerHandler):
-    """Embeddings: lookups carry no activations; only a tied output head gives a Hessian."""
+    """Embeddings: lookups carry no activations; only a tied output head gives a Hessian.
+
+    ``tied_damping``: the damping a Hessian strategy (GPTQ's ``damping``) uses for a tied
+    embedding instead of the recipe's (``None``: the recipe's). Its Hessian comes from the
+    matrix's use as the output head, but its rows are also looked up as input embeddings, where
+    every weight's error counts alike: a larger identity term in the damped Hessian stands for
+    that use (measured in docs/results-quality.md)."""
+
+    tied_damping: float | None = attrs.field(
+        default=None, validator=attrs.validators.optional(attrs.validators.ge(0.0)))
 
     def catcher(self, module, collector):
         return EmbeddingCatcher(module, collector)
+
+    def adapt(self, quantizer: Quantizer) -> Quantizer:
+        if self.tied_damping is None or not attrs.has(type(quantizer)) \
+                or "damping" not in attrs.fields_dict(type(quantizer)):
+            return quantizer
+        return attrs.evolve(quantizer, damping=self.tied_damping)
 
 
 @attrs.frozen

@@ -87,3 +87,35 @@ def test_round_trip_through_dict(recipe):
     again = Recipe.from_dict(recipe.to_dict())
     for path in ["model.layers.1.mlp.down_proj", "model.layers.5.self_attn.k_proj", "lm_head"]:
         assert again.resolve(path) == recipe.resolve(path)
+
+
+def test_embedding_table_sets_the_tied_embedding_s_damping(stories_dir, stories_tokens, tmp_path):
+    """``[embedding] tied_damping`` solves the tied embedding / output head (stories260K ties
+    them) with that GPTQ damping: the same arrays as a rule giving that layer the damping, other
+    arrays than the recipe's own damping, every other layer unchanged; it reads back from
+    TOML."""
+    import mlx.core as mx
+    from mlx.utils import tree_flatten
+
+    from quantkit import ModelWalker, load_model
+
+    calib = stories_tokens[0][:8, :128]
+    base = {"default": {"strategy": "gptq", "bits": 4, "group_size": 32}}
+    recipes = {
+        "plain": Recipe.from_dict(base),
+        "table": Recipe.from_dict({**base, "embedding": {"tied_damping": 0.5}}),
+        "rule": Recipe.from_dict({**base, "rules": [{"match": "model.embed_tokens", "damping": 0.5}]}),
+    }
+    (tmp_path / "r.toml").write_text(recipes["table"].to_toml())
+    assert Recipe.from_toml(tmp_path / "r.toml") == recipes["table"]
+    arrays = {}
+    for name, recipe in recipes.items():
+        model, _, _ = load_model(stories_dir)
+        ModelWalker(recipe=recipe).run(model, calib)
+        arrays[name] = {k: v for k, v in tree_flatten(model.parameters())}
+    emb = "model.embed_tokens.weight"
+    assert mx.array_equal(arrays["table"][emb], arrays["rule"][emb])
+    assert not mx.array_equal(arrays["table"][emb], arrays["plain"][emb])
+    for k, v in arrays["plain"].items():
+        if not k.startswith("model.embed_tokens."):
+            assert mx.array_equal(arrays["table"][k], v), k

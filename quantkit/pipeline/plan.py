@@ -104,7 +104,7 @@ def plan_layers(model: nn.Module, recipe: Recipe, registry: LayerRegistry,
         if index not in quantizers:
             quantizers[index] = rule.make_quantizer()
         plans[path] = LayerPlan(path, module, handler, index, rule, spec,
-                                quantizers[index], weight.dtype, note)
+                                handler.adapt(quantizers[index]), weight.dtype, note)
     return plans
 
 
