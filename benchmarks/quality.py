@@ -98,7 +98,11 @@ VARIANTS: dict[str, tuple[str, dict, bool, str | None]] = {
     "gptq_best_lr_sf_lr2": ("gptq", BEST, False, "signround"),
     "gptq_best_lr_hd": ("gptq", BEST, False, "signround"),
     "gptq_best_lr_hd1": ("gptq", BEST, False, "signround"),
+    "gptq_best_lr_td": ("gptq", BEST, False, "signround"),
 }
+#: ``[embedding]`` table of a variant (the _hd rules' damping through the handler: the same
+#: arrays, tests/test_recipe.py).
+EMBEDDING: dict[str, dict] = {"gptq_best_lr_td": {"tied_damping": 0.1}}
 #: Recipe rules of a variant: the tied embedding / output head with more GPTQ damping (its
 #: rows are also looked up as input embeddings, where every weight's error counts alike: the
 #: damping's identity term stands for that use).
@@ -210,7 +214,8 @@ def variant_recipe(variant: str, bits: int, group_size: int, lr_steps: int | Non
     strategy, options, awq, lr = VARIANTS[variant]
     return attrs.evolve(
         Recipe.from_dict({"default": {"strategy": strategy, "bits": bits, "group_size": group_size,
-                                      **options}, "rules": RULES.get(variant, [])}),
+                                      **options}, "rules": RULES.get(variant, []),
+                          **({"embedding": EMBEDDING[variant]} if variant in EMBEDDING else {})}),
         transforms=(ActivationAwareScaling(n_grid=awq_grid),) if awq else (),
         optimizers=(LearnedRounding(method=lr, steps=lr_steps,
                                     target="float_model" if "_fm" in variant else "float_block",

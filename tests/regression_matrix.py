@@ -38,6 +38,10 @@ _FM_HEAD = ('[default]\nstrategy = "gptq"\nact_order = true\nscale_search = "hes
             '[[optimizer]]\nname = "learned_rounding"\nmethod = "signround"\n'
             'target = "float_model"\nhead = true\n')
 
+#: quantkit.defaults' "gptq_best_lr": the default pipeline until 2026-12-07.
+_LR = ('[default]\nstrategy = "gptq"\nact_order = true\nscale_search = "hessian"\n'
+       '[[optimizer]]\nname = "learned_rounding"\nmethod = "signround"\n')
+
 #: name → (fixture under ../shared/models, extra CLI arguments, recipe TOML or None)
 CASES: dict[str, tuple[str, list[str], str | None]] = {
     "dense-gptq": ("stories260K-pad192", ["--strategy", "gptq"], None),
@@ -54,12 +58,15 @@ CASES: dict[str, tuple[str, list[str], str | None]] = {
     "moe-mxfp4": ("stories260K-moe4", [],
                   '[default]\nstrategy = "gptq"\nmode = "mxfp4"\nbits = 4\ngroup_size = 32\n'),
     "moe-gptq-2proc": ("stories260K-moe4", ["--strategy", "gptq", "--processes", "2"], None),
-    # The default pipeline (GPTQ, then learned rounding against each block's float outputs),
-    # and with AWQ before the solve and the optimizer's other method; recorded before the
-    # block methods' memory cuts (branch lrmem), which must not change a byte.
-    "dense-default": ("stories260K-pad192", [], None),
-    "dense-default-2proc": ("stories260K-pad192", ["--processes", "2"], None),
-    "moe-default": ("stories260K-moe4", [], None),
+    # The default pipeline of the time (GPTQ, then learned rounding against each block's float
+    # outputs), and with AWQ before the solve and the optimizer's other method; recorded before
+    # the block methods' memory cuts (branch lrmem), which must not change a byte. The default
+    # has since gained [embedding] tied_damping: the "-now" cases run whatever it is.
+    "dense-default": ("stories260K-pad192", [], _LR),
+    "dense-default-2proc": ("stories260K-pad192", ["--processes", "2"], _LR),
+    "moe-default": ("stories260K-moe4", [], _LR),
+    "dense-default-now": ("stories260K-pad192", [], None),
+    "moe-default-now": ("stories260K-moe4", [], None),
     # Learned rounding towards the float model's own activations, then the output head (KL);
     # 2 processes on 16 sequences: a batch for each, so that the steps have data everywhere.
     "dense-lr-fm-head": ("stories260K-pad192", [], _FM_HEAD),
