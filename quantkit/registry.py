@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import abc
-from typing import ClassVar
+from typing import Any, ClassVar, cast
 
 import attrs
 import mlx.core as mx
@@ -130,10 +130,12 @@ class EmbeddingHandler(LayerHandler):
         return EmbeddingCatcher(module, collector)
 
     def adapt(self, quantizer: Quantizer) -> Quantizer:
-        if self.tied_damping is None or not attrs.has(type(quantizer)) \
-                or "damping" not in attrs.fields_dict(type(quantizer)):
+        if self.tied_damping is None or not attrs.has(type(quantizer)):
             return quantizer
-        return attrs.evolve(quantizer, damping=self.tied_damping)
+        options: Any = quantizer  # an attrs class: its fields can be evolved
+        if "damping" not in attrs.fields_dict(type(options)):
+            return quantizer
+        return cast(Quantizer, attrs.evolve(options, damping=self.tied_damping))
 
 
 @attrs.frozen
