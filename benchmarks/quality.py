@@ -100,6 +100,7 @@ VARIANTS: dict[str, tuple[str, dict, bool, str | None]] = {
     "gptq_best_lr_hd1": ("gptq", BEST, False, "signround"),
     "gptq_best_lr_td": ("gptq", BEST, False, "signround"),
     "gptq_best_lr_td_head": ("gptq", BEST, False, "signround"),
+    "gptq_best_lr_hdp": ("gptq", BEST, False, "signround"),
 }
 #: ``[embedding]`` table of a variant (the _hd rules' damping through the handler: the same
 #: arrays, tests/test_recipe.py).
@@ -111,6 +112,10 @@ EMBEDDING: dict[str, dict] = {"gptq_best_lr_td": {"tied_damping": 0.1},
 RULES: dict[str, list[dict]] = {
     "gptq_best_lr_hd": [{"match": "model.embed_tokens", "damping": 0.1}],
     "gptq_best_lr_hd1": [{"match": "model.embed_tokens", "damping": 1.0}],
+    # plain GPTQ for the tied head (no act-order, no clipping search), damping 0.1: the best
+    # row of --tied-head
+    "gptq_best_lr_hdp": [{"match": "model.embed_tokens", "act_order": False,
+                          "scale_search": "none", "damping": 0.1}],
 }
 #: Learned rounding options of a variant beyond its method, target and head (the class's
 #: defaults otherwise; ``--lr-steps`` overrides the epochs).
