@@ -59,7 +59,8 @@ PIPELINES: dict[str, dict[str, Any]] = {
     },
     # The tied embedding / output head solved with GPTQ damping 0.1 instead of 0.01 (its rows
     # are also looked up as input embeddings, where every weight's error counts alike; see the
-    # recipe's [embedding] table): ahead of gptq_best_lr in every cell measured.
+    # recipe's [embedding] table): ahead of gptq_best_lr in five of six cells measured, level
+    # in the sixth (docs/results-quality.md).
     "gptq_best_lr_td": {
         "default": _GPTQ_BEST,
         "optimizer": [{"name": "learned_rounding", "method": "signround"}],
