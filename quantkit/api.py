@@ -28,7 +28,7 @@ from .checkpoint import (
 )
 from .data import Calibration, load_calibration
 from .distributed import Distributed
-from .errors import DistributedError, ModelLoadError, OutputError
+from .errors import CheckpointError, DistributedError, ModelLoadError, OutputError
 from .host import resolve_backend
 from .io import block_staging_dir, check_output, load_model, save_streamed
 from .launch import TEMP_PREFIX
@@ -144,13 +144,14 @@ def quantize_directory(
     staging: Path | None = None
     if writer and distributed.size == 1 and keep:
         # The weights' sha256s (the fingerprint covers their content) come from the scan: the
-        # fingerprint is first needed to verify a checkpoint or to commit block 0.
+        # fingerprint is needed to verify a checkpoint (a resume waits for it) and to commit
+        # blocks (a fresh run's blocks are committed once it is known: no waiting).
         hashes = _waited(phases, scan)
         settings = dict(recipe=recipe.to_dict(), dtype=dtype, batch_size=batch_size,
                         shards=distributed.num_shards, backend=resolve_backend(backend),
                         **({"all_experts": True} if _all_experts(registry) else {}))
         ckpt = store = DirectoryCheckpoint(ckpt_path, lambda: fingerprint(
-            model_dir, tokens, weight_digests=hashes(), **settings))
+            model_dir, tokens, weight_digests=hashes(), **settings), ready=scan.done)
     elif writer:
         staging = block_staging_dir(out_dir)
         store = BlockFiles(staging)
@@ -164,11 +165,13 @@ def quantize_directory(
         staging = Path(tempfile.mkdtemp(prefix=f"quantkit-rank{distributed.rank}-", dir=parent))
         store = BlockFiles(staging)
     try:
-        with _scanned(scan), ckpt or contextlib.nullcontext(), _keep_only_progress(ckpt):
+        with _scanned(scan), ckpt or contextlib.nullcontext(), _keep_only_progress(ckpt, scan):
             result = quantize_model(model, tokens, recipe, batch_size=batch_size, dtype=dtype,
                                     progress=_polling(scan, progress), checkpoint=store,
                                     distributed=distributed, backend=backend, registry=registry)
             _waited(phases, scan)()  # bad weights: no output
+            if ckpt is not None:
+                ckpt.flush()  # every block committed before the output is written
             report = result.report
             report.phases = {**phases, **report.phases}
             report.bits_per_weight = float(bits_per_weight(model))
@@ -264,12 +267,18 @@ def _timed(phases: dict[str, float], name: str):
 
 
 @contextlib.contextmanager
-def _keep_only_progress(ckpt: DirectoryCheckpoint | None):
-    """On failure, remove the checkpoint only if this run made it and finished no block in it:
-    a checkpoint holding blocks is never deleted on its own (only ``--overwrite`` does)."""
+def _keep_only_progress(ckpt: DirectoryCheckpoint | None, scan: Background):
+    """On failure (or Ctrl-C), commit the blocks written while the fingerprint was not yet known
+    if it is now (and the weights passed the scan), then remove the checkpoint only if this run
+    made it and committed no block in it: a checkpoint holding blocks is never deleted on its
+    own (only ``--overwrite`` does)."""
     try:
         yield
     except BaseException:
-        if ckpt is not None and ckpt.created and ckpt.committed == 0:
-            ckpt.discard()
+        if ckpt is not None:
+            if scan.done() and scan.error() is None:
+                with contextlib.suppress(CheckpointError):  # the run's own error is the one to tell
+                    ckpt.flush()
+            if ckpt.created and ckpt.committed == 0:
+                ckpt.discard()
         raise

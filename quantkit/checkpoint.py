@@ -21,7 +21,9 @@ computed them, so the result is byte-identical.
 
 Every file is written under a temporary name and renamed into place; ``progress.json`` is
 renamed last and is the commit point, so a run killed at any instant (even ``kill -9``) leaves
-either the previous block's state or the new one. Before a resume, every file ``progress.json``
+either the previous block's state or the new one. A fresh run whose fingerprint is not yet
+known (the weights' sha256s are computed beside the first blocks) writes its first blocks'
+files and commits them together once it is. Before a resume, every file ``progress.json``
 names is checked against the sha256 recorded when it was written, and ``meta.json`` against
 its recorded hash: an edited, damaged or rolled-back checkpoint is refused with one line, and
 never deleted (only ``--overwrite`` discards a checkpoint). Files of blocks after
@@ -112,10 +114,10 @@ def read_progress(path: str | Path) -> int | None:
 
 
 def holds_blocks(path: str | Path) -> bool:
-    """Whether the checkpoint directory ``path`` holds anything of a finished block (a
-    ``progress.json``, readable or not, or a block file)."""
-    path = Path(path)
-    return (path / "progress.json").exists() or any(path.glob("block-*.safetensors"))
+    """Whether the checkpoint directory ``path`` holds a committed block (a ``progress.json``,
+    readable or not). Block files no ``progress.json`` lists were never committed (a run
+    stopped before its first commit): no resume would use them."""
+    return (Path(path) / "progress.json").exists()
 
 
 class BlockFiles(Checkpoint):
@@ -155,14 +157,22 @@ class DirectoryCheckpoint(BlockFiles):
     when any of its files is not what was written."""
 
     def __init__(self, path: str | Path,
-                 fingerprint: dict[str, Any] | Callable[[], dict[str, Any]]) -> None:
+                 fingerprint: dict[str, Any] | Callable[[], dict[str, Any]],
+                 ready: Callable[[], bool] | None = None) -> None:
         super().__init__(path)
         #: The run's fingerprint, or a function computing it (e.g. waiting for the weights'
         #: hashes, computed in the background): then ``meta.json`` is written at the first
         #: commit, and ``load`` waits for it.
         self._fingerprint = fingerprint if callable(fingerprint) else _jsonable(fingerprint)
+        #: Whether calling ``fingerprint`` would not wait. While it would, a fresh run's
+        #: finished blocks are written but not committed (no ``progress.json``): the run goes
+        #: on instead of waiting for the weights' hashes, and the first save after they are
+        #: known (or :meth:`flush`) commits every block written so far at once.
+        self._ready = ready
         self._lock_fd: int | None = None
         self._blocks: list[dict[str, str]] = []
+        #: Entries of ``_blocks`` that ``progress.json`` lists.
+        self._listed = 0
         #: This run made the directory (so it may remove it when it committed nothing).
         self.created = False
         #: Blocks this run committed.
@@ -276,31 +286,48 @@ class DirectoryCheckpoint(BlockFiles):
                 raise self._damaged(f"{rname}: {_first_line(exc)}") from None
             files.append(self.path / name)
         self._blocks = blocks
+        self._listed = len(blocks)
         self._files = list(files)
         return ResumeState(next_block=next_block, files=files, records=records)
 
     def save(self, block, arrays, records) -> Path:
         name, rname = block_file_name(block), f"block-{block:04d}.json"
         try:
-            if not self._blocks and not (self.path / "progress.json").exists():
-                self._write_text("meta.json", self._meta_text())  # a fresh run's first commit
             sha = write_arrays(self.path / name, arrays)
             rtext = json.dumps([attrs.asdict(r) for r in records])
             self._write_text(rname, rtext)
-            entry = {"file": name, "sha256": sha, "records": rname,
-                     "records_sha256": hashlib.sha256(rtext.encode()).hexdigest()}
-            meta_sha = file_sha256(self.path / "meta.json")
-            self._write_text("progress.json", json.dumps({
-                "next_block": block + 1, "meta_sha256": meta_sha, "blocks": [*self._blocks, entry]}))
+            self._blocks.append({"file": name, "sha256": sha, "records": rname,
+                                 "records_sha256": hashlib.sha256(rtext.encode()).hexdigest()})
+            self._files.append(self.path / name)
+            if self._listed or self._ready is None or self._ready():
+                self._commit()
         except (OSError, RuntimeError) as exc:  # MLX's writer raises RuntimeError on a full disk
             raise CheckpointError(
                 f"writing the checkpoint {self.path} failed after block {block} "
                 f"({write_failure(exc, self.path)}); free disk space, then rerun with --resume "
                 "or pass --no-checkpoint") from None
-        self._blocks.append(entry)
-        self._files.append(self.path / name)
-        self.committed += 1
         return self.path / name
+
+    def flush(self) -> None:
+        """Commit the blocks written but not yet committed (waiting for the fingerprint)."""
+        if len(self._blocks) > self._listed:
+            try:
+                self._commit()
+            except OSError as exc:
+                raise CheckpointError(
+                    f"writing the checkpoint {self.path} failed ({write_failure(exc, self.path)}); "
+                    "free disk space, then rerun with --resume or pass --no-checkpoint") from None
+
+    def _commit(self) -> None:
+        """List every written block in ``progress.json`` (the commit point); a fresh run's
+        first commit writes ``meta.json`` before it."""
+        if not self._listed and not (self.path / "progress.json").exists():
+            self._write_text("meta.json", self._meta_text())
+        meta_sha = file_sha256(self.path / "meta.json")
+        self._write_text("progress.json", json.dumps({
+            "next_block": len(self._blocks), "meta_sha256": meta_sha, "blocks": self._blocks}))
+        self.committed += len(self._blocks) - self._listed
+        self._listed = len(self._blocks)
 
     # -- files --------------------------------------------------------------------------------
 

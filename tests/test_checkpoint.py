@@ -68,6 +68,70 @@ def test_resume_is_byte_identical_and_keeps_no_activations(quantize, interrupted
     assert not ckpt.exists()
 
 
+@pytest.fixture
+def slow_scan(monkeypatch):
+    """The weight scan held until ``release`` is set (a large model's hashes still running)."""
+    import threading
+
+    import quantkit.api as api
+
+    release = threading.Event()
+    original = api.scan_weights
+
+    def held(*a, **kw):
+        release.wait(60)
+        return original(*a, **kw)
+
+    monkeypatch.setattr(api, "scan_weights", held)
+    yield release
+    release.set()
+
+
+def test_blocks_go_on_while_the_weights_are_hashed(quantize, stories_dir, slow_scan,
+                                                  monkeypatch, tmp_path):
+    """A fresh run does not wait for the fingerprint: its first blocks are written uncommitted
+    (no progress.json) and committed together once the hashes are known; same bytes."""
+    out = tmp_path / "o"
+    ckpt = checkpoint_dir(out)
+    original = ModelWalker._quantize_all
+    seen = {}
+
+    def watch(self, model, plans, stats, report, block_index, **kw):
+        if block_index == 2:
+            seen["files"] = sorted(p.name for p in ckpt.glob("block-*.safetensors"))
+            seen["progress"] = read_progress(ckpt)
+            slow_scan.set()
+        return original(self, model, plans, stats, report, block_index, **kw)
+
+    monkeypatch.setattr(ModelWalker, "_quantize_all", watch)
+    assert quantize(stories_dir, out).exit_code == 0
+    assert seen == {"files": ["block-0000.safetensors", "block-0001.safetensors"],
+                    "progress": None}
+    ref = tmp_path / "ref"
+    assert quantize(stories_dir, ref, "--no-checkpoint").exit_code == 0
+    assert weight_bytes(out) == weight_bytes(ref) and not ckpt.exists()
+
+
+def test_ctrl_c_before_the_hashes_are_known_leaves_nothing(quantize, stories_dir, slow_scan,
+                                                          monkeypatch, tmp_path):
+    """Blocks never committed are not a checkpoint: the directory is removed, and the next run
+    starts without --resume or --overwrite."""
+    out = tmp_path / "o"
+    original = ModelWalker._quantize_all
+
+    def stop(self, model, plans, stats, report, block_index, **kw):
+        if block_index == 2:
+            raise KeyboardInterrupt
+        return original(self, model, plans, stats, report, block_index, **kw)
+
+    with monkeypatch.context() as m:
+        m.setattr(ModelWalker, "_quantize_all", stop)
+        one_line_error(quantize(stories_dir, out), code=130)
+    assert not checkpoint_dir(out).exists() and not out.exists()
+    slow_scan.set()
+    assert quantize(stories_dir, out).exit_code == 0
+
+
 def test_resume_on_a_finished_output_is_a_no_op(quantize, stories_dir, tmp_path):
     out = tmp_path / "o"
     assert quantize(stories_dir, out).exit_code == 0

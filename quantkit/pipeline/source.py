@@ -190,6 +190,10 @@ class Background:
         self._thread = threading.Thread(target=self._run, args=(fn,), daemon=True, name=name)
         self._thread.start()
 
+    def done(self) -> bool:
+        """Whether ``fn`` has finished (:meth:`result` would not wait)."""
+        return not self._thread.is_alive()
+
     def error(self) -> BaseException | None:
         """The exception ``fn`` raised, if it has finished with one (never waits)."""
         return None if self._thread.is_alive() else self._error
