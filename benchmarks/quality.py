@@ -381,6 +381,10 @@ def rtn_split(path: Path, bits: int, group_size: int, eval_samples: int, seq_len
 TIED_HEAD: dict[str, dict | None] = {
     "rtn": None, "gptq": {}, "gptq_best": BEST, "gptq_damping_0.1": {"damping": 0.1},
     "gptq_damping_1": {"damping": 1.0}, "gptq_best_damping_0.1": {**BEST, "damping": 0.1},
+    # each option of BEST alone at damping 0.1, and the clipping search on plain squared error
+    "gptq_act_order_damping_0.1": {"act_order": True, "damping": 0.1},
+    "gptq_hessian_search_damping_0.1": {"scale_search": "hessian", "damping": 0.1},
+    "gptq_mse_search_damping_0.1": {"scale_search": "mse", "damping": 0.1},
 }
 
 
