@@ -190,13 +190,18 @@ def blocked_cholesky_mlx(
                 rows = tuple(x[..., off:, :] for x in l21_parts)
                 cols_t = tuple(_t(x[..., off : off + sizes[j], :]) for x in l21_parts)
                 cols[j] = cols[j] - _product(rows, cols_t)
+                if j == k + 1:
+                    # Look-ahead: the next column first, so that its diagonal block reaches
+                    # the host while the device updates the columns after it.
+                    mx.async_eval(cols[j])
             panels.append(mx.concatenate([l11_mx, l21], axis=-2))
         else:
             panels.append(l11_mx)
         diag_inv.append(l11_inv_mx)
         del col
-        # The next diagonal block is read on the host: evaluating here keeps the graph short.
-        mx.eval(cols[k + 1 :], panels[-1])
+        # Scheduled, not awaited (evaluating each step keeps the graph short); the host waits
+        # only when it reads the next diagonal block.
+        mx.async_eval(cols[k + 1 :], panels[-1])
     return panels, diag_inv
 
 
@@ -236,7 +241,7 @@ def blocked_inverse_factor_mlx(
         finite = mx.logical_and(finite, mx.all(mx.isfinite(col)))
         panels[j] = None  # block columns after j do not read panel j
         del pieces, acc, x_tj, col
-        mx.eval(u, finite)
+        mx.async_eval(u, finite)  # the next column's graph is built while this one runs
     if not bool(finite.item()):
         raise FactorizationError("inverse Hessian factor has NaN/Inf entries")
     return u
