@@ -36,12 +36,8 @@ def one_line_error(result, code: int = 1) -> str:
     return " ".join(lines[0].split())
 
 
-@pytest.fixture
-def interrupted(quantize, stories_dir, tmp_path, monkeypatch):
-    """A copy of stories260K and a run of it stopped (Ctrl-C) while quantizing block 2."""
-    src = tmp_path / "model"
-    shutil.copytree(stories_dir, src)
-    out = tmp_path / "o"
+def stopped_at_block_2(quantize, model_dir, out, monkeypatch) -> None:
+    """Run ``quantize`` and stop it (Ctrl-C) while it quantizes block 2."""
     original = ModelWalker._quantize_all
 
     def stop(self, model, plans, stats, report, block_index, **kw):
@@ -51,7 +47,16 @@ def interrupted(quantize, stories_dir, tmp_path, monkeypatch):
 
     with monkeypatch.context() as m:
         m.setattr(ModelWalker, "_quantize_all", stop)
-        one_line_error(quantize(src, out), code=130)
+        one_line_error(quantize(model_dir, out), code=130)
+
+
+@pytest.fixture
+def interrupted(quantize, stories_dir, tmp_path, monkeypatch):
+    """A copy of stories260K and a run of it stopped (Ctrl-C) while quantizing block 2."""
+    src = tmp_path / "model"
+    shutil.copytree(stories_dir, src)
+    out = tmp_path / "o"
+    stopped_at_block_2(quantize, src, out, monkeypatch)
     assert read_progress(checkpoint_dir(out)) == 2
     return src, out
 
@@ -117,16 +122,7 @@ def test_ctrl_c_before_the_hashes_are_known_leaves_nothing(quantize, stories_dir
     """Blocks never committed are not a checkpoint: the directory is removed, and the next run
     starts without --resume or --overwrite."""
     out = tmp_path / "o"
-    original = ModelWalker._quantize_all
-
-    def stop(self, model, plans, stats, report, block_index, **kw):
-        if block_index == 2:
-            raise KeyboardInterrupt
-        return original(self, model, plans, stats, report, block_index, **kw)
-
-    with monkeypatch.context() as m:
-        m.setattr(ModelWalker, "_quantize_all", stop)
-        one_line_error(quantize(stories_dir, out), code=130)
+    stopped_at_block_2(quantize, stories_dir, out, monkeypatch)
     assert not checkpoint_dir(out).exists() and not out.exists()
     slow_scan.set()
     assert quantize(stories_dir, out).exit_code == 0
