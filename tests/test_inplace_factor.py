@@ -72,9 +72,9 @@ def test_inplace_factor_holds_no_second_matrix():
 
 @pytest.mark.parametrize("shape", [(300, 300), (3, 512, 512)])  # one block, an expert stack
 def test_lapack_triangular_inverse_matches_numpy_s_inverse(shape):
-    """The GPU path's diagonal blocks are inverted on the host by LAPACK's dtrtri (a third of
-    an LU inverse's flops): the inverses of NumPy's Cholesky factors, to float64 rounding, and
-    the factors themselves bit for bit those of ``np.linalg.cholesky``."""
+    """The GPU path's diagonal blocks are factorized and inverted on the host by LAPACK's
+    dpotrf (on the lower triangle, no triangle copies) and dtrtri (a third of an LU inverse's
+    flops): NumPy's Cholesky factors and their inverses, to float64 rounding."""
     import mlx.core as mx
 
     from quantkit.kernels.blocked_cholesky import _host_block_factor
@@ -83,12 +83,34 @@ def test_lapack_triangular_inverse_matches_numpy_s_inverse(shape):
     hd = hd.reshape(shape).astype(np.float32)
     lower, inverse = _host_block_factor(mx.array(hd))
     expected = np.linalg.cholesky(hd.astype(np.float64))
-    np.testing.assert_array_equal(lower, expected)
+    assert np.abs(lower - expected).max() <= 1e-13 * np.abs(expected).max()
+    assert np.all(np.triu(lower, 1) == 0)
     ref = np.linalg.inv(expected)
     assert np.abs(inverse - ref).max() <= 1e-12 * np.abs(ref).max()
     assert np.all(np.triu(inverse, 1) == 0)
     # NumPy's wheels export dtrtri beside dpotrf: the recursive fallback is not what ran.
     assert lapack._trtri_entry_point() is not None
+
+
+@pytest.mark.parametrize("entry_point", ["lapack", "fallback"])
+def test_cholesky_of_lower_reads_only_the_lower_triangle(entry_point, monkeypatch):
+    """The blocked factorization keeps only the lower triangle of its trailing matrix up to
+    date: the host factor must not read the other one (garbage there changes nothing)."""
+    if entry_point == "fallback":
+        monkeypatch.setattr(lapack, "_lower_entry_point", lambda: None)
+    hd, _, _ = prepare_hessians(_hessians(2, 384, seed=5), 0.01)
+    work = hd.copy()
+    iu = np.triu_indices(384, 1)
+    work[:, iu[0], iu[1]] = 1e6  # not symmetric, not positive definite as a full matrix
+    lower = lapack.cholesky_of_lower(work)
+    assert lower is work
+    expected = np.linalg.cholesky(hd)
+    assert np.abs(lower - expected).max() <= 1e-13 * np.abs(expected).max()
+    assert np.all(np.triu(lower, 1) == 0)
+    bad = hd[0].copy()
+    bad[7, 7] = -1.0
+    with pytest.raises(np.linalg.LinAlgError):
+        lapack.cholesky_of_lower(bad)
 
 
 def test_host_block_factor_refuses_an_indefinite_block():

@@ -29,7 +29,7 @@ import mlx.core as mx
 import numpy as np
 
 from ..errors import FactorizationError
-from .lapack import cholesky_lower_inplace, tri_inv_lower
+from .lapack import cholesky_lower_inplace, cholesky_of_lower, tri_inv_lower
 
 
 def _tri_inv_lower_numpy(lower: np.ndarray, leaf: int = 256) -> np.ndarray:
@@ -107,13 +107,13 @@ def reversed_factor_numpy(h_damped: np.ndarray, overwrite: bool = False) -> np.n
 
 def _host_block_factor(a: mx.array) -> tuple[np.ndarray, np.ndarray]:
     """Cholesky factor of one diagonal block (or a stack of them) and its inverse, in float64
-    on the host: LAPACK's ``dpotrf`` in place and ``dtrtri`` where NumPy's LAPACK has them
-    (:mod:`.lapack`; a third of the flops of the recursive inverse, which stays the fallback)."""
+    on the host: LAPACK's ``dpotrf`` on the block's lower triangle (the blocked factorization
+    only ever updates and reads that one) in place and ``dtrtri``, where NumPy's LAPACK has
+    them (:mod:`.lapack`; a third of the flops of the recursive inverse, which stays the
+    fallback)."""
     a64 = np.array(a, dtype=np.float64)
-    a64 += np.swapaxes(a64, -1, -2)
-    a64 *= 0.5
     try:
-        lower = cholesky_lower_inplace(a64)
+        lower = cholesky_of_lower(a64)
         inverse = tri_inv_lower(lower)
     except np.linalg.LinAlgError as exc:
         raise FactorizationError(f"Cholesky factorization failed: {exc}") from exc

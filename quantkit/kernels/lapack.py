@@ -160,6 +160,54 @@ def tri_inv_lower(lower: np.ndarray) -> np.ndarray | None:
     return out
 
 
+def _potrf_upper(fn: Callable[..., None], a: np.ndarray) -> int:
+    """LAPACK ``dpotrf("U")`` on the C-contiguous float64 ``a`` read as a column-major matrix:
+    it reads the row-major *lower* triangle (the column-major upper one) and writes ``L``
+    there (``A = UᵀU`` column-major is ``A = L Lᵀ`` row-major), leaving the other triangle."""
+    n = a.shape[-1]
+    uplo, size, lda, info = ctypes.c_char(b"U"), ctypes.c_int64(n), ctypes.c_int64(n), ctypes.c_int64(0)
+    fn(ctypes.byref(uplo), ctypes.byref(size), a.ctypes.data_as(ctypes.c_void_p),
+       ctypes.byref(lda), ctypes.byref(info), ctypes.c_size_t(1))
+    return int(info.value)
+
+
+@functools.cache
+def _lower_entry_point() -> Callable[..., None] | None:
+    """NumPy's ``dpotrf``, if found and :func:`_potrf_upper` on a probe gives NumPy's factor to
+    within float64 rounding."""
+    fn = _entry_point()
+    if fn is None:
+        return None
+    probe = _probe()
+    mine = probe.copy()
+    if _potrf_upper(fn, mine) != 0:
+        return None
+    ref = np.linalg.cholesky(probe)
+    mine = np.tril(mine)
+    return fn if np.allclose(mine, ref, rtol=1e-12, atol=1e-14 * np.abs(ref).max()) else None
+
+
+def cholesky_of_lower(a: np.ndarray) -> np.ndarray:
+    """``a`` (C-contiguous float64, ``(n, n)`` or a stack) overwritten by the lower Cholesky
+    factor of the symmetric matrix whose lower triangle ``a`` holds (its upper triangle is not
+    read, and is zeroed), and returned: one LAPACK call per matrix, no triangle copies, the
+    factor to float64 rounding of NumPy's (not bit for bit: :func:`cholesky_lower_inplace`
+    is). Raises ``np.linalg.LinAlgError`` when a matrix is not positive definite."""
+    if a.dtype != np.float64 or not a.flags.c_contiguous:
+        raise ValueError("cholesky_of_lower needs a C-contiguous float64 array")
+    fn = _lower_entry_point()
+    n = a.shape[-1]
+    if fn is None:
+        low = np.tril(a)
+        a[...] = np.linalg.cholesky(low + np.swapaxes(np.tril(a, -1), -1, -2))
+        return a
+    for m in a.reshape(-1, n, n):
+        if _potrf_upper(fn, m) != 0:
+            raise np.linalg.LinAlgError("Matrix is not positive definite")
+    a *= np.tri(n, dtype=bool)
+    return a
+
+
 def cholesky_lower_inplace(a: np.ndarray) -> np.ndarray:
     """``a`` (float64, ``(n, n)`` or a stack ``(..., n, n)``, C-contiguous) overwritten by the
     lower Cholesky factor of each matrix — bit for bit what ``np.linalg.cholesky(a)`` returns —
