@@ -241,7 +241,7 @@ def blocked_inverse_factor_mlx(
         finite = mx.logical_and(finite, mx.all(mx.isfinite(col)))
         panels[j] = None  # block columns after j do not read panel j
         del pieces, acc, x_tj, col
-        mx.async_eval(u, finite)  # the next column's graph is built while this one runs
+        mx.eval(u, finite)
     if not bool(finite.item()):
         raise FactorizationError("inverse Hessian factor has NaN/Inf entries")
     return u
