@@ -7,7 +7,12 @@ result out: three ``n²`` float64 arrays at once (216 MB for a 3072-wide Hessian
 on the matrix laid out as NumPy lays it out for the call, so the factor is the one
 ``np.linalg.cholesky`` returns, bit for bit. That is checked once per process on a probe matrix;
 where the entry point cannot be found or the probe differs (another LAPACK, another platform),
-it falls back to ``np.linalg.cholesky`` (same values, NumPy's memory)."""
+it falls back to ``np.linalg.cholesky`` (same values, NumPy's memory).
+
+:func:`cholesky_of_lower` is the same ``dpotrf`` asked for the other triangle, which on a
+row-major buffer is the lower one: no triangle copies, the factor to float64 rounding of
+NumPy's rather than bit for bit (the GPU factorization's host steps, where the copies cost
+more than the factorization). :func:`tri_inv_lower` inverts a factor with ``dtrtri``."""
 
 from __future__ import annotations
 
