@@ -103,12 +103,14 @@ VARIANTS: dict[str, tuple[str, dict, bool, str | None]] = {
     "gptq_best_lr_hdp": ("gptq", BEST, False, "signround"),
     "gptq_best_lr_td_d05": ("gptq", {**BEST, "damping": 0.05}, False, "signround"),
     "gptq_best_lr_td_e2": ("gptq", BEST, False, "signround"),
+    "gptq_best_lr_td02": ("gptq", BEST, False, "signround"),
 }
 #: ``[embedding]`` table of a variant (the _hd rules' damping through the handler: the same
 #: arrays, tests/test_recipe.py).
 EMBEDDING: dict[str, dict] = {"gptq_best_lr_td": {"tied_damping": 0.1},
                                "gptq_best_lr_td_d05": {"tied_damping": 0.1},
                                "gptq_best_lr_td_e2": {"tied_damping": 0.1},
+                               "gptq_best_lr_td02": {"tied_damping": 0.2},
                                "gptq_best_lr_td_head": {"tied_damping": 0.1}}
 #: Recipe rules of a variant: the tied embedding / output head with more GPTQ damping (its
 #: rows are also looked up as input embeddings, where every weight's error counts alike: the
