@@ -302,10 +302,7 @@ class DirectoryCheckpoint(BlockFiles):
             if self._listed or self._ready is None or self._ready():
                 self._commit()
         except (OSError, RuntimeError) as exc:  # MLX's writer raises RuntimeError on a full disk
-            raise CheckpointError(
-                f"writing the checkpoint {self.path} failed after block {block} "
-                f"({write_failure(exc, self.path)}); free disk space, then rerun with --resume "
-                "or pass --no-checkpoint") from None
+            raise self._commit_error(exc, f" after block {block}") from None
         return self.path / name
 
     def flush(self) -> None:
@@ -314,9 +311,12 @@ class DirectoryCheckpoint(BlockFiles):
             try:
                 self._commit()
             except OSError as exc:
-                raise CheckpointError(
-                    f"writing the checkpoint {self.path} failed ({write_failure(exc, self.path)}); "
-                    "free disk space, then rerun with --resume or pass --no-checkpoint") from None
+                raise self._commit_error(exc) from None
+
+    def _commit_error(self, exc: BaseException, when: str = "") -> CheckpointError:
+        return CheckpointError(
+            f"writing the checkpoint {self.path} failed{when} ({write_failure(exc, self.path)}); "
+            "free disk space, then rerun with --resume or pass --no-checkpoint")
 
     def _commit(self) -> None:
         """List every written block in ``progress.json`` (the commit point); a fresh run's

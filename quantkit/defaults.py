@@ -57,10 +57,10 @@ PIPELINES: dict[str, dict[str, Any]] = {
         "optimizer": [{"name": "learned_rounding", "method": "signround", "target": "float_model",
                        "epochs": 8.0}],
     },
-    # The tied embedding / output head solved with GPTQ damping 0.1 instead of 0.01 (its rows
-    # are also looked up as input embeddings, where every weight's error counts alike; see the
-    # recipe's [embedding] table): ahead of gptq_best_lr in five of six cells measured, level
-    # in the sixth (docs/results-quality.md).
+    # The tied embedding / output head solved with GPTQ damping 0.1 instead of 0.01 (the
+    # recipe's [embedding] table; it acts as a regulariser of a Hessian measured on the
+    # calibration text): ahead of gptq_best_lr in five of six cells measured, level in the
+    # sixth (docs/results-quality.md).
     "gptq_best_lr_td": {
         "default": _GPTQ_BEST,
         "optimizer": [{"name": "learned_rounding", "method": "signround"}],

@@ -119,9 +119,10 @@ class EmbeddingHandler(LayerHandler):
 
     ``tied_damping``: the damping a Hessian strategy (GPTQ's ``damping``) uses for a tied
     embedding instead of the recipe's (``None``: the recipe's). Its Hessian comes from the
-    matrix's use as the output head, but its rows are also looked up as input embeddings, where
-    every weight's error counts alike: a larger identity term in the damped Hessian stands for
-    that use (measured in docs/results-quality.md)."""
+    matrix's use as the output head only; a larger identity term in the damped Hessian weighs
+    the plain weight error more, which measured better on every model in
+    docs/results-quality.md (as a regulariser, not for the rows' input use: damping rows by
+    their tokens' counts did worse)."""
 
     tied_damping: float | None = attrs.field(
         default=None, validator=attrs.validators.optional(attrs.validators.ge(0.0)))
