@@ -18,6 +18,13 @@ from quantkit.pipeline.install import StandIns
 from quantkit.walker import ModelWalker
 
 RECIPE = Recipe.uniform("gptq", bits=4, group_size=32)
+#: Peaks are compared where frees are immediate. MLX's CUDA backend keeps every op's inputs
+#: alive until the command buffer holding the op completes (on an H100 up to 100 ops or 1000 MB
+#: a buffer), so a GPU peak also counts buffers already dropped, by an amount that depends on
+#: how the ops fall into buffers: on an H100 the stand-in walk's block peaks went 27.09, 25.16,
+#: 27.12, 21.33, 19.41 MB in one run and fell at every block in another. What is held (active
+#: memory, after a synchronize) is compared on every device.
+ON_CPU = mx.default_device() == mx.cpu
 
 
 def _tiny_llama(layers: int) -> nn.Module:
@@ -60,6 +67,7 @@ def test_stand_ins_do_not_accumulate_over_blocks():
         leftover.append([k for b in blocks[:i] for k in _dense_layers(b)])
         if i > 0:
             peaks.append(mx.get_peak_memory())
+        mx.synchronize()  # a CUDA stream frees an op's inputs once its command buffer completes
         active.append(mx.get_active_memory())
         mx.reset_peak_memory()
 
@@ -67,7 +75,8 @@ def test_stand_ins_do_not_accumulate_over_blocks():
                 progress=progress).run(model, _tokens(256))
     assert leftover == [[]] * len(blocks)
     assert all(b < a for a, b in zip(active, active[1:])), active
-    assert all(b < a for a, b in zip(peaks, peaks[1:])), peaks
+    if ON_CPU:  # see ON_CPU
+        assert all(b < a for a, b in zip(peaks, peaks[1:])), peaks
     assert not any(_dense_layers(b) for b in blocks)
 
 
@@ -169,4 +178,5 @@ def test_expert_phase_transient_is_a_few_hessian_batches(monkeypatch):
     walker.run(model, _tokens(128))
     hessians = batch * width * width * 4  # one expert batch of the gate projection
     assert len(transients) == 1
-    assert transients[0] < 8 * hessians, transients[0] / hessians
+    if ON_CPU:  # see ON_CPU; an H100 measured 9.56 (TF32) and 9.82 (float32) batches
+        assert transients[0] < 8 * hessians, transients[0] / hessians

@@ -155,7 +155,8 @@ def test_tiny_moe_models_quantize_per_expert(kind, tmp_path):
     save_model(tmp_path, model, donate_model=False)
     save_config(config, config_path=tmp_path / "config.json")
     loaded, _ = load_model(tmp_path)
-    assert mx.allclose(loaded(x), logits, atol=1e-4)
+    with mx.stream(mx.cpu):  # the same kernels as ``logits`` (the router fault above)
+        assert mx.allclose(loaded(x), logits, atol=1e-4)
 
 
 def test_qwen3_moe_router_keeps_model_precision():
