@@ -104,6 +104,12 @@ VARIANTS: dict[str, tuple[str, dict, bool, str | None]] = {
     "gptq_best_lr_td_d05": ("gptq", {**BEST, "damping": 0.05}, False, "signround"),
     "gptq_best_lr_td_e2": ("gptq", BEST, False, "signround"),
     "gptq_best_lr_td02": ("gptq", BEST, False, "signround"),
+    "gptq_best_lr_tda": ("gptq", BEST, False, "signround"),
+    "gptq_best_lr_td_d005": ("gptq", {**BEST, "damping": 0.005}, False, "signround"),
+    "gptq_best_lr_td_d002": ("gptq", {**BEST, "damping": 0.002}, False, "signround"),
+    "gptq_best_lr_tdh": ("gptq", BEST, False, "signround"),
+    "gptq_best_lr_td_s1": ("gptq", BEST, False, "signround"),
+    "gptq_best_lr_td_s2": ("gptq", BEST, False, "signround"),
 }
 #: ``[embedding]`` table of a variant (the _hd rules' damping through the handler: the same
 #: arrays, tests/test_recipe.py).
@@ -111,10 +117,13 @@ EMBEDDING: dict[str, dict] = {"gptq_best_lr_td": {"tied_damping": 0.1},
                                "gptq_best_lr_td_d05": {"tied_damping": 0.1},
                                "gptq_best_lr_td_e2": {"tied_damping": 0.1},
                                "gptq_best_lr_td02": {"tied_damping": 0.2},
+                               "gptq_best_lr_td_d005": {"tied_damping": 0.1},
+                               "gptq_best_lr_td_d002": {"tied_damping": 0.1},
+                               "gptq_best_lr_td_s1": {"tied_damping": 0.1},
+                               "gptq_best_lr_td_s2": {"tied_damping": 0.1},
                                "gptq_best_lr_td_head": {"tied_damping": 0.1}}
-#: Recipe rules of a variant: the tied embedding / output head with more GPTQ damping (its
-#: rows are also looked up as input embeddings, where every weight's error counts alike: the
-#: damping's identity term stands for that use).
+#: Recipe rules of a variant: the tied embedding / output head solved with other GPTQ options
+#: than the other layers (more damping; act-order and the clipping search on or off).
 RULES: dict[str, list[dict]] = {
     "gptq_best_lr_hd": [{"match": "model.embed_tokens", "damping": 0.1}],
     "gptq_best_lr_hd1": [{"match": "model.embed_tokens", "damping": 1.0}],
@@ -122,6 +131,11 @@ RULES: dict[str, list[dict]] = {
     # row of --tied-head
     "gptq_best_lr_hdp": [{"match": "model.embed_tokens", "act_order": False,
                           "scale_search": "none", "damping": 0.1}],
+    # the tied head with one of the default's options: act-order alone, the Hessian search alone
+    "gptq_best_lr_tda": [{"match": "model.embed_tokens", "act_order": True,
+                          "scale_search": "none", "damping": 0.1}],
+    "gptq_best_lr_tdh": [{"match": "model.embed_tokens", "act_order": False,
+                          "scale_search": "hessian", "damping": 0.1}],
 }
 #: Learned rounding options of a variant beyond its method, target and head (the class's
 #: defaults otherwise; ``--lr-steps`` overrides the epochs).
@@ -134,6 +148,9 @@ LR_OPTIONS: dict[str, dict] = {
     "gptq_best_lr_sf_e8": {"start": "float", "epochs": 8.0},
     "gptq_best_lr_lr2": {"lr": 1 / 32},  # twice the default step at 64 steps (32 sequences)
     "gptq_best_lr_sf_lr2": {"start": "float", "lr": 1 / 32},
+    # the default with the learned rounding's sequences drawn in other orders (its noise)
+    "gptq_best_lr_td_s1": {"seed": 1},
+    "gptq_best_lr_td_s2": {"seed": 2},
 }
 #: The recipes of a plain ``quantkit quantize`` and of ``--fast`` (quantkit.defaults), built by
 #: the function the CLI uses, at the run's bits and group size; ``--lr-steps`` does not apply.
