@@ -110,8 +110,6 @@ VARIANTS: dict[str, tuple[str, dict, bool, str | None]] = {
     "gptq_best_lr_tdh": ("gptq", BEST, False, "signround"),
     "gptq_best_lr_td_s1": ("gptq", BEST, False, "signround"),
     "gptq_best_lr_td_s2": ("gptq", BEST, False, "signround"),
-    "gptq_best_lr_td_avg": ("gptq", BEST, False, "signround"),
-    "gptq_best_lr_td_avg_s1": ("gptq", BEST, False, "signround"),
 }
 #: ``[embedding]`` table of a variant (the _hd rules' damping through the handler: the same
 #: arrays, tests/test_recipe.py).
@@ -123,8 +121,6 @@ EMBEDDING: dict[str, dict] = {"gptq_best_lr_td": {"tied_damping": 0.1},
                                "gptq_best_lr_td_d002": {"tied_damping": 0.1},
                                "gptq_best_lr_td_s1": {"tied_damping": 0.1},
                                "gptq_best_lr_td_s2": {"tied_damping": 0.1},
-                               "gptq_best_lr_td_avg": {"tied_damping": 0.1},
-                               "gptq_best_lr_td_avg_s1": {"tied_damping": 0.1},
                                "gptq_best_lr_td_head": {"tied_damping": 0.1}}
 #: Recipe rules of a variant: the tied embedding / output head solved with other GPTQ options
 #: than the other layers (more damping; act-order and the clipping search on or off).
@@ -155,9 +151,6 @@ LR_OPTIONS: dict[str, dict] = {
     # the default with the learned rounding's sequences drawn in other orders (its noise)
     "gptq_best_lr_td_s1": {"seed": 1},
     "gptq_best_lr_td_s2": {"seed": 2},
-    # the mean of the last half of the steps measured too (weight averaging against that noise)
-    "gptq_best_lr_td_avg": {"average": 0.5},
-    "gptq_best_lr_td_avg_s1": {"average": 0.5, "seed": 1},
 }
 #: The recipes of a plain ``quantkit quantize`` and of ``--fast`` (quantkit.defaults), built by
 #: the function the CLI uses, at the run's bits and group size; ``--lr-steps`` does not apply.

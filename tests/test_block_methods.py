@@ -359,25 +359,6 @@ def test_learned_rounding_in_small_steps_over_epochs_is_deterministic_and_never_
     assert runs[0] == runs[1] and runs[2] != runs[0]
 
 
-def test_learned_rounding_measures_the_mean_of_its_last_steps():
-    """``average``: the mean of the last steps' values is measured beside the states every
-    ``eval_every`` steps gives; the kept state is the lowest measured, its loss the block's."""
-    losses = {}
-    for average in (0.0, 0.5):
-        model = tiny_llama()
-        tokens = mx.random.randint(0, 96, (4, 32), key=mx.random.key(1))
-        ctx, targets = _quantized_block(model, LLAMA, tokens, bits=2)
-        before = _block_loss(ctx, targets)
-        figures = LearnedRounding(batch_size=1, epochs=5, eval_every=100,
-                                  average=average).optimize(ctx, targets)
-        after = _block_loss(ctx, targets)
-        assert figures["loss_after"] == pytest.approx(after, rel=1e-3) and after < before
-        assert ("mean_kept" in figures) == (average > 0)
-        losses[average] = after
-    # The same steps: with the mean measured too, the kept state is never worse.
-    assert losses[0.5] <= losses[0.0] * (1 + 1e-6)
-
-
 def test_rows_of_a_batch_cut_per_sequence_masks():
     """A step on some sequences of a batch computes what the whole batch computes for them,
     also with a per-sequence (padding) mask."""

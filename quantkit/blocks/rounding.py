@@ -122,10 +122,6 @@ class LearnedRounding(BlockOptimizer):
     #: ``2 i + 1000 · seed`` (another seed, another order: how much the result depends on it is
     #: measured in docs/results-quality.md).
     seed: int = attrs.field(default=0, validator=attrs.validators.ge(0))
-    #: Also measure the mean of the tuned values over the last ``average`` fraction of the steps
-    #: (0: not), kept like any measured state when its objective is the lowest.
-    average: float = attrs.field(default=0.0, validator=[attrs.validators.ge(0),
-                                                         attrs.validators.le(1)])
 
     def optimize(self, ctx: BlockContext, targets: Sequence[mx.array]) -> dict[str, Any]:
         layers = self._layers(ctx)
@@ -212,10 +208,6 @@ class LearnedRounding(BlockOptimizer):
             best_stored: dict[str, dict[str, mx.array]] | None = None
             best_step = 0
             order: list[int] = []
-            averaged: dict[str, dict[str, mx.array]] | None = None
-            n_averaged = 0
-            mean_kept = False
-            first_averaged = steps - round(self.average * steps)
             for step in range(steps):
                 if not order:
                     order = list(rng.permutation(len(chunks)))
@@ -252,23 +244,13 @@ class LearnedRounding(BlockOptimizer):
                                          for k, x in q.items()} for path, q in params.items()}
                         del grads
                         mx.eval(params)
-                if step >= first_averaged:
-                    n_averaged += 1
-                    w = 1.0 / n_averaged
-                    averaged = {k: dict(q) for k, q in params.items()} if averaged is None \
-                        else tree_map(lambda a, x, w=w: a + (x - a) * w, averaged, params)
-                    mx.eval(averaged)
-                measured = [(params, False)] if (
-                    (step + 1) % self.eval_every == 0 or step + 1 == steps) else []
-                if step + 1 == steps and averaged is not None and n_averaged > 1:
-                    measured.append((averaged, True))
-                for state, mean in measured:
-                    loss = full_loss(state)
+                if (step + 1) % self.eval_every == 0 or step + 1 == steps:
+                    loss = full_loss(params)
                     if loss < best:
-                        best, best_step, mean_kept = loss, step + 1, mean
+                        best, best_step = loss, step + 1
                         best_stored = {}
                         for L in layers:  # one layer's weight made at a time
-                            best_stored[L.path] = _stored(L, state[L.path], storage)
+                            best_stored[L.path] = _stored(L, params[L.path], storage)
                             mx.eval(best_stored[L.path])
         finally:
             install("quantized")
@@ -277,8 +259,7 @@ class LearnedRounding(BlockOptimizer):
                 L.module.update(best_stored[L.path])
                 mx.eval(L.module.parameters())
         return {"layers": len(layers), "loss_before": before, "loss_after": best,
-                "best_step": best_step, "method": self.method, "steps": steps,
-                **({"mean_kept": mean_kept} if self.average else {})}
+                "best_step": best_step, "method": self.method, "steps": steps}
 
     def _layers(self, ctx: BlockContext) -> list[_Layer]:
         out = []
