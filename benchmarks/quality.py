@@ -113,15 +113,12 @@ VARIANTS: dict[str, tuple[str, dict, bool, str | None]] = {
 }
 #: ``[embedding]`` table of a variant (the _hd rules' damping through the handler: the same
 #: arrays, tests/test_recipe.py).
-EMBEDDING: dict[str, dict] = {"gptq_best_lr_td": {"tied_damping": 0.1},
-                               "gptq_best_lr_td_d05": {"tied_damping": 0.1},
-                               "gptq_best_lr_td_e2": {"tied_damping": 0.1},
-                               "gptq_best_lr_td02": {"tied_damping": 0.2},
-                               "gptq_best_lr_td_d005": {"tied_damping": 0.1},
-                               "gptq_best_lr_td_d002": {"tied_damping": 0.1},
-                               "gptq_best_lr_td_s1": {"tied_damping": 0.1},
-                               "gptq_best_lr_td_s2": {"tied_damping": 0.1},
-                               "gptq_best_lr_td_head": {"tied_damping": 0.1}}
+EMBEDDING: dict[str, dict] = {
+    **{v: {"tied_damping": 0.1} for v in (
+        "gptq_best_lr_td", "gptq_best_lr_td_head", "gptq_best_lr_td_d05", "gptq_best_lr_td_e2",
+        "gptq_best_lr_td_d005", "gptq_best_lr_td_d002", "gptq_best_lr_td_s1", "gptq_best_lr_td_s2")},
+    "gptq_best_lr_td02": {"tied_damping": 0.2},
+}
 #: Recipe rules of a variant: the tied embedding / output head solved with other GPTQ options
 #: than the other layers (more damping; act-order and the clipping search on or off).
 RULES: dict[str, list[dict]] = {
