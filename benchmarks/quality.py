@@ -110,6 +110,8 @@ VARIANTS: dict[str, tuple[str, dict, bool, str | None]] = {
     "gptq_best_lr_tdh": ("gptq", BEST, False, "signround"),
     "gptq_best_lr_td_s1": ("gptq", BEST, False, "signround"),
     "gptq_best_lr_td_s2": ("gptq", BEST, False, "signround"),
+    "gptq_best_lr_hdp_s1": ("gptq", BEST, False, "signround"),
+    "gptq_best_lr_hdp_s2": ("gptq", BEST, False, "signround"),
 }
 #: ``[embedding]`` table of a variant (the _hd rules' damping through the handler: the same
 #: arrays, tests/test_recipe.py).
@@ -121,13 +123,13 @@ EMBEDDING: dict[str, dict] = {
 }
 #: Recipe rules of a variant: the tied embedding / output head solved with other GPTQ options
 #: than the other layers (more damping; act-order and the clipping search on or off).
+HDP = [{"match": "model.embed_tokens", "act_order": False, "scale_search": "none", "damping": 0.1}]
 RULES: dict[str, list[dict]] = {
     "gptq_best_lr_hd": [{"match": "model.embed_tokens", "damping": 0.1}],
     "gptq_best_lr_hd1": [{"match": "model.embed_tokens", "damping": 1.0}],
     # plain GPTQ for the tied head (no act-order, no clipping search), damping 0.1: the best
-    # row of --tied-head
-    "gptq_best_lr_hdp": [{"match": "model.embed_tokens", "act_order": False,
-                          "scale_search": "none", "damping": 0.1}],
+    # row of --tied-head; with the learned rounding's other sequence orders (its noise)
+    **{v: HDP for v in ("gptq_best_lr_hdp", "gptq_best_lr_hdp_s1", "gptq_best_lr_hdp_s2")},
     # the tied head with one of the default's options: act-order alone, the Hessian search alone
     "gptq_best_lr_tda": [{"match": "model.embed_tokens", "act_order": True,
                           "scale_search": "none", "damping": 0.1}],
@@ -148,6 +150,8 @@ LR_OPTIONS: dict[str, dict] = {
     # the default with the learned rounding's sequences drawn in other orders (its noise)
     "gptq_best_lr_td_s1": {"seed": 1},
     "gptq_best_lr_td_s2": {"seed": 2},
+    "gptq_best_lr_hdp_s1": {"seed": 1},
+    "gptq_best_lr_hdp_s2": {"seed": 2},
 }
 #: The recipes of a plain ``quantkit quantize`` and of ``--fast`` (quantkit.defaults), built by
 #: the function the CLI uses, at the run's bits and group size; ``--lr-steps`` does not apply.

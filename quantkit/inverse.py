@@ -10,7 +10,7 @@ import mlx.core as mx
 import numpy as np
 
 from .errors import FactorizationError
-from .kernels.blocked_cholesky import blocked_factor_mlx, prepare_hessians_mlx
+from .kernels.blocked_cholesky import factor_steps, prepare_steps, run_together
 from .kernels.linalg import BACKEND_NAMES, inverse_hessian_factor, prepare_hessians, resolve_backend
 
 
@@ -22,6 +22,9 @@ class InverseFactor:
     u: mx.array
     damping: float
     n_dead: int
+    #: the order the Hessian's rows and columns were permuted to before factorizing (GPTQ's
+    #: act-order), ``None`` for none.
+    order: tuple[int, ...] | None = None
 
 
 def _check_backend(instance: object, attribute: attrs.Attribute, value: str) -> None:
@@ -41,6 +44,26 @@ class InverseStrategy(abc.ABC):
         act-order); override to permute without a permuted copy of ``h``."""
         index = mx.array(perm)
         return self.factor(h[index][:, index])
+
+    @property
+    def together(self) -> bool:
+        """Whether :meth:`factor_together` does better than one matrix after the other (a
+        caller may then hand it the matrices it would factorize one by one)."""
+        return False
+
+    def factor_together(self, hs: list[tuple[mx.array, np.ndarray | None]]
+                        ) -> list[InverseFactor | FactorizationError]:
+        """One outcome per ``(h, perm)`` (matrices of any sizes; ``perm`` ``None`` or an
+        order): what :meth:`factor` / :meth:`factor_permuted` gives it alone, or the
+        :class:`FactorizationError` it raises. Loops over them; override to factorize them at
+        once (and set :attr:`together`)."""
+        out: list[InverseFactor | FactorizationError] = []
+        for h, perm in hs:
+            try:
+                out.append(self.factor(h) if perm is None else self.factor_permuted(h, perm))
+            except FactorizationError as exc:
+                out.append(exc)
+        return out
 
     def factor_many(self, hs: mx.array) -> list[InverseFactor | FactorizationError]:
         """One outcome per matrix of the stack ``hs (E, n, n)``: what :meth:`factor` gives it
@@ -76,8 +99,25 @@ class DampedCholesky(InverseStrategy):
     #: with 512 (``benchmarks/factor_batch.py``); one large matrix prefers 512.
     stack_block: int = 128
 
+    @property
+    def together(self) -> bool:
+        return resolve_backend(self.backend) == "blocked"
+
     def factor(self, h: mx.array) -> InverseFactor:
         return self.factor_stack(h[None])[0]
+
+    def factor_together(self, hs: list[tuple[mx.array, np.ndarray | None]]
+                        ) -> list[InverseFactor | FactorizationError]:
+        """On the ``"blocked"`` backend the matrices are factorized in lockstep (one wait for
+        the device per diagonal block of the largest, instead of one per block of each: the
+        same arithmetic, so the same factors as one at a time); if any fails, each alone."""
+        if not self.together:
+            return super().factor_together(hs)
+        try:
+            return [f[0] for f in run_together([self._blocked_steps(h[None], self.block, perm)
+                                                for h, perm in hs])]
+        except FactorizationError:
+            return super().factor_together(hs)
 
     def factor_permuted(self, h: mx.array, perm: np.ndarray) -> InverseFactor:
         return self.factor_stack(h[None], perm=perm)[0]
@@ -105,22 +145,32 @@ class DampedCholesky(InverseStrategy):
         raises :class:`FactorizationError` when any matrix cannot be factorized."""
         backend = resolve_backend(self.backend)
         if backend == "blocked":
-            if perm is not None:
-                index = mx.array(perm)
-                hs = hs[:, index][:, :, index]
-            hd, _, n_dead = prepare_hessians_mlx(hs, self.damping)
-            u = blocked_factor_mlx(hd, block or self.block)
-        else:
-            # prepare_hessians makes its own float64 copy (permuted as it copies): read hs in
-            # place (no float32 copy), and let the factor overwrite that copy (one n² float64
-            # matrix at a time).
-            hd64, _, n_dead = prepare_hessians(np.asarray(hs), self.damping, perm)
-            u32 = inverse_hessian_factor(hd64, backend, overwrite=True).astype(np.float32)
-            del hd64  # (the float64 factor) before MLX copies the float32 one
-            u = mx.array(u32)
-            del u32
-        return [InverseFactor(u=u[i], damping=self.damping, n_dead=int(n_dead[i]))
+            return run_together([self._blocked_steps(hs, block or self.block, perm)])[0]
+        # prepare_hessians makes its own float64 copy (permuted as it copies): read hs in
+        # place (no float32 copy), and let the factor overwrite that copy (one n² float64
+        # matrix at a time).
+        hd64, _, n_dead = prepare_hessians(np.asarray(hs), self.damping, perm)
+        u32 = inverse_hessian_factor(hd64, backend, overwrite=True).astype(np.float32)
+        del hd64  # (the float64 factor) before MLX copies the float32 one
+        u = mx.array(u32)
+        del u32
+        return self._factors(u, n_dead, perm)
+
+    def _factors(self, u: mx.array, n_dead: np.ndarray, perm: np.ndarray | None
+                 ) -> list[InverseFactor]:
+        order = None if perm is None else tuple(int(i) for i in perm)
+        return [InverseFactor(u=u[i], damping=self.damping, n_dead=int(n_dead[i]), order=order)
                 for i in range(u.shape[0])]
+
+    def _blocked_steps(self, hs: mx.array, block: int, perm: np.ndarray | None):
+        """:meth:`factor_stack` on the ``"blocked"`` backend as the kernels' steps
+        (:func:`~quantkit.kernels.blocked_cholesky.run_together`)."""
+        if perm is not None:
+            index = mx.array(perm)
+            hs = hs[:, index][:, :, index]
+        hd, _, n_dead = yield from prepare_steps(hs, self.damping)
+        u = yield from factor_steps(hd, block)
+        return self._factors(u, n_dead, perm)
 
 
 @attrs.frozen
@@ -154,6 +204,24 @@ class EscalatingCholesky(InverseStrategy):
         raise FactorizationError(
             f"{last} (after {self.max_attempts} attempts, damping up to {damping / self.growth:g})"
         )
+
+    @property
+    def together(self) -> bool:
+        return DampedCholesky(self.damping, self.backend, self.block).together
+
+    def factor_together(self, hs: list[tuple[mx.array, np.ndarray | None]]
+                        ) -> list[InverseFactor | FactorizationError]:
+        """:meth:`DampedCholesky.factor_together` at ``damping``, then each matrix that failed
+        escalates on its own."""
+        out = DampedCholesky(self.damping, self.backend, self.block).factor_together(hs)
+        for i, first in enumerate(out):
+            if isinstance(first, FactorizationError):
+                h, perm = hs[i]
+                try:
+                    out[i] = self.factor(h) if perm is None else self.factor_permuted(h, perm)
+                except FactorizationError as exc:
+                    out[i] = exc
+        return out
 
     def factor_many(self, hs: mx.array) -> list[InverseFactor | FactorizationError]:
         out = DampedCholesky(self.damping, self.backend, self.block).factor_many(hs)

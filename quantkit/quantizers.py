@@ -103,6 +103,15 @@ class Quantizer(abc.ABC):
         default): :meth:`quantize` takes no factor."""
         return None
 
+    def factor_request(self, stats: HessianStats) -> tuple[InverseStrategy, mx.array, np.ndarray | None] | None:
+        """What :meth:`quantize` would factorize for ``stats``: the strategy, the Hessian and
+        the order its rows and columns are permuted to (``None``: none), so that a caller
+        holding several layers' statistics (a decoder block's) can factorize them together
+        (:meth:`InverseStrategy.factor_together`) and hand each layer its factor
+        (``quantize(..., factor=)``, ``quantize_chunks(..., factor=)``). ``None`` (the
+        default): :meth:`quantize` takes no factor."""
+        return None
+
     @abc.abstractmethod
     def quantize(
         self,
@@ -344,6 +353,13 @@ class GPTQQuantizer(Quantizer):
     def factor_strategy(self) -> InverseStrategy | None:
         return None if self.act_order else self.inverse_strategy()
 
+    def factor_request(self, stats):
+        return self.inverse_strategy(), stats.h, self._order(stats.h)
+
+    def _order(self, h: mx.array) -> np.ndarray | None:
+        """The column order of act-order (decreasing ``diag(H)``), ``None`` without it."""
+        return np.argsort(-np.asarray(mx.diagonal(h)), kind="stable") if self.act_order else None
+
     def quantize(self, weight, spec, stats, storage_dtype=mx.float32,
                  factor: InverseFactor | None = None):
         solve, info = self._solver(spec, stats, storage_dtype, factor)
@@ -358,8 +374,9 @@ class GPTQQuantizer(Quantizer):
         solve, info = self._solver(spec, stats, storage_dtype)
         return lambda weight: quantize_by_rows(solve, weight, spec, self.chunk_mb, info)
 
-    def quantize_chunks(self, weight, spec, stats, storage_dtype=mx.float32):
-        solve, info = self._solver(spec, stats, storage_dtype)
+    def quantize_chunks(self, weight, spec, stats, storage_dtype=mx.float32,
+                        factor: InverseFactor | None = None):
+        solve, info = self._solver(spec, stats, storage_dtype, factor)
         step = rows_per_chunk(*weight.shape, int(self.chunk_mb * 2**20))
         slices = list(row_slices(weight.shape[0], step))
         for k, rows in enumerate(slices):
@@ -373,12 +390,12 @@ class GPTQQuantizer(Quantizer):
                 ) -> tuple[Callable[[mx.array], QuantResult], dict]:
         """The factorization (once per layer; ``factor`` when given) and the function that
         solves rows with it (what subclasses override to change the solve, e.g. GPTAQ)."""
-        if factor is not None and self.act_order:
-            raise ValueError("act_order factorizes the permuted Hessian: pass no factor")
+        if factor is not None and self.act_order != (factor.order is not None):
+            raise ValueError("act_order factorizes the permuted Hessian: pass the factor "
+                             "factor_request describes, or none")
         h, h_diag = stats.h, mx.diagonal(stats.h)
-        perm = None
-        if self.act_order:
-            perm = np.argsort(-np.asarray(h_diag), kind="stable")
+        perm: np.ndarray | None = self._order(h) if factor is None or factor.order is None \
+            else np.array(factor.order, dtype=np.int64)
         if factor is None:
             strategy = self.inverse_strategy()
             factor = strategy.factor(h) if perm is None else strategy.factor_permuted(h, perm)

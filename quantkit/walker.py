@@ -28,10 +28,11 @@ from .arch import ArchSpec, arch_for, arch_of, decoder_blocks
 from .blocks.base import BlockContext
 from .checkpoint import Checkpoint, ResumeState
 from .distributed import Distributed, ShardLayout
-from .errors import CheckpointError, ModelLoadError, RecipeError
+from .errors import CheckpointError, FactorizationError, ModelLoadError, RecipeError
 from .hessian import HessianStats
 from .host import BACKENDS, host_attention, resolve_backend, reusing_buffers, row_slices_exact
 from .interrupt import check
+from .inverse import InverseFactor
 from .pipeline import build
 from .pipeline.activations import ParkedLayers, activation_store
 from .pipeline.calibrate import block_forward, capture, replaying
@@ -43,7 +44,13 @@ from .pipeline.hooks import Progress, WalkHook
 from .pipeline.install import StandIns, release_float
 from .pipeline.plan import LayerPlan, layer_cost, plan_layers, quantization_config, rebind
 from .pipeline.shards import final_arrays, float_params_from_file, reload_lazily
-from .pipeline.solve import exchange_layers, quantize_layer, solve_groups, solve_jointly
+from .pipeline.solve import (
+    exchange_layers,
+    factor_groups,
+    quantize_layer,
+    solve_groups,
+    solve_jointly,
+)
 from .quantizers import Quantizer, QuantResult, RTNQuantizer
 from .recipe import Recipe
 from .registry import DEFAULT_REGISTRY, LayerRegistry
@@ -490,6 +497,7 @@ class ModelWalker:
                           self.distributed.share([layer_cost(p) for p in plans]), strict=True))
         rank = self.distributed.rank
         done = {}
+        mine = []
         for group in solve_groups(plans, stats):
             for p in group[1:]:  # a joint solve is one rank's work
                 owners[p.path] = owners[group[0].path]
@@ -497,13 +505,23 @@ class ModelWalker:
                 for p in group:
                     stats.pop(p.path, None)
                 continue
+            mine.append(group)
+        t0 = time.perf_counter()
+        factors = factor_groups(mine, stats)  # together where that is faster (a GPU)
+        factor_s = (time.perf_counter() - t0) / max(len(factors), 1)
+        for group in mine:
+            factor = factors.pop(group[0].path, None)
             # On the host, a shared factor and one layer's solve at a time (the same values).
-            results, joint_s = solve_jointly(group, stats, one_by_one=host and row_slices_exact())
+            results, joint_s = solve_jointly(group, stats, one_by_one=host and row_slices_exact(),
+                                             factor=factor)
+            if factor is not None:
+                joint_s += factor_s
             for p in group:
                 t0 = time.perf_counter()
                 result = next(results)
                 solve_s = time.perf_counter() - t0
-                module, record = self.quantize_layer(p, stats.pop(p.path, None), result)
+                module, record = self.quantize_layer(p, stats.pop(p.path, None), result,
+                                                     None if result is not None else factor)
                 record.time_s += joint_s / len(group) + solve_s
                 record.block, record.rank = block_index, rank
                 done[p.path] = (module, record)
@@ -533,16 +551,18 @@ class ModelWalker:
         return state
 
     def quantize_layer(
-        self, p: LayerPlan, stats: HessianStats | None, result: QuantResult | None = None
+        self, p: LayerPlan, stats: HessianStats | None, result: QuantResult | None = None,
+        factor: InverseFactor | FactorizationError | None = None,
     ) -> tuple[nn.Module, LayerRecord]:
         """Quantize one planned layer; fall back to ``self.fallback`` when its strategy cannot
         run (no calibration tokens, Hessian not factorizable, no per-expert support).
-        ``result``: the layer's values when they were already computed (a joint solve). The
+        ``result``: the layer's values when they were already computed (a joint solve);
+        ``factor``: its inverse-Hessian factor, computed beforehand. The
         work is :func:`quantkit.pipeline.solve.quantize_layer`'s, after every hook's
         :meth:`~quantkit.pipeline.hooks.WalkHook.before_solve`."""
         for hook in self.hooks:
             hook.before_solve(p, stats)
-        return quantize_layer(p, stats, self.fallback, self.dtype, result)
+        return quantize_layer(p, stats, self.fallback, self.dtype, result, factor)
 
     def _config(self, report: RunReport) -> dict[str, Any]:
         return quantization_config(self.recipe, report)

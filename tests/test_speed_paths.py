@@ -215,6 +215,69 @@ def test_factor_many_gives_each_matrix_what_it_gets_alone(backend):
                       .factor_many(hs)[2], FactorizationError)
 
 
+@pytest.mark.parametrize("strategy", [DampedCholesky(0.01, "blocked", block=64),
+                                      EscalatingCholesky(0.01, backend="blocked", block=64)])
+def test_factors_together_equal_each_alone(strategy):
+    """Matrices of different sizes, some permuted (act-order), factorized in lockstep
+    (``factor_together``: one wait per step for all of them) give each the bytes it gets alone;
+    an indefinite one gets its error (or escalates alone) without changing the others."""
+    assert strategy.together and not DampedCholesky(0.01, "numpy").together
+    rng = np.random.default_rng(3)
+    hs = [mx.array(_hessian(n, seed=n).astype(np.float32)) for n in (96, 200, 64)]
+    bad = mx.array((2 - np.eye(80)).astype(np.float32))  # eigenvalues -1 (×79) and 159
+    perms = [None, rng.permutation(200), None]
+    jobs = [*zip(hs, perms, strict=True), (bad, None)]
+    together = strategy.factor_together(jobs)
+    for got, (h, perm) in zip(together[:3], jobs[:3], strict=True):
+        alone = strategy.factor(h) if perm is None else strategy.factor_permuted(h, perm)
+        assert np.array_equal(np.array(got.u), np.array(alone.u))
+        assert (got.damping, got.n_dead, got.order) == (alone.damping, alone.n_dead, alone.order)
+    assert together[1].order == tuple(int(i) for i in perms[1])
+    if isinstance(strategy, DampedCholesky):
+        assert isinstance(together[3], FactorizationError)
+    else:  # escalated alone, as far as it gets alone
+        assert together[3].damping == strategy.factor(bad).damping > 1
+    # the loop every strategy inherits gives the same
+    looped = InverseStrategy.factor_together(strategy, jobs)
+    for a, b in zip(together, looped, strict=True):
+        assert type(a) is type(b)
+        if isinstance(a, InverseFactor):
+            assert np.array_equal(np.array(a.u), np.array(b.u))
+
+
+@pytest.mark.parametrize("act_order", [False, True])
+def test_walk_with_factors_computed_together_equals_factoring_in_each_solve(
+        stories_pad_dir, stories_tokens, monkeypatch, act_order):
+    """The walker hands each layer group a factor computed with the block's others
+    (:func:`~quantkit.pipeline.solve.factor_groups`, on the ``blocked`` backend): the same
+    model, to the byte, as each solve factorizing its own Hessian."""
+    import quantkit.walker as walker_module
+    from quantkit.io import load_model
+    from quantkit.pipeline import solve
+
+    calib = stories_tokens[0][:8, :64]
+    calls = []
+    real = solve.factor_groups
+
+    def counting(groups, stats):
+        out = real(groups, stats)
+        calls.append(len(out))
+        return out
+
+    runs = []
+    for together in (True, False):
+        monkeypatch.setattr(walker_module, "factor_groups", counting if together else (lambda g, s: {}))
+        model, _, _ = load_model(stories_pad_dir)
+        _walk(model, calib, dense_standins=True, linalg="blocked", act_order=act_order)
+        from mlx.utils import tree_flatten
+        runs.append({k: np.array(v) for k, v in tree_flatten(model.parameters())})
+    # q/k/v, o, gate/up, down of each of the 5 blocks, then the output head
+    assert calls == [4] * 5 + [1]
+    assert runs[0].keys() == runs[1].keys()
+    for k in runs[0]:
+        assert np.array_equal(runs[0][k], runs[1][k]), k
+
+
 def test_default_factor_many_loops_over_factor():
     class Diagonal(InverseStrategy):
         def factor(self, h):

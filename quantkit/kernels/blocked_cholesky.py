@@ -25,11 +25,16 @@ factorization of ``E`` matrices costs one pass of host round-trips instead of ``
 
 from __future__ import annotations
 
+from collections.abc import Generator, Sequence
+from typing import TypeVar
+
 import mlx.core as mx
 import numpy as np
 
 from ..errors import FactorizationError
 from .lapack import cholesky_lower_inplace, cholesky_of_lower, tri_inv_lower
+
+_R = TypeVar("_R")
 
 
 def _tri_inv_lower_numpy(lower: np.ndarray, leaf: int = 256) -> np.ndarray:
@@ -156,11 +161,38 @@ def _blocks(n: int, block: int) -> tuple[list[int], list[int]]:
     return starts, [min(block, n - s) for s in starts]
 
 
-def blocked_cholesky_mlx(
-    a: mx.array, block: int = 1024, split: bool = False
-) -> tuple[list[mx.array], list[mx.array]]:
+#: One step of a factorization run as a generator (:func:`run_together`): it yields the arrays
+#: it is about to read on the host (or to wait for), and returns its result.
+Steps = Generator[list[mx.array], None, _R]
+
+
+def run_together(steps: Sequence[Steps]) -> list:
+    """Run several factorizations in lockstep: each runs up to the point where it needs arrays
+    evaluated (a diagonal block to read on the host, a block column to finish), those of all of
+    them are evaluated by one ``mx.eval``, and each goes on. The same operations as running them
+    one after the other, so the same values, with one wait for the device per step instead of
+    one per step of each; the first exception raised by any of them propagates."""
+    out: list = [None] * len(steps)
+    live = list(range(len(steps)))
+    while live:
+        wanted: list[mx.array] = []
+        going = []
+        for i in live:
+            try:
+                wanted.extend(next(steps[i]))
+                going.append(i)
+            except StopIteration as stop:
+                out[i] = stop.value
+        if wanted:
+            mx.eval(wanted)
+        live = going
+    return out
+
+
+def cholesky_steps(a: mx.array, block: int = 1024, split: bool = False
+                   ) -> Steps[tuple[list[mx.array], list[mx.array]]]:
     """Right-looking blocked Cholesky of ``a`` (symmetric positive definite, ``(n, n)`` or a
-    stack ``(..., n, n)``), in ``a``'s dtype.
+    stack ``(..., n, n)``), in ``a``'s dtype, as :data:`Steps` (see :func:`blocked_cholesky_mlx`).
 
     Returns the column panels of ``L`` (panel ``k`` is ``L[..., k·nb:, k·nb:(k+1)·nb]``) and the
     inverses of the diagonal blocks ``L_kk⁻¹``, all arrays on the default device.
@@ -179,7 +211,9 @@ def blocked_cholesky_mlx(
     diag_inv: list[mx.array] = []
     for k, (s, m) in enumerate(zip(starts, sizes)):
         col, cols[k] = cols[k], None
-        l11, l11_inv = _host_block_factor(col[..., :m, :m])
+        diag = col[..., :m, :m]
+        yield [diag]  # read on the host next
+        l11, l11_inv = _host_block_factor(diag)
         l11_inv_mx = mx.array(l11_inv.astype(np_dtype))
         l11_mx = mx.array(l11.astype(np_dtype))
         if s + m < n:
@@ -198,21 +232,27 @@ def blocked_cholesky_mlx(
         else:
             panels.append(l11_mx)
         diag_inv.append(l11_inv_mx)
-        del col
+        del col, diag
         # Scheduled, not awaited (evaluating each step keeps the graph short); the host waits
         # only when it reads the next diagonal block.
         mx.async_eval(cols[k + 1 :], panels[-1])
     return panels, diag_inv
 
 
-def blocked_inverse_factor_mlx(
-    panels: list[mx.array | None], diag_inv: list[mx.array], split: bool = False
-) -> mx.array:
-    """``U = J L⁻¹ J`` (float32, contiguous) from :func:`blocked_cholesky_mlx`'s panels, one
+def blocked_cholesky_mlx(
+    a: mx.array, block: int = 1024, split: bool = False
+) -> tuple[list[mx.array], list[mx.array]]:
+    """:func:`cholesky_steps` of one matrix (or stack) run to the end."""
+    return run_together([cholesky_steps(a, block, split)])[0]
+
+
+def inverse_factor_steps(panels: list[mx.array | None], diag_inv: list[mx.array],
+                         split: bool = False) -> Steps[mx.array]:
+    """``U = J L⁻¹ J`` (float32, contiguous) from :func:`cholesky_steps`'s panels, one
     block column ``X_:,j`` of ``X = L⁻¹`` at a time by forward substitution,
     ``X_ij = -L_ii⁻¹ Σ_{j≤t<i} L_it X_tj``, the sums accumulated right-looking (``L_it`` for
     every ``i > t`` is panel ``t``'s part below its diagonal block). All matmuls on the default
-    device.
+    device; as :data:`Steps`, waiting for each block column.
 
     Memory: each block column is written into ``U`` (allocated once) and dropped, and panel
     ``j`` (read by block columns ``≤ j`` only) is released from ``panels`` once block column
@@ -241,10 +281,28 @@ def blocked_inverse_factor_mlx(
         finite = mx.logical_and(finite, mx.all(mx.isfinite(col)))
         panels[j] = None  # block columns after j do not read panel j
         del pieces, acc, x_tj, col
-        mx.eval(u, finite)
+        yield [u, finite]
     if not bool(finite.item()):
         raise FactorizationError("inverse Hessian factor has NaN/Inf entries")
     return u
+
+
+def blocked_inverse_factor_mlx(
+    panels: list[mx.array | None], diag_inv: list[mx.array], split: bool = False
+) -> mx.array:
+    """:func:`inverse_factor_steps` run to the end."""
+    return run_together([inverse_factor_steps(panels, diag_inv, split)])[0]
+
+
+def factor_steps(h_damped: mx.array, block: int = 512, dtype: mx.Dtype = mx.float32,
+                 split: bool | None = None) -> Steps[mx.array]:
+    """:func:`blocked_factor_mlx` as :data:`Steps`."""
+    if split is None:
+        split = mx.default_device() != mx.cpu
+    a = h_damped.astype(dtype)[..., ::-1, ::-1]
+    panels, diag_inv = yield from cholesky_steps(a, block, split)
+    del a
+    return (yield from inverse_factor_steps(panels, diag_inv, split))
 
 
 def blocked_factor_mlx(
@@ -261,29 +319,25 @@ def blocked_factor_mlx(
     ``split`` (default: on a GPU) makes every float32 matmul a :func:`split_matmul`.
 
     Besides ``h_damped`` and the returned ``U`` it holds about ``n²/2`` values (the panels of
-    ``L``) plus one block column's temporaries."""
-    if split is None:
-        split = mx.default_device() != mx.cpu
-    a = h_damped.astype(dtype)[..., ::-1, ::-1]
-    panels, diag_inv = blocked_cholesky_mlx(a, block, split)
-    del a
-    return blocked_inverse_factor_mlx(panels, diag_inv, split)
+    ``L``) plus one block column's temporaries. Matrices of different sizes are factorized in
+    lockstep by :func:`run_together` over :func:`factor_steps`."""
+    return run_together([factor_steps(h_damped, block, dtype, split)])[0]
 
 
-def prepare_hessians_mlx(h: mx.array, damping: float) -> tuple[mx.array, np.ndarray, np.ndarray]:
-    """:func:`quantkit.kernels.linalg.prepare_hessians` on the default device (float32), for a
-    stack ``h (E, n, n)``: in each matrix, dead inputs get a unit-scale diagonal and no coupling
-    and ``damping · mean(live diag)`` is added to the diagonal. Returns ``(H, damp_value (E,),
-    n_dead (E,))``, the last two NumPy arrays."""
+def prepare_steps(h: mx.array, damping: float) -> Steps[tuple[mx.array, np.ndarray, np.ndarray]]:
+    """:func:`prepare_hessians_mlx` as :data:`Steps` (one wait, for the figures the host
+    reads)."""
     h = h.astype(mx.float32)
-    if not bool(mx.all(mx.isfinite(h)).item()):
-        raise FactorizationError("Hessian has NaN/Inf entries (non-finite calibration activations)")
+    finite = mx.all(mx.isfinite(h))
     n = h.shape[-1]
     diag = mx.diagonal(h, axis1=-2, axis2=-1)
     dead = diag <= 0
     n_dead_mx = mx.sum(dead, axis=-1)
     live_sum = mx.sum(mx.where(dead, 0.0, diag), axis=-1)
     live_mx = live_sum / mx.maximum(n - n_dead_mx, 1).astype(mx.float32)
+    yield [finite, n_dead_mx, live_mx]
+    if not bool(finite.item()):
+        raise FactorizationError("Hessian has NaN/Inf entries (non-finite calibration activations)")
     n_dead = np.array(n_dead_mx).astype(np.int64)
     live_mean = np.where(n_dead < n, np.array(live_mx).astype(np.float64), 1.0)
     damp = damping * live_mean
@@ -296,6 +350,14 @@ def prepare_hessians_mlx(h: mx.array, damping: float) -> tuple[mx.array, np.ndar
     eye_scale = (diag_add + mx.array(damp.astype(np.float32))[:, None]).astype(mx.float32)
     h = h + eye_scale[..., :, None] * mx.eye(n, dtype=mx.float32)
     return h, damp, n_dead
+
+
+def prepare_hessians_mlx(h: mx.array, damping: float) -> tuple[mx.array, np.ndarray, np.ndarray]:
+    """:func:`quantkit.kernels.linalg.prepare_hessians` on the default device (float32), for a
+    stack ``h (E, n, n)``: in each matrix, dead inputs get a unit-scale diagonal and no coupling
+    and ``damping · mean(live diag)`` is added to the diagonal. Returns ``(H, damp_value (E,),
+    n_dead (E,))``, the last two NumPy arrays."""
+    return run_together([prepare_steps(h, damping)])[0]
 
 
 def prepare_hessian_mlx(h: mx.array, damping: float) -> tuple[mx.array, float, int]:

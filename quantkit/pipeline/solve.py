@@ -21,7 +21,7 @@ from mlx.utils import tree_flatten
 from ..distributed import Distributed, Item
 from ..errors import FactorizationError
 from ..hessian import HessianStats
-from ..inverse import InverseFactor
+from ..inverse import InverseFactor, InverseStrategy
 from ..quantizers import Quantizer, QuantResult, hessian_figures
 from ..report import LayerRecord
 from ..specs import QuantSpec
@@ -67,10 +67,11 @@ def solve_matrix(
         try:
             if isinstance(factor, FactorizationError):
                 raise factor
-            if chunked and factor is None:
-                chunks = started(quantizer.quantize_chunks(weight, spec, stats, storage_dtype))
+            kwargs = {} if factor is None else {"factor": factor}
+            if chunked:
+                chunks = started(quantizer.quantize_chunks(weight, spec, stats, storage_dtype,
+                                                           **kwargs))
             else:
-                kwargs = {} if factor is None else {"factor": factor}
                 chunks = iter([(rows_all, quantizer.quantize(weight, spec, stats, storage_dtype,
                                                              **kwargs))])
         except FactorizationError as exc:
@@ -97,12 +98,14 @@ def solve_matrix(
 
 
 def quantize_layer(p: LayerPlan, stats: HessianStats | None, fallback: Quantizer,
-                   dtype: str | None, result: QuantResult | None = None
+                   dtype: str | None, result: QuantResult | None = None,
+                   factor: InverseFactor | FactorizationError | None = None
                    ) -> tuple[nn.Module, LayerRecord]:
     """Quantize one planned dense layer; fall back to ``fallback`` when its strategy cannot run
     (no calibration tokens, Hessian not factorizable, no per-expert support). ``result``: the
-    layer's values when they were already computed (a joint solve). ``dtype``: the calibration
-    dtype (named in the error when a stored array is Inf/NaN)."""
+    layer's values when they were already computed (a joint solve); ``factor``: its strategy's
+    factor, computed beforehand (:func:`factor_groups`). ``dtype``: the calibration dtype
+    (named in the error when a stored array is Inf/NaN)."""
     t0 = time.perf_counter()
     weight = p.handler.weight(p.module)  # made float32 a slice of rows at a time
     record = LayerRecord(
@@ -117,7 +120,8 @@ def quantize_layer(p: LayerPlan, stats: HessianStats | None, fallback: Quantizer
     elif p.quantizer.needs_hessian and (stats is None or stats.n_tokens == 0):
         refused = "no calibration activations reached this layer"
     solved = solve_matrix(weight, p.spec, p.storage_dtype, quantizer=p.quantizer, stats=stats,
-                          fallback=fallback, measure=stats, refused=refused, result=result)
+                          fallback=fallback, measure=stats, refused=refused, result=result,
+                          factor=None if refused else factor)
     record.damping = solved.damping
     if solved.fell_back:
         record.status = "fallback"
@@ -157,12 +161,54 @@ def solve_groups(plans: list[LayerPlan], stats: dict[str, HessianStats]) -> list
     return order
 
 
-def solve_jointly(group: list[LayerPlan], stats, one_by_one: bool = False
+#: At most this many matrix entries (the sum of ``n²``) are factorized together by
+#: :func:`factor_groups`: each holds a few ``n²`` float32 arrays while in flight, and its factor
+#: until its layers are solved.
+TOGETHER_ENTRIES = 64 * 2**20
+
+
+def factor_groups(groups: list[list[LayerPlan]], stats: dict[str, HessianStats]
+                  ) -> dict[str, InverseFactor | FactorizationError]:
+    """The inverse-Hessian factors of ``groups`` (each solved as one matrix, see
+    :func:`solve_groups`), keyed by each group's first path, computed together where the
+    strategy does better that way (:attr:`~quantkit.inverse.InverseStrategy.together`: on a GPU
+    the factorizations run in lockstep, one wait for the device per step instead of one per
+    step of each), up to :data:`TOGETHER_ENTRIES` at a time; groups whose quantizer takes no
+    precomputed factor, or whose strategy does not gain, are left out (factorized in their
+    solve, as before)."""
+    jobs: list[tuple[str, InverseStrategy, mx.array, np.ndarray | None]] = []
+    for group in groups:
+        st = stats.get(group[0].path)
+        if st is None or st.n_tokens == 0 or not group[0].needs_stats:
+            continue
+        request = group[0].quantizer.factor_request(st)
+        if request is not None and request[0].together:
+            jobs.append((group[0].path, *request))
+    out: dict[str, InverseFactor | FactorizationError] = {}
+    while jobs:
+        strategy, size = jobs[0][1], 0
+        batch: list[tuple[str, InverseStrategy, mx.array, np.ndarray | None]] = []
+        for job in [j for j in jobs if j[1] == strategy]:
+            n2 = job[2].shape[-1] ** 2
+            if batch and size + n2 > TOGETHER_ENTRIES:
+                break
+            batch.append(job)
+            size += n2
+        factors = strategy.factor_together([(h, perm) for _, _, h, perm in batch])
+        out.update((path, f) for (path, *_), f in zip(batch, factors, strict=True))
+        jobs = [j for j in jobs if j not in batch]
+    return out
+
+
+def solve_jointly(group: list[LayerPlan], stats, one_by_one: bool = False,
+                  factor: InverseFactor | FactorizationError | None = None
                   ) -> tuple[Iterator[QuantResult | None], float]:
     """Layers sharing one Hessian, spec and row-independent quantizer are solved as one
     matrix (their rows stacked): one factorization, one pass of the column loop. Yields
     ``None`` for each (solve each on its own) when that does not apply or fails; returns the
     results and the seconds spent.
+
+    ``factor``: the group's factor, computed beforehand (:func:`factor_groups`).
 
     ``one_by_one``: where the quantizer takes a precomputed factor (GPTQ without act-order),
     or gives a solver for weights sharing statistics (``shared_solver``: GPTQ with act-order),
@@ -204,8 +250,11 @@ def solve_jointly(group: list[LayerPlan], stats, one_by_one: bool = False
         return each_shared(), time.perf_counter() - t0
     weights = [p.handler.weight(p.module).astype(mx.float32) for p in group]
     try:
+        if isinstance(factor, FactorizationError):
+            raise factor
+        kwargs = {} if factor is None else {"factor": factor}
         joint = p0.quantizer.quantize(mx.concatenate(weights, axis=0), p0.spec,
-                                      stats[p0.path], p0.storage_dtype)
+                                      stats[p0.path], p0.storage_dtype, **kwargs)
     except FactorizationError:
         return iter([None] * len(group)), 0.0
     results: list[QuantResult | None] = []
