@@ -285,8 +285,11 @@ def check_packed(path: str, arrays: Mapping[str, Any], dtype: str | None) -> Non
     range (±65504)."""
     import mlx.core as mx
 
-    for name, value in arrays.items():
-        if not mx.issubdtype(value.dtype, mx.floating) or mx.all(mx.isfinite(value)).item():
+    floating = {k: v for k, v in arrays.items() if mx.issubdtype(v.dtype, mx.floating)}
+    finite = {k: mx.all(mx.isfinite(v)) for k, v in floating.items()}
+    mx.eval(list(finite.values()))  # one wait for the device, not one per array
+    for name, value in floating.items():
+        if finite[name].item():
             continue
         bad = mx.sum(~mx.isfinite(value)).item()
         hint = ("its values exceed float16's range (±65504): pass --dtype bfloat16 (or float32)"

@@ -520,8 +520,9 @@ class ModelWalker:
                 t0 = time.perf_counter()
                 result = next(results)
                 solve_s = time.perf_counter() - t0
-                module, record = self.quantize_layer(p, stats.pop(p.path, None), result,
-                                                     None if result is not None else factor)
+                module, record = self.quantize_layer(
+                    p, stats.pop(p.path, None), result,
+                    factor=None if result is not None else factor)
                 record.time_s += joint_s / len(group) + solve_s
                 record.block, record.rank = block_index, rank
                 done[p.path] = (module, record)

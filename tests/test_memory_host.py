@@ -14,7 +14,15 @@ from quantkit import walker as walker_module
 from quantkit.hessian import HessianStats
 from quantkit.pipeline import collect as collect_module
 from quantkit.pipeline.collect import park
+from quantkit.host import row_slices_exact
 from quantkit.walker import ModelWalker
+
+#: Row chunks and one-layer-at-a-time solves are used only where this machine's BLAS gives a
+#: product's row slices bit for bit (with many OpenBLAS threads, e.g. on the 16-core GPU
+#: machine, it may not): elsewhere the walker runs whole batches and stacked rows.
+needs_exact_row_slices = pytest.mark.skipif(
+    not row_slices_exact(), reason="this machine's BLAS does not give a product's row slices "
+    "bit for bit, so the walker does not run in row chunks here")
 
 
 def _tiny_llama() -> nn.Module:
@@ -125,6 +133,7 @@ def test_walk_is_byte_identical_with_and_without_parked_activations(monkeypatch)
     _assert_same(parked, plain)
 
 
+@needs_exact_row_slices
 def test_walk_in_row_chunks_is_byte_identical(monkeypatch):
     """The MLP run 64 rows at a time (4 chunks of each 256-row batch, in the collection passes,
     the passes a tail cut ends inside a chunk, and the last forward pass) gives the same bytes
@@ -173,6 +182,7 @@ def test_walk_in_row_chunks_is_byte_identical(monkeypatch):
 
 
 @pytest.mark.parametrize("options", [{}, {"act_order": True, "scale_search": "hessian"}])
+@needs_exact_row_slices
 def test_layers_sharing_a_hessian_solved_one_by_one_give_the_stacked_result(monkeypatch, options):
     """On the host, q/k/v and gate/up are factorized once and solved one layer at a time with
     the shared factor (with act-order: the permuted Hessian's, as the default pipeline's GPTQ
@@ -182,9 +192,9 @@ def test_layers_sharing_a_hessian_solved_one_by_one_give_the_stacked_result(monk
     seen = []
 
     def walk(forced):
-        def solve(group, stats, one_by_one=False):
+        def solve(group, stats, one_by_one=False, factor=None):
             seen.append((len(group), one_by_one))  # what the walker asks for
-            return real(group, stats, one_by_one=forced)
+            return real(group, stats, one_by_one=forced, factor=factor)
 
         monkeypatch.setattr(walker_module, "solve_jointly", solve)
         model = _tiny_llama()

@@ -205,10 +205,10 @@ def test_gptaq_runs_and_its_hessian_error_is_sane(pad_dir, stories_tokens):
 
         d_max: dict = attrs.field(factory=dict)
 
-        def quantize_layer(self, p, stats, result=None):
+        def quantize_layer(self, p, stats, result=None, factor=None):
             if getattr(stats, "d", None) is not None:
                 self.d_max[p.path] = float(mx.abs(stats.d).max())
-            return super().quantize_layer(p, stats, result)
+            return super().quantize_layer(p, stats, result, factor)
 
     model, _, _ = load_model(pad_dir)
     calib, _ = stories_tokens
