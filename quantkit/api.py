@@ -17,6 +17,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.models.switch_layers import SwitchLinear
 
+from .calibration import auto_batch_size
 from .checkpoint import (
     BlockFiles,
     Checkpoint,
@@ -45,20 +46,22 @@ from .walker import ModelWalker, Progress, WalkResult
 def quantize_model(
     model: nn.Module, tokens: mx.array, recipe: Recipe | None = None, *,
     registry: LayerRegistry = DEFAULT_REGISTRY, fallback: Quantizer | None = None,
-    batch_size: int = 8, dtype: str | None = "float32", progress: Progress | None = None,
-    checkpoint: Checkpoint | None = None, distributed: Distributed | None = None,
-    backend: str = "auto",
+    batch_size: int | None = None, dtype: str | None = "float32",
+    progress: Progress | None = None, checkpoint: Checkpoint | None = None,
+    distributed: Distributed | None = None, backend: str = "auto",
 ) -> WalkResult:
     """Quantize ``model`` in place with ``recipe`` (default: GPTQ 4-bit, group 64) using
     calibration ``tokens (num_samples, seq_len)``; ``checkpoint`` makes the walk resumable.
+    ``batch_size``: sequences per forward pass (``None``:
+    :func:`~quantkit.calibration.auto_batch_size`, 8 on a CPU).
     ``backend``: where the calibration's dense arithmetic runs (``"auto"``: NumPy on a CPU
     device, MLX otherwise; see :mod:`quantkit.host`).
     With ``distributed``, every rank of the group calls this with the same arguments; each rank
     ends with the whole quantized model."""
     walker = ModelWalker(
         recipe=recipe or Recipe(), registry=registry, fallback=fallback or RTNQuantizer(),
-        batch_size=batch_size, dtype=dtype, progress=progress,
-        distributed=distributed or Distributed(), backend=backend,
+        batch_size=batch_size or auto_batch_size(model, tokens.shape[-1]), dtype=dtype,
+        progress=progress, distributed=distributed or Distributed(), backend=backend,
     )
     return walker.run(model, tokens, checkpoint=checkpoint)
 
@@ -73,7 +76,7 @@ class DirectoryResult:
 def quantize_directory(
     model_dir: str | Path, out_dir: str | Path, recipe: Recipe | None = None, *,
     calibration: Calibration | str | Path | list[str] | None = None, num_samples: int = 128,
-    seq_len: int = 512, seed: int = 0, dtype: str | None = "float32", batch_size: int = 8,
+    seq_len: int = 512, seed: int = 0, dtype: str | None = "float32", batch_size: int | None = None,
     overwrite: bool = False, resume: bool = False, checkpoint: bool = True,
     progress: Progress | None = None, distributed: Distributed | None = None,
     backend: str = "auto", registry: LayerRegistry = DEFAULT_REGISTRY,
@@ -97,7 +100,9 @@ def quantize_directory(
     (each rank holds only its own calibration samples) and ``resume`` is refused.
 
     ``registry``: the layer handlers (e.g. a copy whose ``SwitchLinearHandler`` has
-    ``calibrate_all_experts``, see :func:`quantkit.experts.with_all_experts`)."""
+    ``calibrate_all_experts``, see :func:`quantkit.experts.with_all_experts`). ``batch_size``:
+    sequences per forward pass (``None``: :func:`~quantkit.calibration.auto_batch_size`, 8 on
+    a CPU)."""
     check_settings(seed=seed)  # reliab: before any work
     distributed = distributed or Distributed()
     writer = distributed.rank == 0  # the only rank that touches the output path
@@ -135,6 +140,7 @@ def quantize_directory(
         data = load_calibration(tokenizer, calib, num_samples, seq_len, seed,
                                 max_positions=config.get("max_position_embeddings"))
         tokens = data.tokens
+    batch_size = batch_size or auto_batch_size(model, tokens.shape[-1])
     for message in data.warnings:
         if progress is not None and writer:
             progress("warning", {"message": message})

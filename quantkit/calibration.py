@@ -114,3 +114,32 @@ def calibration_tokens(
     from .data import load_calibration
 
     return load_calibration(tokenizer, source, num_samples, seq_len, seed).tokens
+
+
+#: The default number of calibration sequences per forward pass (on a CPU, and at least this
+#: many on a GPU).
+CPU_BATCH = 8
+#: On a GPU, a batch is as many sequences (from :data:`CPU_BATCH` up to :data:`GPU_MAX_BATCH`)
+#: as keep its widest float32 activation within this many bytes: 16 sequences of 512 tokens for
+#: a Qwen3-0.6B shape (whose widest are its attention scores, 16 heads × 512 per token), 8 for
+#: 8B-class shapes and larger or for longer sequences (what every model used before). Larger
+#: batches mean fewer, larger GPU operations (benchmarks/README.md, session 27).
+GPU_BATCH_BYTES = 256 * 2**20
+GPU_MAX_BATCH = 32
+
+
+def auto_batch_size(model, seq_len: int, device: mx.Device | None = None) -> int:
+    """Calibration sequences per forward pass when none is given: :data:`CPU_BATCH` on a CPU;
+    on a GPU, see :data:`GPU_BATCH_BYTES`. A token's widest activation is the widest linear
+    layer of the first decoder block (input or output) or its attention scores (heads ×
+    ``seq_len``)."""
+    from .arch import decoder_blocks
+
+    if (device or mx.default_device()) == mx.cpu:
+        return CPU_BATCH
+    blocks = decoder_blocks(model)
+    widths = [max(m.weight.shape[-2:]) for _, m in (blocks[0].named_modules() if blocks else [])
+              if isinstance(getattr(m, "weight", None), mx.array) and m.weight.ndim >= 2]
+    heads = getattr(getattr(model, "args", None), "num_attention_heads", 0) or 0
+    per_sequence = seq_len * max([*widths, heads * seq_len, 1]) * 4
+    return max(CPU_BATCH, min(GPU_MAX_BATCH, GPU_BATCH_BYTES // per_sequence))

@@ -770,3 +770,29 @@ def test_walker_measures_and_packs_a_tall_layer_slice_by_slice():
     assert record.rtn_hessian_error == pytest.approx(rtn, rel=1e-5)
     assert record.relative_error == pytest.approx(e / energy, rel=1e-5)
     assert streamed_peak < whole_peak / 3, (streamed_peak, whole_peak)
+
+
+def test_calibration_batch_size_follows_the_device_and_the_activation_width():
+    """Without ``--batch-size``: 8 sequences a pass on a CPU; on a GPU as many (8 to 32) as keep
+    a batch's widest float32 activation — a linear layer's width or the attention scores,
+    heads × sequence length — within 256 MiB."""
+    from mlx_lm.models import qwen3
+
+    from quantkit.calibration import auto_batch_size
+
+    def model(hidden, mlp, heads):
+        args = qwen3.ModelArgs(model_type="qwen3", hidden_size=hidden, intermediate_size=mlp,
+                               num_attention_heads=heads, num_key_value_heads=heads // 2,
+                               head_dim=hidden // heads, num_hidden_layers=1, rms_norm_eps=1e-6,
+                               vocab_size=64, max_position_embeddings=4096, rope_theta=1e6,
+                               tie_word_embeddings=True)
+        return qwen3.Model(args)
+
+    small = model(1024, 3072, 16)  # Qwen3-0.6B's widths: scores 16 × 512 = 8192 a token
+    assert auto_batch_size(small, 512, mx.cpu) == 8
+    assert auto_batch_size(small, 512, mx.gpu) == 16  # 2**28 // (512 · 8192 · 4)
+    assert auto_batch_size(small, 256, mx.gpu) == 32  # the cap (64 would fit)
+    assert auto_batch_size(small, 2048, mx.gpu) == 8  # never fewer than on a CPU
+    wide = model(1024, 16384, 4)  # the MLP is the widest: 16384 a token
+    assert auto_batch_size(wide, 512, mx.gpu) == 8
+    assert auto_batch_size(wide, 256, mx.gpu) == 16

@@ -52,7 +52,7 @@ def quantize(
     seq_len: Annotated[int, typer.Option(help="tokens per calibration sequence")] = 512,
     seed: Annotated[int, typer.Option(help="seed for choosing calibration windows")] = 0,
     dtype: Annotated[DType, typer.Option(help="dtype calibration runs in")] = DType.float32,
-    batch_size: Annotated[int, typer.Option(help="sequences per forward pass")] = 8,
+    batch_size: Annotated[Optional[int], typer.Option(help="sequences per forward pass (default: 8 on a CPU; on a GPU up to 32, as many as keep a batch's widest activation within 256 MB)")] = None,
     backend: Annotated[Backend, typer.Option(help="compute backend of calibration's linear layers and Hessians (auto: numpy on a CPU device, mlx otherwise)")] = Backend.auto,
     fast: Annotated[bool, typer.Option("--fast", help="leave out the block transforms and optimizers (AWQ, learned rounding) of the default pipeline or the recipe: much quicker, a little less accurate (docs/results-quality.md)")] = False,
     moe_calibrate_all_experts: Annotated[bool, typer.Option("--moe-calibrate-all-experts", help="collect every expert's Hessian from every calibration token (the block output still follows the router): no expert starved")] = False,
@@ -77,7 +77,7 @@ def quantize(
 
     if processes < 1 or shards < 1:
         fail("--processes and --shards must be ≥ 1", 2)
-    if num_samples < 1 or seq_len < 2 or batch_size < 1:
+    if num_samples < 1 or seq_len < 2 or (batch_size is not None and batch_size < 1):
         fail("--num-samples and --batch-size must be ≥ 1 and --seq-len ≥ 2", 2)
     try:
         check_settings(seed=seed, target_bpw=target_bpw, timeout_s=timeout)
@@ -169,6 +169,7 @@ def _quantize(model_dir, output, *, recipe, plugin, bits, group_size, strategy, 
               checkpoint, quiet, distributed, shards, timeout):
     """The work of ``quantize`` in this process: ``(result, plan or None, rank)``."""
     from ..api import quantize_directory
+    from ..calibration import CPU_BATCH
     from ..data import Calibration
     from ..defaults import default_recipe, without_block_methods
     from ..distributed import Distributed
@@ -210,7 +211,7 @@ def _quantize(model_dir, output, *, recipe, plugin, bits, group_size, strategy, 
         with ProgressView(enabled=not quiet) as view:
             plan = plan_directory(
                 model_dir, target_bpw, rec, calibration=calib, num_samples=num_samples,
-                seq_len=seq_len, seed=seed, dtype=dtype.value, batch_size=batch_size,
+                seq_len=seq_len, seed=seed, dtype=dtype.value, batch_size=batch_size or CPU_BATCH,
                 progress=view,
             )
         rec = plan.recipe
