@@ -196,7 +196,7 @@ def factor_groups(groups: list[list[LayerPlan]], stats: dict[str, HessianStats]
             size += n2
         factors = strategy.factor_together([(h, perm) for _, _, h, perm in batch])
         out.update((path, f) for (path, *_), f in zip(batch, factors, strict=True))
-        jobs = [j for j in jobs if j not in batch]
+        jobs = [j for j in jobs if j[0] not in out]
     return out
 
 
