@@ -113,6 +113,7 @@ VARIANTS: dict[str, tuple[str, dict, bool, str | None]] = {
     "gptq_best_lr_hdp_s1": ("gptq", BEST, False, "signround"),
     "gptq_best_lr_hdp_s2": ("gptq", BEST, False, "signround"),
     "gptq_best_lr_td_lrh": ("gptq", BEST, False, "signround"),
+    "gptq_best_lr_td_hs": ("gptq", BEST, False, "signround"),
 }
 #: ``[embedding]`` table of a variant (the _hd rules' damping through the handler: the same
 #: arrays, tests/test_recipe.py).
@@ -120,9 +121,12 @@ EMBEDDING: dict[str, dict] = {
     **{v: {"tied_damping": 0.1} for v in (
         "gptq_best_lr_td", "gptq_best_lr_td_head", "gptq_best_lr_td_d05", "gptq_best_lr_td_e2",
         "gptq_best_lr_td_d005", "gptq_best_lr_td_d002", "gptq_best_lr_td_s1", "gptq_best_lr_td_s2",
-        "gptq_best_lr_td_lrh")},
+        "gptq_best_lr_td_lrh", "gptq_best_lr_td_hs")},
     "gptq_best_lr_td02": {"tied_damping": 0.2},
 }
+#: ``[moe]`` table of a variant: experts' Hessians blended with the layer's (λ = 16, the best of
+#: benchmarks/moe.py's shrinkage sweep).
+MOE: dict[str, dict] = {"gptq_best_lr_td_hs": {"hessian_shrinkage": 16.0}}
 #: Recipe rules of a variant: the tied embedding / output head solved with other GPTQ options
 #: than the other layers (more damping; act-order and the clipping search on or off).
 HDP = [{"match": "model.embed_tokens", "act_order": False, "scale_search": "none", "damping": 0.1}]
@@ -250,7 +254,8 @@ def variant_recipe(variant: str, bits: int, group_size: int, lr_steps: int | Non
     return attrs.evolve(
         Recipe.from_dict({"default": {"strategy": strategy, "bits": bits, "group_size": group_size,
                                       **options}, "rules": RULES.get(variant, []),
-                          **({"embedding": EMBEDDING[variant]} if variant in EMBEDDING else {})}),
+                          **({"embedding": EMBEDDING[variant]} if variant in EMBEDDING else {}),
+                          **({"moe": MOE[variant]} if variant in MOE else {})}),
         transforms=(ActivationAwareScaling(n_grid=awq_grid),) if awq else (),
         optimizers=(LearnedRounding(method=lr, steps=lr_steps,
                                     target="float_model" if "_fm" in variant else "float_block",
