@@ -114,6 +114,8 @@ VARIANTS: dict[str, tuple[str, dict, bool, str | None]] = {
     "gptq_best_lr_hdp_s2": ("gptq", BEST, False, "signround"),
     "gptq_best_lr_td_lrh": ("gptq", BEST, False, "signround"),
     "gptq_best_lr_td_hs": ("gptq", BEST, False, "signround"),
+    "gptq_best_lr_td_lrh_s1": ("gptq", BEST, False, "signround"),
+    "gptq_best_lr_td_lrh_s2": ("gptq", BEST, False, "signround"),
 }
 #: ``[embedding]`` table of a variant (the _hd rules' damping through the handler: the same
 #: arrays, tests/test_recipe.py).
@@ -121,7 +123,8 @@ EMBEDDING: dict[str, dict] = {
     **{v: {"tied_damping": 0.1} for v in (
         "gptq_best_lr_td", "gptq_best_lr_td_head", "gptq_best_lr_td_d05", "gptq_best_lr_td_e2",
         "gptq_best_lr_td_d005", "gptq_best_lr_td_d002", "gptq_best_lr_td_s1", "gptq_best_lr_td_s2",
-        "gptq_best_lr_td_lrh", "gptq_best_lr_td_hs")},
+        "gptq_best_lr_td_lrh", "gptq_best_lr_td_hs", "gptq_best_lr_td_lrh_s1",
+        "gptq_best_lr_td_lrh_s2")},
     "gptq_best_lr_td02": {"tied_damping": 0.2},
 }
 #: ``[moe]`` table of a variant: experts' Hessians blended with the layer's (λ = 16, the best of
@@ -159,6 +162,8 @@ LR_OPTIONS: dict[str, dict] = {
     "gptq_best_lr_hdp_s1": {"seed": 1},
     "gptq_best_lr_hdp_s2": {"seed": 2},
     "gptq_best_lr_td_lrh": {"lr": 1 / 128},  # half the default step at 64 steps
+    "gptq_best_lr_td_lrh_s1": {"lr": 1 / 128, "seed": 1},
+    "gptq_best_lr_td_lrh_s2": {"lr": 1 / 128, "seed": 2},
 }
 #: The recipes of a plain ``quantkit quantize`` and of ``--fast`` (quantkit.defaults), built by
 #: the function the CLI uses, at the run's bits and group size; ``--lr-steps`` does not apply.
