@@ -108,23 +108,16 @@ VARIANTS: dict[str, tuple[str, dict, bool, str | None]] = {
     "gptq_best_lr_td_d005": ("gptq", {**BEST, "damping": 0.005}, False, "signround"),
     "gptq_best_lr_td_d002": ("gptq", {**BEST, "damping": 0.002}, False, "signround"),
     "gptq_best_lr_tdh": ("gptq", BEST, False, "signround"),
-    "gptq_best_lr_td_s1": ("gptq", BEST, False, "signround"),
-    "gptq_best_lr_td_s2": ("gptq", BEST, False, "signround"),
-    "gptq_best_lr_hdp_s1": ("gptq", BEST, False, "signround"),
-    "gptq_best_lr_hdp_s2": ("gptq", BEST, False, "signround"),
     "gptq_best_lr_td_lrh": ("gptq", BEST, False, "signround"),
     "gptq_best_lr_td_hs": ("gptq", BEST, False, "signround"),
-    "gptq_best_lr_td_lrh_s1": ("gptq", BEST, False, "signround"),
-    "gptq_best_lr_td_lrh_s2": ("gptq", BEST, False, "signround"),
 }
 #: ``[embedding]`` table of a variant (the _hd rules' damping through the handler: the same
 #: arrays, tests/test_recipe.py).
 EMBEDDING: dict[str, dict] = {
     **{v: {"tied_damping": 0.1} for v in (
         "gptq_best_lr_td", "gptq_best_lr_td_head", "gptq_best_lr_td_d05", "gptq_best_lr_td_e2",
-        "gptq_best_lr_td_d005", "gptq_best_lr_td_d002", "gptq_best_lr_td_s1", "gptq_best_lr_td_s2",
-        "gptq_best_lr_td_lrh", "gptq_best_lr_td_hs", "gptq_best_lr_td_lrh_s1",
-        "gptq_best_lr_td_lrh_s2")},
+        "gptq_best_lr_td_d005", "gptq_best_lr_td_d002", "gptq_best_lr_td_lrh",
+        "gptq_best_lr_td_hs")},
     "gptq_best_lr_td02": {"tied_damping": 0.2},
 }
 #: ``[moe]`` table of a variant: experts' Hessians blended with the layer's (λ = 16, the best of
@@ -137,8 +130,8 @@ RULES: dict[str, list[dict]] = {
     "gptq_best_lr_hd": [{"match": "model.embed_tokens", "damping": 0.1}],
     "gptq_best_lr_hd1": [{"match": "model.embed_tokens", "damping": 1.0}],
     # plain GPTQ for the tied head (no act-order, no clipping search), damping 0.1: the best
-    # row of --tied-head; with the learned rounding's other sequence orders (its noise)
-    **{v: HDP for v in ("gptq_best_lr_hdp", "gptq_best_lr_hdp_s1", "gptq_best_lr_hdp_s2")},
+    # row of --tied-head
+    "gptq_best_lr_hdp": HDP,
     # the tied head with one of the default's options: act-order alone, the Hessian search alone
     "gptq_best_lr_tda": [{"match": "model.embed_tokens", "act_order": True,
                           "scale_search": "none", "damping": 0.1}],
@@ -156,15 +149,18 @@ LR_OPTIONS: dict[str, dict] = {
     "gptq_best_lr_sf_e8": {"start": "float", "epochs": 8.0},
     "gptq_best_lr_lr2": {"lr": 1 / 32},  # twice the default step at 64 steps (32 sequences)
     "gptq_best_lr_sf_lr2": {"start": "float", "lr": 1 / 32},
-    # the default with the learned rounding's sequences drawn in other orders (its noise)
-    "gptq_best_lr_td_s1": {"seed": 1},
-    "gptq_best_lr_td_s2": {"seed": 2},
-    "gptq_best_lr_hdp_s1": {"seed": 1},
-    "gptq_best_lr_hdp_s2": {"seed": 2},
     "gptq_best_lr_td_lrh": {"lr": 1 / 128},  # half the default step at 64 steps
-    "gptq_best_lr_td_lrh_s1": {"lr": 1 / 128, "seed": 1},
-    "gptq_best_lr_td_lrh_s2": {"lr": 1 / 128, "seed": 2},
 }
+#: Variants also run with the learned rounding's sequences drawn in other orders (its noise):
+#: ``NAME_s1``, ``NAME_s2``, the same recipe with ``seed`` 1 and 2.
+for _base in ("gptq_best_lr_td", "gptq_best_lr_hdp", "gptq_best_lr_td_lrh"):
+    for _seed in (1, 2):
+        _name = f"{_base}_s{_seed}"
+        VARIANTS[_name] = VARIANTS[_base]
+        for _table in (EMBEDDING, RULES):
+            if _base in _table:
+                _table[_name] = _table[_base]  # type: ignore[index]
+        LR_OPTIONS[_name] = {**LR_OPTIONS.get(_base, {}), "seed": _seed}
 #: The recipes of a plain ``quantkit quantize`` and of ``--fast`` (quantkit.defaults), built by
 #: the function the CLI uses, at the run's bits and group size; ``--lr-steps`` does not apply.
 DEFAULTS = {"default": False, "fast": True}
