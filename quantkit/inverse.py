@@ -32,6 +32,14 @@ def _check_backend(instance: object, attribute: attrs.Attribute, value: str) -> 
         raise ValueError(f"linalg backend {value!r} is unknown; use one of {sorted(BACKEND_NAMES)}")
 
 
+def _outcome(attempt: Callable[[], InverseFactor]) -> InverseFactor | FactorizationError:
+    """What ``attempt`` returns, or the :class:`FactorizationError` it raises."""
+    try:
+        return attempt()
+    except FactorizationError as exc:
+        return exc
+
+
 class InverseStrategy(abc.ABC):
     """Turns a Hessian into an :class:`InverseFactor`; raises :class:`FactorizationError` when
     it cannot."""
@@ -45,6 +53,10 @@ class InverseStrategy(abc.ABC):
         index = mx.array(perm)
         return self.factor(h[index][:, index])
 
+    def factor_alone(self, h: mx.array, perm: np.ndarray | None) -> InverseFactor:
+        """:meth:`factor` (``perm`` ``None``) or :meth:`factor_permuted`."""
+        return self.factor(h) if perm is None else self.factor_permuted(h, perm)
+
     @property
     def together(self) -> bool:
         """Whether :meth:`factor_together` does better than one matrix after the other (a
@@ -57,25 +69,13 @@ class InverseStrategy(abc.ABC):
         order): what :meth:`factor` / :meth:`factor_permuted` gives it alone, or the
         :class:`FactorizationError` it raises. Loops over them; override to factorize them at
         once (and set :attr:`together`)."""
-        out: list[InverseFactor | FactorizationError] = []
-        for h, perm in hs:
-            try:
-                out.append(self.factor(h) if perm is None else self.factor_permuted(h, perm))
-            except FactorizationError as exc:
-                out.append(exc)
-        return out
+        return [_outcome(lambda h=h, perm=perm: self.factor_alone(h, perm)) for h, perm in hs]
 
     def factor_many(self, hs: mx.array) -> list[InverseFactor | FactorizationError]:
         """One outcome per matrix of the stack ``hs (E, n, n)``: what :meth:`factor` gives it
         alone, or the :class:`FactorizationError` it raises. Loops over :meth:`factor`;
         override to factorize the stack at once."""
-        out: list[InverseFactor | FactorizationError] = []
-        for i in range(hs.shape[0]):
-            try:
-                out.append(self.factor(hs[i]))
-            except FactorizationError as exc:
-                out.append(exc)
-        return out
+        return [_outcome(lambda i=i: self.factor(hs[i])) for i in range(hs.shape[0])]
 
 
 @attrs.frozen
@@ -130,13 +130,8 @@ class DampedCholesky(InverseStrategy):
         except FactorizationError:
             # Each matrix alone, with the same arithmetic: an expert's factor never depends on
             # which other experts shared its stack (or on how many processes split them).
-            out: list[InverseFactor | FactorizationError] = []
-            for h in hs:
-                try:
-                    out.append(self.factor_stack(h[None], self.stack_block)[0])
-                except FactorizationError as exc:
-                    out.append(exc)
-            return out
+            return [_outcome(lambda h=h: self.factor_stack(h[None], self.stack_block)[0])
+                    for h in hs]
 
     def factor_stack(self, hs: mx.array, block: int | None = None,
                      perm: np.ndarray | None = None) -> list[InverseFactor]:
@@ -205,30 +200,26 @@ class EscalatingCholesky(InverseStrategy):
             f"{last} (after {self.max_attempts} attempts, damping up to {damping / self.growth:g})"
         )
 
+    def _first(self) -> DampedCholesky:
+        """The first attempt's strategy (at ``damping``)."""
+        return DampedCholesky(self.damping, self.backend, self.block)
+
     @property
     def together(self) -> bool:
-        return DampedCholesky(self.damping, self.backend, self.block).together
+        return self._first().together
 
     def factor_together(self, hs: list[tuple[mx.array, np.ndarray | None]]
                         ) -> list[InverseFactor | FactorizationError]:
         """:meth:`DampedCholesky.factor_together` at ``damping``, then each matrix that failed
         escalates on its own."""
-        out = DampedCholesky(self.damping, self.backend, self.block).factor_together(hs)
-        for i, first in enumerate(out):
-            if isinstance(first, FactorizationError):
-                h, perm = hs[i]
-                try:
-                    out[i] = self.factor(h) if perm is None else self.factor_permuted(h, perm)
-                except FactorizationError as exc:
-                    out[i] = exc
-        return out
+        out = self._first().factor_together(hs)
+        return [_outcome(lambda h=h, perm=perm: self.factor_alone(h, perm))
+                if isinstance(first, FactorizationError) else first
+                for first, (h, perm) in zip(out, hs, strict=True)]
 
     def factor_many(self, hs: mx.array) -> list[InverseFactor | FactorizationError]:
-        out = DampedCholesky(self.damping, self.backend, self.block).factor_many(hs)
-        for i, first in enumerate(out):
-            if isinstance(first, FactorizationError):
-                try:
-                    out[i] = self.factor(hs[i])  # from ``damping`` again: as if alone
-                except FactorizationError as exc:
-                    out[i] = exc
-        return out
+        out = self._first().factor_many(hs)
+        # each that failed from ``damping`` again: as if alone
+        return [_outcome(lambda i=i: self.factor(hs[i]))
+                if isinstance(first, FactorizationError) else first
+                for i, first in enumerate(out)]

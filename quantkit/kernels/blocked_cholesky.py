@@ -192,7 +192,7 @@ def run_together(steps: Sequence[Steps]) -> list:
 def cholesky_steps(a: mx.array, block: int = 1024, split: bool = False
                    ) -> Steps[tuple[list[mx.array], list[mx.array]]]:
     """Right-looking blocked Cholesky of ``a`` (symmetric positive definite, ``(n, n)`` or a
-    stack ``(..., n, n)``), in ``a``'s dtype, as :data:`Steps` (see :func:`blocked_cholesky_mlx`).
+    stack ``(..., n, n)``), in ``a``'s dtype, as :data:`Steps` (the first half of :func:`factor_steps`).
 
     Returns the column panels of ``L`` (panel ``k`` is ``L[..., k·nb:, k·nb:(k+1)·nb]``) and the
     inverses of the diagonal blocks ``L_kk⁻¹``, all arrays on the default device.
@@ -239,13 +239,6 @@ def cholesky_steps(a: mx.array, block: int = 1024, split: bool = False
     return panels, diag_inv
 
 
-def blocked_cholesky_mlx(
-    a: mx.array, block: int = 1024, split: bool = False
-) -> tuple[list[mx.array], list[mx.array]]:
-    """:func:`cholesky_steps` of one matrix (or stack) run to the end."""
-    return run_together([cholesky_steps(a, block, split)])[0]
-
-
 def inverse_factor_steps(panels: list[mx.array | None], diag_inv: list[mx.array],
                          split: bool = False) -> Steps[mx.array]:
     """``U = J L⁻¹ J`` (float32, contiguous) from :func:`cholesky_steps`'s panels, one
@@ -285,13 +278,6 @@ def inverse_factor_steps(panels: list[mx.array | None], diag_inv: list[mx.array]
     if not bool(finite.item()):
         raise FactorizationError("inverse Hessian factor has NaN/Inf entries")
     return u
-
-
-def blocked_inverse_factor_mlx(
-    panels: list[mx.array | None], diag_inv: list[mx.array], split: bool = False
-) -> mx.array:
-    """:func:`inverse_factor_steps` run to the end."""
-    return run_together([inverse_factor_steps(panels, diag_inv, split)])[0]
 
 
 def factor_steps(h_damped: mx.array, block: int = 512, dtype: mx.Dtype = mx.float32,
