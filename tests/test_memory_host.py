@@ -61,8 +61,11 @@ def test_parked_statistics_are_the_same_values_and_objects(tmp_path):
     before = mx.get_active_memory()
     parked = park({"q": shared, "k": shared, "o": own, "e": empty}, tmp_path / "0.safetensors")
     del shared, own
-    # Lazy loads of the file: the arrays' memory is freed until a merge reads them.
-    assert mx.get_active_memory() <= before - 256 * 256 * 4
+    # Lazy loads of the file: the arrays' memory is freed until a merge reads them (the walker
+    # parks statistics on a CPU only, collect.parking(passes.host); a GPU's frees follow its
+    # command buffers).
+    if mx.default_device() == mx.cpu:
+        assert mx.get_active_memory() <= before - 256 * 256 * 4
     assert parked["q"] is parked["k"]  # layers reading one input stay one object
     assert parked["e"] is empty  # no tokens: left as it is (lazy zeros)
     assert (parked["q"].n_tokens, parked["o"].n_tokens) == (10, 3)

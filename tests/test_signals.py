@@ -271,22 +271,30 @@ def test_sigterm_during_target_bpw_planning(stories_dir, tinystories_text, tmp_p
 def test_parent_watchdog_without_pdeathsig(tmp_path):
     """Where the kernel has no parent-death signal (macOS), a watchdog thread ends an orphaned
     rank: a parent starts a child that watches it, the parent is killed, the child dies."""
+    ready = tmp_path / "watching"
+    # The child is told its parent's pid and says when it watches (its imports may take seconds
+    # on a loaded machine); its output goes nowhere, so the parent's pipe closes with the parent.
     script = (
         "import os, subprocess, sys, time\n"
-        "child = subprocess.Popen([sys.executable, '-c', 'import os, time; "
+        "child = subprocess.Popen([sys.executable, '-c', 'import sys, time; "
         "from quantkit.launch import _watch_parent; import threading; "
-        "threading.Thread(target=_watch_parent, args=(os.getppid(), 0.05), daemon=True).start(); "
-        "time.sleep(60)'])\n"
+        "threading.Thread(target=_watch_parent, args=(int(sys.argv[1]), 0.05), daemon=True).start(); "
+        "open(sys.argv[2], \"w\").close(); time.sleep(300)', str(os.getpid()), sys.argv[1]], "
+        "stdout=subprocess.DEVNULL)\n"
         "print(child.pid, flush=True)\n"
-        "time.sleep(60)\n")
-    parent = subprocess.Popen([sys.executable, "-c", script], env=_env(tmp_path),
+        "time.sleep(300)\n")
+    parent = subprocess.Popen([sys.executable, "-c", script, str(ready)], env=_env(tmp_path),
                               stdout=subprocess.PIPE, text=True)
     child = int(parent.stdout.readline())
-    time.sleep(0.5)
-    assert _running(child)
+    deadline = time.monotonic() + 120
+    while not ready.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert ready.exists() and _running(child)
     parent.kill()
-    parent.communicate(timeout=10)
-    deadline = time.monotonic() + 10
+    parent.communicate(timeout=30)
+    deadline = time.monotonic() + 30
     while _running(child) and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert not _running(child)
+    if _running(child):
+        os.kill(child, signal.SIGKILL)
+        pytest.fail("the orphaned child outlived its parent by 30 s")

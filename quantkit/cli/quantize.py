@@ -135,8 +135,8 @@ def quantize(
     _print_summary(report, result.out_dir, time.perf_counter() - start)
     if plan is not None:
         err.print(f"mixed precision: target {plan.target_bpw:g} bits per weight; plan written to "
-                  f"{result.out_dir / 'recipe.toml'} (edit it and pass it to --recipe)",
-                  highlight=False)
+                  f"{escape(str(result.out_dir / 'recipe.toml'))} (edit it and pass it to "
+                  "--recipe)", highlight=False, soft_wrap=True)
 
 
 def _return_freed_memory() -> None:
@@ -294,8 +294,8 @@ def _launch(ctx: typer.Context, n: int, quiet: bool) -> None:
 def _print_summary(report, out_dir: Path, seconds: float) -> None:
     counts = report.strategy_counts()
     quantized = [r for r in report.layers if r.status != "skipped"]
-    err.print(f"[bold green]wrote[/] {out_dir}  ({seconds:.1f} s, "
-              f"{report.bits_per_weight:.3f} bits per weight)", highlight=False)
+    err.print(f"[bold green]wrote[/] {escape(str(out_dir))}  ({seconds:.1f} s, "
+              f"{report.bits_per_weight:.3f} bits per weight)", highlight=False, soft_wrap=True)
     err.print("layers: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())), highlight=False)
     for r in report.layers:
         if r.status == "skipped":
