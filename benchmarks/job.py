@@ -130,8 +130,8 @@ def save_dir_streamed(path: Path, model_name: str, layers: int | None, dtype: st
 def cli_job(model_dir: Path, out: Path, args, *extra: str) -> dict:
     cmd = [sys.executable, "-m", "quantkit.cli", "quantize", str(model_dir), "-o", str(out),
            "--calibration", str(TEXT), "--num-samples", str(args.samples), "--seq-len",
-           str(args.seq_len), "--batch-size", str(args.batch_size), "--bits", str(args.bits),
-           "--group-size", str(args.group_size), "--json",
+           str(args.seq_len), "--bits", str(args.bits), "--group-size", str(args.group_size), "--json",
+           *(["--batch-size", str(args.batch_size)] if args.batch_size else []),
            *(["--strategy", args.strategy] if args.strategy != "default" else []), *extra]
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
     t0, c0 = time.perf_counter(), _children_cpu()
@@ -178,7 +178,7 @@ def mlx_lm(args) -> dict:
     with tempfile.NamedTemporaryFile(suffix=".json") as f:
         cmd = [sys.executable, str(REPO / "benchmarks" / "speed.py"), "--skip-quantkit",
                "--model", args.model, "--samples", str(args.samples), "--seq-len",
-               str(args.seq_len), "--batch-size", str(args.batch_size), "--bits", str(args.bits),
+               str(args.seq_len), "--batch-size", str(args.batch_size or 8), "--bits", str(args.bits),
                "--group-size", str(args.group_size), "--dtype", args.dtype,
                "--mlx-lm-timeout", str(args.mlx_lm_timeout), "--json", f.name]
         if args.layers:
@@ -195,7 +195,8 @@ def main() -> None:
     p.add_argument("--layers", type=int, default=None)
     p.add_argument("--samples", type=int, default=32)
     p.add_argument("--seq-len", type=int, default=256)
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--batch-size", type=int, default=None,
+               help="calibration sequences a pass (default: the CLI's own choice; mlx-lm gets 8)")
     p.add_argument("--bits", type=int, default=4)
     p.add_argument("--group-size", type=int, default=64)
     p.add_argument("--dtype", default=None, choices=sorted(DTYPES),
