@@ -110,6 +110,9 @@ VARIANTS: dict[str, tuple[str, dict, bool, str | None]] = {
     "gptq_best_lr_tdh": ("gptq", BEST, False, "signround"),
     "gptq_best_lr_td_lrh": ("gptq", BEST, False, "signround"),
     "gptq_best_lr_td_hs": ("gptq", BEST, False, "signround"),
+    "gptq_best_lr_td_sw": ("gptq", BEST, False, "signround"),
+    "gptq_best_lr_hdp_sw": ("gptq", BEST, False, "signround"),
+    "gptq_best_lr_hdp_lrh": ("gptq", BEST, False, "signround"),
 }
 #: ``[embedding]`` table of a variant (the _hd rules' damping through the handler: the same
 #: arrays, tests/test_recipe.py).
@@ -117,7 +120,7 @@ EMBEDDING: dict[str, dict] = {
     **{v: {"tied_damping": 0.1} for v in (
         "gptq_best_lr_td", "gptq_best_lr_td_head", "gptq_best_lr_td_d05", "gptq_best_lr_td_e2",
         "gptq_best_lr_td_d005", "gptq_best_lr_td_d002", "gptq_best_lr_td_lrh",
-        "gptq_best_lr_td_hs")},
+        "gptq_best_lr_td_hs", "gptq_best_lr_td_sw")},
     "gptq_best_lr_td02": {"tied_damping": 0.2},
 }
 #: ``[moe]`` table of a variant: experts' Hessians blended with the layer's (λ = 16, the best of
@@ -132,6 +135,8 @@ RULES: dict[str, list[dict]] = {
     # plain GPTQ for the tied head (no act-order, no clipping search), damping 0.1: the best
     # row of --tied-head
     "gptq_best_lr_hdp": HDP,
+    "gptq_best_lr_hdp_sw": HDP,
+    "gptq_best_lr_hdp_lrh": HDP,
     # the tied head with one of the default's options: act-order alone, the Hessian search alone
     "gptq_best_lr_tda": [{"match": "model.embed_tokens", "act_order": True,
                           "scale_search": "none", "damping": 0.1}],
@@ -150,10 +155,15 @@ LR_OPTIONS: dict[str, dict] = {
     "gptq_best_lr_lr2": {"lr": 1 / 32},  # twice the default step at 64 steps (32 sequences)
     "gptq_best_lr_sf_lr2": {"start": "float", "lr": 1 / 32},
     "gptq_best_lr_td_lrh": {"lr": 1 / 128},  # half the default step at 64 steps
+    # steps scaled by sqrt(256 / inputs) for layers reading more than 256 inputs
+    "gptq_best_lr_td_sw": {"step_width": 256},
+    "gptq_best_lr_hdp_sw": {"step_width": 256},
+    "gptq_best_lr_hdp_lrh": {"lr": 1 / 128},
 }
 #: Variants also run with the learned rounding's sequences drawn in other orders (its noise):
 #: ``NAME_s1``, ``NAME_s2``, the same recipe with ``seed`` 1 and 2.
-for _base in ("gptq_best_lr_td", "gptq_best_lr_hdp", "gptq_best_lr_td_lrh"):
+for _base in ("gptq_best_lr_td", "gptq_best_lr_hdp", "gptq_best_lr_td_lrh", "gptq_best_lr_td_sw",
+              "gptq_best_lr_hdp_sw", "gptq_best_lr_hdp_lrh"):
     for _seed in (1, 2):
         _name = f"{_base}_s{_seed}"
         VARIANTS[_name] = VARIANTS[_base]

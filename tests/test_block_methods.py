@@ -359,6 +359,32 @@ def test_learned_rounding_in_small_steps_over_epochs_is_deterministic_and_never_
     assert runs[0] == runs[1] and runs[2] != runs[0]
 
 
+def test_step_width_scales_the_steps_of_wide_layers_only():
+    """``step_width`` shrinks the steps of layers reading more inputs than it (here the down
+    projection, 128 inputs, at width 64) and leaves narrower ones alone. One step, so every
+    layer's gradient is taken at the same (the solve's) state in each run."""
+    from quantkit.kernels.rounding import step_scale
+
+    assert step_scale(576, 256) == pytest.approx(2 / 3) and step_scale(192, 256) == 1.0
+    assert step_scale(4096, None) == 1.0
+    runs = {}
+    for width in (None, 128, 64):
+        model = tiny_llama()
+        tokens = mx.random.randint(0, 96, (4, 32), key=mx.random.key(1))
+        ctx, targets = _quantized_block(model, LLAMA, tokens, bits=2)
+        figures = LearnedRounding(steps=1, lr=0.05, eval_every=1,
+                                  step_width=width).optimize(ctx, targets)
+        assert figures["best_step"] == 1 and figures["loss_after"] < figures["loss_before"]
+        assert figures["loss_after"] == pytest.approx(_block_loss(ctx, targets), rel=1e-3)
+        runs[width] = _quantized_bytes(ctx.block)
+    assert runs[128] == runs[None]  # no layer reads more than 128 inputs
+    down = [k for k in runs[None] if ".down_proj." in k]
+    others = [k for k in runs[None] if "_proj." in k and k not in down]
+    assert down and others
+    assert all(runs[64][k] == runs[None][k] for k in others)  # 64 inputs: the same step...
+    assert any(runs[64][k] != runs[None][k] for k in down)  # ...128: a smaller one
+
+
 def test_rows_of_a_batch_cut_per_sequence_masks():
     """A step on some sequences of a batch computes what the whole batch computes for them,
     also with a per-sequence (padding) mask."""

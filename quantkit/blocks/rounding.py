@@ -47,6 +47,7 @@ from ..kernels.rounding import (
     learned_weight,
     learned_weight_grads,
     sign_step,
+    step_scale,
 )
 from .base import BlockContext, BlockOptimizer, register_optimizer
 
@@ -122,6 +123,11 @@ class LearnedRounding(BlockOptimizer):
     #: ``2 i + 1000 · seed`` (another seed, another order: how much the result depends on it is
     #: measured in docs/results-quality.md).
     seed: int = attrs.field(default=0, validator=attrs.validators.ge(0))
+    #: A layer reading more inputs than this takes steps ``sqrt(step_width / inputs)`` times
+    #: ``lr`` (``None``: every layer ``lr``). A signed step moves every weight of a row by the
+    #: same amount in the direction that lowers the objective, so the row's output moves in
+    #: proportion to its number of inputs, where rounding's own error grows as its square root.
+    step_width: int | None = attrs.field(default=None, validator=_none_or_positive)
 
     def optimize(self, ctx: BlockContext, targets: Sequence[mx.array]) -> dict[str, Any]:
         layers = self._layers(ctx)
@@ -198,6 +204,8 @@ class LearnedRounding(BlockOptimizer):
         if steps is None:  # the same number on every process: from the chunks of all of them
             steps = max(1, math.ceil(self.epochs * total / processes))
         lr0 = self.lr if self.lr is not None else 1.0 / max(steps, 1)
+        scale = {L.path: step_scale(L.scales.shape[-1] * L.module.group_size, self.step_width)
+                 for L in layers}
         install("tuned")
         try:
             # The objective needs no gradients: measured with the attention the pipeline
@@ -229,7 +237,7 @@ class LearnedRounding(BlockOptimizer):
                         for path in [*reversed(calls), *(p for p in params if p not in calls)]:
                             g = grads.pop(path)
                             mx.eval(g)
-                            params[path] = {k: sign_step(x, g[k], lr, _BOUNDS[k])
+                            params[path] = {k: sign_step(x, g[k], lr * scale[path], _BOUNDS[k])
                                             for k, x in params[path].items()}
                             del g
                             mx.eval(params[path])
@@ -240,7 +248,8 @@ class LearnedRounding(BlockOptimizer):
                         for path in reversed(list(grads)):
                             mx.eval(grads[path])
                         grads = _reduce_tree(ctx, grads)
-                        params = {path: {k: sign_step(x, grads[path][k], lr, _BOUNDS[k])
+                        params = {path: {k: sign_step(x, grads[path][k], lr * scale[path],
+                                                      _BOUNDS[k])
                                          for k, x in q.items()} for path, q in params.items()}
                         del grads
                         mx.eval(params)

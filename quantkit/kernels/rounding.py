@@ -9,6 +9,8 @@ through. All learned quantities are in units of one quantization step.
 
 from __future__ import annotations
 
+import math
+
 import mlx.core as mx
 
 
@@ -40,6 +42,14 @@ def learned_weight(u: mx.array, v: mx.array, scales0: mx.array, biases0: mx.arra
 def sign_step(x: mx.array, grad: mx.array, lr: float, bound: float) -> mx.array:
     """One signed-gradient step, clipped to ``[-bound, bound]``."""
     return mx.clip(x - lr * mx.sign(grad), -bound, bound)
+
+
+def step_scale(inputs: int, width: int | None) -> float:
+    """The factor on a signed step for a layer with ``inputs`` input features:
+    ``sqrt(width / inputs)`` where it reads more than ``width`` (``None``: never), else 1."""
+    if width is None or inputs <= width:
+        return 1.0
+    return math.sqrt(width / inputs)
 
 
 def learned_weight_grads(u: mx.array, v: mx.array, scales0: mx.array, biases0: mx.array,
