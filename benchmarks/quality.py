@@ -154,11 +154,13 @@ LR_OPTIONS: dict[str, dict] = {
     "gptq_best_lr_sf_e8": {"start": "float", "epochs": 8.0},
     "gptq_best_lr_lr2": {"lr": 1 / 32},  # twice the default step at 64 steps (32 sequences)
     "gptq_best_lr_sf_lr2": {"start": "float", "lr": 1 / 32},
-    "gptq_best_lr_td_lrh": {"lr": 1 / 128},  # half the default step at 64 steps
+    # half the default step: 1/128 at 64 steps (32 sequences; the runs recorded before
+    # lr_scale existed set lr = 1/128, the same value)
+    "gptq_best_lr_td_lrh": {"lr_scale": 0.5},
     # steps scaled by sqrt(256 / inputs) for layers reading more than 256 inputs
     "gptq_best_lr_td_sw": {"step_width": 256},
     "gptq_best_lr_hdp_sw": {"step_width": 256},
-    "gptq_best_lr_hdp_lrh": {"lr": 1 / 128},
+    "gptq_best_lr_hdp_lrh": {"lr_scale": 0.5},
 }
 #: Variants also run with the learned rounding's sequences drawn in other orders (its noise):
 #: ``NAME_s1``, ``NAME_s2``, the same recipe with ``seed`` 1 and 2.

@@ -385,6 +385,20 @@ def test_step_width_scales_the_steps_of_wide_layers_only():
     assert any(runs[64][k] != runs[None][k] for k in down)  # ...128: a smaller one
 
 
+def test_lr_scale_is_a_step_relative_to_the_number_of_steps():
+    """``lr_scale`` (with ``lr`` unset) starts the steps at ``lr_scale / steps``: at 20 steps,
+    0.5 gives the bytes ``lr = 1/40`` gives, and not those of the full step."""
+    runs = {}
+    for name, options in (("half", {"lr_scale": 0.5}), ("lr", {"lr": 1 / 40}), ("full", {})):
+        model = tiny_llama()
+        tokens = mx.random.randint(0, 96, (4, 32), key=mx.random.key(1))
+        ctx, targets = _quantized_block(model, LLAMA, tokens, bits=2)
+        figures = LearnedRounding(steps=20, eval_every=5, **options).optimize(ctx, targets)
+        assert figures["loss_after"] < figures["loss_before"]
+        runs[name] = _quantized_bytes(ctx.block)
+    assert runs["half"] == runs["lr"] and runs["half"] != runs["full"]
+
+
 def test_rows_of_a_batch_cut_per_sequence_masks():
     """A step on some sequences of a batch computes what the whole batch computes for them,
     also with a per-sequence (padding) mask."""

@@ -82,7 +82,7 @@ def _none_or_positive(_: Any, attribute: Any, value: int | None) -> None:
 @register_optimizer
 @attrs.frozen
 class LearnedRounding(BlockOptimizer):
-    """``steps`` signed-gradient steps of size ``lr`` (default ``1 / steps``) decaying to 0,
+    """``steps`` signed-gradient steps of size ``lr`` (default ``lr_scale / steps``) decaying to 0,
     each on ``batch_size`` calibration sequences; ``steps = None``: ``epochs`` passes over the
     block's calibration sequences (so the cost follows the calibration set, as GPTQ's does);
     ``storage``: the dtype the scales and biases are rounded to while tuning (bfloat16 values
@@ -94,6 +94,10 @@ class LearnedRounding(BlockOptimizer):
     steps: int | None = attrs.field(
         default=None, validator=attrs.validators.optional(attrs.validators.ge(0)))
     lr: float | None = None
+    #: The first step when ``lr`` is ``None``: ``lr_scale / steps`` (steps decaying linearly to
+    #: 0, so an offset can travel ``lr_scale / 2`` of a grid step in all; 1 is AutoRound's
+    #: ``1 / iters``).
+    lr_scale: float = attrs.field(default=1.0, validator=attrs.validators.gt(0))
     eval_every: int = attrs.field(default=25, validator=attrs.validators.ge(1))
     storage: str = attrs.field(default="bfloat16", validator=attrs.validators.in_(tuple(_STORAGE)))
     #: Calibration sequences per step (``None``: one whole calibration batch). A step's cost
@@ -203,7 +207,7 @@ class LearnedRounding(BlockOptimizer):
         total, processes = cast(list[float], ctx.reduce(mx.array([float(len(chunks)), 1.0])).tolist())
         if steps is None:  # the same number on every process: from the chunks of all of them
             steps = max(1, math.ceil(self.epochs * total / processes))
-        lr0 = self.lr if self.lr is not None else 1.0 / max(steps, 1)
+        lr0 = self.lr if self.lr is not None else self.lr_scale / max(steps, 1)
         scale = {L.path: step_scale(L.scales.shape[-1] * L.module.group_size, self.step_width)
                  for L in layers}
         install("tuned")
