@@ -113,6 +113,7 @@ VARIANTS: dict[str, tuple[str, dict, bool, str | None]] = {
     "gptq_best_lr_td_sw": ("gptq", BEST, False, "signround"),
     "gptq_best_lr_hdp_sw": ("gptq", BEST, False, "signround"),
     "gptq_best_lr_hdp_lrh": ("gptq", BEST, False, "signround"),
+    "gptq_best_lr_td_lrq": ("gptq", BEST, False, "signround"),
 }
 #: ``[embedding]`` table of a variant (the _hd rules' damping through the handler: the same
 #: arrays, tests/test_recipe.py).
@@ -120,7 +121,7 @@ EMBEDDING: dict[str, dict] = {
     **{v: {"tied_damping": 0.1} for v in (
         "gptq_best_lr_td", "gptq_best_lr_td_head", "gptq_best_lr_td_d05", "gptq_best_lr_td_e2",
         "gptq_best_lr_td_d005", "gptq_best_lr_td_d002", "gptq_best_lr_td_lrh",
-        "gptq_best_lr_td_hs", "gptq_best_lr_td_sw")},
+        "gptq_best_lr_td_hs", "gptq_best_lr_td_sw", "gptq_best_lr_td_lrq")},
     "gptq_best_lr_td02": {"tied_damping": 0.2},
 }
 #: ``[moe]`` table of a variant: experts' Hessians blended with the layer's (λ = 16, the best of
@@ -161,11 +162,12 @@ LR_OPTIONS: dict[str, dict] = {
     "gptq_best_lr_td_sw": {"step_width": 256},
     "gptq_best_lr_hdp_sw": {"step_width": 256},
     "gptq_best_lr_hdp_lrh": {"lr_scale": 0.5},
+    "gptq_best_lr_td_lrq": {"lr_scale": 0.25},  # a quarter of the full step
 }
 #: Variants also run with the learned rounding's sequences drawn in other orders (its noise):
 #: ``NAME_s1``, ``NAME_s2``, the same recipe with ``seed`` 1 and 2.
 for _base in ("gptq_best_lr_td", "gptq_best_lr_hdp", "gptq_best_lr_td_lrh", "gptq_best_lr_td_sw",
-              "gptq_best_lr_hdp_sw", "gptq_best_lr_hdp_lrh"):
+              "gptq_best_lr_hdp_sw", "gptq_best_lr_hdp_lrh", "gptq_best_lr_td_lrq"):
     for _seed in (1, 2):
         _name = f"{_base}_s{_seed}"
         VARIANTS[_name] = VARIANTS[_base]

@@ -12,9 +12,9 @@ from mlx.utils import tree_flatten
 from quantkit import Recipe
 from quantkit import walker as walker_module
 from quantkit.hessian import HessianStats
+from quantkit.host import row_slices_exact
 from quantkit.pipeline import collect as collect_module
 from quantkit.pipeline.collect import park
-from quantkit.host import row_slices_exact
 from quantkit.walker import ModelWalker
 
 #: Row chunks and one-layer-at-a-time solves are used only where this machine's BLAS gives a
