@@ -57,7 +57,7 @@ from quantkit import Recipe, load_model  # noqa: E402
 from quantkit.blocks.awq import ActivationAwareScaling  # noqa: E402
 from quantkit.blocks.rounding import LearnedRounding  # noqa: E402
 from quantkit.calibration import make_batches, read_text, tokenize  # noqa: E402
-from quantkit.defaults import default_recipe  # noqa: E402
+from quantkit.defaults import DEFAULT, default_recipe  # noqa: E402
 from quantkit.walker import ModelWalker  # noqa: E402
 
 SHARED = Path(os.environ.get("QUANTKIT_SHARED", REPO.parent / "shared"))
@@ -114,6 +114,13 @@ VARIANTS: dict[str, tuple[str, dict, bool, str | None]] = {
     "gptq_best_lr_hdp_sw": ("gptq", BEST, False, "signround"),
     "gptq_best_lr_hdp_lrh": ("gptq", BEST, False, "signround"),
     "gptq_best_lr_td_lrq": ("gptq", BEST, False, "signround"),
+    "gptq_best_lr_td_lrh_n1": ("gptq", BEST, False, "signround"),
+    "gptq_best_lr_td_lrh_n03": ("gptq", BEST, False, "signround"),
+    "gptq_best_lr_td_lrh_n01": ("gptq", BEST, False, "signround"),
+    "gptq_best_lr_td_lrh_tw": ("gptq", BEST, False, "signround"),
+    "gptq_best_lr_td_tw": ("gptq", BEST, False, "signround"),
+    "gptq_best_lr_td_lrh_b4": ("gptq", BEST, False, "signround"),
+    "gptq_best_lr_td_lrh_b1": ("gptq", BEST, False, "signround"),
 }
 #: ``[embedding]`` table of a variant (the _hd rules' damping through the handler: the same
 #: arrays, tests/test_recipe.py).
@@ -121,7 +128,10 @@ EMBEDDING: dict[str, dict] = {
     **{v: {"tied_damping": 0.1} for v in (
         "gptq_best_lr_td", "gptq_best_lr_td_head", "gptq_best_lr_td_d05", "gptq_best_lr_td_e2",
         "gptq_best_lr_td_d005", "gptq_best_lr_td_d002", "gptq_best_lr_td_lrh",
-        "gptq_best_lr_td_hs", "gptq_best_lr_td_sw", "gptq_best_lr_td_lrq")},
+        "gptq_best_lr_td_hs", "gptq_best_lr_td_sw", "gptq_best_lr_td_lrq",
+        "gptq_best_lr_td_lrh_n1", "gptq_best_lr_td_lrh_n03", "gptq_best_lr_td_lrh_n01",
+        "gptq_best_lr_td_lrh_tw", "gptq_best_lr_td_tw", "gptq_best_lr_td_lrh_b4",
+        "gptq_best_lr_td_lrh_b1")},
     "gptq_best_lr_td02": {"tied_damping": 0.2},
 }
 #: ``[moe]`` table of a variant: experts' Hessians blended with the layer's (λ = 16, the best of
@@ -163,11 +173,23 @@ LR_OPTIONS: dict[str, dict] = {
     "gptq_best_lr_hdp_sw": {"step_width": 256},
     "gptq_best_lr_hdp_lrh": {"lr_scale": 0.5},
     "gptq_best_lr_td_lrq": {"lr_scale": 0.25},  # a quarter of the full step
+    # the default with the blocks' norm weights tuned too, steps norm_step × the rounding's
+    "gptq_best_lr_td_lrh_n1": {"lr_scale": 0.5, "norm_step": 1.0},
+    "gptq_best_lr_td_lrh_n03": {"lr_scale": 0.5, "norm_step": 0.3},
+    "gptq_best_lr_td_lrh_n01": {"lr_scale": 0.5, "norm_step": 0.1},
+    # each output position's squared error relative to its target's mean square
+    "gptq_best_lr_td_lrh_tw": {"lr_scale": 0.5, "weighting": "token"},
+    "gptq_best_lr_td_tw": {"weighting": "token"},
+    # the same passes in steps of 4 sequences (half as many steps) or of 1 (twice as many)
+    "gptq_best_lr_td_lrh_b4": {"lr_scale": 0.5, "batch_size": 4},
+    "gptq_best_lr_td_lrh_b1": {"lr_scale": 0.5, "batch_size": 1},
 }
 #: Variants also run with the learned rounding's sequences drawn in other orders (its noise):
 #: ``NAME_s1``, ``NAME_s2``, the same recipe with ``seed`` 1 and 2.
 for _base in ("gptq_best_lr_td", "gptq_best_lr_hdp", "gptq_best_lr_td_lrh", "gptq_best_lr_td_sw",
-              "gptq_best_lr_hdp_sw", "gptq_best_lr_hdp_lrh", "gptq_best_lr_td_lrq"):
+              "gptq_best_lr_hdp_sw", "gptq_best_lr_hdp_lrh", "gptq_best_lr_td_lrq",
+              "gptq_best_lr_td_lrh_n1", "gptq_best_lr_td_lrh_n03", "gptq_best_lr_td_lrh_n01",
+              "gptq_best_lr_td_lrh_tw", "gptq_best_lr_td_tw"):
     for _seed in (1, 2):
         _name = f"{_base}_s{_seed}"
         VARIANTS[_name] = VARIANTS[_base]
@@ -396,6 +418,37 @@ def grid_check(path: Path, out: Path) -> None:
     out.write_text(json.dumps({"model": str(path), "grid_check": result}, indent=2))
 
 
+def first_position(path: Path, samples: int, seq_len: int, out: Path) -> None:
+    """Per decoder block of ``path`` (float32, calibration windows): the root mean square of the
+    block's output at each window's first position against the median position's, that of the
+    block's own contribution (output − input), and the first positions' share of the down
+    projection's input energy (its GPTQ Hessian's trace)."""
+    model, tokenizer, _ = load_model(path)
+    model.set_dtype(mx.float32)
+    ids = tokenize(tokenizer, read_text(SHARED / "text" / MODELS["smollm2-135m"]["calibration"]))
+    h = model.model.embed_tokens(make_batches(ids, samples, seq_len, seed=0))
+    rows = []
+    for i, layer in enumerate(model.model.layers):
+        r = h + layer.self_attn(layer.input_layernorm(h), "causal", None)
+        y = layer.post_attention_layernorm(r)
+        a = nn.silu(layer.mlp.gate_proj(y)) * layer.mlp.up_proj(y)
+        after = r + layer.mlp.down_proj(a)
+        rms = np.sqrt(np.array(mx.mean(mx.square(after), axis=-1)))
+        delta = np.sqrt(np.array(mx.mean(mx.square(after - h), axis=-1)))
+        energy = np.array(mx.sum(mx.square(a), axis=-1))
+        row = {"block": i, "rms_first": float(rms[:, 0].mean()), "rms_median": float(np.median(rms)),
+               "delta_first": float(delta[:, 0].mean()), "delta_median": float(np.median(delta)),
+               "down_input_share_first": float(energy[:, 0].sum() / energy.sum())}
+        rows.append(row)
+        print(f"block {i:2d}: output rms first {row['rms_first']:8.1f} median {row['rms_median']:6.2f}; "
+              f"contribution first {row['delta_first']:7.2f} median {row['delta_median']:6.2f}; "
+              f"down_proj input energy at first positions {100 * row['down_input_share_first']:5.1f}%",
+              flush=True)
+        h = after
+    out.write_text(json.dumps({"model": str(path), "calibration": f"{samples}x{seq_len} seed 0",
+                               "blocks": rows}, indent=2))
+
+
 def rtn_split(path: Path, bits: int, group_size: int, eval_samples: int, seq_len: int,
               out: Path) -> None:
     """Where round to nearest's loss sits in ``path``: perplexity and KL to the float model with
@@ -502,12 +555,92 @@ def render(path: Path) -> None:
                              f"| {r.get('time_s', '')} | {r.get('peak_gb', '')} |\n")
         parts.append(f"\n(Machine: {s['machine']}, {s['cpu_count']} CPUs shared with other jobs; "
                      f"MLX {s['mlx']}. Times are of a loaded machine: compare them within a table.)\n")
+    parts.append(_current_default())
     text = path.read_text()
     if START not in text or END not in text:
         raise SystemExit(f"{path} has no {START} ... {END} markers; add them where the tables go")
     head, rest = text.split(START, 1)
     _, tail = rest.split(END, 1)
     path.write_text(head + START + "\n" + "".join(parts) + "\n" + END + tail)
+
+
+def _canonical(recipe: dict) -> tuple[dict, int]:
+    """``recipe`` (``Recipe.to_dict()``) without its learned rounding's ``seed``, and the seed
+    (the order of the calibration sequences, the run-to-run noise measured as such)."""
+    recipe = json.loads(json.dumps(recipe))
+    seed = 0
+    for o in recipe.get("optimizer", []):
+        seed = o.pop("seed", 0)
+    return recipe, seed
+
+
+def _current_default() -> str:
+    """A table of every run on record of the recipe ``quantkit quantize`` runs today (rows of
+    the ``default`` variant that recorded it, and named variants whose recipe is the same),
+    per model, width and machine, with the mean over the learned rounding's orders and RTN
+    measured on the same machine."""
+    lines = []
+    for name in MODELS:
+        runs: dict[tuple, dict] = {}
+        for f in sorted(RESULTS.glob(f"quality_{name}*.json")):
+            data = json.loads(f.read_text())
+            if "results" not in data:
+                continue
+            st = data["settings"]
+            machine = "GPU" if "NVIDIA" in st.get("machine", "") else "CPU"
+            for r in data["results"]:
+                v, bits, g = r["variant"], r["bits"], r.get("group_size")
+                if bits == 16 or v in MLX_LM:
+                    continue
+                cell = runs.setdefault((bits, g, machine), {"runs": [], "rtn": None})
+                if v == "rtn":
+                    cell["rtn"] = r["perplexity"]
+                    continue
+                if v == "fast" or (v != "default" and v not in VARIANTS):
+                    continue
+                if v == "default":
+                    if "recipe" not in r:
+                        continue
+                    recorded = r["recipe"]
+                else:
+                    recorded = variant_recipe(v, bits, g, st.get("learned_rounding_steps"),
+                                              st.get("awq_grid", 20)).to_dict()
+                today = default_recipe().with_default(bits=bits, group_size=g).to_dict()
+                recipe, seed = _canonical(recorded)
+                if st.get("learned_rounding_steps") is None and recipe == _canonical(today)[0]:
+                    cell["runs"].append((seed, r["perplexity"], r["kl"], f.name))
+        flt = {"CPU": None, "GPU": None}
+        for f in sorted(RESULTS.glob(f"quality_{name}*.json")):
+            data = json.loads(f.read_text())
+            for r in data.get("results", []):
+                if r["variant"] == "float":
+                    key = "GPU" if "NVIDIA" in data["settings"].get("machine", "") else "CPU"
+                    flt[key] = flt[key] or r["perplexity"]
+        for (bits, g, machine), cell in sorted(runs.items(), key=lambda c: (-c[0][0], c[0][1], c[0][2])):
+            if not cell["runs"]:
+                continue
+            ordered = sorted(cell["runs"])
+            ppl = sum(r[1] for r in ordered) / len(ordered)
+            kl = sum(r[2] for r in ordered) / len(ordered)
+            rtn, base = cell["rtn"], flt[machine]
+            rec = (f"{100 * recovered(ppl, rtn, base):.1f}%" if rtn and base else "(no RTN run here)")
+            each = ", ".join(f"{p:.3f} ({k:.4f})" for _, p, k, _ in ordered)
+            ratio = f"{ppl / base:.2f}×" if base else "–"
+            lines.append(f"| {name} | {bits} | {g} | {machine} | {each} | **{ppl:.3f}** ({kl:.4f}) "
+                         f"| {ratio} | {f'{rtn:.3f}' if rtn else '–'} | {rec} |\n")
+    recipe = default_recipe().to_dict()
+    head = ("\n### The default today, every run on record\n\n"
+            f"`quantkit.defaults.DEFAULT` = `{DEFAULT}`: every row of the result files whose "
+            "recipe is the one a plain `quantkit quantize --bits B` runs now (the learned "
+            "rounding's order of sequences, `seed`, aside: each run of another order is listed), "
+            "perplexity (KL to float); the mean over the orders, and RTN measured on the same "
+            "kind of machine. Recipe (bits and group from the command): `"
+            + json.dumps({k: v for k, v in recipe.items() if k != "default"} | {
+                "default": {k: v for k, v in recipe["default"].items()
+                            if k not in ("bits", "group_size")}}, sort_keys=True) + "`.\n\n"
+            "| model | bits | group | machine | runs (perplexity, KL) | mean | mean ÷ float "
+            "| RTN | RTN loss recovered |\n|---|---:|---:|---|---|---:|---:|---:|---:|\n")
+    return head + "".join(lines)
 
 
 def main() -> None:
@@ -534,6 +667,9 @@ def main() -> None:
     ap.add_argument("--render", action="store_true", help="only write docs/results-quality.md")
     ap.add_argument("--grid-check", action="store_true",
                     help="only measure 4-bit RTN on SmolLM2's (Q4_1-derived) weights, g32 vs g64")
+    ap.add_argument("--first-position", action="store_true",
+                    help="only measure, per SmolLM2 block, how far the first position's hidden "
+                         "state and MLP input stand out (on --num-samples calibration windows)")
     ap.add_argument("--rtn-split", action="store_true",
                     help="only measure SmolLM2's RTN loss with the embedding/head alone, the "
                          "other layers alone, and all rounded (at --bits, first of them)")
@@ -548,6 +684,10 @@ def main() -> None:
     if args.rtn_split:
         rtn_split(Path(args.smollm2_dir), args.bits[0], args.group_size or 64, args.eval_samples,
                   args.eval_seq_len, RESULTS / f"quality_smollm2-135m_rtn_split_{args.bits[0]}bit.json")
+        return
+    if args.first_position:
+        first_position(Path(args.smollm2_dir), args.num_samples,
+                       args.seq_len, RESULTS / "quality_smollm2-135m_first_position.json")
         return
     if args.grid_check:
         grid_check(Path(args.smollm2_dir), RESULTS / "quality_smollm2-135m_q41_grid.json")

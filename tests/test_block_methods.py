@@ -157,11 +157,18 @@ def test_awq_spec_from_options_then_run_default():
 # -- learned rounding -------------------------------------------------------------------------
 
 def _quantized_block(model: nn.Module, arch: ArchSpec, tokens: mx.array, bits: int,
-                     index: int = 0) -> tuple[BlockContext, list[mx.array]]:
-    """Block ``index`` RTN-quantized in MLX's format, with its float layers and outputs."""
+                     index: int = 0, first_scale: float = 1.0
+                     ) -> tuple[BlockContext, list[mx.array]]:
+    """Block ``index`` RTN-quantized in MLX's format, with its float layers and outputs
+    (``first_scale``: the hidden state of each sequence's first position multiplied by it, as
+    the massive first position of trained models)."""
     from mlx.utils import tree_flatten
 
     ctx = block_context(model, arch, tokens, index=index)
+    if first_scale != 1.0:
+        inputs = [mx.concatenate([first_scale * x[:, :1], x[:, 1:]], axis=1) for x in ctx.inputs]
+        ctx = attrs.evolve(ctx, inputs=inputs,
+                           forward=lambda m, j: m(inputs[j], "causal", None))
     targets = [ctx.forward(ctx.block, j) for j in range(len(ctx.inputs))]
     mx.eval(targets)
     floats = {}
@@ -231,7 +238,8 @@ def test_learned_rounding_tunes_experts_stories_moe():
 
 # -- the whole walk: AWQ + GPTQ + learned rounding, written and read by mlx_lm ----------------
 
-def test_awq_gptq_learned_rounding_output_loads_in_mlx_lm(tmp_path):
+@pytest.mark.parametrize("norm_step", [0.0, 1.0])
+def test_awq_gptq_learned_rounding_output_loads_in_mlx_lm(tmp_path, norm_step):
     import mlx_lm
 
     from quantkit import Recipe
@@ -245,7 +253,8 @@ def test_awq_gptq_learned_rounding_output_loads_in_mlx_lm(tmp_path):
     events = []
     recipe = attrs.evolve(Recipe.uniform("gptq", bits=3, group_size=32),
                           transforms=(ActivationAwareScaling(n_grid=5),),
-                          optimizers=(LearnedRounding(steps=10, eval_every=5),))
+                          optimizers=(LearnedRounding(steps=10, eval_every=5,
+                                                      norm_step=norm_step),))
     walker = ModelWalker(recipe=recipe, progress=lambda e, info: events.append((e, info)))
     result = walker.run(model, tokens)
     tuned = [i["figures"] for e, i in events if e == "optimizer"]
@@ -397,6 +406,61 @@ def test_lr_scale_is_a_step_relative_to_the_number_of_steps():
         assert figures["loss_after"] < figures["loss_before"]
         runs[name] = _quantized_bytes(ctx.block)
     assert runs["half"] == runs["lr"] and runs["half"] != runs["full"]
+
+
+def test_norm_step_tunes_the_blocks_norms_within_bounds_and_never_worse():
+    """``norm_step`` tunes the block's norm weights with its layers: the stored objective is
+    measured with them (never above the start), each weight moves by at most half of itself,
+    runs are deterministic; without it the norms are the float block's."""
+    runs = []
+    for norm_step in (1.0, 1.0, 0.0):
+        model = tiny_llama()
+        tokens = mx.random.randint(0, 96, (4, 32), key=mx.random.key(1))
+        ctx, targets = _quantized_block(model, LLAMA, tokens, bits=2)
+        start = {n: np.array(getattr(ctx.block, n).weight)
+                 for n in ("input_layernorm", "post_attention_layernorm")}
+        figures = LearnedRounding(method="signround", steps=20, lr=0.05, eval_every=5,
+                                  norm_step=norm_step).optimize(ctx, targets)
+        assert figures["loss_after"] < figures["loss_before"]
+        assert figures["loss_after"] == pytest.approx(_block_loss(ctx, targets), rel=1e-3)
+        for n, w0 in start.items():
+            w = np.array(getattr(ctx.block, n).weight)
+            if norm_step:
+                assert not np.array_equal(w, w0)
+                assert np.all(np.abs(w / w0 - 1) <= 0.5 + 1e-2)  # (bfloat16 storage)
+            else:
+                assert np.array_equal(w, w0)
+        runs.append((_quantized_bytes(ctx.block), figures["loss_after"]))
+    assert runs[0] == runs[1] and runs[0][0] != runs[2][0]
+
+
+def test_token_weighting_measures_each_positions_error_relative_to_its_size():
+    """``weighting = "token"``: each output position's squared error divided by its target's
+    mean square (float64 reference); the figures are that objective of the stored values, it
+    never increases, and a block whose first position is 30x the others' is tuned differently
+    from the plain mean squared error."""
+    from quantkit.kernels.rounding import token_weights
+
+    t = np.random.default_rng(0).normal(0, 2, (2, 5, 16))
+    expect = 1 / np.mean(t.astype(np.float64) ** 2, axis=-1, keepdims=True)
+    assert np.allclose(np.array(token_weights(mx.array(t.astype(np.float32)))), expect, rtol=1e-5)
+
+    runs = {}
+    for weighting in ("none", "token"):
+        model = tiny_llama()
+        tokens = mx.random.randint(0, 96, (4, 32), key=mx.random.key(1))
+        ctx, targets = _quantized_block(model, LLAMA, tokens, bits=2, first_scale=30.0)
+        figures = LearnedRounding(method="signround", steps=20, lr=0.05, eval_every=5,
+                                  weighting=weighting).optimize(ctx, targets)
+        assert figures["loss_after"] < figures["loss_before"]
+        outputs = [ctx.forward(ctx.block, j) for j in range(len(ctx.inputs))]
+        d2 = np.concatenate([(np.array(o, np.float64) - np.array(t, np.float64)) ** 2
+                             for o, t in zip(outputs, targets)])
+        t2 = np.concatenate([np.array(t, np.float64) ** 2 for t in targets]).mean(-1, keepdims=True)
+        stored = np.mean(d2 / t2) if weighting == "token" else np.mean(d2)
+        assert figures["loss_after"] == pytest.approx(stored, rel=1e-3)
+        runs[weighting] = _quantized_bytes(ctx.block)
+    assert runs["none"] != runs["token"]
 
 
 def test_rows_of_a_batch_cut_per_sequence_masks():

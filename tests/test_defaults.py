@@ -91,3 +91,45 @@ def test_quality_benchmark_builds_the_cli_recipes(monkeypatch, tmp_path):
     for name, table in PIPELINES.items():
         measured = quality.variant_recipe(name, 3, 32, lr_steps=None, awq_grid=20)
         assert Recipe.from_dict(table).with_default(bits=3, group_size=32) == measured, name
+
+
+def test_quality_render_lists_every_run_of_todays_default(monkeypatch, tmp_path):
+    """``quality.py --render``'s table of the default: the rows whose recipe is today's default
+    (named variants of the same recipe and ``default`` rows that recorded it; each order of the
+    learned rounding's sequences listed), their mean, and RTN from the same kind of machine;
+    rows of other recipes are left out."""
+    spec = importlib.util.spec_from_file_location("quality_render", REPO / "benchmarks" / "quality.py")
+    assert spec is not None and spec.loader is not None
+    quality = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "quality_render", quality)
+    spec.loader.exec_module(quality)
+    monkeypatch.setattr(quality, "RESULTS", tmp_path)
+    today = quality.DEFAULT
+    cpu = {"machine": "Linux-x86_64", "learned_rounding_steps": None, "awq_grid": 20}
+
+    def write(name, rows, settings=cpu):
+        (tmp_path / name).write_text(json.dumps({"settings": settings, "results": rows}))
+
+    flt = {"variant": "float", "bits": 16, "perplexity": 10.0, "kl": 0.0}
+    write("quality_smollm2-135m_a.json", [flt, {"variant": "rtn", "bits": 4, "group_size": 64,
+                                                "perplexity": 20.0, "kl": 1.0}])
+    write("quality_smollm2-135m_b.json", [flt, {"variant": today, "bits": 4, "group_size": 64,
+                                                "perplexity": 13.0, "kl": 0.2}])
+    write("quality_smollm2-135m_c.json", [flt, {"variant": f"{today}_s1", "bits": 4,
+                                                "group_size": 64, "perplexity": 15.0, "kl": 0.4}])
+    recorded = quality.default_recipe().with_default(bits=4, group_size=64).to_dict()
+    old = quality.default_recipe(fast=True).with_default(bits=4, group_size=64).to_dict()
+    write("quality_smollm2-135m_d.json", [
+        flt, {"variant": "default", "bits": 4, "group_size": 64, "perplexity": 14.0, "kl": 0.3,
+              "recipe": recorded},
+        {"variant": "default", "bits": 3, "group_size": 64, "perplexity": 99.0, "kl": 3.0,
+         "recipe": old},  # another recipe: not today's default
+        {"variant": "gptq_best", "bits": 4, "group_size": 64, "perplexity": 11.0, "kl": 0.1}])
+    table = quality._current_default()
+    rows = [line for line in table.splitlines() if line.startswith("| smollm2-135m")]
+    assert len(rows) == 1
+    cells = [c.strip() for c in rows[0].strip("|").split("|")]
+    assert cells[:4] == ["smollm2-135m", "4", "64", "CPU"]
+    assert cells[4] == "13.000 (0.2000), 14.000 (0.3000), 15.000 (0.4000)"
+    assert cells[5] == "**14.000** (0.3000)" and cells[6] == "1.40×"
+    assert cells[7] == "20.000" and cells[8] == "60.0%"  # (20 - 14) / (20 - 10)

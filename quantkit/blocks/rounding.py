@@ -48,11 +48,12 @@ from ..kernels.rounding import (
     learned_weight_grads,
     sign_step,
     step_scale,
+    token_weights,
 )
 from .base import BlockContext, BlockOptimizer, register_optimizer
 
 _STORAGE = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
-_BOUNDS = {"v": 0.5, "ds": 0.5, "db": 1.0}
+_BOUNDS = {"v": 0.5, "ds": 0.5, "db": 1.0, "dn": 0.5}
 
 
 @attrs.frozen
@@ -132,6 +133,17 @@ class LearnedRounding(BlockOptimizer):
     #: same amount in the direction that lowers the objective, so the row's output moves in
     #: proportion to its number of inputs, where rounding's own error grows as its square root.
     step_width: int | None = attrs.field(default=None, validator=_none_or_positive)
+    #: Also tune the block's norm weights (RMSNorm / LayerNorm scales, kept in float by the
+    #: output), each by a relative adjustment ``w (1 + dn)``, ``dn`` in ``[-0.5, 0.5]``, moved by
+    #: signed steps ``norm_step`` times the rounding's step (0: norms not tuned), as in norm
+    #: tweaking (Li et al., 2023), here against the same block objective.
+    norm_step: float = attrs.field(default=0.0, validator=attrs.validators.ge(0))
+    #: How the squared errors of a block's output positions are weighed: ``"none"``, alike;
+    #: ``"token"``, each position's divided by its target's mean square, so the objective is
+    #: the error relative to the hidden state's size, which is what the next RMSNorm passes on
+    #: (a model's first position can carry a hidden state ~100x the others', whose errors would
+    #: otherwise dominate the objective).
+    weighting: str = attrs.field(default="none", validator=attrs.validators.in_(("none", "token")))
 
     def optimize(self, ctx: BlockContext, targets: Sequence[mx.array]) -> dict[str, Any]:
         layers = self._layers(ctx)
@@ -141,6 +153,8 @@ class LearnedRounding(BlockOptimizer):
         # part in every sum, with zero contributions: the processes' sums must pair up.
         storage = _STORAGE[self.storage]
         params = {L.path: self._initial(L) for L in layers}
+        norms = _norms(ctx.block) if self.norm_step > 0 else []
+        params.update({n.key: {"dn": mx.zeros(n.weight.shape)} for n in norms})
         mx.eval(params)
         calls: list[str] = []  # the tuned layers in the order a forward pass calls them
         tuned = [_Tuned(L, storage, calls) for L in layers]
@@ -152,6 +166,8 @@ class LearnedRounding(BlockOptimizer):
         def use(p: dict | None, recompute: bool = False) -> None:
             for t in tuned:
                 t.use(None if p is None else p[t.layer.path], recompute)
+            for n in norms:
+                n.module.weight = n.weight if p is None else n.adjusted(p[n.key]["dn"], storage)
 
         kl = ctx.objective == "kl"
 
@@ -163,7 +179,8 @@ class LearnedRounding(BlockOptimizer):
                 out = ctx.forward(_Rows(ctx.block, rows, targets[j].shape[0]), j)
             if kl:
                 return mx.mean(kl_divergence(targets[j][rows], out))
-            return mx.mean(mx.square(out - targets[j][rows]))
+            t = targets[j][rows]
+            return mx.mean(self._weights(t) * mx.square(out - t))
 
         # The objective's forward passes run ``batch_size`` sequences at a time where the
         # outputs are the same bytes as a whole batch's (on a CPU, see _rows_exact); the
@@ -193,7 +210,8 @@ class LearnedRounding(BlockOptimizer):
             else:
                 for j in range(len(ctx.inputs)):
                     d = forward(j) - targets[j]
-                    total = total + mx.stack([mx.sum(mx.square(d)), mx.array(float(d.size))])
+                    total = total + mx.stack([mx.sum(self._weights(targets[j]) * mx.square(d)),
+                                              mx.array(float(d.size))])
                     mx.eval(total)
             use(None)  # (the dense weights go)
             total = ctx.reduce(total)
@@ -210,6 +228,7 @@ class LearnedRounding(BlockOptimizer):
         lr0 = self.lr if self.lr is not None else self.lr_scale / max(steps, 1)
         scale = {L.path: step_scale(L.scales.shape[-1] * L.module.group_size, self.step_width)
                  for L in layers}
+        scale.update({n.key: self.norm_step for n in norms})
         install("tuned")
         try:
             # The objective needs no gradients: measured with the attention the pipeline
@@ -218,6 +237,7 @@ class LearnedRounding(BlockOptimizer):
             # The best measured state is kept as the stored values it gives (packed codes,
             # scales, biases: ~1/6 of the float offsets at 4 bits), not as the offsets.
             best_stored: dict[str, dict[str, mx.array]] | None = None
+            best_norms: dict[str, mx.array] = {}
             best_step = 0
             order: list[int] = []
             for step in range(steps):
@@ -265,14 +285,26 @@ class LearnedRounding(BlockOptimizer):
                         for L in layers:  # one layer's weight made at a time
                             best_stored[L.path] = _stored(L, params[L.path], storage)
                             mx.eval(best_stored[L.path])
+                        best_norms = {n.key: n.adjusted(params[n.key]["dn"], storage)
+                                      for n in norms}
+                        mx.eval(best_norms)
         finally:
             install("quantized")
+            use(None)
         if best_stored is not None:
             for L in layers:
                 L.module.update(best_stored[L.path])
                 mx.eval(L.module.parameters())
+            for n in norms:
+                n.module.weight = best_norms[n.key]
         return {"layers": len(layers), "loss_before": before, "loss_after": best,
                 "best_step": best_step, "method": self.method, "steps": steps}
+
+    def _weights(self, targets: mx.array) -> mx.array | float:
+        """The weight of each output position's squared error (see ``weighting``)."""
+        if self.weighting == "none":
+            return 1.0
+        return token_weights(targets)
 
     def _layers(self, ctx: BlockContext) -> list[_Layer]:
         out = []
@@ -316,6 +348,33 @@ class LearnedRounding(BlockOptimizer):
             else:
                 p["v"] = mx.clip(codes - L.u, -0.5, 0.5)
         return p
+
+@attrs.frozen
+class _Norm:
+    """A norm of the block whose weight is tuned: ``weight`` its value before tuning."""
+
+    path: str
+    module: nn.Module
+    weight: mx.array
+
+    @property
+    def key(self) -> str:  # (a layer path never holds a space)
+        return "norm " + self.path
+
+    def adjusted(self, dn: mx.array, storage: mx.Dtype) -> mx.array:
+        """The weight ``w (1 + dn)``, rounded to ``storage`` and held in the weight's dtype."""
+        w = self.weight.astype(mx.float32) * (1 + dn)
+        return w.astype(storage).astype(self.weight.dtype)
+
+
+def _norms(block: nn.Module) -> list[_Norm]:
+    """The block's norms with a weight (RMSNorm and LayerNorm, mlx's or a model's own class of
+    that name), in module order."""
+    leaves: Any = tree_flatten(block.leaf_modules(), is_leaf=nn.Module.is_module)
+    return [_Norm(path, m, m.weight) for path, m in leaves
+            if isinstance(m, (nn.RMSNorm, nn.LayerNorm))
+            or (type(m).__name__.endswith(("RMSNorm", "LayerNorm")) and "weight" in m)]
+
 
 def _stored(L: _Layer, q: dict, storage: mx.Dtype) -> dict[str, mx.array]:
     """The arrays ``L``'s quantized layer stores for the learned parameters ``q`` (its

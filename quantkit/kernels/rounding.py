@@ -80,6 +80,13 @@ def learned_weight_grads(u: mx.array, v: mx.array, scales0: mx.array, biases0: m
     return dv, dds, ddb
 
 
+def token_weights(targets: mx.array, eps: float = 1e-12) -> mx.array:
+    """``1 / mean(t²)`` over the last axis of ``targets``, per position, ``(..., 1)`` (float32):
+    weights that make a squared error relative to the size of the position's target."""
+    t = targets.astype(mx.float32)
+    return 1.0 / (mx.mean(mx.square(t), axis=-1, keepdims=True) + eps)
+
+
 def kl_divergence(target_logits: mx.array, logits: mx.array) -> mx.array:
     """``KL(softmax(target) ‖ softmax(logits))`` over the last axis, per position (float32)."""
     log_p = target_logits.astype(mx.float32)
