@@ -121,10 +121,7 @@ VARIANTS: dict[str, tuple[str, dict, bool, str | None]] = {
     "gptq_best_lr_td_tw": ("gptq", BEST, False, "signround"),
     "gptq_best_lr_td_lrh_b4": ("gptq", BEST, False, "signround"),
     "gptq_best_lr_td_lrh_b1": ("gptq", BEST, False, "signround"),
-    "gptq_best_tc20": ("gptq", BEST, False, None),
 }
-#: Hessians with each batch's rows capped at this many times the median row's energy.
-TOKEN_CAP = {"gptq_best_tc20": 20.0}
 #: ``[embedding]`` table of a variant (the _hd rules' damping through the handler: the same
 #: arrays, tests/test_recipe.py).
 EMBEDDING: dict[str, dict] = {
@@ -134,7 +131,7 @@ EMBEDDING: dict[str, dict] = {
         "gptq_best_lr_td_hs", "gptq_best_lr_td_sw", "gptq_best_lr_td_lrq",
         "gptq_best_lr_td_lrh_n1", "gptq_best_lr_td_lrh_n03", "gptq_best_lr_td_lrh_n01",
         "gptq_best_lr_td_lrh_tw", "gptq_best_lr_td_tw", "gptq_best_lr_td_lrh_b4",
-        "gptq_best_lr_td_lrh_b1", "gptq_best_tc20")},
+        "gptq_best_lr_td_lrh_b1")},
     "gptq_best_lr_td02": {"tied_damping": 0.2},
 }
 #: ``[moe]`` table of a variant: experts' Hessians blended with the layer's (λ = 16, the best of
@@ -258,9 +255,6 @@ def quantize(variant: str, model: nn.Module, tokens: mx.array, bits: int, group_
         return True
     if variant == "mlx_dwq":
         return _mlx_dwq(model, tokens, bits, group_size)
-    from quantkit.hessian import DenseHessianCollector
-
-    DenseHessianCollector.token_cap = TOKEN_CAP.get(variant)  # (an experiment's switch)
     ModelWalker(recipe=variant_recipe(variant, bits, group_size, lr_steps, awq_grid)).run(
         model, tokens)
     return True

@@ -39,20 +39,9 @@ class HessianCollector(abc.ABC):
         return []
 
 
-def capped_rows(x: mx.array, cap: float) -> mx.array:
-    """``x (m, in)`` with each row whose squared norm is above ``cap`` times the median row's
-    scaled down to that (its ``x xᵀ`` weighed by ``cap·median / ‖x‖²``)."""
-    e = mx.sum(mx.square(x), axis=-1, keepdims=True)
-    limit = cap * mx.sort(e, axis=0)[e.shape[0] // 2]
-    return x * mx.sqrt(mx.minimum(1.0, limit / mx.maximum(e, 1e-30)))
-
-
 class DenseHessianCollector(HessianCollector):
     """``XᵀX`` in float32, kept as a running mean so long calibrations neither overflow nor lose
-    small contributions to a huge running sum. ``token_cap``: each batch's rows capped at that
-    many times the median row's energy (:func:`capped_rows`; ``None``: as they are)."""
-
-    token_cap: float | None = None
+    small contributions to a huge running sum."""
 
     def __init__(self, in_features: int) -> None:
         self.h = mx.zeros((in_features, in_features), dtype=mx.float32)
@@ -60,8 +49,6 @@ class DenseHessianCollector(HessianCollector):
 
     def update(self, x: mx.array) -> None:
         x = x.reshape(-1, x.shape[-1]).astype(mx.float32)
-        if self.token_cap is not None and x.shape[0]:
-            x = capped_rows(x, self.token_cap)
         m = x.shape[0]
         if m == 0:
             return

@@ -281,11 +281,6 @@ class HostHessianCollector(HessianCollector):
         return []
 
     def _add(self, rows: np.ndarray) -> None:
-        cap = DenseHessianCollector.token_cap
-        if cap is not None and rows.shape[0]:
-            e = np.einsum("ij,ij->i", rows, rows)[:, None]
-            limit = np.float32(cap) * np.sort(e, axis=0)[e.shape[0] // 2]
-            rows = rows * np.sqrt(np.minimum(np.float32(1), limit / np.maximum(e, 1e-30)))
         if isinstance(self.h, mx.array):  # updated after stats(): back to a NumPy copy
             self.h = np.array(self.h)
         # a reused whole-product buffer only where the product is not taken in column slices
