@@ -189,7 +189,7 @@ LR_OPTIONS: dict[str, dict] = {
 for _base in ("gptq_best_lr_td", "gptq_best_lr_hdp", "gptq_best_lr_td_lrh", "gptq_best_lr_td_sw",
               "gptq_best_lr_hdp_sw", "gptq_best_lr_hdp_lrh", "gptq_best_lr_td_lrq",
               "gptq_best_lr_td_lrh_n1", "gptq_best_lr_td_lrh_n03", "gptq_best_lr_td_lrh_n01",
-              "gptq_best_lr_td_lrh_tw", "gptq_best_lr_td_tw"):
+              "gptq_best_lr_td_lrh_tw", "gptq_best_lr_td_tw", "gptq_best_lr_td_lrh_b1"):
     for _seed in (1, 2):
         _name = f"{_base}_s{_seed}"
         VARIANTS[_name] = VARIANTS[_base]
