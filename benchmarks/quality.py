@@ -582,6 +582,7 @@ def _current_default() -> str:
     lines = []
     for name in MODELS:
         runs: dict[tuple, dict] = {}
+        flt: dict[str, float | None] = {"CPU": None, "GPU": None}
         for f in sorted(RESULTS.glob(f"quality_{name}*.json")):
             data = json.loads(f.read_text())
             if "results" not in data:
@@ -590,6 +591,8 @@ def _current_default() -> str:
             machine = "GPU" if "NVIDIA" in st.get("machine", "") else "CPU"
             for r in data["results"]:
                 v, bits, g = r["variant"], r["bits"], r.get("group_size")
+                if v == "float":
+                    flt[machine] = flt[machine] or r["perplexity"]
                 if bits == 16 or v in MLX_LM:
                     continue
                 cell = runs.setdefault((bits, g, machine), {"runs": [], "rtn": None})
@@ -609,13 +612,6 @@ def _current_default() -> str:
                 recipe, seed = _canonical(recorded)
                 if st.get("learned_rounding_steps") is None and recipe == _canonical(today)[0]:
                     cell["runs"].append((seed, r["perplexity"], r["kl"], f.name))
-        flt = {"CPU": None, "GPU": None}
-        for f in sorted(RESULTS.glob(f"quality_{name}*.json")):
-            data = json.loads(f.read_text())
-            for r in data.get("results", []):
-                if r["variant"] == "float":
-                    key = "GPU" if "NVIDIA" in data["settings"].get("machine", "") else "CPU"
-                    flt[key] = flt[key] or r["perplexity"]
         for (bits, g, machine), cell in sorted(runs.items(), key=lambda c: (-c[0][0], c[0][1], c[0][2])):
             if not cell["runs"]:
                 continue

@@ -349,6 +349,7 @@ class LearnedRounding(BlockOptimizer):
                 p["v"] = mx.clip(codes - L.u, -0.5, 0.5)
         return p
 
+
 @attrs.frozen
 class _Norm:
     """A norm of the block whose weight is tuned: ``weight`` its value before tuning."""
