@@ -36,6 +36,7 @@ the tables of ``docs/results-quality.md`` from those files.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
 import os
@@ -58,6 +59,7 @@ from quantkit.blocks.awq import ActivationAwareScaling  # noqa: E402
 from quantkit.blocks.rounding import LearnedRounding  # noqa: E402
 from quantkit.calibration import make_batches, read_text, tokenize  # noqa: E402
 from quantkit.defaults import DEFAULT, default_recipe  # noqa: E402
+from quantkit.pipeline.distill import distill  # noqa: E402
 from quantkit.walker import ModelWalker  # noqa: E402
 
 SHARED = Path(os.environ.get("QUANTKIT_SHARED", REPO.parent / "shared"))
@@ -121,6 +123,10 @@ VARIANTS: dict[str, tuple[str, dict, bool, str | None]] = {
     "gptq_best_lr_td_tw": ("gptq", BEST, False, "signround"),
     "gptq_best_lr_td_lrh_b4": ("gptq", BEST, False, "signround"),
     "gptq_best_lr_td_lrh_b1": ("gptq", BEST, False, "signround"),
+    "gptq_best_lr_td_lrh_kd": ("gptq", BEST, False, "signround"),
+    "gptq_best_lr_td_lrh_kd2": ("gptq", BEST, False, "signround"),
+    "gptq_best_lr_td_lrh_kd_lr3": ("gptq", BEST, False, "signround"),
+    "gptq_best_lr_td_lrh_kd2_lr3": ("gptq", BEST, False, "signround"),
 }
 #: ``[embedding]`` table of a variant (the _hd rules' damping through the handler: the same
 #: arrays, tests/test_recipe.py).
@@ -131,7 +137,8 @@ EMBEDDING: dict[str, dict] = {
         "gptq_best_lr_td_hs", "gptq_best_lr_td_sw", "gptq_best_lr_td_lrq",
         "gptq_best_lr_td_lrh_n1", "gptq_best_lr_td_lrh_n03", "gptq_best_lr_td_lrh_n01",
         "gptq_best_lr_td_lrh_tw", "gptq_best_lr_td_tw", "gptq_best_lr_td_lrh_b4",
-        "gptq_best_lr_td_lrh_b1")},
+        "gptq_best_lr_td_lrh_b1", "gptq_best_lr_td_lrh_kd", "gptq_best_lr_td_lrh_kd2",
+        "gptq_best_lr_td_lrh_kd_lr3", "gptq_best_lr_td_lrh_kd2_lr3")},
     "gptq_best_lr_td02": {"tied_damping": 0.2},
 }
 #: ``[moe]`` table of a variant: experts' Hessians blended with the layer's (λ = 16, the best of
@@ -183,17 +190,28 @@ LR_OPTIONS: dict[str, dict] = {
     # the same passes in steps of 4 sequences (half as many steps) or of 1 (twice as many)
     "gptq_best_lr_td_lrh_b4": {"lr_scale": 0.5, "batch_size": 4},
     "gptq_best_lr_td_lrh_b1": {"lr_scale": 0.5, "batch_size": 1},
+    **{v: {"lr_scale": 0.5} for v in ("gptq_best_lr_td_lrh_kd", "gptq_best_lr_td_lrh_kd2",
+                                      "gptq_best_lr_td_lrh_kd_lr3", "gptq_best_lr_td_lrh_kd2_lr3")},
+}
+#: ``[distill]`` table of a variant: the default followed by end-to-end distillation of the
+#: scales and biases (quantkit.pipeline.distill), one or two passes, Adam's lr 1e-5 or 3e-5.
+DISTILL: dict[str, dict] = {
+    "gptq_best_lr_td_lrh_kd": {},
+    "gptq_best_lr_td_lrh_kd2": {"epochs": 2},
+    "gptq_best_lr_td_lrh_kd_lr3": {"lr": 3e-5},
+    "gptq_best_lr_td_lrh_kd2_lr3": {"epochs": 2, "lr": 3e-5},
 }
 #: Variants also run with the learned rounding's sequences drawn in other orders (its noise):
 #: ``NAME_s1``, ``NAME_s2``, the same recipe with ``seed`` 1 and 2.
 for _base in ("gptq_best_lr_td", "gptq_best_lr_hdp", "gptq_best_lr_td_lrh", "gptq_best_lr_td_sw",
               "gptq_best_lr_hdp_sw", "gptq_best_lr_hdp_lrh", "gptq_best_lr_td_lrq",
               "gptq_best_lr_td_lrh_n1", "gptq_best_lr_td_lrh_n03", "gptq_best_lr_td_lrh_n01",
-              "gptq_best_lr_td_lrh_tw", "gptq_best_lr_td_tw", "gptq_best_lr_td_lrh_b1"):
+              "gptq_best_lr_td_lrh_tw", "gptq_best_lr_td_tw", "gptq_best_lr_td_lrh_b1",
+              "gptq_best_lr_td_lrh_kd"):
     for _seed in (1, 2):
         _name = f"{_base}_s{_seed}"
         VARIANTS[_name] = VARIANTS[_base]
-        for _table in (EMBEDDING, RULES):
+        for _table in (EMBEDDING, RULES, DISTILL):
             if _base in _table:
                 _table[_name] = _table[_base]  # type: ignore[index]
         LR_OPTIONS[_name] = {**LR_OPTIONS.get(_base, {}), "seed": _seed}
@@ -255,8 +273,15 @@ def quantize(variant: str, model: nn.Module, tokens: mx.array, bits: int, group_
         return True
     if variant == "mlx_dwq":
         return _mlx_dwq(model, tokens, bits, group_size)
-    ModelWalker(recipe=variant_recipe(variant, bits, group_size, lr_steps, awq_grid)).run(
-        model, tokens)
+    recipe = variant_recipe(variant, bits, group_size, lr_steps, awq_grid)
+    teacher = None
+    if recipe.distill is not None:  # the float model, as quantize_model copies it
+        teacher = copy.deepcopy(model)
+        teacher.set_dtype(mx.float32)
+    ModelWalker(recipe=recipe).run(model, tokens)
+    if teacher is not None:
+        assert recipe.distill is not None
+        distill(model, teacher, tokens, recipe.distill)
     return True
 
 
@@ -264,7 +289,6 @@ def _mlx_dwq(model: nn.Module, tokens: mx.array, bits: int, group_size: int) -> 
     """mlx-lm's DWQ: round to nearest with mlx-lm, then distil the float model's logits into the
     scales and biases (``dwq_quantize``) on the calibration windows. The float model is a copy of
     ``model`` taken before quantizing; validation windows are the first DWQ_BATCH windows."""
-    import copy
 
     import mlx.optimizers as optim
     from mlx_lm.quant.dwq import dwq_quantize
@@ -292,7 +316,8 @@ def variant_recipe(variant: str, bits: int, group_size: int, lr_steps: int | Non
         Recipe.from_dict({"default": {"strategy": strategy, "bits": bits, "group_size": group_size,
                                       **options}, "rules": RULES.get(variant, []),
                           **({"embedding": EMBEDDING[variant]} if variant in EMBEDDING else {}),
-                          **({"moe": MOE[variant]} if variant in MOE else {})}),
+                          **({"moe": MOE[variant]} if variant in MOE else {}),
+                          **({"distill": DISTILL[variant]} if variant in DISTILL else {})}),
         transforms=(ActivationAwareScaling(n_grid=awq_grid),) if awq else (),
         optimizers=(LearnedRounding(method=lr, steps=lr_steps,
                                     target="float_model" if "_fm" in variant else "float_block",
@@ -360,6 +385,10 @@ def run_model(name: str, args) -> None:
             if not ran:
                 print(f"{name:<20} {variant:<18} {bits}  (does not run here)", flush=True)
                 continue
+            if args.save_weights:  # for benchmarks/distill_saved.py
+                Path(args.save_weights).mkdir(parents=True, exist_ok=True)
+                mx.save_safetensors(str(Path(args.save_weights) / f"{name}_{variant}_{bits}b_g{group_size}"
+                                        ".safetensors"), dict(tree_flatten(model.parameters())))
             ppl, kl = evaluate(dequantized(model), reference, windows)
             row = {"variant": variant, "bits": bits, "group_size": group_size, "perplexity": ppl,
                    "kl": kl, "time_s": round(secs, 1), "peak_gb": round(peak, 3)}
@@ -643,6 +672,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     ap.add_argument("--bits", type=int, nargs="+", default=[3, 4, 2])
+    ap.add_argument("--save-weights", default=None, metavar="DIR",
+                    help="save each quantized model's parameters to DIR/MODEL_VARIANT_Bb_gG.safetensors "
+                         "(the input of benchmarks/distill_saved.py)")
     ap.add_argument("--only", nargs="+", choices=[*VARIANTS, *DEFAULTS, *MLX_LM], default=None,
                     help="variants to run (default: all)")
     ap.add_argument("--group-size", type=int, default=None,

@@ -75,6 +75,15 @@ PIPELINES: dict[str, dict[str, Any]] = {
         "optimizer": [{"name": "learned_rounding", "method": "signround", "lr_scale": 0.5}],
         "embedding": {"tied_damping": 0.1},
     },
+    # The default followed by end-to-end distillation of every layer's scales and biases
+    # (quantkit.pipeline.distill; `--distill`): it holds the float and the quantized model in
+    # memory, so it is not the streaming default (docs/results-quality.md).
+    "gptq_best_lr_td_lrh_kd": {
+        "default": _GPTQ_BEST,
+        "optimizer": [{"name": "learned_rounding", "method": "signround", "lr_scale": 0.5}],
+        "embedding": {"tied_damping": 0.1},
+        "distill": {},
+    },
     # AWQ needs the model family's table (quantkit/arch/): a model without one is refused.
     "awq_gptq_best_lr": {
         "default": _GPTQ_BEST,
@@ -98,4 +107,4 @@ def default_recipe(fast: bool = False) -> Recipe:
 def without_block_methods(recipe: Recipe) -> Recipe:
     """``recipe`` without its block transforms and optimizers (what ``--fast`` runs): only the
     per-layer solve, the costly whole-block methods (AWQ, learned rounding) left out."""
-    return attrs.evolve(recipe, transforms=(), optimizers=())
+    return attrs.evolve(recipe, transforms=(), optimizers=(), distill=None)

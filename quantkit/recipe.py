@@ -12,7 +12,9 @@ decoder block's solve: ``[[transform]]`` / ``[[optimizer]]`` tables, each a regi
 plus that class's options, in the order they run. A ``[moe]`` table sets the options of the
 mixture-of-experts layer handler (:class:`~quantkit.registry.SwitchLinearHandler`), e.g.
 ``calibrate_all_experts`` and ``hessian_shrinkage``; an ``[embedding]`` table those of the
-embedding handler (:class:`~quantkit.registry.EmbeddingHandler`): ``tied_damping``.
+embedding handler (:class:`~quantkit.registry.EmbeddingHandler`): ``tied_damping``. A
+``[distill]`` table asks for end-to-end distillation after the walk
+(:class:`~quantkit.pipeline.distill.Distillation`).
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from mlx_lm.models.switch_layers import SwitchLinear
 
 from .blocks.base import OPTIMIZERS, TRANSFORMS, BlockOptimizer, BlockTransform
 from .errors import PluginError, RecipeError, SpecError, describe
+from .pipeline.distill import Distillation
 from .plugins import load_plugins
 from .quantizers import Quantizer, check_options_class, strategy_options
 from .registry import DEFAULT_REGISTRY, EmbeddingHandler, LayerRegistry, SwitchLinearHandler
@@ -41,7 +44,8 @@ SKIP = "skip"
 SPEC_KEYS = ("bits", "group_size", "mode")
 RULE_KEYS = ("match", "strategy", *SPEC_KEYS)
 #: Top-level keys of a recipe table (``transform`` / ``optimizer``: arrays of tables).
-TOP_KEYS = ("plugins", "default", "rules", "transform", "optimizer", "moe", "embedding")
+TOP_KEYS = ("plugins", "default", "rules", "transform", "optimizer", "moe", "embedding",
+            "distill")
 
 
 def _is_bool(v: Any) -> bool:
@@ -150,6 +154,9 @@ class Recipe:
     #: ``[embedding]``: the options of the embedding handler this recipe sets (see
     #: :data:`EMBEDDING_KEYS`), as sorted ``(key, value)`` pairs.
     embedding: tuple[tuple[str, Any], ...] = ()
+    #: ``[distill]``: the end-to-end distillation run after the walk
+    #: (:mod:`quantkit.pipeline.distill`); ``None``: none.
+    distill: Distillation | None = None
 
     def layer_registry(self, base: LayerRegistry = DEFAULT_REGISTRY) -> LayerRegistry:
         """``base``, or a copy whose ``SwitchLinear`` and ``Embedding`` handlers take the
@@ -194,6 +201,8 @@ class Recipe:
             out["moe"] = dict(self.moe)
         if self.embedding:
             out["embedding"] = dict(self.embedding)
+        if self.distill is not None:
+            out["distill"] = self.distill.to_dict()
         return out
 
     def to_toml(self, header: str = "") -> str:
@@ -209,7 +218,7 @@ class Recipe:
         for key in ("transform", "optimizer"):
             for method in raw.get(key, []):
                 lines += ["", f"[[{key}]]", *(_toml_pair(k, v) for k, v in method.items())]
-        for key in ("moe", "embedding"):
+        for key in ("moe", "embedding", "distill"):
             if key in raw:
                 lines += ["", f"[{key}]", *(_toml_pair(k, v) for k, v in raw[key].items())]
         return "\n".join(lines) + "\n"
@@ -251,7 +260,7 @@ class Recipe:
         if unknown:
             raise RecipeError(
                 f"{source}: unknown top-level key {sorted(unknown)[0]!r}; use plugins = [...], "
-                "[default], [[rules]], [[transform]], [[optimizer]], [moe] and [embedding]"
+                "[default], [[rules]], [[transform]], [[optimizer]], [moe], [embedding] and [distill]"
             )
         plugins_raw = raw.get("plugins", [])
         if not isinstance(plugins_raw, list) or not all(isinstance(p, str) for p in plugins_raw):
@@ -289,8 +298,10 @@ class Recipe:
                            "calibrate_all_experts = true", source)
         embedding = _build_table(raw.get("embedding", {}), EMBEDDING_KEYS, "embedding",
                                  "embedding options, e.g. tied_damping = 0.1", source)
+        distill = _build_distill(raw["distill"], source) if "distill" in raw else None
         return cls(default=default, rules=tuple(rules), inherited=tuple(owned), plugins=plugins,
-                   transforms=transforms, optimizers=optimizers, moe=moe, embedding=embedding)
+                   transforms=transforms, optimizers=optimizers, moe=moe, embedding=embedding,
+                   distill=distill)
 
 
 def method_to_dict(method: Any) -> dict[str, Any]:
@@ -365,6 +376,20 @@ def _build_table(raw: Any, keys: Mapping[str, tuple[Any, str]], name: str, what:
         if not check(value):
             raise RecipeError(f"{where}: key {key!r} must be {wanted}, got {value!r}")
     return tuple(sorted((k, float(v) if k in _FLOAT_KEYS else v) for k, v in raw.items()))
+
+
+def _build_distill(raw: Any, source: str) -> Distillation:
+    """The ``[distill]`` table, validated (its keys: :class:`Distillation`'s options)."""
+    keys = [f.name for f in attrs.fields(Distillation)]
+    if not isinstance(raw, Mapping):
+        raise RecipeError(f"{source}: 'distill' must be a table ([distill]) of options {keys}")
+    for key in raw:
+        if key not in keys:
+            raise RecipeError(f"{source} [distill]: unknown key {key!r}; allowed keys: {keys}")
+    try:
+        return Distillation(**raw)
+    except RecipeError as exc:
+        raise RecipeError(f"{source} {exc}") from None
 
 
 def _toml_pair(key: str, value: Any) -> str:

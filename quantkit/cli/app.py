@@ -115,8 +115,9 @@ class ProgressView:
             name = "quantizing blocks"
             self.tasks[name] = self.bar.add_task(name, total=info["total"], completed=info["index"] + 1)
             return
-        if event in ("capture", "block"):
-            name = {"capture": "capturing inputs", "block": "quantizing blocks"}[event]
+        if event in ("capture", "block", "distill"):
+            name = {"capture": "capturing inputs", "block": "quantizing blocks",
+                    "distill": "distilling"}[event]
             if name not in self.tasks:
                 self.tasks[name] = self.bar.add_task(name, total=info["total"])
             self.bar.update(self.tasks[name], completed=info["index"] + 1)

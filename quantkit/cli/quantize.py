@@ -13,6 +13,7 @@ from enum import Enum
 from pathlib import Path
 from typing import Annotated, Optional
 
+import attrs
 import typer
 from rich.markup import escape
 
@@ -55,6 +56,7 @@ def quantize(
     batch_size: Annotated[Optional[int], typer.Option(help="sequences per forward pass (default: 8 on a CPU; on a GPU up to 32, as many as keep a batch's widest activation within 256 MB)")] = None,
     backend: Annotated[Backend, typer.Option(help="compute backend of calibration's linear layers and Hessians (auto: numpy on a CPU device, mlx otherwise)")] = Backend.auto,
     fast: Annotated[bool, typer.Option("--fast", help="leave out the block transforms and optimizers (AWQ, learned rounding) of the default pipeline or the recipe: much quicker, a little less accurate (docs/results-quality.md)")] = False,
+    distill: Annotated[bool, typer.Option("--distill", help="after quantizing, tune every layer's scales and biases end to end towards the float model's next-token distributions (a recipe's [distill] table at its defaults; holds the float and the quantized model in memory; docs/results-quality.md)")] = False,
     moe_calibrate_all_experts: Annotated[bool, typer.Option("--moe-calibrate-all-experts", help="collect every expert's Hessian from every calibration token (the block output still follows the router): no expert starved")] = False,
     overwrite: Annotated[bool, typer.Option(help="replace an existing output directory (and discard a checkpoint)")] = False,
     resume: Annotated[bool, typer.Option(help="continue an interrupted run from its checkpoint (starts afresh when there is none; a no-op on a finished output)")] = False,
@@ -99,7 +101,7 @@ def quantize(
             with removing_created_parents(output):
                 result, plan, rank = _quantize(
                     model_dir, output, recipe=recipe, plugin=plugin, bits=bits, group_size=group_size,
-                    strategy=strategy, fast=fast, target_bpw=target_bpw, calibration=calibration, pack=pack,
+                    strategy=strategy, fast=fast, distill=distill, target_bpw=target_bpw, calibration=calibration, pack=pack,
                     moe_calibrate_all_experts=moe_calibrate_all_experts, num_samples=num_samples, seq_len=seq_len, seed=seed, dtype=dtype,
                     batch_size=batch_size, backend=backend, overwrite=overwrite, resume=resume,
                     checkpoint=checkpoint, quiet=quiet or json_out, distributed=distributed,
@@ -164,7 +166,7 @@ def _return_freed_memory() -> None:
         pass
 
 
-def _quantize(model_dir, output, *, recipe, plugin, bits, group_size, strategy, fast, target_bpw, calibration,
+def _quantize(model_dir, output, *, recipe, plugin, bits, group_size, strategy, fast, distill, target_bpw, calibration,
               pack, moe_calibrate_all_experts, num_samples, seq_len, seed, dtype, batch_size, backend, overwrite, resume,
               checkpoint, quiet, distributed, shards, timeout):
     """The work of ``quantize`` in this process: ``(result, plan or None, rank)``."""
@@ -174,6 +176,7 @@ def _quantize(model_dir, output, *, recipe, plugin, bits, group_size, strategy, 
     from ..defaults import default_recipe, without_block_methods
     from ..distributed import Distributed
     from ..hub import resolve_model
+    from ..pipeline.distill import Distillation
     from ..recipe import Recipe
 
     interrupt.check("imports")
@@ -198,6 +201,8 @@ def _quantize(model_dir, output, *, recipe, plugin, bits, group_size, strategy, 
         base = Recipe() if strategy else default_recipe()
     if fast:
         base = without_block_methods(base)
+    if distill and base.distill is None:
+        base = attrs.evolve(base, distill=Distillation())
     rec = base.with_default(strategy=strategy, bits=bits, group_size=group_size)
     if moe_calibrate_all_experts:  # the recipe's [moe] calibrate_all_experts = true
         rec = rec.with_moe(calibrate_all_experts=True)
