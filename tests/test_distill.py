@@ -132,3 +132,24 @@ def test_distill_table_round_trips_and_fast_drops_it(tmp_path):
     assert without_block_methods(recipe).distill is None
     empty = Recipe.from_dict({"distill": {}})
     assert empty.distill is not None and Recipe.from_dict(copy.deepcopy(empty.to_dict())) == empty
+
+
+def test_cli_distill_flag_adds_the_stage_and_records_it(tmp_path):
+    from typer.testing import CliRunner
+
+    from quantkit.cli import app
+
+    model_dir = shared_path("models", "stories260K-pad192")
+    text = shared_path("text", "tinystories_sample.txt")
+    args = ["quantize", str(model_dir), "--strategy", "rtn", "--bits", "3", "--group-size", "32",
+            "--calibration", str(text), "--num-samples", "4", "--seq-len", "64", "--quiet"]
+    result = CliRunner().invoke(app, [*args, "-o", str(tmp_path / "d"), "--distill"])
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "d" / "quantization_report.json").read_text())
+    assert report["settings"]["recipe"]["distill"] == {}
+    (entry,) = [m for m in report["block_methods"] if m["kind"] == "distill"]
+    assert entry["figures"]["steps"] == 2 and "distill" in report["phases"]
+    plain = CliRunner().invoke(app, [*args, "-o", str(tmp_path / "p")])
+    assert plain.exit_code == 0, plain.output
+    report = json.loads((tmp_path / "p" / "quantization_report.json").read_text())
+    assert "distill" not in report["settings"]["recipe"] and not report["block_methods"]
