@@ -5,7 +5,8 @@ The block methods (:mod:`quantkit.blocks`) each match one block's outputs; what 
 the error the blocks add up to, and the output head, which no block method sees. This stage
 minimises the mean per-token KL divergence KL(float ‖ quantized) of the whole model, as mlx-lm's
 DWQ (``mlx_lm/quant/dwq.py``) and EfficientQAT's end-to-end step do: Adam on every affine
-quantized layer's ``scales`` and ``biases`` (a tied embedding once, for both its uses), the
+``QuantizedLinear``'s and ``QuantizedEmbedding``'s ``scales`` and ``biases`` (a tied embedding
+once, for both its uses; expert layers, ``QuantizedSwitchLinear``, are left as they are), the
 integer codes fixed, so the output keeps MLX's storage format and ``mlx_lm.load`` reads it
 unchanged. The layers compute with their dequantized weights while they are tuned (MLX
 differentiates :func:`mlx.core.dequantize` in its scales and biases; the matrix products are
