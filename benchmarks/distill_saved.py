@@ -21,12 +21,14 @@ to the file, keyed by their settings).
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import platform
 import sys
 import time
 from pathlib import Path
 
+import attrs
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
@@ -73,7 +75,6 @@ def main() -> None:
     windows = mx.array(np.asarray(ids[:n]).reshape(args.eval_samples, args.eval_seq_len))
 
     def figures() -> tuple[float, float]:
-        import copy
         return Q.evaluate(Q.dequantized(copy.deepcopy(student)), teacher, windows)
 
     ppl0, kl0 = figures()
@@ -82,7 +83,7 @@ def main() -> None:
     done = distill(student, teacher, calibration, config)
     secs = time.perf_counter() - t0
     ppl1, kl1 = figures()
-    row = {"weights": Path(args.weights).name, **attrs_dict(config),
+    row = {"weights": Path(args.weights).name, **attrs.asdict(config),
            "before": {"perplexity": ppl0, "kl": kl0}, "after": {"perplexity": ppl1, "kl": kl1},
            "stage": done.to_dict(), "time_s": round(secs, 1)}
     out = Q.RESULTS / f"distill_saved_{args.model}_{args.bits}b_g{group}{'_' + args.tag if args.tag else ''}.json"
@@ -98,10 +99,6 @@ def main() -> None:
     print(f"{args.model} {args.bits}b g{group} epochs {args.epochs} lr {args.lr:g} seed {args.seed}: "
           f"ppl {ppl0:.3f} -> {ppl1:.3f}  kl {kl0:.4f} -> {kl1:.4f}  "
           f"(calibration kl {done.kl_before:.4f} -> {done.kl_after:.4f}, kept {done.kept}, {secs:.0f} s)")
-
-
-def attrs_dict(config: Distillation) -> dict:
-    return {"epochs": config.epochs, "lr": config.lr, "batch_size": config.batch_size, "seed": config.seed}
 
 
 if __name__ == "__main__":
