@@ -80,7 +80,8 @@ def main() -> None:
     ppl0, kl0 = figures()
     config = Distillation(epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, seed=args.seed)
     t0 = time.perf_counter()
-    done = distill(student, teacher, calibration, config)
+    inputs = calibration[:, :-1]
+    done = distill(student, lambda idx: teacher(inputs[mx.array(idx)]), calibration, config)
     secs = time.perf_counter() - t0
     ppl1, kl1 = figures()
     row = {"weights": Path(args.weights).name, **attrs.asdict(config),

@@ -59,7 +59,6 @@ from quantkit.blocks.awq import ActivationAwareScaling  # noqa: E402
 from quantkit.blocks.rounding import LearnedRounding  # noqa: E402
 from quantkit.calibration import make_batches, read_text, tokenize  # noqa: E402
 from quantkit.defaults import DEFAULT, default_recipe  # noqa: E402
-from quantkit.pipeline.distill import distill  # noqa: E402
 from quantkit.walker import ModelWalker  # noqa: E402
 
 SHARED = Path(os.environ.get("QUANTKIT_SHARED", REPO.parent / "shared"))
@@ -274,14 +273,7 @@ def quantize(variant: str, model: nn.Module, tokens: mx.array, bits: int, group_
     if variant == "mlx_dwq":
         return _mlx_dwq(model, tokens, bits, group_size)
     recipe = variant_recipe(variant, bits, group_size, lr_steps, awq_grid)
-    teacher = None
-    if recipe.distill is not None:  # the float model, as quantize_model copies it
-        teacher = copy.deepcopy(model)
-        teacher.set_dtype(mx.float32)
-    ModelWalker(recipe=recipe).run(model, tokens)
-    if teacher is not None:
-        assert recipe.distill is not None
-        distill(model, teacher, tokens, recipe.distill)
+    ModelWalker(recipe=recipe).run(model, tokens)  # with its [distill] stage, if any
     return True
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import copy
 import json
 import os
 import shutil
@@ -35,8 +34,6 @@ from .host import resolve_backend
 from .io import block_staging_dir, check_output, load_model, save_streamed
 from .launch import TEMP_PREFIX
 from .mlxlm import bits_per_weight
-from .pipeline.distill import distill
-from .pipeline.dtypes import DTYPES
 from .pipeline.source import Background, scan_weights
 from .quantizers import Quantizer, RTNQuantizer
 from .recipe import Recipe
@@ -52,7 +49,6 @@ def quantize_model(
     batch_size: int | None = None, dtype: str | None = "float32",
     progress: Progress | None = None, checkpoint: Checkpoint | None = None,
     distributed: Distributed | None = None, backend: str = "auto",
-    teacher: nn.Module | None = None,
 ) -> WalkResult:
     """Quantize ``model`` in place with ``recipe`` (default: GPTQ 4-bit, group 64) using
     calibration ``tokens (num_samples, seq_len)``; ``checkpoint`` makes the walk resumable.
@@ -61,29 +57,14 @@ def quantize_model(
     ``backend``: where the calibration's dense arithmetic runs (``"auto"``: NumPy on a CPU
     device, MLX otherwise; see :mod:`quantkit.host`).
     With ``distributed``, every rank of the group calls this with the same arguments; each rank
-    ends with the whole quantized model.
-
-    A recipe with a ``[distill]`` table is followed by end-to-end distillation
-    (:mod:`quantkit.pipeline.distill`) against ``teacher``, the float model (default: a copy of
-    ``model`` taken before it is quantized); every rank runs it alike on all ``tokens``."""
-    config = getattr(recipe, "distill", None)
-    if config is not None and teacher is None:
-        teacher = copy.deepcopy(model)
+    ends with the whole quantized model. A recipe's ``[distill]`` table runs end-to-end
+    distillation after the walk (:mod:`quantkit.pipeline.distill`)."""
     walker = ModelWalker(
         recipe=recipe or Recipe(), registry=registry, fallback=fallback or RTNQuantizer(),
         batch_size=batch_size or auto_batch_size(model, tokens.shape[-1]), dtype=dtype,
         progress=progress, distributed=distributed or Distributed(), backend=backend,
     )
     result = walker.run(model, tokens, checkpoint=checkpoint)
-    if config is not None:
-        assert teacher is not None
-        if dtype is not None:
-            teacher.set_dtype(DTYPES[dtype])
-        t0 = time.perf_counter()
-        done = distill(model, teacher, tokens, config, progress)
-        result.report.phases["distill"] = time.perf_counter() - t0
-        result.report.block_methods.append({"block": None, "kind": "distill", "name": "distill",
-                                            "figures": done.to_dict()})
     return result
 
 
@@ -193,14 +174,9 @@ def quantize_directory(
         store = BlockFiles(staging)
     try:
         with _scanned(scan), ckpt or contextlib.nullcontext(), _keep_only_progress(ckpt, scan):
-            # Distillation's float model: read again from the files (lazily, as the model).
-            teacher = load_model(model_dir, lazy=True, check_finite=False)[0] \
-                if recipe.distill is not None else None
             result = quantize_model(model, tokens, recipe, batch_size=batch_size, dtype=dtype,
                                     progress=_polling(scan, progress), checkpoint=store,
-                                    distributed=distributed, backend=backend, registry=registry,
-                                    teacher=teacher)
-            del teacher
+                                    distributed=distributed, backend=backend, registry=registry)
             _waited(phases, scan)()  # bad weights: no output
             if ckpt is not None:
                 ckpt.flush()  # every block committed before the output is written

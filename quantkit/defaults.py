@@ -75,9 +75,10 @@ PIPELINES: dict[str, dict[str, Any]] = {
         "optimizer": [{"name": "learned_rounding", "method": "signround", "lr_scale": 0.5}],
         "embedding": {"tied_damping": 0.1},
     },
-    # The default followed by end-to-end distillation of every layer's scales and biases
-    # (quantkit.pipeline.distill; `--distill`): it holds the float and the quantized model in
-    # memory, so it is not the streaming default (docs/results-quality.md).
+    # The previous default followed by end-to-end distillation of every layer's scales and
+    # biases (quantkit.pipeline.distill), streamed block by block after the walk: SmolLM2-135M
+    # 4-bit past issue 18's 60% in three orders, lower perplexity and KL in all four fixture
+    # cells (docs/results-quality.md). The default since session 31.
     "gptq_best_lr_td_lrh_kd": {
         "default": _GPTQ_BEST,
         "optimizer": [{"name": "learned_rounding", "method": "signround", "lr_scale": 0.5}],
@@ -93,7 +94,7 @@ PIPELINES: dict[str, dict[str, Any]] = {
 }
 
 #: What ``quantkit quantize MODEL -o OUT`` runs.
-DEFAULT = "gptq_best_lr_td_lrh"
+DEFAULT = "gptq_best_lr_td_lrh_kd"
 
 
 def default_recipe(fast: bool = False) -> Recipe:
@@ -105,6 +106,7 @@ def default_recipe(fast: bool = False) -> Recipe:
 
 
 def without_block_methods(recipe: Recipe) -> Recipe:
-    """``recipe`` without its block transforms and optimizers (what ``--fast`` runs): only the
-    per-layer solve, the costly whole-block methods (AWQ, learned rounding) left out."""
+    """``recipe`` without its block transforms, optimizers and distillation (what ``--fast``
+    runs): only the per-layer solve, the costly methods (AWQ, learned rounding, end-to-end
+    distillation) left out."""
     return attrs.evolve(recipe, transforms=(), optimizers=(), distill=None)

@@ -736,7 +736,8 @@ def _plan_recipe(base: Recipe, plans: Sequence[str], specs: dict[str, QuantSpec]
                 entry["mode"] = spec.mode
         if len(entry) > 1:
             rules.append(entry)
-    kept = {k: v for k, v in base.to_dict().items() if k in ("plugins", "transform", "optimizer", "moe")}
+    kept = {k: v for k, v in base.to_dict().items()
+            if k in ("plugins", "transform", "optimizer", "moe", "embedding", "distill")}
     return Recipe.from_dict({**kept, "default": default, "rules": rules})
 
 

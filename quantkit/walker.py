@@ -15,14 +15,15 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping, MutableSequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, MutableSequence, Sequence
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 import attrs
 import mlx.core as mx
 import mlx.nn as nn
-from mlx.utils import tree_flatten
+from mlx.utils import tree_flatten, tree_unflatten
 
 from .arch import ArchSpec, arch_for, arch_of, decoder_blocks
 from .blocks.base import BlockContext
@@ -37,6 +38,7 @@ from .pipeline import build
 from .pipeline.activations import ParkedLayers, activation_store
 from .pipeline.calibrate import block_forward, capture, replaying
 from .pipeline.collect import BlockPasses, Runners, collect_sharded, row_chunks
+from .pipeline.distill import distill
 from .pipeline.dtypes import DTYPES, restore_dtypes
 from .pipeline.expert_layers import collect_experts, quantize_expert_layers, same_input
 from .pipeline.head import FloatLogits, Head, as_linear_pair, head_inputs, regroup, write_back
@@ -196,7 +198,10 @@ class ModelWalker:
             standins = mx.default_device() == mx.cpu or not mx.metal.is_available()
         state = WalkState(host=host, store=store,
                           standins=StandIns(on=standins and needs_calibration, host=host))
-        if needs_calibration:
+        # End-to-end distillation after the walk needs the float model's final hidden states:
+        # the float model's activations are carried through the blocks for it.
+        distilling = getattr(self.recipe, "distill", None) is not None
+        if needs_calibration or distilling:
             with state.phase("calibrate"):
                 captured, block_args = capture(model, blocks, block_paths, batches, lambda b: self._emit(
                     "capture", index=b, total=len(batches)))
@@ -207,8 +212,9 @@ class ModelWalker:
         transforms = tuple(getattr(self.recipe, "transforms", ()) or ())
         optimizers = tuple(getattr(self.recipe, "optimizers", ()) or ())
         float_model_targets = any(getattr(o, "target", None) == "float_model" for o in optimizers)
-        ref_inputs = state.store(list(inputs)) if needs_calibration and (
-            float_model_targets or any(p.quantizer.needs_reference for p in plans.values())) else None
+        ref_inputs = state.store(list(inputs)) if (needs_calibration or distilling) and (
+            float_model_targets or distilling or any(p.quantizer.needs_reference for p in plans.values())) else None
+        block_files: list[Path | None] = [None] * len(blocks)  # where each finished block went
         if ref_inputs is not None and any(p.quantizer.needs_reference for p in plans.values()) \
                 and (self.distributed.size > 1 or resumed is not None):
             raise RecipeError("strategies that need full-precision inputs (gptaq) run in one "
@@ -240,6 +246,7 @@ class ModelWalker:
                         inputs = self._advance(model, block, inputs, block_args[i], passes.row_wise)
                     state.standins.swap(model)
                     reload_lazily(model, resumed.files[i])
+                    block_files[i] = resumed.files[i]
                 continue
             self._emit("block", index=i, total=len(blocks), path=bpath)
             ctx = None
@@ -327,6 +334,7 @@ class ModelWalker:
                     path = checkpoint.save(i, final_arrays(block, bpath, orig_dtypes),
                                            [r for r in report.layers if r.block == i])
                     reload_lazily(model, path)
+                    block_files[i] = path
 
         del inside  # the last block's plans
         outside = list(plans.values())  # what is left: layers outside the decoder blocks
@@ -344,6 +352,12 @@ class ModelWalker:
                 self._optimize_head(model, blocks, block_paths, outside, batches, inputs,
                                     ref_inputs, head_optimizers, report, state.store)
         restore_dtypes(model, orig_dtypes)
+        if distilling:
+            assert ref_inputs is not None
+            with state.phase("distill"):
+                self._distill(model, tokens, blocks, block_paths, outside, batches, ref_inputs,
+                              block_files, layout, report)
+            del ref_inputs[:]
         quantization = self._config(report)
         report.time_s = time.perf_counter() - start
         report.world_size = self.distributed.size
@@ -416,6 +430,35 @@ class ModelWalker:
             self._record_method(report, len(blocks), "optimizer", o,
                                 o.optimize(ctx, FloatLogits(flt, xf)))
         write_back(current[path], linear)
+
+    def _distill(self, model, tokens: mx.array, blocks, block_paths, outside: list[LayerPlan],
+                 batches, float_outputs: Sequence[mx.array], files: list[Path | None],
+                 layout: ShardLayout, report: RunReport) -> None:
+        """End-to-end distillation (:mod:`quantkit.pipeline.distill`): the teacher's logits are
+        the float model's layers after the blocks (final norm, float head) on the float model's
+        final hidden states ``float_outputs`` (this process's batches)."""
+        assert self.recipe.distill is not None
+        rows = {g * self.batch_size + r: (k, r) for k, g in enumerate(layout.local_batches)
+                for r in range(batches[k].shape[0])}
+        floats = [(p.path, p.module) for p in outside]
+
+        def teacher(idx: list[int]) -> mx.array:
+            h = mx.concatenate([float_outputs[rows[j][0]][rows[j][1] : rows[j][1] + 1, :-1]
+                                for j in idx])
+            current = dict(model.named_modules())
+            held = [(p, current[p]) for p, _ in floats]
+            model.update_modules(tree_unflatten(floats))
+            try:
+                with replaying(model, blocks, block_paths, [h]):
+                    return model(tokens[mx.array(idx), :-1])
+            finally:
+                model.update_modules(tree_unflatten(held))
+
+        done = distill(model, teacher, tokens, self.recipe.distill,
+                       lambda event, info: self._emit(event, **info), files=files,
+                       held=set(rows), reduce=self.distributed.sum if self.distributed.size > 1 else None)
+        report.block_methods.append({"block": None, "kind": "distill", "name": "distill",
+                                     "figures": done.to_dict()})
 
     def _record_method(self, report: RunReport, index: int, kind: str, method, figures) -> None:
         entry = {"block": index, "kind": kind, "name": getattr(method, "name", type(method).__name__),

@@ -1,6 +1,7 @@
 """A rank for tests/test_distributed.py, run by the local launcher.
 
-``rank_job.py MODEL OUT TEXT ok|kill|hang``: quantizes like the CLI, with tiny all_gather
+``rank_job.py MODEL OUT TEXT ok|kill|hang|distill``: quantizes like the CLI (``distill``:
+with the recipe :data:`DISTILL`), with tiny all_gather
 slices (4 KiB) so statistics and layers travel in many pieces; with ``kill`` or ``hang``, rank 1
 kills itself (SIGKILL: no cleanup, no message) or stops making progress at block 2.
 
@@ -21,6 +22,10 @@ from mlx.utils import tree_flatten
 
 from quantkit import Recipe, quantize_directory, quantize_model
 from quantkit.distributed import Distributed
+
+#: ``distill`` mode's recipe: GPTQ, then end-to-end distillation (a step of 2 sequences).
+DISTILL = Recipe.from_dict({"default": {"strategy": "gptq", "bits": 4, "group_size": 32},
+                            "distill": {"lr": 3e-5}})
 
 
 def moe_digest(group: Distributed) -> dict:
@@ -60,8 +65,9 @@ def main() -> int:
                 with open(out_dir, "w") as f:
                     json.dump(got, f)
             return 0
-        quantize_directory(model_dir, out_dir, Recipe.uniform("gptq", 4, 32), calibration=text,
-                           num_samples=16, seq_len=128, progress=progress, distributed=group)
+        quantize_directory(model_dir, out_dir, DISTILL if mode == "distill" else Recipe.uniform("gptq", 4, 32),
+                           calibration=text, num_samples=16, seq_len=128, progress=progress,
+                           distributed=group)
     except Exception as exc:  # the surviving rank: a DistributedError
         print(f"rank {group.rank}: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 1

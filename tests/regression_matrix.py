@@ -42,6 +42,11 @@ _FM_HEAD = ('[default]\nstrategy = "gptq"\nact_order = true\nscale_search = "hes
 _LR = ('[default]\nstrategy = "gptq"\nact_order = true\nscale_search = "hessian"\n'
        '[[optimizer]]\nname = "learned_rounding"\nmethod = "signround"\n')
 
+#: quantkit.defaults' "gptq_best_lr_td_lrh": the default pipeline from session 28 to 30.
+_S28 = ('[default]\nstrategy = "gptq"\nact_order = true\nscale_search = "hessian"\n'
+        '[[optimizer]]\nname = "learned_rounding"\nmethod = "signround"\nlr_scale = 0.5\n'
+        '[embedding]\ntied_damping = 0.1\n')
+
 #: name → (fixture under ../shared/models, extra CLI arguments, recipe TOML or None)
 CASES: dict[str, tuple[str, list[str], str | None]] = {
     "dense-gptq": ("stories260K-pad192", ["--strategy", "gptq"], None),
@@ -62,12 +67,17 @@ CASES: dict[str, tuple[str, list[str], str | None]] = {
     # outputs), and with AWQ before the solve and the optimizer's other method; recorded before
     # the block methods' memory cuts (branch lrmem), which must not change a byte. The default
     # has since gained [embedding] tied_damping and half the learned rounding's step: the
-    # "-now" cases run whatever it is.
+    # "-now" cases run whatever it is (since session 31 with end-to-end distillation: recorded
+    # again then, the walk alone kept in the "-s28" cases).
     "dense-default": ("stories260K-pad192", [], _LR),
     "dense-default-2proc": ("stories260K-pad192", ["--processes", "2"], _LR),
     "moe-default": ("stories260K-moe4", [], _LR),
     "dense-default-now": ("stories260K-pad192", [], None),
     "moe-default-now": ("stories260K-moe4", [], None),
+    # The default before it gained end-to-end distillation (session 31): the walk alone, whose
+    # bytes the streamed stage's changes to the walker must not move.
+    "dense-default-s28": ("stories260K-pad192", [], _S28),
+    "moe-default-s28": ("stories260K-moe4", [], _S28),
     # Learned rounding towards the float model's own activations, then the output head (KL);
     # 2 processes on 16 sequences: a batch for each, so that the steps have data everywhere.
     "dense-lr-fm-head": ("stories260K-pad192", [], _FM_HEAD),

@@ -30,7 +30,8 @@ def test_every_pipeline_is_a_valid_recipe_and_the_fast_one_has_no_block_methods(
         Recipe.from_dict(PIPELINES[name])
     assert DEFAULT in PIPELINES
     fast, full = default_recipe(fast=True), default_recipe()
-    assert not fast.transforms and not fast.optimizers
+    assert not fast.transforms and not fast.optimizers and fast.distill is None
+    assert full.distill is not None  # the default ends with end-to-end distillation
     assert fast.default == full.default and fast.rules == full.rules
 
 
@@ -46,7 +47,8 @@ def test_plain_quantize_runs_the_default_recipe(stories_dir, tinystories_text, t
     assert report["settings"]["recipe"] == expected.to_dict()
     ran = {m["name"] for m in report["block_methods"]}
     assert ran == {type(o).name for o in expected.optimizers} | \
-        {type(t).name for t in expected.transforms}
+        {type(t).name for t in expected.transforms} | ({"distill"} if expected.distill else set())
+    assert ("distill" in report["phases"]) == (not fast)
 
 
 def test_strategy_flag_takes_that_strategy_at_its_own_defaults(stories_dir, tinystories_text,

@@ -143,13 +143,75 @@ def test_cli_distill_flag_adds_the_stage_and_records_it(tmp_path):
     text = shared_path("text", "tinystories_sample.txt")
     args = ["quantize", str(model_dir), "--strategy", "rtn", "--bits", "3", "--group-size", "32",
             "--calibration", str(text), "--num-samples", "4", "--seq-len", "64", "--quiet"]
-    result = CliRunner().invoke(app, [*args, "-o", str(tmp_path / "d"), "--distill"])
+    result = CliRunner().invoke(app, [*args[:-1], "-o", str(tmp_path / "d"), "--distill"])
     assert result.exit_code == 0, result.output
     report = json.loads((tmp_path / "d" / "quantization_report.json").read_text())
     assert report["settings"]["recipe"]["distill"] == {}
     (entry,) = [m for m in report["block_methods"] if m["kind"] == "distill"]
-    assert entry["figures"]["steps"] == 2 and "distill" in report["phases"]
+    figures = entry["figures"]
+    assert figures["steps"] == 2 and "distill" in report["phases"]
+    # The summary says what the stage did, with the report's figures.
+    assert f"calibration KL to the float model {figures['kl_before']:.4f} → {figures['kl_after']:.4f}" \
+        in result.output
     plain = CliRunner().invoke(app, [*args, "-o", str(tmp_path / "p")])
     assert plain.exit_code == 0, plain.output
     report = json.loads((tmp_path / "p" / "quantization_report.json").read_text())
     assert "distill" not in report["settings"]["recipe"] and not report["block_methods"]
+
+
+def test_block_by_block_gradient_equals_the_whole_models_autograd():
+    """A step's gradient, taken one block at a time with each block's forward pass recomputed,
+    is the gradient MLX's autograd gives for the whole model at once (tied embedding: both
+    uses summed)."""
+    from mlx.utils import tree_unflatten
+
+    from quantkit.pipeline.distill import _Stream, _Tuned, tunable_layers
+
+    tokens = _tokens()
+    model = tiny_llama()
+    quantize_model(model, tokens, _recipe())
+    x = tokens[:4, :-1]
+    t = nn.log_softmax(tiny_llama()(x), axis=-1)
+    tuned = {p: _Tuned(m) for p, m in tunable_layers(model)}
+    model.update_modules(tree_unflatten(list(tuned.items())))
+    params = {f"{p}.{k}": getattr(m, k) + 0.01 * mx.random.normal(getattr(m, k).shape, key=mx.random.key(3))
+              for p, m in tuned.items() for k in ("scales", "biases")}
+    paths = [f"model.layers.{i}" for i in range(2)]
+    stream = _Stream(model, list(model.model.layers), paths, [None, None],
+                     [[k for k in sorted(params) if k.startswith(b + ".")] for b in paths],
+                     [k for k in sorted(params) if k.startswith("model.embed_tokens.")])
+    grads: dict = {}
+    value = stream.loss(params, x, t, 0.5, grads)
+
+    def whole(p):
+        model.update(tree_unflatten(list(p.items())))
+        return token_kl(model(x), t) * 0.5
+
+    want_value, want = mx.value_and_grad(whole)(params)
+    assert value.item() == pytest.approx(want_value.item(), rel=1e-5)
+    assert sorted(grads) == sorted(want) and "model.embed_tokens.scales" in grads
+    for k in want:
+        scale = np.abs(np.asarray(want[k])).max()
+        assert scale > 0, k
+        np.testing.assert_allclose(np.asarray(grads[k]), np.asarray(want[k]), atol=1e-4 * scale, err_msg=k)
+
+
+def test_distillation_from_block_files_equals_the_one_in_memory(tmp_path):
+    """With the walk's block files, each block's arrays go back to lazy loads of its file after
+    every use; the tuned values are those of the same run held in memory."""
+    from quantkit.checkpoint import BlockFiles
+
+    tokens = _tokens()
+    (tmp_path / "blocks").mkdir()
+    held, streamed = tiny_llama(), tiny_llama()
+    a = quantize_model(held, tokens, _recipe(epochs=2, lr=1e-4))
+    b = quantize_model(streamed, tokens, _recipe(epochs=2, lr=1e-4),
+                       checkpoint=BlockFiles(tmp_path / "blocks"))
+    assert len(list((tmp_path / "blocks").iterdir())) == 2
+    fa, fb = _figures(a), _figures(b)
+    assert fa["kept"] and fb["kept"]
+    assert fb["kl_after"] == pytest.approx(fa["kl_after"], rel=1e-5)
+    for (k, va), (k2, vb) in zip(tree_flatten(held.parameters()), tree_flatten(streamed.parameters())):
+        assert k == k2
+        np.testing.assert_allclose(np.asarray(va.astype(mx.float32)), np.asarray(vb.astype(mx.float32)),
+                                   rtol=1e-5, atol=1e-6, err_msg=k)

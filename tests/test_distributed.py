@@ -144,6 +144,34 @@ def test_two_ranks_in_small_slices_write_the_same_bytes(stories_dir, tinystories
     assert weight_bytes(tmp_path / "one") == weight_bytes(tmp_path / "two")
 
 
+def test_two_ranks_distill_as_one_process(stories_dir, tinystories_text, tmp_path):
+    """End-to-end distillation over two ranks, each holding the float hidden states of its own
+    calibration sequences, their gradients summed every step: the figures and the tuned
+    values of one process (up to the order of the sums)."""
+    from rank_job import DISTILL
+
+    quantize_directory(stories_dir, tmp_path / "one", DISTILL, calibration=tinystories_text,
+                       num_samples=16, seq_len=128, distributed=Distributed(num_shards=4))
+    result = launch_local(
+        lambda rank: [sys.executable, str(REPO / "tests" / "rank_job.py"), str(stories_dir),
+                      str(tmp_path / "two"), str(tinystories_text), "distill"],
+        2, timeout_s=JOB_TIMEOUT, env=_env(),
+    )
+    assert result.ok, result.describe()
+    figures = [[m["figures"] for m in json.loads((tmp_path / d / "quantization_report.json").read_text())
+                ["block_methods"] if m["kind"] == "distill"][0] for d in ("one", "two")]
+    assert figures[0]["kept"] and figures[1]["kept"] and figures[0]["steps"] == figures[1]["steps"] == 8
+    for k in ("kl_before", "kl_after"):
+        assert figures[1][k] == pytest.approx(figures[0][k], rel=1e-4)
+    one, two = ({k: v for p in (tmp_path / d).glob("*.safetensors") for k, v in mx.load(str(p)).items()}
+                for d in ("one", "two"))
+    assert sorted(one) == sorted(two)
+    for k in one:
+        np.testing.assert_allclose(np.asarray(one[k].astype(mx.float32)),
+                                   np.asarray(two[k].astype(mx.float32)), rtol=1e-3, atol=1e-5,
+                                   err_msg=k)
+
+
 def test_two_ranks_on_the_moe_fixture_write_the_same_bytes(stories_dir, tinystories_text, tmp_path):
     """``quantkit quantize --processes 2`` on the MoE fixture equals one process, and the
     report says which rank quantized each layer and each expert: the experts of one layer

@@ -149,6 +149,20 @@ def test_plan_keeps_the_base_recipes_skips_and_strategy(pad_dir, stories_tokens)
     assert plan.bits_per_weight <= 8.0
 
 
+def test_plan_keeps_the_base_recipes_embedding_and_distill_tables():
+    """The written plan runs the base pipeline at the planned bits: its [embedding] and
+    [distill] tables (the default pipeline's) stay in it."""
+    from quantkit.defaults import default_recipe
+    from quantkit.mixed import _plan_recipe
+
+    base = default_recipe()
+    plan = _plan_recipe(base, ["model.layers.0.mlp.up_proj"],
+                        {"model.layers.0.mlp.up_proj": QuantSpec(3, 64)})
+    assert plan.distill == base.distill is not None
+    assert plan.embedding == base.embedding and plan.optimizers == base.optimizers
+    assert plan.resolve("model.layers.0.mlp.up_proj")[1].spec.bits == 3
+
+
 # -- GPTAQ ----------------------------------------------------------------------------------
 
 def gptaq_ref(w, h, d, bits, group_size, alpha, damping=0.01):

@@ -83,3 +83,47 @@ def test_sigkill_then_resume_is_byte_identical(stories_dir, tinystories_text, tm
     assert model.model.layers[0].self_attn.q_proj.bits == 4
     report = json.loads((out / "quantization_report.json").read_text())
     assert len(report["layers"]) == len(json.loads((ref / "quantization_report.json").read_text())["layers"])
+
+
+def test_sigkill_during_distillation_then_resume_is_byte_identical(stories_dir, tinystories_text,
+                                                                    tmp_path):
+    """Killed after every block is checkpointed, in the end-to-end distillation: ``--resume``
+    recomputes the float model's final hidden states from the model's files, runs the stage
+    again and writes the bytes of an uninterrupted run."""
+    recipe = tmp_path / "r.toml"
+    recipe.write_text('[default]\nstrategy = "gptq"\nbits = 3\ngroup_size = 32\n\n'
+                      "[distill]\nepochs = 8\nlr = 3e-6\n")  # long enough to be killed in
+    cmd = [sys.executable, "-m", "quantkit.cli", "quantize", str(stories_dir), "--recipe", str(recipe),
+           "--calibration", str(tinystories_text), *ARGS]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+    blocks = json.loads((stories_dir / "config.json").read_text())["num_hidden_layers"]
+    out = tmp_path / "killed"
+    proc = subprocess.Popen([*cmd, "-o", str(out)], env=env, cwd=tmp_path,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while (read_progress(checkpoint_dir(out)) or 0) < blocks and proc.poll() is None \
+                and time.monotonic() < deadline:
+            time.sleep(0.005)
+        time.sleep(0.5)  # into the stage (the layers outside the blocks are quick)
+        proc.send_signal(signal.SIGKILL)
+        proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate(timeout=30)
+    assert proc.returncode == -signal.SIGKILL
+    assert not out.exists(), "the run finished before it was killed; nothing was tested"
+    assert read_progress(checkpoint_dir(out)) == blocks
+
+    resumed = subprocess.run([*cmd, "-o", str(out), "--resume"], env=env, cwd=tmp_path,
+                             capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    ref = tmp_path / "ref"
+    result = CliRunner().invoke(app, ["quantize", str(stories_dir), "-o", str(ref), "--recipe", str(recipe),
+                                      "--calibration", str(tinystories_text), *ARGS, "--no-checkpoint"])
+    assert result.exit_code == 0, result.output
+    assert weight_bytes(out) == weight_bytes(ref)
+    figures = [[m["figures"] for m in json.loads((d / "quantization_report.json").read_text())["block_methods"]
+                if m["kind"] == "distill"][0] for d in (out, ref)]
+    assert figures[0]["kept"] and figures[0]["kl_after"] == figures[1]["kl_after"]

@@ -55,8 +55,8 @@ def quantize(
     dtype: Annotated[DType, typer.Option(help="dtype calibration runs in")] = DType.float32,
     batch_size: Annotated[Optional[int], typer.Option(help="sequences per forward pass (default: 8 on a CPU; on a GPU up to 32, as many as keep a batch's widest activation within 256 MB)")] = None,
     backend: Annotated[Backend, typer.Option(help="compute backend of calibration's linear layers and Hessians (auto: numpy on a CPU device, mlx otherwise)")] = Backend.auto,
-    fast: Annotated[bool, typer.Option("--fast", help="leave out the block transforms and optimizers (AWQ, learned rounding) of the default pipeline or the recipe: much quicker, a little less accurate (docs/results-quality.md)")] = False,
-    distill: Annotated[bool, typer.Option("--distill", help="after quantizing, tune every layer's scales and biases end to end towards the float model's next-token distributions (a recipe's [distill] table at its defaults; holds the float and the quantized model in memory; docs/results-quality.md)")] = False,
+    fast: Annotated[bool, typer.Option("--fast", help="leave out the block transforms, optimizers and end-to-end distillation (AWQ, learned rounding, [distill]) of the default pipeline or the recipe: much quicker, a little less accurate (docs/results-quality.md)")] = False,
+    distill: Annotated[bool, typer.Option("--distill", help="add end-to-end distillation of every layer's scales and biases towards the float model's next-token distributions (a [distill] table at its defaults) to a --recipe or --strategy run that lacks it; the default pipeline has it, --fast leaves it out (docs/results-quality.md)")] = False,
     moe_calibrate_all_experts: Annotated[bool, typer.Option("--moe-calibrate-all-experts", help="collect every expert's Hessian from every calibration token (the block output still follows the router): no expert starved")] = False,
     overwrite: Annotated[bool, typer.Option(help="replace an existing output directory (and discard a checkpoint)")] = False,
     resume: Annotated[bool, typer.Option(help="continue an interrupted run from its checkpoint (starts afresh when there is none; a no-op on a finished output)")] = False,
@@ -313,5 +313,12 @@ def _print_summary(report, out_dir: Path, seconds: float) -> None:
     if errs:
         err.print(f"mean relative output error {sum(errs) / len(errs):.4f}, "
                   f"worst {max(errs):.4f}", highlight=False)
+    for m in report.block_methods:
+        if m["kind"] == "distill":
+            f = m["figures"]
+            what = "kept" if f["kept"] else "not kept: it did not lower it"
+            err.print(f"distillation: calibration KL to the float model {f['kl_before']:.4f} → "
+                      f"{f['kl_after']:.4f} ({what}; {f['steps']} steps, {f['seconds']:.0f} s)",
+                      highlight=False)
     err.print(f"per-layer details: quantkit report {escape(str(out_dir))} --png FILE", highlight=False,
               soft_wrap=True)

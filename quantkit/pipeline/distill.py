@@ -12,17 +12,26 @@ unchanged. The layers compute with their dequantized weights while they are tune
 differentiates :func:`mlx.core.dequantize` in its scales and biases; the matrix products are
 then ordinary float ones). The KL on every calibration sequence is measured before and after:
 the tuned values are kept only when it went down, so the stage never makes its own objective
-worse. The teacher's logits are computed a few sequences at a time, never stored.
+worse.
 
-Memory: the float model and the quantized one are both held while this runs (the float model
-is read again from its files), so the stage is for models that fit twice; it is an option of a
-recipe (``[distill]``), not part of the streaming default.
+It streams, block by block, like the walk before it. The float model is not held: the walk
+carries the float model's final hidden states (as it carries its activations for
+``target = "float_model"``), and the teacher's logits are the float head's on them, computed a
+few sequences at a time. A step runs the quantized model forward one decoder block at a time,
+keeping only each block's output, then back through the blocks in reverse, recomputing each
+block's forward pass to take its gradient (gradient checkpointing per block): one block's
+dequantized weights are held at a time. Where the walk wrote a block to a file, the block's
+arrays go back to lazy loads of that file once it has run, so the codes the model holds do not
+grow with its depth; what grows with it is the tuned scales and biases and Adam's two moments
+of them (float32: 3 numbers per quantization group).
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from functools import partial
+from pathlib import Path
 from typing import Any
 
 import attrs
@@ -32,8 +41,11 @@ import mlx.optimizers as optim
 import numpy as np
 from mlx.utils import tree_unflatten
 
+from ..arch import decoder_blocks
 from ..errors import RecipeError
 from ..interrupt import check
+from .calibrate import BlockRecorder, StopForward, capture, replaying
+from .shards import reload_lazily
 
 
 def _positive(_inst: Any, attr: attrs.Attribute, value: Any) -> None:
@@ -96,15 +108,20 @@ def token_kl(logits: mx.array, teacher_logprobs: mx.array) -> mx.array:
 
 class _Tuned(nn.Module):
     """An affine quantized linear or embedding computing with its dequantized weight, so that
-    gradients reach its ``scales`` and ``biases`` (float32 while tuned)."""
+    gradients reach its ``scales`` and ``biases`` (float32 while tuned). It takes the layer's
+    arrays over (the layer keeps none while it stands in) and gives them back with
+    :meth:`give_back`."""
 
     def __init__(self, layer: nn.Module) -> None:
         super().__init__()
-        self.weight = layer.weight
+        self.weight = layer.pop("weight")
         self.scales = layer.scales.astype(mx.float32)
         self.biases = layer.biases.astype(mx.float32)
+        self._dtype = layer.pop("scales").dtype
+        layer.pop("biases")
         if "bias" in layer:
             self.bias = layer.bias
+        object.__setattr__(self, "_layer", layer)  # not a child module: not in the tree
         self._bits, self._group, self._embedding = layer.bits, layer.group_size, \
             isinstance(layer, nn.QuantizedEmbedding)
 
@@ -121,6 +138,14 @@ class _Tuned(nn.Module):
     def as_linear(self, x: mx.array) -> mx.array:
         return x @ self._w().T
 
+    def give_back(self, scales: mx.array, biases: mx.array) -> nn.Module:
+        """The quantized layer again, holding this one's codes and ``scales``/``biases`` (cast
+        to the dtype the layer stored them in)."""
+        layer = self._layer
+        layer.weight = self.weight
+        layer.scales, layer.biases = scales.astype(self._dtype), biases.astype(self._dtype)
+        return layer
+
 
 def tunable_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """The layers the stage tunes: affine quantized linears and embeddings."""
@@ -129,53 +154,184 @@ def tunable_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
             and getattr(m, "mode", "affine") == "affine" and m.get("biases") is not None]
 
 
-def distill(student: nn.Module, teacher: Callable[[mx.array], mx.array], tokens: mx.array,
-            config: Distillation, progress: Callable[[str, dict], None] | None = None
-            ) -> DistillResult:
+#: The float model's logits on the inputs of the calibration sequences with these indices.
+Teacher = Callable[[list[int]], mx.array]
+
+
+@attrs.define
+class _Stream:
+    """The student model run one decoder block at a time (see the module docstring)."""
+
+    model: nn.Module
+    blocks: list[nn.Module]
+    paths: list[str]
+    files: Sequence[Path | None]
+    keys: list[list[str]]  # per block, the tuned parameters inside it
+    outside: list[str]  # tuned parameters outside the blocks (embedding, head)
+
+    def set(self, params: dict[str, mx.array], keys: list[str]) -> None:
+        if keys:
+            self.model.update(tree_unflatten([(k, params[k]) for k in keys]))
+
+    def release(self, i: int) -> None:
+        """Block ``i``'s arrays back to lazy loads of its file (a no-op without one)."""
+        if self.files[i] is not None:
+            reload_lazily(self.model, self.files[i])
+
+    def first_hidden(self, x: mx.array) -> mx.array:
+        """Block 0's input on ``x`` (differentiable in the embedding)."""
+        sink: list = []
+        self.model.update_modules(tree_unflatten(
+            [(self.paths[0], BlockRecorder(self.blocks[0], sink, last=True))]))
+        try:
+            self.model(x)
+        except StopForward:
+            pass
+        finally:
+            self.model.update_modules(tree_unflatten([(self.paths[0], self.blocks[0])]))
+        return sink[0][0]
+
+    def loss(self, params: dict[str, mx.array], x: mx.array, t: mx.array, scale: float,
+             grads: dict[str, mx.array] | None) -> mx.array:
+        """``scale`` × the mean KL of the student to ``t`` on ``x``; with ``grads``, its
+        gradient in ``params`` is added there."""
+        self.set(params, self.outside)
+        hs, args = capture(self.model, self.blocks, self.paths, [x])
+        block_args = [a[0] for a in args]
+        for i, block in enumerate(self.blocks):
+            check("distill")
+            self.set(params, self.keys[i])
+            a, kw = block_args[i]
+            hs.append(block(hs[-1], *a, **kw))
+            mx.eval(hs[-1])
+            self.release(i)
+
+        def head(p: dict[str, mx.array], h: mx.array) -> mx.array:
+            self.model.update(tree_unflatten(list(p.items())))
+            with replaying(self.model, self.blocks, self.paths, [h]):
+                return token_kl(self.model(x), t) * scale
+
+        p_out = {k: params[k] for k in self.outside}
+        if grads is None:
+            value = head(p_out, hs[-1])
+            mx.eval(value)
+            return value
+        value, (g_out, g) = mx.value_and_grad(head, argnums=(0, 1))(p_out, hs[-1])
+        mx.eval(value, g_out, g)
+        _add(grads, g_out)
+        for i in reversed(range(len(self.blocks))):
+            check("distill")
+            through = partial(self._through, self.blocks[i], block_args[i], g)
+            g_p, g = mx.grad(through, argnums=(0, 1))({k: params[k] for k in self.keys[i]}, hs[i])
+            mx.eval(g_p, g)
+            _add(grads, g_p)
+            hs[i + 1] = None
+            self.release(i)
+        if p_out:
+            def embed(p: dict[str, mx.array]) -> mx.array:
+                self.model.update(tree_unflatten(list(p.items())))
+                return (self.first_hidden(x) * g).sum()
+
+            g_in = mx.grad(embed)(p_out)
+            mx.eval(g_in)
+            _add(grads, g_in)
+        return value
+
+
+    def _through(self, block: nn.Module, args: tuple[tuple, dict], cotangent: mx.array,
+                 p: dict[str, mx.array], h: mx.array) -> mx.array:
+        """``block``'s output on ``h`` against ``cotangent``: its gradient in ``(p, h)`` is the
+        block's vector-Jacobian product (the block's forward pass is recomputed for it)."""
+        self.model.update(tree_unflatten(list(p.items())))
+        return (block(h, *args[0], **args[1]) * cotangent).sum()
+
+
+def _add(total: dict[str, mx.array], grads: dict[str, mx.array]) -> None:
+    for k, v in grads.items():
+        total[k] = total[k] + v if k in total else v
+
+
+def distill(student: nn.Module, teacher: Teacher, tokens: mx.array, config: Distillation,
+            progress: Callable[[str, dict], None] | None = None, *,
+            files: Sequence[Path | None] | None = None, held: set[int] | None = None,
+            reduce: Callable[[mx.array], mx.array] | None = None) -> DistillResult:
     """Tune ``student``'s scales and biases in place (see the module docstring) on the
-    calibration ``tokens (n, length)``; ``teacher(x)`` gives the float model's logits."""
+    calibration ``tokens (n, length)``: the inputs ``tokens[:, :-1]``, the targets
+    ``teacher(indices)``, the float model's logits on those inputs.
+
+    ``files``: per decoder block, the file the walk wrote it to (its arrays are reloaded lazily
+    from it after each use; ``None``: the block stays in memory). ``held``: the sequences this
+    process computes (default: all) and ``reduce``: a sum over the processes of a group (each
+    step's gradient and each KL figure), for a run over several processes, each holding some
+    of the sequences' float hidden states."""
     start = time.perf_counter()
     layers = tunable_layers(student)
     if not layers:
         raise RecipeError("[distill] found no affine quantized layer to tune; drop [distill] "
                           "for this recipe (it tunes affine scales and biases)")
-    tuned = {p: _Tuned(m) for p, m in layers}
-    student.update_modules(tree_unflatten(list(tuned.items())))
+    blocks = decoder_blocks(student)
+    paths_of = {id(m): p for p, m in student.named_modules()}
+    paths = [paths_of[id(b)] for b in blocks]
+    files = list(files) if files is not None else [None] * len(blocks)
     n, size = tokens.shape[0], config.batch_size
+    held = set(range(n)) if held is None else held
     inputs = tokens[:, :-1]
     steps = config.epochs * -(-n // size)
 
-    def targets(x: mx.array) -> mx.array:
-        return mx.stop_gradient(nn.log_softmax(teacher(x).astype(mx.float32), axis=-1))
+    tuned = {p: _Tuned(m) for p, m in layers}
+    student.update_modules(tree_unflatten(list(tuned.items())))
+    names = sorted(f"{p}.{k}" for p in tuned for k in ("scales", "biases"))
+    inside = [[k for k in names if k.startswith(b + ".")] for b in paths]
+    stream = _Stream(student, blocks, paths, files, inside,
+                     [k for k in names if not any(k.startswith(b + ".") for b in paths)])
+    on_file = {k for b, keys in enumerate(inside) if files[b] is not None for k in keys}
+    params = {k: getattr(tuned[k.rpartition(".")[0]], k.rpartition(".")[2]) for k in names}
+    # The values to go back to: those in the blocks' files are read again from there.
+    first = {k: v for k, v in params.items() if k not in on_file}
+    for b in range(len(blocks)):
+        stream.release(b)  # the block's arrays, evaluated by the walk, held once more lazily
 
-    def objective(params: dict[str, mx.array], x: mx.array, t: mx.array) -> mx.array:
-        student.update(tree_unflatten(list(params.items())))
-        return token_kl(student(x), t)
+    def summed(x: mx.array) -> mx.array:
+        return x if reduce is None else reduce(x)
+
+    def targets(idx: list[int]) -> mx.array:
+        t = mx.stop_gradient(nn.log_softmax(teacher(idx).astype(mx.float32), axis=-1))
+        mx.eval(t)
+        return t
 
     def measure(params: dict[str, mx.array]) -> float:
-        total = 0.0
+        total = mx.array(0.0)
         for i in range(0, n, size):
-            check("distill")
-            x = inputs[i : i + size]
-            kl = objective(params, x, targets(x))
-            mx.eval(kl)
-            total += np.asarray(kl).item() * x.shape[0]
-        return total / n
+            mine = [j for j in range(i, min(i + size, n)) if j in held]
+            if mine:
+                total = total + stream.loss(params, inputs[mx.array(mine)], targets(mine),
+                                            float(len(mine)), None)
+        return summed(total).item() / n
 
-    first = {f"{p}.{k}": getattr(m, k) for p, m in tuned.items() for k in ("scales", "biases")}
+    kept = False
     try:
-        before = measure(first)
-        params = dict(first)
+        before = measure(params)
         opt = optim.Adam(learning_rate=optim.cosine_decay(config.lr, steps))
-        step_fn = mx.value_and_grad(objective)
         rng = np.random.default_rng(config.seed)
         step = 0
         for _ in range(config.epochs):
             order = rng.permutation(n)
             for i in range(0, n, size):
                 check("distill")  # Ctrl-C stops between steps
-                x = inputs[mx.array(order[i : i + size])]
-                loss, grads = step_fn(params, x, targets(x))
+                batch = [int(j) for j in order[i : i + size]]
+                mine = [j for j in batch if j in held]
+                grads: dict[str, mx.array] = {}
+                loss = mx.array(0.0)
+                if mine:
+                    loss = stream.loss(params, inputs[mx.array(mine)], targets(mine),
+                                       len(mine) / len(batch), grads)
+                grads = {k: grads.get(k, mx.zeros_like(params[k])) for k in names}
+                if reduce is not None:
+                    flat = reduce(mx.concatenate([grads[k].reshape(-1) for k in names]))
+                    offsets = np.cumsum([0] + [grads[k].size for k in names])
+                    grads = {k: flat[offsets[j]:offsets[j + 1]].reshape(grads[k].shape)
+                             for j, k in enumerate(names)}
+                    loss = reduce(loss)
                 params = opt.apply_gradients(grads, params)
                 mx.eval(params, opt.state, loss)
                 step += 1
@@ -183,12 +339,24 @@ def distill(student: nn.Module, teacher: Callable[[mx.array], mx.array], tokens:
                     progress("distill", {"index": step, "total": steps, "loss": loss.item()})
         after = measure(params)
         kept = after < before
-        final = params if kept else first
     finally:
-        student.update_modules(tree_unflatten(layers))  # the quantized layers again
-    for p, m in layers:
-        m.scales = final[f"{p}.scales"].astype(m.scales.dtype)
-        m.biases = final[f"{p}.biases"].astype(m.biases.dtype)
-    mx.eval([(m.scales, m.biases) for _, m in layers])
+        _give_back(student, tuned, params if kept else first, files, paths)
     return DistillResult(kl_before=before, kl_after=after, kept=kept, steps=steps,
                          seconds=time.perf_counter() - start)
+
+
+def _give_back(model: nn.Module, tuned: dict[str, _Tuned], values: dict[str, mx.array],
+               files: Sequence[Path | None], paths: list[str]) -> None:
+    """The quantized layers back in ``model`` with ``values`` as their scales and biases; a
+    layer without an entry there gets its block file's."""
+    stored: dict[str, mx.array] = {}
+    for b, f in zip(paths, files):
+        if f is not None and any(p.startswith(b + ".") and f"{p}.scales" not in values for p in tuned):
+            stored.update(mx.load(str(f)))
+    source = {**stored, **values}
+    layers = [(p, t.give_back(source[f"{p}.scales"], source[f"{p}.biases"])) for p, t in tuned.items()]
+    model.update_modules(tree_unflatten(layers))
+    mx.eval([(m.scales, m.biases) for p, m in layers if f"{p}.scales" in values])
+
+
+__all__ = ["DistillResult", "Distillation", "Teacher", "distill", "token_kl", "tunable_layers"]
