@@ -264,16 +264,27 @@ class ModelWalker:
                     targets = state.store()
                     for j, (a, kw) in enumerate(block_args[i]):
                         targets.append(self._eval(block(source[j], *a, **kw)))
+            # The float model's activations move on to the next block's: with float-model
+            # targets, they are the targets; else before the block's statistics are held (in
+            # place, a row slice at a time where exact), unless a strategy compares its inputs
+            # with them while collecting (gptaq).
+            compares = any(p.quantizer.needs_reference for p in inside)
+            if ref_inputs is not None and not compares:
+                with state.phase("calibrate"):
+                    if float_model_targets:
+                        del ref_inputs[:]  # (their scratch files on the host)
+                        ref_inputs = targets
+                    else:
+                        ref_inputs = self._advance(model, block, ref_inputs, block_args[i], passes.row_wise)
             with state.phase("calibrate"):
                 stats = collect_sharded(
                     model, inside, self.distributed, layout,
                     partial(block_forward, block, inputs, block_args[i]), passes,
-                    None if ref_inputs is None else partial(block_forward, block, ref_inputs, block_args[i]),
+                    partial(block_forward, block, ref_inputs, block_args[i]) if compares else None,
                     tail_cut=True,
                 ) if needs_calibration else {}
-                if ref_inputs is not None:
+                if ref_inputs is not None and compares:
                     previous = ref_inputs
-                    # With float-model targets, the targets are the next block's float inputs.
                     ref_inputs = targets if float_model_targets else state.store(
                         self._eval(block(x, *a, **kw)) for x, (a, kw) in zip(ref_inputs, block_args[i]))
                     del previous[:]  # (their scratch files on the host)

@@ -181,7 +181,15 @@ def test_block_by_block_gradient_equals_the_whole_models_autograd():
                      [[k for k in sorted(params) if k.startswith(b + ".")] for b in paths],
                      [k for k in sorted(params) if k.startswith("model.embed_tokens.")])
     grads: dict = {}
-    value = stream.loss(params, x, t, 0.5, grads)
+    parts: list[list[str]] = []
+
+    def sink(g):
+        assert not set(g) & set(grads)  # each parameter's gradient once, whole
+        parts.append(sorted(g))
+        grads.update(g)
+
+    value = stream.loss(params, x, t, 0.5, sink)
+    assert parts == [stream.keys[1], stream.keys[0], stream.outside]  # the last block first
 
     def whole(p):
         model.update(tree_unflatten(list(p.items())))

@@ -22,8 +22,8 @@ keeping only each block's output, then back through the blocks in reverse, recom
 block's forward pass to take its gradient (gradient checkpointing per block): one block's
 dequantized weights are held at a time. Where the walk wrote a block to a file, the block's
 arrays go back to lazy loads of that file once it has run, so the codes the model holds do not
-grow with its depth; what grows with it is the tuned scales and biases and Adam's two moments
-of them (float32: 3 numbers per quantization group).
+grow with its depth; what grows with it is the tuned scales and biases, their gradients and
+Adam's two moments of them (float32: 8 numbers per quantization group).
 """
 
 from __future__ import annotations
@@ -192,9 +192,11 @@ class _Stream:
         return sink[0][0]
 
     def loss(self, params: dict[str, mx.array], x: mx.array, t: mx.array, scale: float,
-             grads: dict[str, mx.array] | None) -> mx.array:
-        """``scale`` × the mean KL of the student to ``t`` on ``x``; with ``grads``, its
-        gradient in ``params`` is added there."""
+             sink: Callable[[dict[str, mx.array]], None] | None) -> mx.array:
+        """``scale`` × the mean KL of the student to ``t`` on ``x``; with ``sink``, its gradient
+        in ``params`` goes there a part at a time: each block's (the last block first), then the
+        parameters outside the blocks' (head and embedding uses summed). A block's parameters
+        are not read again once their gradient is given: ``sink`` may change them."""
         self.set(params, self.outside)
         hs, args = capture(self.model, self.blocks, self.paths, [x])
         block_args = [a[0] for a in args]
@@ -212,31 +214,29 @@ class _Stream:
                 return token_kl(self.model(x), t) * scale
 
         p_out = {k: params[k] for k in self.outside}
-        if grads is None:
+        if sink is None:
             value = head(p_out, hs[-1])
             mx.eval(value)
             return value
         value, (g_out, g) = mx.value_and_grad(head, argnums=(0, 1))(p_out, hs[-1])
         mx.eval(value, g_out, g)
-        _add(grads, g_out)
         for i in reversed(range(len(self.blocks))):
             check("distill")
             through = partial(self._through, self.blocks[i], block_args[i], g)
             g_p, g = mx.grad(through, argnums=(0, 1))({k: params[k] for k in self.keys[i]}, hs[i])
             mx.eval(g_p, g)
-            _add(grads, g_p)
             hs[i + 1] = None
             self.release(i)
+            sink(g_p)
         if p_out:
             def embed(p: dict[str, mx.array]) -> mx.array:
                 self.model.update(tree_unflatten(list(p.items())))
                 return (self.first_hidden(x) * g).sum()
 
             g_in = mx.grad(embed)(p_out)
-            mx.eval(g_in)
-            _add(grads, g_in)
+            g_out = {k: g_out[k] + g_in[k] for k in g_out}
+        sink(g_out)
         return value
-
 
     def _through(self, block: nn.Module, args: tuple[tuple, dict], cotangent: mx.array,
                  p: dict[str, mx.array], h: mx.array) -> mx.array:
@@ -244,11 +244,6 @@ class _Stream:
         block's vector-Jacobian product (the block's forward pass is recomputed for it)."""
         self.model.update(tree_unflatten(list(p.items())))
         return (block(h, *args[0], **args[1]) * cotangent).sum()
-
-
-def _add(total: dict[str, mx.array], grads: dict[str, mx.array]) -> None:
-    for k, v in grads.items():
-        total[k] = total[k] + v if k in total else v
 
 
 def distill(student: nn.Module, teacher: Teacher, tokens: mx.array, config: Distillation,
@@ -308,32 +303,46 @@ def distill(student: nn.Module, teacher: Teacher, tokens: mx.array, config: Dist
                                             float(len(mine)), None)
         return summed(total).item() / n
 
+    # Adam (lr on a cosine), a part of the parameters at a time: each block's as soon as its
+    # gradient is known, so the gradients of the whole model are never held at once. Every
+    # part sees the step's learning rate: the same arithmetic as one update of them all.
+    opt = optim.Adam(learning_rate=optim.cosine_decay(config.lr, steps))
+    opt.init(params)
+    step = 0
+
+    def apply(grads: dict[str, mx.array]) -> None:
+        if not grads:
+            return
+        keys = sorted(grads)
+        if reduce is not None:  # summed over the processes (each holds some sequences)
+            flat = reduce(mx.concatenate([grads[k].reshape(-1) for k in keys]))
+            offsets = np.cumsum([0] + [grads[k].size for k in keys])
+            grads = {k: flat[offsets[j]:offsets[j + 1]].reshape(grads[k].shape)
+                     for j, k in enumerate(keys)}
+        opt.state["step"] = mx.array(step, mx.uint64)
+        new = opt.apply_gradients(grads, {k: params[k] for k in keys})
+        params.update(new)
+        mx.eval(list(new.values()), [opt.state[k] for k in keys])
+
     kept = False
     try:
         before = measure(params)
-        opt = optim.Adam(learning_rate=optim.cosine_decay(config.lr, steps))
         rng = np.random.default_rng(config.seed)
-        step = 0
         for _ in range(config.epochs):
             order = rng.permutation(n)
             for i in range(0, n, size):
                 check("distill")  # Ctrl-C stops between steps
                 batch = [int(j) for j in order[i : i + size]]
                 mine = [j for j in batch if j in held]
-                grads: dict[str, mx.array] = {}
                 loss = mx.array(0.0)
                 if mine:
                     loss = stream.loss(params, inputs[mx.array(mine)], targets(mine),
-                                       len(mine) / len(batch), grads)
-                grads = {k: grads.get(k, mx.zeros_like(params[k])) for k in names}
+                                       len(mine) / len(batch), apply)
+                else:  # nothing of this step here: zeros to the other processes' sums
+                    for keys in [*reversed(inside), stream.outside]:
+                        apply({k: mx.zeros_like(params[k]) for k in keys})
                 if reduce is not None:
-                    flat = reduce(mx.concatenate([grads[k].reshape(-1) for k in names]))
-                    offsets = np.cumsum([0] + [grads[k].size for k in names])
-                    grads = {k: flat[offsets[j]:offsets[j + 1]].reshape(grads[k].shape)
-                             for j, k in enumerate(names)}
                     loss = reduce(loss)
-                params = opt.apply_gradients(grads, params)
-                mx.eval(params, opt.state, loss)
                 step += 1
                 if progress is not None:
                     progress("distill", {"index": step, "total": steps, "loss": loss.item()})
