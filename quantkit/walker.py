@@ -367,7 +367,7 @@ class ModelWalker:
             assert ref_inputs is not None
             with state.phase("distill"):
                 self._distill(model, tokens, blocks, block_paths, outside, batches, ref_inputs,
-                              block_files, layout, report)
+                              block_files, layout, report, state.store)
             del ref_inputs[:]
         quantization = self._config(report)
         report.time_s = time.perf_counter() - start
@@ -444,7 +444,8 @@ class ModelWalker:
 
     def _distill(self, model, tokens: mx.array, blocks, block_paths, outside: list[LayerPlan],
                  batches, float_outputs: Sequence[mx.array], files: list[Path | None],
-                 layout: ShardLayout, report: RunReport) -> None:
+                 layout: ShardLayout, report: RunReport,
+                 store: Callable[..., MutableSequence[mx.array]]) -> None:
         """End-to-end distillation (:mod:`quantkit.pipeline.distill`): the teacher's logits are
         the float model's layers after the blocks (final norm, float head) on the float model's
         final hidden states ``float_outputs`` (this process's batches)."""
@@ -467,7 +468,8 @@ class ModelWalker:
 
         done = distill(model, teacher, tokens, self.recipe.distill,
                        lambda event, info: self._emit(event, **info), files=files,
-                       held=set(rows), reduce=self.distributed.sum if self.distributed.size > 1 else None)
+                       held=set(rows), reduce=self.distributed.sum if self.distributed.size > 1 else None,
+                       store=store)
         report.block_methods.append({"block": None, "kind": "distill", "name": "distill",
                                      "figures": done.to_dict()})
 

@@ -29,7 +29,7 @@ Adam's two moments of them (float32: 8 numbers per quantization group).
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, MutableSequence, Sequence
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -168,6 +168,9 @@ class _Stream:
     files: Sequence[Path | None]
     keys: list[list[str]]  # per block, the tuned parameters inside it
     outside: list[str]  # tuned parameters outside the blocks (embedding, head)
+    #: Where a step keeps each block's input until its backward pass (the walk's activation
+    #: store: scratch files on a CPU host, one block's read back at a time).
+    store: Callable[[], MutableSequence[mx.array]] = list
 
     def set(self, params: dict[str, mx.array], keys: list[str]) -> None:
         if keys:
@@ -198,14 +201,19 @@ class _Stream:
         parameters outside the blocks' (head and embedding uses summed). A block's parameters
         are not read again once their gradient is given: ``sink`` may change them."""
         self.set(params, self.outside)
-        hs, args = capture(self.model, self.blocks, self.paths, [x])
+        first, args = capture(self.model, self.blocks, self.paths, [x])
         block_args = [a[0] for a in args]
+        hs = self.store()
+        hs.append(first[0])
+        del first
         for i, block in enumerate(self.blocks):
             check("distill")
             self.set(params, self.keys[i])
             a, kw = block_args[i]
-            hs.append(block(hs[-1], *a, **kw))
-            mx.eval(hs[-1])
+            h = block(hs[i], *a, **kw)
+            mx.eval(h)
+            hs.append(h)
+            del h
             self.release(i)
 
         def head(p: dict[str, mx.array], h: mx.array) -> mx.array:
@@ -217,6 +225,7 @@ class _Stream:
         if sink is None:
             value = head(p_out, hs[-1])
             mx.eval(value)
+            del hs[:]
             return value
         value, (g_out, g) = mx.value_and_grad(head, argnums=(0, 1))(p_out, hs[-1])
         mx.eval(value, g_out, g)
@@ -225,9 +234,11 @@ class _Stream:
             through = partial(self._through, self.blocks[i], block_args[i], g)
             g_p, g = mx.grad(through, argnums=(0, 1))({k: params[k] for k in self.keys[i]}, hs[i])
             mx.eval(g_p, g)
-            hs[i + 1] = None
+            if isinstance(hs, list):
+                hs[i + 1] = None  # type: ignore[call-overload]
             self.release(i)
             sink(g_p)
+        del hs[:]
         if p_out:
             def embed(p: dict[str, mx.array]) -> mx.array:
                 self.model.update(tree_unflatten(list(p.items())))
@@ -249,7 +260,8 @@ class _Stream:
 def distill(student: nn.Module, teacher: Teacher, tokens: mx.array, config: Distillation,
             progress: Callable[[str, dict], None] | None = None, *,
             files: Sequence[Path | None] | None = None, held: set[int] | None = None,
-            reduce: Callable[[mx.array], mx.array] | None = None) -> DistillResult:
+            reduce: Callable[[mx.array], mx.array] | None = None,
+            store: Callable[[], MutableSequence[mx.array]] = list) -> DistillResult:
     """Tune ``student``'s scales and biases in place (see the module docstring) on the
     calibration ``tokens (n, length)``: the inputs ``tokens[:, :-1]``, the targets
     ``teacher(indices)``, the float model's logits on those inputs.
@@ -258,7 +270,8 @@ def distill(student: nn.Module, teacher: Teacher, tokens: mx.array, config: Dist
     from it after each use; ``None``: the block stays in memory). ``held``: the sequences this
     process computes (default: all) and ``reduce``: a sum over the processes of a group (each
     step's gradient and each KL figure), for a run over several processes, each holding some
-    of the sequences' float hidden states."""
+    of the sequences' float hidden states. ``store``: where a step keeps the blocks' inputs
+    (e.g. the walk's scratch files on a CPU host)."""
     start = time.perf_counter()
     layers = tunable_layers(student)
     if not layers:
@@ -278,7 +291,7 @@ def distill(student: nn.Module, teacher: Teacher, tokens: mx.array, config: Dist
     names = sorted(f"{p}.{k}" for p in tuned for k in ("scales", "biases"))
     inside = [[k for k in names if k.startswith(b + ".")] for b in paths]
     stream = _Stream(student, blocks, paths, files, inside,
-                     [k for k in names if not any(k.startswith(b + ".") for b in paths)])
+                     [k for k in names if not any(k.startswith(b + ".") for b in paths)], store)
     on_file = {k for b, keys in enumerate(inside) if files[b] is not None for k in keys}
     params = {k: getattr(tuned[k.rpartition(".")[0]], k.rpartition(".")[2]) for k in names}
     # The values to go back to: those in the blocks' files are read again from there.
