@@ -46,15 +46,11 @@ def _wait_for_block(proc: subprocess.Popen, ckpt: Path, timeout: float = 60.0) -
     pytest.fail(f"no block checkpoint in {ckpt} after {timeout} s")
 
 
-def test_sigkill_then_resume_is_byte_identical(stories_dir, tinystories_text, tmp_path):
-    cmd = [sys.executable, "-m", "quantkit.cli", "quantize", str(stories_dir),
-           "--calibration", str(tinystories_text), *ARGS]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
-    out = tmp_path / "killed"
-    proc = subprocess.Popen([*cmd, "-o", str(out)], env=env, cwd=tmp_path,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+def _kill_when(proc: subprocess.Popen, out: Path, ready):
+    """SIGKILL ``proc`` once ``ready()`` returns (its value is returned); the run must not have
+    written ``out`` by then."""
     try:
-        done = _wait_for_block(proc, checkpoint_dir(out))
+        value = ready()
         proc.send_signal(signal.SIGKILL)
         proc.communicate(timeout=30)
     finally:
@@ -63,6 +59,17 @@ def test_sigkill_then_resume_is_byte_identical(stories_dir, tinystories_text, tm
             proc.communicate(timeout=30)
     assert proc.returncode == -signal.SIGKILL
     assert not out.exists(), "the run finished before it was killed; nothing was tested"
+    return value
+
+
+def test_sigkill_then_resume_is_byte_identical(stories_dir, tinystories_text, tmp_path):
+    cmd = [sys.executable, "-m", "quantkit.cli", "quantize", str(stories_dir),
+           "--calibration", str(tinystories_text), *ARGS]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+    out = tmp_path / "killed"
+    proc = subprocess.Popen([*cmd, "-o", str(out)], env=env, cwd=tmp_path,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    done = _kill_when(proc, out, lambda: _wait_for_block(proc, checkpoint_dir(out)))
     assert 1 <= done <= (read_progress(checkpoint_dir(out)) or 0)
 
     resumed = subprocess.run([*cmd, "-o", str(out), "--resume"], env=env, cwd=tmp_path,
@@ -100,20 +107,15 @@ def test_sigkill_during_distillation_then_resume_is_byte_identical(stories_dir, 
     out = tmp_path / "killed"
     proc = subprocess.Popen([*cmd, "-o", str(out)], env=env, cwd=tmp_path,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
+
+    def every_block_done() -> None:
         deadline = time.monotonic() + 120
         while (read_progress(checkpoint_dir(out)) or 0) < blocks and proc.poll() is None \
                 and time.monotonic() < deadline:
             time.sleep(0.005)
         time.sleep(0.5)  # into the stage (the layers outside the blocks are quick)
-        proc.send_signal(signal.SIGKILL)
-        proc.communicate(timeout=30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate(timeout=30)
-    assert proc.returncode == -signal.SIGKILL
-    assert not out.exists(), "the run finished before it was killed; nothing was tested"
+
+    _kill_when(proc, out, every_block_done)
     assert read_progress(checkpoint_dir(out)) == blocks
 
     resumed = subprocess.run([*cmd, "-o", str(out), "--resume"], env=env, cwd=tmp_path,
