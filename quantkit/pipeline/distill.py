@@ -29,7 +29,7 @@ Adam's two moments of them (float32: 8 numbers per quantization group).
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, MutableSequence, Sequence
+from collections.abc import Callable, Mapping, MutableSequence, Sequence
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -172,7 +172,7 @@ class _Stream:
     #: store: scratch files on a CPU host, one block's read back at a time).
     store: Callable[[], MutableSequence[mx.array]] = list
 
-    def set(self, params: dict[str, mx.array], keys: list[str]) -> None:
+    def set(self, params: Mapping[str, mx.array], keys: list[str]) -> None:
         if keys:
             self.model.update(tree_unflatten([(k, params[k]) for k in keys]))
 
@@ -194,7 +194,7 @@ class _Stream:
             self.model.update_modules(tree_unflatten([(self.paths[0], self.blocks[0])]))
         return sink[0][0]
 
-    def loss(self, params: dict[str, mx.array], x: mx.array, t: mx.array, scale: float,
+    def loss(self, params: Mapping[str, mx.array], x: mx.array, t: mx.array, scale: float,
              sink: Callable[[dict[str, mx.array]], None] | None) -> mx.array:
         """``scale`` × the mean KL of the student to ``t`` on ``x``; with ``sink``, its gradient
         in ``params`` goes there a part at a time: each block's (the last block first), then the
@@ -307,7 +307,7 @@ def distill(student: nn.Module, teacher: Teacher, tokens: mx.array, config: Dist
         mx.eval(t)
         return t
 
-    def measure(params: dict[str, mx.array]) -> float:
+    def measure(params: Mapping[str, mx.array]) -> float:
         total = mx.array(0.0)
         for i in range(0, n, size):
             mine = [j for j in range(i, min(i + size, n)) if j in held]
@@ -318,24 +318,35 @@ def distill(student: nn.Module, teacher: Teacher, tokens: mx.array, config: Dist
 
     # Adam (lr on a cosine), a part of the parameters at a time: each block's as soon as its
     # gradient is known, so the gradients of the whole model are never held at once. Every
-    # part sees the step's learning rate: the same arithmetic as one update of them all.
+    # part sees the step's learning rate: the same arithmetic as one update of them all. A
+    # block's values and Adam's moments of them wait in ``store`` between uses (flat).
     opt = optim.Adam(learning_rate=optim.cosine_decay(config.lr, steps))
-    opt.init(params)
+    params = _Values(params, inside, store)
+    opt.init(params.outside)
     step = 0
 
     def apply(grads: dict[str, mx.array]) -> None:
         if not grads:
             return
         keys = sorted(grads)
+        flat = mx.concatenate([grads[k].reshape(-1) for k in keys])
         if reduce is not None:  # summed over the processes (each holds some sequences)
-            flat = reduce(mx.concatenate([grads[k].reshape(-1) for k in keys]))
+            flat = reduce(flat)
+        opt.state["step"] = mx.array(step, mx.uint64)
+        b = params.block_of.get(keys[0])
+        if b is None:
             offsets = np.cumsum([0] + [grads[k].size for k in keys])
             grads = {k: flat[offsets[j]:offsets[j + 1]].reshape(grads[k].shape)
                      for j, k in enumerate(keys)}
-        opt.state["step"] = mx.array(step, mx.uint64)
-        new = opt.apply_gradients(grads, {k: params[k] for k in keys})
-        params.update(new)
-        mx.eval(list(new.values()), [opt.state[k] for k in keys])
+            new = opt.apply_gradients(grads, {k: params[k] for k in keys})
+            params.outside.update(new)
+            mx.eval(list(new.values()), [opt.state[k] for k in keys])
+            return
+        value, m, v = params.slots[b]
+        opt.state["block"] = {"m": m, "v": v}
+        new = opt.apply_gradients({"block": flat}, {"block": value})["block"]
+        moments = opt.state.pop("block")
+        params.put(b, new, moments["m"], moments["v"])
 
     kept = False
     try:
@@ -362,9 +373,63 @@ def distill(student: nn.Module, teacher: Teacher, tokens: mx.array, config: Dist
         after = measure(params)
         kept = after < before
     finally:
-        _give_back(student, tuned, params if kept else first, files, paths)
+        _give_back(student, tuned, params.as_dict() if kept else first, files, paths)
     return DistillResult(kl_before=before, kl_after=after, kept=kept, steps=steps,
                          seconds=time.perf_counter() - start)
+
+
+class _Values(Mapping[str, mx.array]):
+    """The tuned values by name: those outside the blocks in memory (``outside``), each block's
+    flat, with Adam's two moments of them, in a sequence of ``store`` (``slots[b]``: values, m,
+    v; scratch files on a CPU host), read back a block at a time."""
+
+    def __init__(self, values: dict[str, mx.array], blocks: list[list[str]],
+                 store: Callable[[], MutableSequence[mx.array]]) -> None:
+        self.block_of = {k: b for b, keys in enumerate(blocks) for k in keys}
+        self.outside = {k: v for k, v in values.items() if k not in self.block_of}
+        self._keys = blocks
+        self._shapes = {k: v.shape for k, v in values.items()}
+        self.slots: list[MutableSequence[mx.array]] = []
+        for keys in blocks:
+            slot = store()
+            if keys:
+                flat = mx.concatenate([values[k].reshape(-1) for k in keys])
+                slot.extend([flat, mx.zeros_like(flat), mx.zeros_like(flat)])
+            self.slots.append(slot)
+        self._cached: tuple[int, dict[str, mx.array]] | None = None
+
+    def _block(self, b: int) -> dict[str, mx.array]:
+        flat, keys = self.slots[b][0], self._keys[b]
+        sizes = [int(np.prod(self._shapes[k])) for k in keys]
+        offsets = np.cumsum([0] + sizes)
+        return {k: flat[offsets[j]:offsets[j + 1]].reshape(self._shapes[k]) for j, k in enumerate(keys)}
+
+    def put(self, b: int, value: mx.array, m: mx.array, v: mx.array) -> None:
+        """Block ``b``'s new values and moments (evaluated: no graph runs from step to step)."""
+        mx.eval(value, m, v)
+        self.slots[b][0], self.slots[b][1], self.slots[b][2] = value, m, v
+        self._cached = None
+
+    def __getitem__(self, k: str) -> mx.array:
+        b = self.block_of.get(k)
+        if b is None:
+            return self.outside[k]
+        if self._cached is None or self._cached[0] != b:  # one block's values at a time
+            self._cached = (b, self._block(b))
+        return self._cached[1][k]
+
+    def __iter__(self):
+        return iter([*self.block_of, *self.outside])
+
+    def __len__(self) -> int:
+        return len(self.block_of) + len(self.outside)
+
+    def as_dict(self) -> dict[str, mx.array]:
+        out = dict(self.outside)
+        for b in range(len(self.slots)):
+            if self._keys[b]:
+                out.update(self._block(b))
+        return out
 
 
 def _give_back(model: nn.Module, tuned: dict[str, _Tuned], values: dict[str, mx.array],
