@@ -12,7 +12,7 @@ their ratio, target ≤ 1.10×); ``--baseline DIR`` adds the same runs with anot
 code (e.g. main before streaming).
 
     OPENBLAS_NUM_THREADS=1 python benchmarks/memory.py [--blocks 16] [--baseline /work/main]
-        [--strategy default] [--only-defaults]
+        [--strategy default] [--only-defaults] [--distill]
 
 Needs GNU time (``apt-get install -y time``). Prints a table; writes
 benchmarks/results/memory_<blocks>blocks.json.
@@ -88,6 +88,9 @@ def main() -> None:
     parser.add_argument("--strategy", default="gptq",
                         help="--strategy of the CLI runs; 'default': none, the default pipeline "
                              "(learned rounding after the solve)")
+    parser.add_argument("--distill", action="store_true",
+                        help="add --distill to the CLI runs (e.g. with --strategy rtn: the "
+                             "end-to-end distillation's own peak after a walk that needs little)")
     parser.add_argument("--baseline", type=Path, help="another checkout to run the same job with")
     parser.add_argument("--only-defaults", action="store_true",
                         help="skip the --no-checkpoint run (a long job's memory figure only)")
@@ -112,7 +115,8 @@ def main() -> None:
                 cmd = [py, "-m", "quantkit.cli", "quantize", str(model), "-o", str(out),
                        "--calibration", str(text), "--num-samples", str(args.num_samples),
                        "--seq-len", str(args.seq_len), "-q", *extra,
-                       *(["--strategy", args.strategy] if args.strategy != "default" else [])]
+                       *(["--strategy", args.strategy] if args.strategy != "default" else []),
+                       *(["--distill"] if args.distill else [])]
                 r = timed(cmd, code)
                 rows.append({"run": f"{label} quantize {' '.join(extra) or '(defaults)'}",
                              "code": str(code), **r})
@@ -130,7 +134,7 @@ def main() -> None:
     result = {
         "model_bytes": size, "blocks": args.blocks, "hidden": args.hidden, "mlp": args.mlp,
         "vocab": args.vocab, "dtype": args.dtype, "num_samples": args.num_samples,
-        "seq_len": args.seq_len, "strategy": args.strategy, "rows": rows,
+        "seq_len": args.seq_len, "strategy": args.strategy, "distill": args.distill, "rows": rows,
         "checkpoint_time_ratio": ratio, "machine": platform.platform(),
         "cpus": os.cpu_count(), "loadavg": os.getloadavg(),
     }

@@ -22,8 +22,10 @@ keeping only each block's output, then back through the blocks in reverse, recom
 block's forward pass to take its gradient (gradient checkpointing per block): one block's
 dequantized weights are held at a time. Where the walk wrote a block to a file, the block's
 arrays go back to lazy loads of that file once it has run, so the codes the model holds do not
-grow with its depth; what grows with it is the tuned scales and biases, their gradients and
-Adam's two moments of them (float32: 8 numbers per quantization group).
+grow with its depth. Adam updates a block's scales and biases as soon as their gradient is
+known; between uses a block's tuned values and Adam's two moments of them (6 float32 numbers a
+quantization group) wait in the walk's activation store — scratch files on a CPU host, so there
+nothing held grows with the depth; in memory on a GPU.
 """
 
 from __future__ import annotations
