@@ -455,7 +455,8 @@ class ModelWalker:
         floats = [(p.path, p.module) for p in outside]
 
         def teacher(idx: list[int]) -> mx.array:
-            h = mx.concatenate([float_outputs[rows[j][0]][rows[j][1] : rows[j][1] + 1, :-1]
+            held_batches = {k: float_outputs[k] for k in {rows[j][0] for j in idx}}  # each read once
+            h = mx.concatenate([held_batches[rows[j][0]][rows[j][1] : rows[j][1] + 1, :-1]
                                 for j in idx])
             current = dict(model.named_modules())
             held = [(p, current[p]) for p, _ in floats]
